@@ -1,0 +1,126 @@
+"""Hidden-state extraction with an on-disk cache, so re-fitting or re-evaluating never re-runs the model.
+
+The cache is one SQLite file per backbone (fingerprint and dtype), keyed by the exact token ids the
+model saw (after the chat template and any truncation). Each entry holds the last-token states of
+layers 1..depth; a request for shallower layers is served from a deeper entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from collections.abc import Sequence
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ._io import cache_home
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS states (key TEXT PRIMARY KEY, depth INTEGER, dtype TEXT, data BLOB)"
+_CHUNK = 256  # prompts per forward-and-store round, so an interrupted run keeps what it did
+
+
+class FeatureCache:
+    """Last-token states on disk for one backbone.
+
+    Args:
+        path: the SQLite file; by default ``<cache home>/features/<fingerprint>-<dtype>.sqlite``.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with closing(self._connect()) as db:
+            db.execute(_SCHEMA)
+            db.commit()
+
+    @classmethod
+    def for_backbone(cls, backbone: Any, root: str | Path | None = None) -> FeatureCache:
+        dtype = str(backbone.dtype).replace("torch.", "")
+        root = Path(root) if root is not None else cache_home() / "features"
+        return cls(root / f"{backbone.fingerprint}-{dtype}.sqlite")
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60)
+        db.execute("PRAGMA journal_mode=WAL")
+        return db
+
+    @staticmethod
+    def key(ids: Sequence[int]) -> str:
+        return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
+
+    def get(self, keys: Sequence[str], depth: int) -> dict[str, np.ndarray]:
+        """Entries that hold at least ``depth`` layers, as arrays of shape (depth, d)."""
+        found: dict[str, np.ndarray] = {}
+        with closing(self._connect()) as db:
+            for start in range(0, len(keys), 500):
+                part = list(keys[start:start + 500])
+                marks = ",".join("?" * len(part))
+                rows = db.execute(f"SELECT key, depth, dtype, data FROM states WHERE key IN ({marks}) AND depth >= ?",
+                                  [*part, depth])
+                for key, stored, dtype, blob in rows:
+                    found[key] = np.frombuffer(blob, dtype=dtype).reshape(stored, -1)[:depth].astype(np.float32)
+        return found
+
+    def put(self, items: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Store arrays of shape (depth, d) (layers 1..depth); a deeper entry is never replaced by a shallower one.
+
+        Returns the arrays as stored (float16 when they fit), so fresh and cached reads agree.
+        """
+        rows, stored = [], {}
+        for key, arr in items.items():
+            small = np.abs(arr).max() < 6e4 if arr.size else True
+            data = arr.astype(np.float16 if small else np.float32)
+            rows.append((key, int(arr.shape[0]), str(data.dtype), data.tobytes()))
+            stored[key] = data.astype(np.float32)
+        with closing(self._connect()) as db:
+            db.executemany("INSERT INTO states VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+                           "depth=excluded.depth, dtype=excluded.dtype, data=excluded.data "
+                           "WHERE excluded.depth > states.depth", rows)
+            db.commit()
+        return stored
+
+    def __len__(self) -> int:
+        with closing(self._connect()) as db:
+            return int(db.execute("SELECT COUNT(*) FROM states").fetchone()[0])
+
+
+def extract(backbone: Any, prompts: Sequence[Any], layers: Sequence[int], *,
+            cache: FeatureCache | bool | None = True, progress: bool = True,
+            desc: str = "hidden states") -> np.ndarray:
+    """Last-token states of ``layers`` for ``prompts``, served from the cache where possible.
+
+    Args:
+        cache: a :class:`FeatureCache`, ``True`` for the backbone's default cache, or
+            ``False``/``None`` to always run the model.
+
+    Returns:
+        float32 array of shape (len(prompts), len(layers), hidden_size).
+    """
+    layers = backbone.check_layers(layers)
+    rows = backbone.encode(list(prompts))
+    if cache is True:
+        cache = FeatureCache.for_backbone(backbone)
+    if cache is None or cache is False:  # an empty FeatureCache is falsy (len 0) but still a cache
+        return backbone.last_token_states(rows, layers, progress=progress)
+
+    depth = max(layers)
+    all_layers = list(range(1, depth + 1))
+    keys = [FeatureCache.key(r.ids) for r in rows]
+    found = cache.get(sorted(set(keys)), depth)
+    todo = sorted({k: i for i, k in enumerate(keys) if k not in found}.values())
+    bar = tqdm(total=len(todo), desc=desc, unit="prompt", disable=not progress or not todo)
+    with bar:
+        for start in range(0, len(todo), _CHUNK):
+            part = todo[start:start + _CHUNK]
+            states = backbone.last_token_states([rows[i] for i in part], all_layers)
+            found.update(cache.put({keys[i]: states[j] for j, i in enumerate(part)}))
+            bar.update(len(part))
+    index = [layer - 1 for layer in layers]
+    out = np.empty((len(rows), len(layers), backbone.hidden_size), dtype=np.float32)
+    for i, k in enumerate(keys):
+        out[i] = found[k][index]
+    return out

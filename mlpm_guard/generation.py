@@ -1,0 +1,148 @@
+"""Prefill and token-by-token decoding on a backbone, so the guard can score a prompt from the same
+forward pass that starts its answer and then continue from that pass's KV cache.
+
+The loop mirrors ``model.generate`` for greedy decoding (left padding, positions from the
+attention mask, ``logits_to_keep=1``), and yields each step's tokens as they come: streaming is
+real, with no background thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .backbone import Backbone, Encoded
+
+
+class GenerationConfig(BaseModel):
+    """Decoding settings. ``temperature=0`` is greedy decoding."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.0, ge=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    repetition_penalty: float = Field(default=1.0, gt=0)
+    seed: int | None = None
+
+
+@dataclass
+class Prefill:
+    """The state after running the prompt: what decoding continues from."""
+
+    cache: Any
+    logits: torch.Tensor  # (batch, vocab) next-token logits
+    attention_mask: torch.Tensor
+    positions: torch.Tensor  # (batch,) position id of each row's last token
+    input_ids: torch.Tensor
+    states: dict[int, torch.Tensor]  # captured last-token states per layer id
+
+    def select(self, rows: Sequence[int]) -> Prefill:
+        """The prefill of a subset of the batch (the cache rows are copied)."""
+        index = torch.tensor(list(rows), device=self.logits.device)
+        cache = _copy_cache(self.cache)
+        cache.batch_select_indices(index)
+        return Prefill(cache, self.logits[index], self.attention_mask[index], self.positions[index],
+                       self.input_ids[index], {k: v[index] for k, v in self.states.items()})
+
+
+def _copy_cache(cache: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(cache)
+
+
+def _new_cache(backbone: Backbone) -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache(config=backbone.model.config)
+
+
+@torch.inference_mode()
+def prefill(backbone: Backbone, rows: Sequence[Encoded], *, capture: Sequence[int] = (),
+            steer: dict[int, torch.Tensor] | None = None) -> Prefill:
+    """Run the prompts once through every layer, keeping the KV cache and the last-token logits.
+
+    ``capture`` lists layer ids whose last-token states are kept (for scoring); ``steer`` adds
+    per-layer vectors to every position.
+    """
+    batch = backbone.collate(rows)
+    cache = _new_cache(backbone)
+    with backbone.request(capture=frozenset(capture), steer=steer or {}) as req:
+        out = backbone.model(**batch, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return Prefill(out.past_key_values, out.logits[:, -1, :].float(), batch["attention_mask"],
+                   batch["position_ids"][:, -1], batch["input_ids"], dict(req.captured))
+
+
+def _eos_ids(backbone: Backbone) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(backbone.model, "generation_config", None), backbone.model.config):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            ids.update(value if isinstance(value, (list, tuple)) else [value])
+    if backbone.tokenizer.eos_token_id is not None:
+        ids.add(backbone.tokenizer.eos_token_id)
+    return ids
+
+
+def _pick(logits: torch.Tensor, config: GenerationConfig, generated: torch.Tensor | None,
+          generator: torch.Generator | None) -> torch.Tensor:
+    if config.repetition_penalty != 1.0 and generated is not None and generated.numel():
+        seen = torch.gather(logits, 1, generated)
+        seen = torch.where(seen < 0, seen * config.repetition_penalty, seen / config.repetition_penalty)
+        logits = logits.scatter(1, generated, seen)
+    if config.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / config.temperature
+    if config.top_k:
+        kth = torch.topk(logits, min(config.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > config.top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.inference_mode()
+def decode(backbone: Backbone, state: Prefill, config: GenerationConfig, *,
+           steer: dict[int, torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, one step at a time, until all rows end or the budget is spent.
+
+    Rows that have ended keep receiving the pad token (their later tokens are to be ignored).
+    The per-request context is entered around each forward pass only, so interleaved
+    generators (two streams on one thread) never see each other's steering.
+    """
+    eos = torch.tensor(sorted(_eos_ids(backbone)), device=state.logits.device)
+    pad = backbone.tokenizer.pad_token_id
+    generator = None
+    if config.seed is not None and config.temperature > 0:
+        generator = torch.Generator(device=state.logits.device).manual_seed(config.seed)
+    cache, logits, mask, positions = state.cache, state.logits, state.attention_mask, state.positions
+    done = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+    history = state.input_ids if config.repetition_penalty != 1.0 else None
+    for step in range(config.max_new_tokens):
+        token = _pick(logits, config, history, generator)
+        token = torch.where(done, torch.full_like(token, pad), token)
+        yield token
+        done |= torch.isin(token, eos)
+        if done.all() or step == config.max_new_tokens - 1:
+            return
+        if history is not None:
+            history = torch.cat([history, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions + 1
+        with backbone.request(steer=steer or {}):
+            out = backbone.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions[:, None],
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+
+
+def is_eos(backbone: Backbone, token: int) -> bool:
+    return token in _eos_ids(backbone)

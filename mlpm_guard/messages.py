@@ -1,0 +1,79 @@
+"""Turning what a caller passes (a string or a message list) into clean chat messages."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence, Union
+
+from .errors import InputError
+
+Message = Mapping[str, str]
+PromptInput = Union[str, Sequence[Message]]
+
+ROLES = ("system", "user", "assistant", "tool")
+# Other vocabularies callers bring (LangChain message types, OpenAI's "developer").
+_ROLE_ALIASES = {"human": "user", "ai": "assistant", "bot": "assistant", "model": "assistant",
+                 "developer": "system", "function": "tool"}
+
+
+def clean_text(text: str) -> str:
+    """Replace lone surrogates (which tokenizers cannot encode) by U+FFFD; keep everything else."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def to_messages(prompt: Any) -> list[dict[str, str]]:
+    """Normalise a prompt into a list of ``{"role", "content"}`` dicts.
+
+    Accepts a string (one user turn), or a non-empty sequence of mappings with ``role`` and
+    ``content`` keys, or of objects with ``role``/``type`` and ``content`` attributes.
+
+    Raises:
+        InputError: for any other input, naming the offending element and what is allowed.
+    """
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": clean_text(prompt)}]
+    if isinstance(prompt, (bytes, bytearray)):
+        msg = "prompt must be a str or a list of messages, got bytes; decode it first (e.g. `data.decode('utf-8')`)"
+        raise InputError(msg)
+    if isinstance(prompt, Mapping) or not isinstance(prompt, Sequence):
+        msg = (f"prompt must be a str or a list of {{'role', 'content'}} messages, got {type(prompt).__name__}")
+        raise InputError(msg)
+    if len(prompt) == 0:
+        raise InputError("prompt is an empty message list; give at least one user message")
+    out = []
+    for i, item in enumerate(prompt):
+        if isinstance(item, Mapping):
+            role, content = item.get("role"), item.get("content")
+        else:
+            role = getattr(item, "role", None) or getattr(item, "type", None)
+            content = getattr(item, "content", None)
+        if not isinstance(role, str):
+            msg = f"message {i} has no string `role`; each message needs a role in {ROLES} and a string content"
+            raise InputError(msg)
+        role = _ROLE_ALIASES.get(role.lower(), role.lower())
+        if role not in ROLES:
+            msg = f"message {i} has role {role!r}; allowed roles are {ROLES}"
+            raise InputError(msg)
+        if not isinstance(content, str):
+            msg = (f"message {i} ({role}) has content of type {type(content).__name__}; "
+                   "only text content is supported")
+            raise InputError(msg)
+        out.append({"role": role, "content": clean_text(content)})
+    return out
+
+
+def last_user_text(messages: Sequence[Message]) -> str:
+    """The content of the last user message ('' if there is none)."""
+    for m in reversed(messages):
+        if m["role"] == "user":
+            return m["content"]
+    return ""
+
+
+def render_plain(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    """The fallback template for tokenizers without a chat template."""
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
+    return text + ("Assistant:" if add_generation_prompt else "")

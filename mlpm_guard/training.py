@@ -1,0 +1,68 @@
+"""Fitting prototypes on labelled files, and the default prototypes fitted on the built-in seed set."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ._io import cache_home
+from .data import Example, cap_per_source, load_examples, seed_examples
+from .errors import DataError
+from .features import FeatureCache, extract
+from .prototypes import Prototypes
+
+logger = logging.getLogger(__name__)
+
+# Chosen on held-out sources (see benchmarks/quality.py and the README's quality table).
+DEFAULT_PARAMS: dict[str, Any] = {"C": 1.0}
+HELD_OUT_SPLITS = ("test",)
+
+
+def load_training_examples(paths: Sequence[str | Path], *, max_per_source: int | None = None,
+                           seed: int = 0, exclude_splits: Sequence[str] = HELD_OUT_SPLITS) -> list[Example]:
+    """Read labelled files for fitting: rows of a held-out split (``test``) are left out, then each
+    source is capped at ``max_per_source`` with its labels balanced."""
+    examples: list[Example] = []
+    for path in paths:
+        rows = [e for e in load_examples(path) if e.split not in exclude_splits]
+        if not rows:
+            raise DataError(f"{path}: every row is in a held-out split {tuple(exclude_splits)}; nothing to fit on")
+        examples.extend(rows)
+    return cap_per_source(examples, max_per_source, seed)
+
+
+def fit_examples(backbone: Any, examples: Sequence[Example], *, cache: FeatureCache | bool = True,
+                 progress: bool = True, **params: Any) -> Prototypes:
+    """Extract (cached) states for ``examples`` and fit :class:`Prototypes` on them."""
+    merged = {**DEFAULT_PARAMS, **params}
+    layers = merged.get("layers") or range(1, backbone.num_layers + 1)
+    H = extract(backbone, [e.prompt for e in examples], list(layers), cache=cache, progress=progress,
+                desc="fit: hidden states")
+    merged["layers"] = list(layers)
+    return Prototypes(**merged).fit(H, [e.label for e in examples], backbone=backbone,
+                                    sources=[e.source for e in examples],
+                                    categories=[e.category for e in examples])
+
+
+def _seed_digest() -> str:
+    ref = resources.files("mlpm_guard") / "resources" / "seed_prompts.jsonl"
+    return hashlib.sha256(ref.read_bytes()).hexdigest()[:12]
+
+
+def default_prototypes(backbone: Any, *, progress: bool = True) -> Prototypes:
+    """Prototypes fitted on the built-in seed set for ``backbone``: loaded from the cache, or
+    fitted on first use (then cached)."""
+    from . import __version__
+
+    params = hashlib.sha256(repr(sorted(DEFAULT_PARAMS.items())).encode()).hexdigest()[:8]
+    folder = cache_home() / "prototypes" / f"seed-{backbone.fingerprint}-{_seed_digest()}-{params}-v{__version__}"
+    if (folder / "prototypes.json").is_file():
+        return Prototypes.load(folder, backbone=backbone)
+    logger.info("fitting the default prototypes on the built-in seed set (first use only)")
+    prototypes = fit_examples(backbone, seed_examples(), progress=progress)
+    prototypes.save(folder)
+    return prototypes

@@ -1,0 +1,205 @@
+"""The Prototypes estimator on synthetic states: fit, verdicts, customisation, persistence."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mlpm_guard import Prototypes, Tier
+from mlpm_guard.errors import BackboneMismatchError, ConfigError, NotFittedError, PrototypeFileError
+
+
+def make_states(n=300, layers=4, d=12, seed=0):
+    """Layer 3 separates the classes well, layer 4 weakly, layers 1-2 not at all."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    H = rng.normal(size=(n, layers, d))
+    H[:, 2, 0] += 3.0 * y
+    H[:, 3, 1] += 1.0 * y
+    return H, y
+
+
+@pytest.fixture
+def fitted():
+    H, y = make_states()
+    cats = np.where(np.arange(len(y)) % 4 == 1, "Violence", "hate speech")
+    return Prototypes(C=0.5).fit(H, y, categories=cats), H, y
+
+
+def test_fit_keeps_informative_layers_and_predicts(fitted):
+    p, H, y = fitted
+    assert 3 in p.layer_ids_ and 1 not in p.layer_ids_
+    cols = [layer - 1 for layer in p.layer_ids_]
+    H2, y2 = make_states(seed=1)
+    assert (p.predict(H2[:, cols]) == y2).mean() > 0.9
+
+
+def test_verdicts_carry_tier_category_and_layer_scores(fitted):
+    p, H, y = fitted
+    cols = [layer - 1 for layer in p.layer_ids_]
+    verdicts = p.score(H[:, cols])
+    for v, label in zip(verdicts, y):
+        assert 0.0 <= v.p_unsafe <= 1.0
+        assert v.label == ("unsafe" if v.p_unsafe >= p.threshold_ else "safe")
+        assert set(v.layer_scores) == set(p.layer_ids_)
+        if v.tier is Tier.SAFE:
+            assert v.category is None
+        else:
+            assert v.category in ("S1", "S10")  # "Violence" -> S1, "hate speech" -> S10
+    assert sum(v.tier is Tier.UNSAFE for v in verdicts) > 100
+
+
+def test_probability_matches_manual_computation(fitted):
+    """Stacked per-layer discriminants through the logistic combination, computed by hand."""
+    p, H, _ = fitted
+    cols = [layer - 1 for layer in p.layer_ids_]
+    s = p.sets_[0]
+    feats = []
+    for j, c in enumerate(cols):
+        d2 = np.array([[(h - m) @ s.precision[j] @ (h - m) for m in s.means[j]] for h in H[:20, c]])
+        feats.append(np.exp(-0.5 * d2[:, 1]) / np.exp(-0.5 * d2).sum(axis=1))
+    z = np.stack(feats, axis=1) @ p.coef_ + p.intercept_
+    np.testing.assert_allclose(p.predict_proba(H[:20, cols]), 1 / (1 + np.exp(-z)), rtol=1e-8)
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"C": 0}, "`C` must be a positive number"),
+    ({"threshold": 1.5}, "`threshold` must be in"),
+    ({"controversial_threshold": 0.9}, "`controversial_threshold` must be in"),
+    ({"cv": 1}, "`cv` must be None or an int"),
+])
+def test_invalid_params_fail_at_fit(params, message):
+    H, y = make_states(n=40)
+    est = Prototypes(**params)  # storing is fine
+    with pytest.raises(ConfigError, match=message):
+        est.fit(H, y)
+
+
+def test_not_fitted_and_bad_inputs():
+    with pytest.raises(NotFittedError, match="not fitted yet"):
+        Prototypes().predict_proba(np.zeros((1, 1, 3)))
+    H, y = make_states(n=40)
+    with pytest.raises(ConfigError, match="at least 2 safe and 2 unsafe"):
+        Prototypes().fit(H, np.ones(len(y)))
+    with pytest.raises(ConfigError, match="texts need a backbone"):
+        Prototypes().fit(["a", "b"], [0, 1])
+    p = Prototypes().fit(H, y)
+    with pytest.raises(ConfigError, match="hidden states must have shape"):
+        p.predict_proba(np.zeros((2, 7, 12)))
+
+
+def test_per_source_and_cross_fitting():
+    H, y = make_states(n=400)
+    sources = np.where(np.arange(400) < 200, "a", "b")
+    p = Prototypes(per_source=True, cv=3, min_source_count=20).fit(H, y, sources=sources)
+    assert [s.name for s in p.sets_] == ["all", "a", "b"]
+    assert p.coef_.shape == (3 * len(p.layer_ids_),)
+    cols = [layer - 1 for layer in p.layer_ids_]
+    assert (p.predict(H[:, cols]) == y).mean() > 0.9
+
+
+def test_add_examples_moves_verdicts_near_the_examples_only(fitted):
+    p, H, y = fitted
+    cols = [layer - 1 for layer in p.layer_ids_]
+    rng = np.random.default_rng(5)
+    # A tight cluster that the prototypes call unsafe; teach that it is safe.
+    centre = H[y == 1][:, cols].mean(axis=0) + 4.0
+    cluster = centre + 0.05 * rng.normal(size=(6, *centre.shape))
+    before = p.predict_proba(cluster)
+    others_before = p.predict_proba(H[:, cols])
+    p.add_examples(cluster[:3], ["safe"] * 3)
+    after = p.predict_proba(cluster[3:])
+    assert (before[3:] > 0.5).all() and (after < 0.5).all()
+    others_after = p.predict_proba(H[:, cols])
+    assert (others_after <= others_before + 1e-12).all()  # a safe group never raises P(unsafe)
+    assert np.abs(others_after - others_before).mean() < 0.05
+    assert p.sets_[0].names[-1] == "custom-safe"
+
+
+def test_add_examples_new_category_is_named(fitted):
+    p, H, y = fitted
+    cols = [layer - 1 for layer in p.layer_ids_]
+    rng = np.random.default_rng(6)
+    centre = H[y == 1][:, cols].mean(axis=0) - 6.0
+    group = centre + 0.05 * rng.normal(size=(5, *centre.shape))
+    p.add_examples(group[:3], ["unsafe"] * 3, category="election misinformation")
+    verdicts = p.score(group[3:])
+    assert all(v.label == "unsafe" and v.category == "S13" for v in verdicts)
+    assert "S13" in p.category_labels_
+
+
+def test_save_load_round_trip(tmp_path, fitted):
+    p, H, _ = fitted
+    cols = [layer - 1 for layer in p.layer_ids_]
+    p.add_examples(H[:3, cols], ["safe"] * 3, name="faq")
+    p.save(tmp_path / "protos")
+    assert sorted(f.name for f in (tmp_path / "protos").iterdir()) == ["prototypes.json", "prototypes.safetensors"]
+    q = Prototypes.load(tmp_path / "protos")
+    np.testing.assert_allclose(q.predict_proba(H[:, cols]), p.predict_proba(H[:, cols]), rtol=1e-5, atol=1e-6)
+    assert q.get_params() == p.get_params()
+    assert q.sets_[0].names == ["safe", "unsafe", "faq"]
+    assert [v.category for v in q.score(H[:10, cols])] == [v.category for v in p.score(H[:10, cols])]
+
+
+def test_load_errors_are_clear(tmp_path, fitted):
+    p, _, _ = fitted
+    folder = p.save(tmp_path / "protos")
+    tensors = folder / "prototypes.safetensors"
+    data = tensors.read_bytes()
+    tensors.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PrototypeFileError, match="does not match prototypes.json"):
+        Prototypes.load(folder)
+    meta = json.loads((folder / "prototypes.json").read_text())
+    (folder / "prototypes.json").write_text(json.dumps({**meta, "tensors_sha256": None}))
+    with pytest.raises(PrototypeFileError, match="truncated or corrupted"):
+        Prototypes.load(folder)
+    tensors.write_bytes(data)
+    (folder / "prototypes.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(PrototypeFileError, match="newer than this mlpm-guard"):
+        Prototypes.load(folder)
+    (folder / "prototypes.json").write_text("{not json")
+    with pytest.raises(PrototypeFileError, match="corrupted"):
+        Prototypes.load(folder)
+    (folder / "prototypes.json").write_text(json.dumps({**meta, "layer_ids": [1, 2]}))
+    with pytest.raises(PrototypeFileError, match="disagree"):
+        Prototypes.load(folder)
+    with pytest.raises(PrototypeFileError, match="is not a prototypes folder"):
+        Prototypes.load(tmp_path / "nowhere")
+
+
+def test_save_is_atomic(tmp_path, fitted, monkeypatch):
+    """A save that dies half-way leaves the previous files intact and no temp files behind."""
+    p, H, _ = fitted
+    folder = p.save(tmp_path / "protos")
+    before = {f.name: f.read_bytes() for f in folder.iterdir()}
+    import mlpm_guard._io as io
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io.os, "fsync", boom)
+    with pytest.raises(OSError, match="disk full"):
+        p.save(folder)
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == before
+
+
+class _FakeBackbone:
+    def __init__(self, **changes):
+        self.name = "fake"
+        self._ident = {"name": "fake", "model": "fake", "model_type": "llama", "num_layers": 4, "hidden_size": 12,
+                       "vocab_size": 100, "chat_template_hash": "abc", "weights_probe": [0.1, -0.2, 0.3], **changes}
+
+    def identity(self):
+        return dict(self._ident)
+
+
+def test_backbone_mismatch_is_refused(tmp_path):
+    H, y = make_states()
+    p = Prototypes().fit(H, y, backbone=_FakeBackbone())
+    p.save(tmp_path / "p")
+    Prototypes.load(tmp_path / "p", backbone=_FakeBackbone())  # same backbone loads
+    Prototypes.load(tmp_path / "p", backbone=_FakeBackbone(weights_probe=[0.1001, -0.2, 0.3]))  # bf16 rounding
+    for change, message in [({"hidden_size": 64}, "hidden_size"), ({"chat_template_hash": "xyz"}, "chat_template"),
+                            ({"weights_probe": [0.5, 0.5, 0.5]}, "weights differ")]:
+        with pytest.raises(BackboneMismatchError, match=message):
+            Prototypes.load(tmp_path / "p", backbone=_FakeBackbone(**change))
