@@ -13,8 +13,12 @@ from .errors import (
     NotFittedError,
     PrototypeFileError,
 )
+from .generation import GenerationConfig
+from .guard import Guard
+from .moderation import Moderator, PrototypeModerator
+from .policy import OutputModerationConfig, Policy, SteeringConfig
 from .prototypes import Prototypes
-from .types import Tier, Verdict
+from .types import GuardChunk, GuardResult, Route, Tier, Timings, Verdict
 
 __all__ = [
     "Backbone",
@@ -23,12 +27,23 @@ __all__ = [
     "BackboneMismatchError",
     "ConfigError",
     "DataError",
+    "GenerationConfig",
+    "Guard",
+    "GuardChunk",
+    "GuardResult",
     "InputError",
     "MlpmGuardError",
+    "Moderator",
     "NotFittedError",
+    "OutputModerationConfig",
+    "Policy",
     "PrototypeFileError",
+    "PrototypeModerator",
     "Prototypes",
+    "Route",
+    "SteeringConfig",
     "Tier",
+    "Timings",
     "Verdict",
     "__version__",
 ]

@@ -265,6 +265,18 @@ class Backbone:
             f"mlpm_guard_request_{id(self)}", default=None)
         self._hooks = [layer.register_forward_hook(self._make_hook(i + 1)) for i, layer in enumerate(self.layers)]
         self.fingerprint = self._fingerprint()
+        self.eos_token_ids = self._eos_ids()
+
+    def _eos_ids(self) -> frozenset[int]:
+        """Every token that ends an answer (the generation config may list several)."""
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config):
+            value = getattr(source, "eos_token_id", None)
+            if value is not None:
+                ids.update(value if isinstance(value, (list, tuple)) else [value])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(int(i) for i in ids)
 
     def close(self) -> None:
         """Remove the forward hooks this backbone placed on the model."""
@@ -335,10 +347,20 @@ class Backbone:
         """
         messages = to_messages(prompt)
         if system is not None:
-            messages = [{"role": "system", "content": system}, *messages]
-        if self.chat_template:
+            if messages[0]["role"] == "system":  # one system turn: many templates allow no second
+                messages = [{"role": "system", "content": f"{system}\n\n{messages[0]['content']}"}, *messages[1:]]
+            else:
+                messages = [{"role": "system", "content": system}, *messages]
+        if not self.chat_template:
+            return render_plain(messages)
+        try:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return render_plain(messages)
+        except Exception:  # noqa: BLE001 - jinja's TemplateError: e.g. a template without a system role
+            if system is None or messages[0]["role"] != "system":
+                raise
+            first, rest = messages[0]["content"], messages[1:]
+            merged = [{**m, "content": f"{first}\n\n{m['content']}"} if i == 0 else m for i, m in enumerate(rest)]
+            return self.tokenizer.apply_chat_template(merged, add_generation_prompt=True, tokenize=False)
 
     def encode(self, prompts: Sequence[PromptInput], *, system: str | None = None) -> list[Encoded]:
         """Render and tokenize prompts, cutting over-long ones in the middle."""

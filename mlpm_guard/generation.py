@@ -79,17 +79,6 @@ def prefill(backbone: Backbone, rows: Sequence[Encoded], *, capture: Sequence[in
                    batch["position_ids"][:, -1], batch["input_ids"], dict(req.captured))
 
 
-def _eos_ids(backbone: Backbone) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(backbone.model, "generation_config", None), backbone.model.config):
-        value = getattr(source, "eos_token_id", None)
-        if value is not None:
-            ids.update(value if isinstance(value, (list, tuple)) else [value])
-    if backbone.tokenizer.eos_token_id is not None:
-        ids.add(backbone.tokenizer.eos_token_id)
-    return ids
-
-
 def _pick(logits: torch.Tensor, config: GenerationConfig, generated: torch.Tensor | None,
           generator: torch.Generator | None) -> torch.Tensor:
     if config.repetition_penalty != 1.0 and generated is not None and generated.numel():
@@ -119,7 +108,7 @@ def decode(backbone: Backbone, state: Prefill, config: GenerationConfig, *,
     The per-request context is entered around each forward pass only, so interleaved
     generators (two streams on one thread) never see each other's steering.
     """
-    eos = torch.tensor(sorted(_eos_ids(backbone)), device=state.logits.device)
+    eos = torch.tensor(sorted(backbone.eos_token_ids), device=state.logits.device)
     pad = backbone.tokenizer.pad_token_id
     generator = None
     if config.seed is not None and config.temperature > 0:
@@ -142,7 +131,3 @@ def decode(backbone: Backbone, state: Prefill, config: GenerationConfig, *,
             out = backbone.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions[:, None],
                                  past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache, logits = out.past_key_values, out.logits[:, -1, :].float()
-
-
-def is_eos(backbone: Backbone, token: int) -> bool:
-    return token in _eos_ids(backbone)

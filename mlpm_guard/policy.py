@@ -44,8 +44,8 @@ class SteeringConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    alpha: float = 1.0
-    layers: list[int] | None = Field(default=None, description="layer ids; None: the layers 40-75% deep")
+    alpha: float = 0.2
+    layers: tuple[int, ...] | None = Field(default=None, description="layer ids; None: the layers 40-75% deep")
 
 
 class OutputModerationConfig(BaseModel):

@@ -146,7 +146,8 @@ class Prototypes(BaseEstimator):
 
     Fitted attributes end in ``_``: ``layer_ids_``, ``sets_``, ``coef_``, ``intercept_``,
     ``threshold_``, ``category_labels_``, ``category_means_``, ``category_layer_``,
-    ``backbone_identity_``.
+    ``steering_layers_``/``steering_directions_`` (unsafe-minus-safe mean difference of every
+    candidate layer) and ``backbone_identity_``.
     """
 
     def __init__(self, *, layers: Sequence[int] | None = None, C: float = 1.0, per_source: bool = False,
@@ -252,6 +253,9 @@ class Prototypes(BaseEstimator):
             lr.fit(F[:, np.tile(keep, len(self.sets_))], y)
             coef = np.zeros_like(coef)
             coef[:, keep] = lr.coef_[0].reshape(len(self.sets_), -1)
+        # The unsafe-minus-safe mean difference of every candidate layer, kept for activation steering.
+        self.steering_layers_ = list(candidates)
+        self.steering_directions_ = self.sets_[0].means[:, 1] - self.sets_[0].means[:, 0]
         for s in self.sets_:
             s.select_layers(keep)
         self.layer_ids_ = [layer for layer, k in zip(candidates, keep) if k]
@@ -436,6 +440,7 @@ class Prototypes(BaseEstimator):
             tensors[f"sets.{i}.cov"] = s.cov.astype(np.float32)
         if self.category_means_ is not None:
             tensors["category_means"] = self.category_means_.astype(np.float32)
+        tensors["steering_directions"] = self.steering_directions_.astype(np.float32)
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -451,6 +456,7 @@ class Prototypes(BaseEstimator):
             "sets": [{"name": s.name, "n": s.n, "prototypes": s.names} for s in self.sets_],
             "category_layer": self.category_layer_,
             "category_labels": self.category_labels_,
+            "steering_layers": self.steering_layers_,
             "n_samples": self.n_samples_,
             "training_summary": self.training_summary_,
         }
@@ -524,6 +530,10 @@ class Prototypes(BaseEstimator):
             self.category_layer_ = meta.get("category_layer")
             self.category_labels_ = list(meta.get("category_labels") or [])
             self.category_means_ = t["category_means"].astype(np.float64) if "category_means" in t else None
+            self.steering_layers_ = [int(x) for x in meta["steering_layers"]]
+            self.steering_directions_ = t["steering_directions"].astype(np.float64)
+            if self.steering_directions_.shape != (len(self.steering_layers_), d):
+                raise PrototypeFileError(f"{tensor_path}: steering directions do not match {META_FILE}")
             self.n_samples_ = int(meta.get("n_samples", 0))
             self.training_summary_ = meta.get("training_summary", {})
             self.backbone_identity_ = meta.get("backbone")

@@ -49,6 +49,7 @@ class Verdict:
         layer_scores: per-layer P(unsafe) of the layers the combination uses, keyed by layer id.
         threshold: decision threshold that produced ``label``.
         n_truncated_tokens: tokens dropped from the middle of an over-long prompt (0 if none).
+        error: set when the text could not be scored; the verdict is then unsafe (fail closed).
     """
 
     p_unsafe: float
@@ -59,6 +60,7 @@ class Verdict:
     layer_scores: Mapping[int, float] = field(default_factory=dict)
     threshold: float = 0.5
     n_truncated_tokens: int = 0
+    error: str | None = None
 
     @property
     def unsafe(self) -> bool:
@@ -69,3 +71,77 @@ class Verdict:
         out["tier"] = self.tier.value
         out["layer_scores"] = {str(k): v for k, v in self.layer_scores.items()}
         return out
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where a request's time went, in milliseconds, and how many tokens it read and wrote."""
+
+    scoring_ms: float = 0.0
+    generation_ms: float = 0.0
+    moderation_ms: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_ms(self) -> float:
+        return self.scoring_ms + self.generation_ms + self.moderation_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "total_ms": self.total_ms}
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    """The outcome of one guarded request.
+
+    Attributes:
+        text: the answer (the refusal message when refused or replaced).
+        route: the route the input verdict took.
+        verdict: the input verdict (``None`` only if scoring itself failed).
+        output_verdict: the output moderation verdict, when output moderation ran.
+        output_flagged: the output was judged unsafe.
+        replaced: the flagged output was replaced by the refusal message (policy ``on_flag="replace"``).
+        timings: time and token counts.
+        error: an internal error, recorded when the guard failed closed (or open, if so configured).
+    """
+
+    text: str
+    route: Route
+    verdict: Verdict | None
+    output_verdict: Verdict | None = None
+    output_flagged: bool = False
+    replaced: bool = False
+    timings: Timings = field(default_factory=Timings)
+    error: str | None = None
+
+    @property
+    def p_unsafe(self) -> float | None:
+        return None if self.verdict is None else self.verdict.p_unsafe
+
+    @property
+    def blocked(self) -> bool:
+        """True when the caller did not get a generated answer: refused, or replaced after output moderation."""
+        return self.route is Route.REFUSE or self.replaced
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "route": self.route.value,
+            "p_unsafe": self.p_unsafe,
+            "verdict": self.verdict.to_dict() if self.verdict else None,
+            "output_flagged": self.output_flagged,
+            "replaced": self.replaced,
+            "blocked": self.blocked,
+            "output_verdict": self.output_verdict.to_dict() if self.output_verdict else None,
+            "timings": self.timings.to_dict(),
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class GuardChunk:
+    """One piece of a streamed answer; the last chunk of a stream carries the full ``result``."""
+
+    text: str
+    result: GuardResult | None = None
