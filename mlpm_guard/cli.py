@@ -1,4 +1,4 @@
-"""The ``mlpm-guard`` command line: a thin layer over the modules (fit, score, eval, demo)."""
+"""The ``mlpm-guard`` command line: a thin layer over the modules (fit, score, eval, generate, demo)."""
 
 from __future__ import annotations
 
@@ -124,25 +124,48 @@ def _print_metrics(result: dict[str, Any]) -> None:
     Console(stderr=True).print(table)
 
 
+def _guard(args: argparse.Namespace, **kwargs: Any) -> Any:
+    from .guard import Guard
+
+    prototypes = _load_prototypes(args)
+    return Guard(prototypes.backbone, prototypes, getattr(args, "policy", None), **kwargs)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generation import GenerationConfig
+
+    texts = list(args.text)
+    if texts == ["-"]:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    guard = _guard(args, generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
+    for text, result in zip(texts, guard.batch(texts)):
+        print(json.dumps({"prompt": text, **result.to_dict()}, ensure_ascii=False))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
+    from rich.markup import escape
+
+    from .generation import GenerationConfig
 
     console = Console()
-    console.print("[b]mlpm-guard demo[/b]: the embedded SmolLM2-135M-Instruct scores prompts from its own hidden states.")
-    prototypes = _load_prototypes(args)
-    console.print(f"backbone: {prototypes.backbone!r}")
-    console.print(f"prototypes: {prototypes!r}")
-    verdicts = prototypes.score(DEMO_PROMPTS)
-    table = Table(title="verdicts")
-    for col, kw in (("prompt", {"max_width": 60}), ("p_unsafe", {"justify": "right"}), ("tier", {}),
-                    ("category", {})):
-        table.add_column(col, **kw)
+    console.print("[b]mlpm-guard demo[/b]: the embedded SmolLM2-135M-Instruct scores each prompt from its own "
+                  "hidden states, routes it, and answers from the same forward pass.")
+    guard = _guard(args, generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
+    console.print(f"backbone: {guard.backbone!r}")
+    console.print(f"prototypes: {guard.prototypes!r}")
     colour = {"safe": "green", "controversial": "yellow", "unsafe": "red"}
-    for text, v in zip(DEMO_PROMPTS, verdicts):
-        cat = f"{v.category} {v.category_name}" if v.category else "-"
-        table.add_row(text, f"{v.p_unsafe:.3f}", f"[{colour[v.tier.value]}]{v.tier.value}[/]", cat)
-    console.print(table)
+    for i, (text, r) in enumerate(zip(DEMO_PROMPTS, guard.batch(DEMO_PROMPTS)), 1):
+        v, t = r.verdict, r.timings
+        tier = f"[{colour[v.tier.value]}]{v.tier.value}[/]"
+        cat = f"  category {v.category} ({v.category_name})" if v.category else ""
+        answer = " ".join(r.text.split())
+        console.print(f"\n[b]{i}. {escape(text)}[/b]")
+        console.print(f"   {tier}  p_unsafe={v.p_unsafe:.3f}{cat}  route=[b]{r.route.value}[/b]  "
+                      f"[dim]scored in {t.scoring_ms:.0f} ms, {t.completion_tokens} tokens in "
+                      f"{t.generation_ms / 1000:.1f} s[/dim]")
+        console.print(f"   -> {escape(answer[:200])}{'...' if len(answer) > 200 else ''}")
     return 0
 
 
@@ -180,8 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", parents=[common, with_protos], help="the main job: verdicts for example prompts")
-    p.set_defaults(func=cmd_demo)
+    with_policy = argparse.ArgumentParser(add_help=False)
+    with_policy.add_argument("--policy", help="a policy YAML or JSON file (default: the built-in policy)")
+    with_policy.add_argument("--max-new-tokens", type=int, default=128, help="answer length budget")
+
+    p = sub.add_parser("generate", parents=[common, with_protos, with_policy],
+                       help="guard and answer prompts; one JSON result per prompt")
+    p.add_argument("text", nargs="+", help="prompts ('-' reads one per line from stdin)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", parents=[common, with_protos, with_policy],
+                       help="the main job: verdicts, routes and answers for example prompts")
+    p.set_defaults(func=cmd_demo, max_new_tokens=48)
     return parser
 
 
