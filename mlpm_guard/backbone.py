@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -201,8 +202,8 @@ class Backbone:
         """Wrap an already loaded model and tokenizer.
 
         The tokenizer is copied before its padding side is pinned, and the model's weights are
-        left alone; the only change to the model is a set of forward hooks that do nothing
-        outside mlpm-guard's own calls (remove them with :meth:`close`).
+        left alone; mlpm-guard places forward hooks on the decoder layers only for the duration
+        of its own calls.
         """
         self = cls.__new__(cls)
         first = next(model.parameters())
@@ -263,7 +264,9 @@ class Backbone:
         self._base = model.base_model if model.base_model is not model else model
         self._request: contextvars.ContextVar[_Request | None] = contextvars.ContextVar(
             f"mlpm_guard_request_{id(self)}", default=None)
-        self._hooks = [layer.register_forward_hook(self._make_hook(i + 1)) for i, layer in enumerate(self.layers)]
+        self._hooks: list[Any] = []
+        self._hooks_lock = threading.Lock()
+        self._active = 0
         self.fingerprint = self._fingerprint()
         self.eos_token_ids = self._eos_ids()
 
@@ -278,11 +281,20 @@ class Backbone:
             ids.add(self.tokenizer.eos_token_id)
         return frozenset(int(i) for i in ids)
 
-    def close(self) -> None:
-        """Remove the forward hooks this backbone placed on the model."""
+    def attach(self) -> None:
+        """Place the per-request forward hooks on the decoder layers (requests do it when they need them)."""
+        if not self._hooks:
+            self._hooks = [layer.register_forward_hook(self._make_hook(i + 1)) for i, layer in enumerate(self.layers)]
+
+    def _detach(self) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+    def close(self) -> None:
+        """Remove any forward hooks this backbone placed on the model."""
+        with self._hooks_lock:
+            self._detach()
 
     def identity(self) -> dict[str, Any]:
         """What prototypes record about the backbone they were fitted on."""
@@ -330,13 +342,24 @@ class Backbone:
 
     @contextmanager
     def request(self, **state: Any) -> Iterator[_Request]:
-        """Scope per-request hook state (captures, early exit, steering) to the current context."""
+        """Scope per-request hook state (captures, early exit, steering) to the current context.
+
+        The layer hooks are on the model only while at least one request needs them: a module
+        with hooks takes PyTorch's slow call path, which would tax every plain decoding step.
+        """
         req = _Request(**state)
+        with self._hooks_lock:
+            self._active += 1
+            self.attach()
         token = self._request.set(req)
         try:
             yield req
         finally:
             self._request.reset(token)
+            with self._hooks_lock:
+                self._active -= 1
+                if self._active == 0:
+                    self._detach()
 
     # ------------------------------------------------------------------ text
     def render(self, prompt: PromptInput, *, system: str | None = None) -> str:

@@ -127,7 +127,11 @@ def decode(backbone: Backbone, state: Prefill, config: GenerationConfig, *,
             history = torch.cat([history, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions + 1
-        with backbone.request(steer=steer or {}):
-            out = backbone.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions[:, None],
-                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+        step_inputs = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": positions[:, None],
+                       "past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
+        if steer:
+            with backbone.request(steer=steer):
+                out = backbone.model(**step_inputs)
+        else:
+            out = backbone.model(**step_inputs)
         cache, logits = out.past_key_values, out.logits[:, -1, :].float()
