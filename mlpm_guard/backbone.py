@@ -13,6 +13,7 @@ of decoder block ``l - 1``; the embeddings (0) are never used.
 from __future__ import annotations
 
 import contextvars
+import copy
 import hashlib
 import importlib.util
 import json
@@ -57,6 +58,8 @@ class BackboneConfig(BaseModel):
         max_batch_tokens: most padded tokens per forward pass (rows x longest row).
         trust_remote_code: allow model code from the hub; off unless you ask for it.
         num_threads: torch CPU threads (``None`` keeps torch's choice).
+        prefix_cache: compute the chat template's fixed opening (system prompt and user header)
+            once and reuse its KV cache for every prompt that starts with it.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -70,6 +73,7 @@ class BackboneConfig(BaseModel):
     max_batch_tokens: int = Field(default=8192, ge=64)
     trust_remote_code: bool = False
     num_threads: int | None = Field(default=None, ge=1)
+    prefix_cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -244,8 +248,6 @@ class Backbone:
         return model.to(self.device).eval(), tokenizer
 
     def _setup(self, model: Any, tokenizer: Any) -> None:
-        import copy
-
         if not hasattr(self, "name"):
             self.name = self.config.model
         self.model = model
@@ -264,6 +266,8 @@ class Backbone:
         self._base = model.base_model if model.base_model is not model else model
         self._request: contextvars.ContextVar[_Request | None] = contextvars.ContextVar(
             f"mlpm_guard_request_{id(self)}", default=None)
+        self._prefix_ids: tuple[int, ...] | None = None
+        self._prefix_cache: Any = None
         self._hooks: list[Any] = []
         self._hooks_lock = threading.Lock()
         self._active = 0
@@ -437,6 +441,52 @@ class Backbone:
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
                 "position_ids": position_ids.to(self.device)}
 
+    def _shared_prefix(self) -> tuple[int, ...]:
+        """Token ids every single-turn prompt starts with (the template's opening), found by rendering
+        two different prompts; the last common token is left out in case it merges with the text."""
+        if self._prefix_ids is None:
+            a, b = (self.encode([text])[0].ids for text in ("a", "Zebra 1"))
+            n = 0
+            while n < min(len(a), len(b)) and a[n] == b[n]:
+                n += 1
+            self._prefix_ids = tuple(a[: max(n - 1, 0)])
+        return self._prefix_ids
+
+    @torch.inference_mode()
+    def _prefix_kv(self) -> Any:
+        """The KV cache of the shared prefix, computed once (all layers)."""
+        from transformers import DynamicCache
+
+        with self._hooks_lock:
+            if self._prefix_cache is None:
+                ids = torch.tensor([self._shared_prefix()], device=self.device)
+                cache = DynamicCache(config=self.model.config)
+                self._base(input_ids=ids, past_key_values=cache, use_cache=True)
+                self._prefix_cache = cache
+            return self._prefix_cache
+
+    def model_inputs(self, rows: Sequence[Encoded], *, reuse_prefix: bool = True) -> dict[str, Any]:
+        """Forward-pass inputs for rows, with a ``past_key_values`` cache always present.
+
+        When every row starts with the template's shared opening, that opening comes from the
+        cached prefix KV and only the rest runs: layout ``[prefix][padding][row]``, with positions
+        counting real tokens, so the states equal those of the full prompt.
+        """
+        from transformers import DynamicCache
+
+        prefix = self._shared_prefix() if (reuse_prefix and self.config.prefix_cache) else ()
+        p = len(prefix)
+        if not p or not all(len(r) > p and r.ids[:p] == prefix for r in rows):
+            return {**self.collate(rows), "past_key_values": DynamicCache(config=self.model.config)}
+        batch = self.collate([Encoded(r.ids[p:]) for r in rows])
+        cache = copy.deepcopy(self._prefix_kv())
+        cache.batch_repeat_interleave(len(rows))
+        ones = torch.ones((len(rows), p), dtype=batch["attention_mask"].dtype, device=self.device)
+        return {"input_ids": batch["input_ids"],
+                "attention_mask": torch.cat([ones, batch["attention_mask"]], dim=1),
+                "position_ids": batch["position_ids"] + p,
+                "past_key_values": cache}
+
     @torch.inference_mode()
     def last_token_states(self, rows: Sequence[Encoded], layers: Sequence[int], *,
                           batch_size: int | None = None, progress: bool = False) -> np.ndarray:
@@ -456,10 +506,10 @@ class Backbone:
         bar = tqdm(total=len(rows), desc="hidden states", unit="prompt", disable=not progress, leave=False)
         with bar:
             for idx in batches:
-                batch = self.collate([rows[i] for i in idx])
+                batch = self.model_inputs([rows[i] for i in idx])
                 with self.request(capture=frozenset(layers), stop_at=max(layers)) as req:
                     try:
-                        self._base(**batch, use_cache=False)
+                        self._base(**batch, use_cache=True)
                     except _EarlyExit:
                         pass
                 states = torch.stack([req.captured[layer] for layer in layers], dim=1)

@@ -57,12 +57,6 @@ def _copy_cache(cache: Any) -> Any:
     return copy.deepcopy(cache)
 
 
-def _new_cache(backbone: Backbone) -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache(config=backbone.model.config)
-
-
 @torch.inference_mode()
 def prefill(backbone: Backbone, rows: Sequence[Encoded], *, capture: Sequence[int] = (),
             steer: dict[int, torch.Tensor] | None = None) -> Prefill:
@@ -71,10 +65,10 @@ def prefill(backbone: Backbone, rows: Sequence[Encoded], *, capture: Sequence[in
     ``capture`` lists layer ids whose last-token states are kept (for scoring); ``steer`` adds
     per-layer vectors to every position.
     """
-    batch = backbone.collate(rows)
-    cache = _new_cache(backbone)
+    # Steering acts on every token, so a steered prompt cannot reuse the unsteered prefix cache.
+    batch = backbone.model_inputs(rows, reuse_prefix=not steer)
     with backbone.request(capture=frozenset(capture), steer=steer or {}) as req:
-        out = backbone.model(**batch, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = backbone.model(**batch, use_cache=True, logits_to_keep=1)
     return Prefill(out.past_key_values, out.logits[:, -1, :].float(), batch["attention_mask"],
                    batch["position_ids"][:, -1], batch["input_ids"], dict(req.captured))
 

@@ -136,3 +136,25 @@ def test_second_load_is_served_from_the_conversion_cache(backbone):
     assert time.perf_counter() - start < 15
     assert again.fingerprint == backbone.fingerprint
     again.close()
+
+
+def test_prefix_cache_gives_the_same_states_and_runs_fewer_tokens(backbone):
+    prompts = ["hi", "How do I kill a Python process?", [{"role": "system", "content": "Be brief."},
+                                                        {"role": "user", "content": "hello"}]]
+    rows = backbone.encode(prompts)
+    backbone._prefix_kv()  # computed once, lazily
+    widths = []
+    hook = backbone.layers[0].register_forward_pre_hook(lambda m, a: widths.append(a[0].shape[1]))
+    try:
+        fast = backbone.last_token_states(rows[:2], [1, 12, 29])
+    finally:
+        hook.remove()
+    assert widths == [len(rows[1]) - len(backbone._shared_prefix())]  # the shared opening was not rerun
+    plain = Backbone.__new__(Backbone)
+    plain.__dict__.update(backbone.__dict__)
+    plain.config = backbone.config.model_copy(update={"prefix_cache": False})
+    slow = plain.last_token_states(rows[:2], [1, 12, 29])
+    np.testing.assert_allclose(fast, slow, rtol=1e-4, atol=1e-3)
+    # A caller's own system prompt changes the opening: no reuse, still correct.
+    mixed = backbone.last_token_states(rows, [5])
+    np.testing.assert_allclose(mixed[2], backbone.last_token_states(rows[2:], [5])[0], rtol=1e-4, atol=1e-3)
