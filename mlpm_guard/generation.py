@@ -115,7 +115,8 @@ def decode(backbone: Backbone, state: Prefill, config: GenerationConfig, *,
         token = torch.where(done, torch.full_like(token, pad), token)
         yield token
         done |= torch.isin(token, eos)
-        if done.all() or step == config.max_new_tokens - 1:
+        # Stop at the budget, or before the next position would leave the model's context window.
+        if done.all() or step == config.max_new_tokens - 1 or int(positions.max()) + 2 >= backbone.context_window:
             return
         if history is not None:
             history = torch.cat([history, token[:, None]], dim=1)
