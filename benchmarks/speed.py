@@ -9,6 +9,8 @@ side in one run:
   prefix     + reuse the KV cache of the chat template's shared opening (the default path)
   bf16       + bfloat16 weights and activations
   int8       + int8 dynamic quantisation of the linear layers (fp32 activations)
+  shallow    the prefix path with prototypes whose candidate layers are the first half only
+             (the fitting option for early exit: ``mlpm-guard fit --layers 1-15``)
 
 Quality: prototypes are fitted on half of the built-in seed set with reference (``full``) states and
 evaluated on the other half with each variant's states; ``f1_delta`` is variant minus reference
@@ -101,8 +103,13 @@ def cpu_report(args: argparse.Namespace) -> dict[str, Any]:
         H = backbone.last_token_states(backbone.encode([e.prompt for e in fit_rows]), all_layers)
         params = {k: v for k, v in DEFAULT_PARAMS.items() if k != "layers"}
         prototypes = Prototypes(**params).fit(H, [e.label for e in fit_rows], backbone=backbone)
+        # The fitting option that prefers shallow layers: candidates restricted to the first half.
+        half = list(range(1, backbone.num_layers // 2 + 1))
+        shallow = Prototypes(**{**params, "layers": half}).fit(H[:, : len(half)], [e.label for e in fit_rows],
+                                                               backbone=backbone)
     else:
         prototypes = default_prototypes(backbone, progress=False)
+        shallow = None
     layers = prototypes.layer_ids_
     y = [e.label for e in eval_rows]
     rows = backbone.encode([e.prompt for e in eval_rows])
@@ -121,6 +128,8 @@ def cpu_report(args: argparse.Namespace) -> dict[str, Any]:
         "bf16": lambda: bf16.last_token_states(rows, layers),
         "int8": lambda: int8.last_token_states(rows, layers),
     }
+    if shallow is not None:
+        runs["shallow"] = lambda: fast.last_token_states(rows, shallow.layer_ids_)
     for fn in runs.values():  # warm-up on a few rows: allocator, oneDNN kernels, prefix cache
         saved = rows[:]
         rows[:] = saved[:4]
@@ -134,12 +143,13 @@ def cpu_report(args: argparse.Namespace) -> dict[str, Any]:
             dt, states[name] = timed(runs[name], "cpu")
             seconds[name].append(dt)
     best = {k: min(v) for k, v in seconds.items()}
-    f1 = {k: moderation_metrics(y, prototypes.predict_proba(states[k]), prototypes.threshold_)["f1"] for k in runs}
+    scorer = {k: prototypes for k in runs} | ({"shallow": shallow} if shallow is not None else {})
+    f1 = {k: moderation_metrics(y, scorer[k].predict_proba(states[k]), scorer[k].threshold_)["f1"] for k in runs}
     reference = f1["full"]
     rows_out = {k: {"seconds": best[k], "prompts_per_s": len(rows) / best[k], "tokens_per_s": n_tokens / best[k],
                     "speedup_vs_naive": best["naive"] / best[k], "f1": f1[k], "f1_delta": f1[k] - reference}
                 for k in runs}
-    ok = [k for k in runs if k not in ("naive", "full") and abs(rows_out[k]["f1_delta"]) <= 0.01]
+    ok = [k for k in runs if k not in ("naive", "full", "shallow") and abs(rows_out[k]["f1_delta"]) <= 0.01]
     fast_path = min(ok, key=lambda k: best[k]) if ok else "early"
 
     cold = None
@@ -175,6 +185,8 @@ def cpu_report(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_fast_path_speedup": rows_out[fast_path]["speedup_vs_naive"],
         "cpu_fast_path_f1_delta": rows_out[fast_path]["f1_delta"],
         "early_exit_speedup": best["full"] / best["early"],
+        "shallow_layers": shallow.layer_ids_ if shallow is not None else None,
+        "shallow_speedup_vs_prefix": best["prefix"] / best["shallow"] if shallow is not None else None,
         "prompts_per_s": rows_out[fast_path]["prompts_per_s"],
         "tokens_per_s": rows_out[fast_path]["tokens_per_s"],
         "latency_ms_p50": float(np.percentile(single, 50)),
