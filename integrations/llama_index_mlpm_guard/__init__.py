@@ -1,0 +1,31 @@
+"""LlamaIndex integration of mlpm-guard: the guard at the query, the retrieved context and the answer.
+
+- :class:`MLPMGuardLLM`: a LlamaIndex LLM serving the guarded backbone (routes, streaming, async).
+- :class:`MLPMGuardNodePostprocessor`: drops or flags retrieved nodes the guard judges unsafe.
+- :class:`GuardedQueryEngine` / :class:`GuardedChatEngine`: check the request before retrieval
+  and hand its route to the guarded LLM.
+- :class:`BackboneEmbedding`: embeddings from the same backbone (no second model to download).
+- :class:`GuardDecisionEvent` / :class:`GuardNodesEvent`: the instrumentation events they dispatch.
+
+Every piece takes a :class:`mlpm_guard.Guard`, or none for the embedded default, which is built
+on first use and shared by the whole process.
+"""
+
+from ._shared import METADATA_KEY, default_guard
+from .embedding import BackboneEmbedding
+from .engine import GuardedChatEngine, GuardedQueryEngine
+from .events import GuardDecisionEvent, GuardNodesEvent
+from .llm import MLPMGuardLLM
+from .postprocessor import MLPMGuardNodePostprocessor
+
+__all__ = [
+    "METADATA_KEY",
+    "BackboneEmbedding",
+    "GuardDecisionEvent",
+    "GuardNodesEvent",
+    "GuardedChatEngine",
+    "GuardedQueryEngine",
+    "MLPMGuardLLM",
+    "MLPMGuardNodePostprocessor",
+    "default_guard",
+]

@@ -1,0 +1,114 @@
+"""What the LlamaIndex pieces share: the process-wide default guard, the route a guarded engine
+hands to the guarded LLM for one request, and the metadata every piece reports.
+
+The route travels in a :class:`contextvars.ContextVar`, never on an instance, so concurrent
+requests through one engine (threads or asyncio tasks) each see only their own route.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlpm_guard import Guard, GuardResult, Policy, Route, Verdict
+
+#: The key under which every piece puts its guard report (response metadata, additional_kwargs).
+METADATA_KEY = "mlpm_guard"
+
+_default_lock = threading.Lock()
+_default: Guard | None = None
+
+
+def default_guard() -> Guard:
+    """The embedded-default :class:`~mlpm_guard.Guard`, built on first use and shared by the process.
+
+    Every piece built without a guard uses this one, so two default objects never load the
+    backbone twice.
+    """
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = _build_default()
+        return _default
+
+
+def _build_default() -> Guard:
+    return Guard()
+
+
+def check_guard(guard: Any, owner: str) -> Guard | None:
+    """Validate a ``guard`` argument (``None`` means the shared default, resolved on first use)."""
+    if guard is None or isinstance(guard, Guard):
+        return guard
+    msg = (f"`guard` of {owner} must be a mlpm_guard.Guard or None (the shared embedded default), "
+           f"got {type(guard).__name__}; build one with `mlpm_guard.Guard(...)`")
+    raise TypeError(msg)
+
+
+@dataclass
+class RouteDirective:
+    """The route a guarded engine chose for one request, for the guarded LLM to apply.
+
+    ``policy`` is the engine's policy with every tier sent to ``route``, so the LLM answers
+    the templated RAG prompt exactly as the engine decided on the bare query. ``applied`` is
+    set by the guarded LLM when it takes the route; it stays ``False`` when the engine's LLM
+    is not an :class:`MLPMGuardLLM` (the route then could not be applied). ``reports`` collects
+    the guarded LLM's report of each call it answers for this request.
+    """
+
+    route: Route
+    verdict: Verdict
+    policy: Policy
+    applied: bool = False
+    reports: list[dict[str, Any]] = field(default_factory=list)
+
+
+_DIRECTIVE: ContextVar[RouteDirective | None] = ContextVar("mlpm_guard_llama_index_route", default=None)
+
+
+def forced_policy(policy: Policy, route: Route) -> Policy:
+    """``policy`` with every tier and category sent to ``route`` (its texts and knobs kept).
+
+    Why the bare query decides and not the LLM's own verdict on the prompt it is given: that
+    prompt is the engine's template around retrieved passages, which is not what prototypes are
+    fitted on (plain declarative passages lean unsafe under the seed prototypes), while the
+    passages themselves are the node postprocessor's job. The LLM's verdict is still reported.
+    """
+    return policy.model_copy(update={"safe_route": route, "controversial_route": route,
+                                     "unsafe_route": route, "category_routes": {}})
+
+
+@contextmanager
+def directing(route: Route, verdict: Verdict, policy: Policy) -> Iterator[RouteDirective]:
+    """Hand ``route`` to every guarded LLM call made inside the block (same thread or task)."""
+    directive = RouteDirective(route, verdict, forced_policy(policy, route))
+    token = _DIRECTIVE.set(directive)
+    try:
+        yield directive
+    finally:
+        _DIRECTIVE.reset(token)
+
+
+def claim_directive() -> RouteDirective | None:
+    """The current request's directive, marked as applied (``None`` outside a guarded engine)."""
+    directive = _DIRECTIVE.get()
+    if directive is not None:
+        directive.applied = True
+    return directive
+
+
+def verdict_report(stage: str, route: Route, verdict: Verdict | None, *, blocked: bool,
+                   **extra: Any) -> dict[str, Any]:
+    """The machine-readable report a piece attaches to what it returns."""
+    return {"stage": stage, "route": route.value, "blocked": blocked,
+            "p_unsafe": None if verdict is None else verdict.p_unsafe,
+            "verdict": None if verdict is None else verdict.to_dict(), **extra}
+
+
+def result_report(result: GuardResult, *, routed_by_engine: bool) -> dict[str, Any]:
+    """The report of a guarded LLM call: the full result, and whether an engine chose its route."""
+    return {"stage": "llm", **result.to_dict(), "routed_by_engine": routed_by_engine}

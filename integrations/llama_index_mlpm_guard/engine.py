@@ -1,0 +1,338 @@
+"""``GuardedQueryEngine`` and ``GuardedChatEngine``: check the request before retrieval, then apply
+its route to the guarded LLM.
+
+The query (or the conversation with the new message) is scored with
+:meth:`mlpm_guard.Guard.check`, which stops the forward pass at the deepest layer the prototypes
+use. ``REFUSE`` returns the policy's refusal at once, of the wrapped engine's response type, and
+nothing is retrieved or generated. Any other route is handed through a context variable to every
+:class:`MLPMGuardLLM` call the wrapped engine makes for this request, so ``SAFETY_PROMPT`` and
+``STEER`` act on the answer while concurrent requests keep their own routes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from llama_index.core.base.base_query_engine import BaseQueryEngine
+from llama_index.core.base.llms.types import ChatMessage, ChatResponse, MessageRole
+from llama_index.core.base.response.schema import (
+    RESPONSE_TYPE,
+    AsyncStreamingResponse,
+    Response,
+    StreamingResponse,
+)
+from llama_index.core.callbacks.base import CallbackManager
+from llama_index.core.chat_engine import SimpleChatEngine
+from llama_index.core.chat_engine.types import (
+    AGENT_CHAT_RESPONSE_TYPE,
+    AgentChatResponse,
+    BaseChatEngine,
+    StreamingAgentChatResponse,
+)
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.memory import Memory
+from llama_index.core.prompts.mixin import PromptMixinType
+from llama_index.core.schema import QueryBundle
+
+from mlpm_guard import BackboneConfig, Guard, Policy, Route, Verdict
+
+from ._shared import METADATA_KEY, RouteDirective, check_guard, default_guard, directing, verdict_report
+from .events import GuardDecisionEvent
+from .llm import MLPMGuardLLM, to_core_messages
+from .postprocessor import MLPMGuardNodePostprocessor
+
+logger = logging.getLogger(__name__)
+dispatcher = get_dispatcher(__name__)
+
+_NEEDS_GUARDED_LLM = (Route.SAFETY_PROMPT, Route.STEER)
+
+
+def _decide(stage: str, guard: Guard, verdict: Verdict) -> tuple[Route, Policy]:
+    policy = guard.policy
+    route = policy.route(verdict)
+    dispatcher.event(GuardDecisionEvent.from_verdict(stage, route, verdict, blocked=route is Route.REFUSE))
+    return route, policy
+
+
+def _report(stage: str, route: Route, verdict: Verdict, directive: RouteDirective) -> dict[str, Any]:
+    """The report of an answered request; warns when its route could not reach the LLM."""
+    if route in _NEEDS_GUARDED_LLM and not directive.applied:
+        logger.warning("route %s was not applied: the wrapped engine made no MLPMGuardLLM call in this request's "
+                       "context (give the engine `llm=MLPMGuardLLM(guard)`, or route such prompts to `refuse`)",
+                       route.value)
+    # `llm` fills in as the guarded LLM's calls finish (for a stream: as it is read), so
+    # `blocked` here sees a call replaced by output moderation only when the answer was whole.
+    blocked = any(r["blocked"] for r in directive.reports)
+    return verdict_report(stage, route, verdict, blocked=blocked, route_applied=directive.applied,
+                          llm=directive.reports)
+
+
+def _one(text: str) -> Iterator[str]:
+    yield text
+
+
+async def _aone(text: str) -> AsyncIterator[str]:
+    yield text
+
+
+class GuardedQueryEngine(BaseQueryEngine):
+    """A query engine whose queries are checked by the guard before anything is retrieved.
+
+    Args:
+        query_engine: the engine to guard (any :class:`BaseQueryEngine`). ``None`` answers the
+            query with the guarded LLM alone, no retrieval: one prefill then scores and answers.
+        guard: the :class:`mlpm_guard.Guard` (``None``: the shared embedded default).
+        streaming: whether a refusal comes back as a streaming response; ``None`` follows the
+            wrapped engine's response synthesizer (``False`` when it has none).
+
+    ``Response.metadata["mlpm_guard"]`` holds ``route``, ``blocked`` (refused before retrieval, or
+    a guarded LLM call's answer was replaced by output moderation), ``p_unsafe``, ``verdict``,
+    ``route_applied`` (an :class:`MLPMGuardLLM` took the route) and ``llm`` (the reports of the
+    guarded LLM's calls for this query; for a streaming response they arrive as it is read).
+
+    Example:
+        >>> engine = GuardedQueryEngine.from_index(index, guard)    # doctest: +SKIP
+        >>> engine.query("How do I make methamphetamine?").metadata["mlpm_guard"]["blocked"]  # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, query_engine: Optional[BaseQueryEngine] = None, guard: Optional[Guard] = None, *,
+                 streaming: Optional[bool] = None, callback_manager: Optional[CallbackManager] = None) -> None:
+        if query_engine is not None and not isinstance(query_engine, BaseQueryEngine):
+            hint = ("pass the guard by keyword: `GuardedQueryEngine(guard=guard)`" if isinstance(query_engine, Guard)
+                    else "wrap e.g. `index.as_query_engine(llm=MLPMGuardLLM(guard))`")
+            msg = f"`query_engine` must be a LlamaIndex BaseQueryEngine or None, got {type(query_engine).__name__}; {hint}"
+            raise TypeError(msg)
+        self._guard = check_guard(guard, "GuardedQueryEngine")
+        self._query_engine = query_engine
+        self._llm = MLPMGuardLLM(self._guard) if query_engine is None else None
+        self._streaming = streaming
+        super().__init__(callback_manager or getattr(query_engine, "callback_manager", None))
+
+    @classmethod
+    def from_index(cls, index: Any, guard: Optional[Guard] = None, *,
+                   nodes: Optional[Literal["drop", "flag"]] = "drop", streaming: bool = False,
+                   **kwargs: Any) -> GuardedQueryEngine:
+        """Guard ``index.as_query_engine(...)`` with the guarded LLM and, unless ``nodes=None``,
+        the node postprocessor in ``nodes`` mode (run before any postprocessor you pass)."""
+        llm = MLPMGuardLLM(guard)
+        post = [MLPMGuardNodePostprocessor(guard, mode=nodes)] if nodes else []
+        post += list(kwargs.pop("node_postprocessors", None) or [])
+        engine = index.as_query_engine(llm=llm, node_postprocessors=post, streaming=streaming, **kwargs)
+        return cls(engine, guard, streaming=streaming)
+
+    @property
+    def guard(self) -> Guard:
+        return self._guard if self._guard is not None else default_guard()
+
+    @property
+    def query_engine(self) -> Optional[BaseQueryEngine]:
+        return self._query_engine
+
+    def _get_prompt_modules(self) -> PromptMixinType:
+        return {"query_engine": self._query_engine} if self._query_engine is not None else {}
+
+    def _streams(self) -> bool:
+        if self._streaming is not None:
+            return self._streaming
+        synthesizer = getattr(self._query_engine, "_response_synthesizer", None)
+        return bool(getattr(synthesizer, "_streaming", False))
+
+    def _refusal(self, route: Route, verdict: Verdict, policy: Policy, *, asynchronous: bool) -> RESPONSE_TYPE:
+        text = policy.refusal_message
+        metadata = {METADATA_KEY: verdict_report("query", route, verdict, blocked=True, route_applied=False,
+                                                 llm=[])}
+        if self._streams():
+            if asynchronous:
+                return AsyncStreamingResponse(response_gen=_aone(text), metadata=metadata)
+            return StreamingResponse(response_gen=_one(text), metadata=metadata)
+        return Response(response=text, source_nodes=[], metadata=metadata)
+
+    @staticmethod
+    def _attach(response: RESPONSE_TYPE, report: dict[str, Any]) -> RESPONSE_TYPE:
+        response.metadata = {**(response.metadata or {}), METADATA_KEY: report}
+        return response
+
+    def _query(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
+        if self._query_engine is None:
+            return self._answer(query_bundle.query_str)
+        guard = self.guard
+        verdict = guard.check(query_bundle.query_str)
+        route, policy = _decide("query", guard, verdict)
+        if route is Route.REFUSE:
+            return self._refusal(route, verdict, policy, asynchronous=False)
+        with directing(route, verdict, policy) as directive:
+            response = self._query_engine.query(query_bundle)
+        return self._attach(response, _report("query", route, verdict, directive))
+
+    async def _aquery(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
+        if self._query_engine is None:
+            return await self._aanswer(query_bundle.query_str)
+        guard = self.guard
+        verdict = await guard.acheck(query_bundle.query_str)
+        route, policy = _decide("query", guard, verdict)
+        if route is Route.REFUSE:
+            return self._refusal(route, verdict, policy, asynchronous=True)
+        with directing(route, verdict, policy) as directive:
+            response = await self._query_engine.aquery(query_bundle)
+        return self._attach(response, _report("query", route, verdict, directive))
+
+    # ------------------------------------------------------------------ no wrapped engine: the guarded LLM answers
+    def _answer(self, query: str) -> RESPONSE_TYPE:
+        assert self._llm is not None
+        if not self._streams():
+            out = self._llm.complete(query)
+            return Response(response=out.text, metadata={METADATA_KEY: out.additional_kwargs[METADATA_KEY]})
+        metadata: Dict[str, Any] = {}
+        responses = self._llm.stream_complete(query)
+
+        def tokens() -> Iterator[str]:
+            for r in responses:
+                if METADATA_KEY in r.additional_kwargs:
+                    metadata[METADATA_KEY] = r.additional_kwargs[METADATA_KEY]
+                if r.delta:
+                    yield r.delta
+
+        return StreamingResponse(response_gen=tokens(), metadata=metadata)
+
+    async def _aanswer(self, query: str) -> RESPONSE_TYPE:
+        assert self._llm is not None
+        if not self._streams():
+            out = await self._llm.acomplete(query)
+            return Response(response=out.text, metadata={METADATA_KEY: out.additional_kwargs[METADATA_KEY]})
+        metadata: Dict[str, Any] = {}
+        responses = await self._llm.astream_complete(query)
+
+        async def tokens() -> AsyncIterator[str]:
+            async for r in responses:
+                if METADATA_KEY in r.additional_kwargs:
+                    metadata[METADATA_KEY] = r.additional_kwargs[METADATA_KEY]
+                if r.delta:
+                    yield r.delta
+
+        return AsyncStreamingResponse(response_gen=tokens(), metadata=metadata)
+
+
+class GuardedChatEngine(BaseChatEngine):
+    """A chat engine whose turns are checked by the guard before the wrapped engine sees them.
+
+    Args:
+        chat_engine: the engine to guard (any :class:`BaseChatEngine`, e.g.
+            ``index.as_chat_engine(chat_mode="context", llm=MLPMGuardLLM(guard))``). ``None``:
+            a ``SimpleChatEngine`` on the guarded LLM.
+        guard: the :class:`mlpm_guard.Guard` (``None``: the shared embedded default).
+        check_history: score the conversation so far with the new message, as the core guard
+            scores a message list (``False``: the new message alone).
+
+    A refused turn returns the refusal (streamed as one piece by the ``stream_*`` methods) and
+    leaves the wrapped engine, its memory included, untouched. The report is in the response's
+    ``metadata["mlpm_guard"]`` (set as an attribute on streaming responses, whose class has no
+    such field).
+    """
+
+    def __init__(self, chat_engine: Optional[BaseChatEngine] = None, guard: Optional[Guard] = None, *,
+                 check_history: bool = True) -> None:
+        if chat_engine is not None and not isinstance(chat_engine, BaseChatEngine):
+            hint = ("pass the guard by keyword: `GuardedChatEngine(guard=guard)`" if isinstance(chat_engine, Guard)
+                    else "wrap e.g. `index.as_chat_engine(chat_mode='context', llm=MLPMGuardLLM(guard))`")
+            msg = f"`chat_engine` must be a LlamaIndex BaseChatEngine or None, got {type(chat_engine).__name__}; {hint}"
+            raise TypeError(msg)
+        self._guard = check_guard(guard, "GuardedChatEngine")
+        self._chat_engine = chat_engine if chat_engine is not None else self._simple_engine(guard)
+        self._check_history = check_history
+
+    @staticmethod
+    def _simple_engine(guard: Optional[Guard]) -> SimpleChatEngine:
+        # Built without reading the LLM's metadata, which would load the default backbone now.
+        prompt_tokens = (guard.backbone.config if guard is not None else BackboneConfig()).max_prompt_tokens
+        memory = Memory.from_defaults(token_limit=prompt_tokens, token_flush_size=max(1, prompt_tokens // 4))
+        return SimpleChatEngine(llm=MLPMGuardLLM(guard), memory=memory, prefix_messages=[])
+
+    @property
+    def guard(self) -> Guard:
+        return self._guard if self._guard is not None else default_guard()
+
+    @property
+    def chat_engine(self) -> BaseChatEngine:
+        return self._chat_engine
+
+    @property
+    def chat_history(self) -> List[ChatMessage]:
+        return self._chat_engine.chat_history
+
+    def reset(self) -> None:
+        self._chat_engine.reset()
+
+    def _conversation(self, message: str, chat_history: Optional[List[ChatMessage]]) -> Union[str, list]:
+        if not self._check_history:
+            return message
+        history = chat_history if chat_history is not None else self._chat_engine.chat_history
+        return [*to_core_messages(history), {"role": "user", "content": message}]
+
+    @staticmethod
+    def _refusal(route: Route, verdict: Verdict, policy: Policy, *, stream: Optional[str]) -> AGENT_CHAT_RESPONSE_TYPE:
+        text = policy.refusal_message
+        metadata = {METADATA_KEY: verdict_report("chat", route, verdict, blocked=True, route_applied=False, llm=[])}
+        if stream is None:
+            return AgentChatResponse(response=text, metadata=metadata)
+        piece = ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=text)
+        if stream == "async":
+            async def pieces() -> AsyncIterator[ChatResponse]:
+                yield piece
+
+            response = StreamingAgentChatResponse(response=text, achat_stream=pieces(), is_writing_to_memory=False)
+        else:
+            response = StreamingAgentChatResponse(response=text, chat_stream=iter([piece]),  # type: ignore[arg-type]
+                                                  is_writing_to_memory=False)
+        response.metadata = metadata  # type: ignore[attr-defined]
+        return response
+
+    @staticmethod
+    def _attach(response: Any, report: dict[str, Any]) -> Any:
+        response.metadata = {**(getattr(response, "metadata", None) or {}), METADATA_KEY: report}
+        return response
+
+    def chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None) -> AGENT_CHAT_RESPONSE_TYPE:
+        guard = self.guard
+        verdict = guard.check(self._conversation(message, chat_history))
+        route, policy = _decide("chat", guard, verdict)
+        if route is Route.REFUSE:
+            return self._refusal(route, verdict, policy, stream=None)
+        with directing(route, verdict, policy) as directive:
+            response = self._chat_engine.chat(message, chat_history)
+        return self._attach(response, _report("chat", route, verdict, directive))
+
+    def stream_chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None
+                    ) -> StreamingAgentChatResponse:
+        guard = self.guard
+        verdict = guard.check(self._conversation(message, chat_history))
+        route, policy = _decide("chat", guard, verdict)
+        if route is Route.REFUSE:
+            return self._refusal(route, verdict, policy, stream="sync")  # type: ignore[return-value]
+        with directing(route, verdict, policy) as directive:
+            response = self._chat_engine.stream_chat(message, chat_history)
+        return self._attach(response, _report("chat", route, verdict, directive))
+
+    async def achat(self, message: str, chat_history: Optional[List[ChatMessage]] = None
+                    ) -> AGENT_CHAT_RESPONSE_TYPE:
+        guard = self.guard
+        verdict = await guard.acheck(self._conversation(message, chat_history))
+        route, policy = _decide("chat", guard, verdict)
+        if route is Route.REFUSE:
+            return self._refusal(route, verdict, policy, stream=None)
+        with directing(route, verdict, policy) as directive:
+            response = await self._chat_engine.achat(message, chat_history)
+        return self._attach(response, _report("chat", route, verdict, directive))
+
+    async def astream_chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None
+                           ) -> StreamingAgentChatResponse:
+        guard = self.guard
+        verdict = await guard.acheck(self._conversation(message, chat_history))
+        route, policy = _decide("chat", guard, verdict)
+        if route is Route.REFUSE:
+            return self._refusal(route, verdict, policy, stream="async")  # type: ignore[return-value]
+        with directing(route, verdict, policy) as directive:
+            response = await self._chat_engine.astream_chat(message, chat_history)
+        return self._attach(response, _report("chat", route, verdict, directive))
