@@ -58,6 +58,9 @@ class RouteDirective:
     set by the guarded LLM when it takes the route; it stays ``False`` when the engine's LLM
     is not an :class:`MLPMGuardLLM` (the route then could not be applied). ``reports`` collects
     the guarded LLM's report of each call it answers for this request.
+
+    The engine's own report is *watched*: its ``route_applied`` and ``blocked`` stay current as
+    the LLM's calls happen, which for a streaming response is after the engine has returned.
     """
 
     route: Route
@@ -65,6 +68,30 @@ class RouteDirective:
     policy: Policy
     applied: bool = False
     reports: list[dict[str, Any]] = field(default_factory=list)
+    watchers: list[dict[str, Any]] = field(default_factory=list)
+
+    def watch(self, report: dict[str, Any]) -> dict[str, Any]:
+        """Keep ``report["route_applied"]`` and ``report["blocked"]`` current; returns ``report``."""
+        self.watchers.append(report)
+        self._update()
+        return report
+
+    def claim(self) -> RouteDirective:
+        """Called by the guarded LLM as it takes the route."""
+        self.applied = True
+        self._update()
+        return self
+
+    def record(self, report: dict[str, Any]) -> None:
+        """Called by the guarded LLM with the report of a call it answered for this request."""
+        self.reports.append(report)
+        self._update()
+
+    def _update(self) -> None:
+        # `blocked`: an answer of the request was replaced by output moderation.
+        blocked = any(r["blocked"] for r in self.reports)
+        for report in self.watchers:
+            report["route_applied"], report["blocked"] = self.applied, blocked
 
 
 _DIRECTIVE: ContextVar[RouteDirective | None] = ContextVar("mlpm_guard_llama_index_route", default=None)
@@ -86,9 +113,17 @@ def forced_policy(policy: Policy, route: Route) -> Policy:
 def directing(route: Route, verdict: Verdict, policy: Policy) -> Iterator[RouteDirective]:
     """Hand ``route`` to every guarded LLM call made inside the block (same thread or task)."""
     directive = RouteDirective(route, verdict, forced_policy(policy, route))
+    with handing(directive):
+        yield directive
+
+
+@contextmanager
+def handing(directive: RouteDirective) -> Iterator[None]:
+    """Make ``directive`` the current request's inside the block (used again around each step
+    of a response stream, whose LLM call LlamaIndex makes only when the stream is read)."""
     token = _DIRECTIVE.set(directive)
     try:
-        yield directive
+        yield
     finally:
         _DIRECTIVE.reset(token)
 
@@ -96,9 +131,7 @@ def directing(route: Route, verdict: Verdict, policy: Policy) -> Iterator[RouteD
 def claim_directive() -> RouteDirective | None:
     """The current request's directive, marked as applied (``None`` outside a guarded engine)."""
     directive = _DIRECTIVE.get()
-    if directive is not None:
-        directive.applied = True
-    return directive
+    return None if directive is None else directive.claim()
 
 
 def verdict_report(stage: str, route: Route, verdict: Verdict | None, *, blocked: bool,

@@ -11,8 +11,9 @@ nothing is retrieved or generated. Any other route is handed through a context v
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from llama_index.core.base.base_query_engine import BaseQueryEngine
@@ -38,7 +39,7 @@ from llama_index.core.schema import QueryBundle
 
 from mlpm_guard import BackboneConfig, Guard, Policy, Route, Verdict
 
-from ._shared import METADATA_KEY, RouteDirective, check_guard, default_guard, directing, verdict_report
+from ._shared import METADATA_KEY, RouteDirective, check_guard, default_guard, directing, handing, verdict_report
 from .events import GuardDecisionEvent
 from .llm import MLPMGuardLLM, to_core_messages
 from .postprocessor import MLPMGuardNodePostprocessor
@@ -57,16 +58,65 @@ def _decide(stage: str, guard: Guard, verdict: Verdict) -> tuple[Route, Policy]:
 
 
 def _report(stage: str, route: Route, verdict: Verdict, directive: RouteDirective) -> dict[str, Any]:
-    """The report of an answered request; warns when its route could not reach the LLM."""
+    """The report of an answered request, kept current by ``directive`` (``llm`` fills in as the
+    guarded LLM's calls finish: for a stream, as it is read)."""
+    return directive.watch(verdict_report(stage, route, verdict, blocked=False, route_applied=False,
+                                          llm=directive.reports))
+
+
+def _warn_unapplied(route: Route, directive: RouteDirective) -> None:
     if route in _NEEDS_GUARDED_LLM and not directive.applied:
         logger.warning("route %s was not applied: the wrapped engine made no MLPMGuardLLM call in this request's "
                        "context (give the engine `llm=MLPMGuardLLM(guard)`, or route such prompts to `refuse`)",
                        route.value)
-    # `llm` fills in as the guarded LLM's calls finish (for a stream: as it is read), so
-    # `blocked` here sees a call replaced by output moderation only when the answer was whole.
-    blocked = any(r["blocked"] for r in directive.reports)
-    return verdict_report(stage, route, verdict, blocked=blocked, route_applied=directive.applied,
-                          llm=directive.reports)
+
+
+def _directed(tokens: Iterator[str], directive: RouteDirective, done: Callable[[], None]) -> Iterator[str]:
+    """``tokens`` read with the request's directive current during each step; ``done`` at the end.
+
+    LlamaIndex's synthesizers call the LLM only when a streaming response is first read, after
+    the engine call (and the directive's context) has returned. The directive is set just
+    around each step, so code the consumer runs between tokens never sees it.
+    """
+    try:
+        while True:
+            with handing(directive):
+                try:
+                    token = next(tokens)
+                except StopIteration:
+                    return
+            yield token
+    finally:
+        done()
+
+
+async def _adirected(tokens: AsyncIterator[str], directive: RouteDirective,
+                     done: Callable[[], None]) -> AsyncIterator[str]:
+    """:func:`_directed` for an async token stream."""
+    try:
+        while True:
+            with handing(directive):
+                try:
+                    token = await tokens.__anext__()
+                except StopAsyncIteration:
+                    return
+            yield token
+    finally:
+        done()
+
+
+def _finish_query(response: RESPONSE_TYPE, route: Route, verdict: Verdict,
+                  directive: RouteDirective) -> RESPONSE_TYPE:
+    """Attach the report to an answered query; a stream carries the directive until it is read."""
+    response.metadata = {**(response.metadata or {}), METADATA_KEY: _report("query", route, verdict, directive)}
+    done = functools.partial(_warn_unapplied, route, directive)
+    if isinstance(response, StreamingResponse) and response.response_gen is not None:
+        response.response_gen = _directed(iter(response.response_gen), directive, done)
+    elif isinstance(response, AsyncStreamingResponse) and response.response_gen is not None:
+        response.response_gen = _adirected(aiter(response.response_gen), directive, done)
+    else:
+        done()
+    return response
 
 
 def _one(text: str) -> Iterator[str]:
@@ -75,6 +125,18 @@ def _one(text: str) -> Iterator[str]:
 
 async def _aone(text: str) -> AsyncIterator[str]:
     yield text
+
+
+def _one_piece_chat(text: str, *, stream: Literal["sync", "async"], **fields: Any) -> StreamingAgentChatResponse:
+    """A chat stream of one piece (a refusal, or an answer that had to be produced whole)."""
+    piece = ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=text)
+    if stream == "async":
+        async def pieces() -> AsyncIterator[ChatResponse]:
+            yield piece
+
+        return StreamingAgentChatResponse(response=text, achat_stream=pieces(), is_writing_to_memory=False, **fields)
+    return StreamingAgentChatResponse(response=text, chat_stream=iter([piece]),  # type: ignore[arg-type]
+                                      is_writing_to_memory=False, **fields)
 
 
 class GuardedQueryEngine(BaseQueryEngine):
@@ -150,11 +212,6 @@ class GuardedQueryEngine(BaseQueryEngine):
             return StreamingResponse(response_gen=_one(text), metadata=metadata)
         return Response(response=text, source_nodes=[], metadata=metadata)
 
-    @staticmethod
-    def _attach(response: RESPONSE_TYPE, report: dict[str, Any]) -> RESPONSE_TYPE:
-        response.metadata = {**(response.metadata or {}), METADATA_KEY: report}
-        return response
-
     def _query(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
         if self._query_engine is None:
             return self._answer(query_bundle.query_str)
@@ -165,7 +222,7 @@ class GuardedQueryEngine(BaseQueryEngine):
             return self._refusal(route, verdict, policy, asynchronous=False)
         with directing(route, verdict, policy) as directive:
             response = self._query_engine.query(query_bundle)
-        return self._attach(response, _report("query", route, verdict, directive))
+        return _finish_query(response, route, verdict, directive)
 
     async def _aquery(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
         if self._query_engine is None:
@@ -177,7 +234,7 @@ class GuardedQueryEngine(BaseQueryEngine):
             return self._refusal(route, verdict, policy, asynchronous=True)
         with directing(route, verdict, policy) as directive:
             response = await self._query_engine.aquery(query_bundle)
-        return self._attach(response, _report("query", route, verdict, directive))
+        return _finish_query(response, route, verdict, directive)
 
     # ------------------------------------------------------------------ no wrapped engine: the guarded LLM answers
     def _answer(self, query: str) -> RESPONSE_TYPE:
@@ -230,6 +287,11 @@ class GuardedChatEngine(BaseChatEngine):
     leaves the wrapped engine, its memory included, untouched. The report is in the response's
     ``metadata["mlpm_guard"]`` (set as an attribute on streaming responses, whose class has no
     such field).
+
+    Sync ``stream_chat`` on a retrieval chat engine (``context``, ``condense_plus_context``)
+    answers a ``safety_prompt`` or ``steer`` turn whole and returns it as one piece: those
+    engines call the LLM from a background thread, which does not carry the request's route.
+    ``pass`` turns and every turn of ``astream_chat`` stream token by token.
     """
 
     def __init__(self, chat_engine: Optional[BaseChatEngine] = None, guard: Optional[Guard] = None, *,
@@ -272,27 +334,31 @@ class GuardedChatEngine(BaseChatEngine):
         return [*to_core_messages(history), {"role": "user", "content": message}]
 
     @staticmethod
-    def _refusal(route: Route, verdict: Verdict, policy: Policy, *, stream: Optional[str]) -> AGENT_CHAT_RESPONSE_TYPE:
+    def _refusal(route: Route, verdict: Verdict, policy: Policy, *,
+                 stream: Optional[Literal["sync", "async"]]) -> AGENT_CHAT_RESPONSE_TYPE:
         text = policy.refusal_message
         metadata = {METADATA_KEY: verdict_report("chat", route, verdict, blocked=True, route_applied=False, llm=[])}
         if stream is None:
             return AgentChatResponse(response=text, metadata=metadata)
-        piece = ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=text)
-        if stream == "async":
-            async def pieces() -> AsyncIterator[ChatResponse]:
-                yield piece
-
-            response = StreamingAgentChatResponse(response=text, achat_stream=pieces(), is_writing_to_memory=False)
-        else:
-            response = StreamingAgentChatResponse(response=text, chat_stream=iter([piece]),  # type: ignore[arg-type]
-                                                  is_writing_to_memory=False)
+        response = _one_piece_chat(text, stream=stream)
         response.metadata = metadata  # type: ignore[attr-defined]
         return response
 
     @staticmethod
-    def _attach(response: Any, report: dict[str, Any]) -> Any:
-        response.metadata = {**(getattr(response, "metadata", None) or {}), METADATA_KEY: report}
+    def _finish(response: Any, route: Route, verdict: Verdict, directive: RouteDirective) -> Any:
+        # Set as an attribute on streaming responses, whose class has no metadata field.
+        response.metadata = {**(getattr(response, "metadata", None) or {}),
+                             METADATA_KEY: _report("chat", route, verdict, directive)}
         return response
+
+    def _streams_in_context(self) -> bool:
+        """Whether the wrapped engine's sync ``stream_chat`` calls the LLM before returning.
+
+        Retrieval chat engines (context, condense-plus-context) call it only when their
+        background thread reads the stream, and a new thread does not carry this request's
+        context, so the route would not reach the LLM.
+        """
+        return isinstance(self._chat_engine, SimpleChatEngine)
 
     def chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None) -> AGENT_CHAT_RESPONSE_TYPE:
         guard = self.guard
@@ -302,7 +368,8 @@ class GuardedChatEngine(BaseChatEngine):
             return self._refusal(route, verdict, policy, stream=None)
         with directing(route, verdict, policy) as directive:
             response = self._chat_engine.chat(message, chat_history)
-        return self._attach(response, _report("chat", route, verdict, directive))
+        _warn_unapplied(route, directive)
+        return self._finish(response, route, verdict, directive)
 
     def stream_chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None
                     ) -> StreamingAgentChatResponse:
@@ -312,8 +379,16 @@ class GuardedChatEngine(BaseChatEngine):
         if route is Route.REFUSE:
             return self._refusal(route, verdict, policy, stream="sync")  # type: ignore[return-value]
         with directing(route, verdict, policy) as directive:
-            response = self._chat_engine.stream_chat(message, chat_history)
-        return self._attach(response, _report("chat", route, verdict, directive))
+            if route is Route.PASS or self._streams_in_context():
+                response = self._chat_engine.stream_chat(message, chat_history)
+            else:
+                # The route must reach the LLM: answer whole, then hand it over as one piece
+                # (`astream_chat` streams token by token on every route).
+                answer = self._chat_engine.chat(message, chat_history)
+                response = _one_piece_chat(str(answer), stream="sync", sources=answer.sources,
+                                           source_nodes=answer.source_nodes)
+        _warn_unapplied(route, directive)
+        return self._finish(response, route, verdict, directive)
 
     async def achat(self, message: str, chat_history: Optional[List[ChatMessage]] = None
                     ) -> AGENT_CHAT_RESPONSE_TYPE:
@@ -324,7 +399,8 @@ class GuardedChatEngine(BaseChatEngine):
             return self._refusal(route, verdict, policy, stream=None)
         with directing(route, verdict, policy) as directive:
             response = await self._chat_engine.achat(message, chat_history)
-        return self._attach(response, _report("chat", route, verdict, directive))
+        _warn_unapplied(route, directive)
+        return self._finish(response, route, verdict, directive)
 
     async def astream_chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None
                            ) -> StreamingAgentChatResponse:
@@ -333,6 +409,9 @@ class GuardedChatEngine(BaseChatEngine):
         route, policy = _decide("chat", guard, verdict)
         if route is Route.REFUSE:
             return self._refusal(route, verdict, policy, stream="async")  # type: ignore[return-value]
+        # The engine's writer task is created here and copies this context, directive included,
+        # so the LLM call it makes later still takes the route (the report's `route_applied`
+        # turns true then; no warning is possible at this point).
         with directing(route, verdict, policy) as directive:
             response = await self._chat_engine.astream_chat(message, chat_history)
-        return self._attach(response, _report("chat", route, verdict, directive))
+        return self._finish(response, route, verdict, directive)

@@ -135,7 +135,7 @@ class MLPMGuardLLM(CustomLLM):
         dispatcher.event(GuardDecisionEvent.from_result(result, routed_by_engine=routed is not None, span_id=span_id))
         report = result_report(result, routed_by_engine=routed is not None)
         if routed is not None:
-            routed.reports.append(report)
+            routed.record(report)
         return report
 
     def _completion(self, result: GuardResult, routed: RouteDirective | None) -> CompletionResponse:

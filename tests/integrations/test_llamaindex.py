@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("llama_index.core")
 
 from llama_index.core.base.response.schema import Response, StreamingResponse  # noqa: E402
+from llama_index.core.chat_engine import ContextChatEngine  # noqa: E402
 from llama_index.core.chat_engine.types import AgentChatResponse  # noqa: E402
 from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
@@ -33,6 +34,12 @@ ALL_SAFETY_PROMPT = {"controversial_at": 1e-9, "unsafe_at": 0.999999}  # every p
 @pytest.fixture(scope="module")
 def guard(backbone, small_prototypes):
     return Guard(backbone, small_prototypes, generation=GenerationConfig(max_new_tokens=8))
+
+
+@pytest.fixture(scope="module")
+def careful(backbone, small_prototypes):
+    """A guard whose policy sends every prompt but the very worst to the safety prompt."""
+    return Guard(backbone, small_prototypes, policy=ALL_SAFETY_PROMPT, generation=GenerationConfig(max_new_tokens=8))
 
 
 @pytest.fixture(scope="module")
@@ -175,10 +182,28 @@ def test_query_is_refused_before_retrieval(llm, guard, recorder):
     assert isinstance(refused, StreamingResponse) and "".join(refused.response_gen) == guard.policy.refusal_message
 
 
-def test_each_request_gets_its_own_route(backbone, small_prototypes, llm, caplog):
+def test_streamed_answers_take_the_engines_route(careful, llm):
+    # The synthesizer calls the LLM only once the stream is read, after the engine returned.
+    engine = li.GuardedQueryEngine(RetrieverQueryEngine.from_args(SpyRetriever([SAFE_DOC]), llm=llm,
+                                                                  streaming=True), careful)
+    response = engine.query(SAFE_Q)
+    report = response.metadata["mlpm_guard"]
+    assert report["route"] == "safety_prompt" and report["llm"] == []
+    assert len([t for t in response.response_gen if t]) >= 2
+    assert report["route_applied"] and [r["route"] for r in report["llm"]] == ["safety_prompt"]
+
+    async def read():
+        response = await engine.aquery(SAFE_Q)
+        return response, [t async for t in response.async_response_gen()]
+
+    response, tokens = asyncio.run(read())
+    assert len([t for t in tokens if t]) >= 2
+    assert [r["route"] for r in response.metadata["mlpm_guard"]["llm"]] == ["safety_prompt"]
+
+
+def test_each_request_gets_its_own_route(careful, guard, llm, caplog):
     inner = RetrieverQueryEngine.from_args(SpyRetriever([SAFE_DOC]), llm=llm)
-    careful = Guard(backbone, small_prototypes, policy=ALL_SAFETY_PROMPT, generation=GenerationConfig(max_new_tokens=8))
-    plain = Guard(backbone, small_prototypes, generation=GenerationConfig(max_new_tokens=8))
+    plain = guard
 
     async def both():
         return await asyncio.gather(li.GuardedQueryEngine(inner, careful).aquery(SAFE_Q),
@@ -237,6 +262,18 @@ def test_guarded_chat_engine(guard):
     assert len([d for d in streamed.response_gen if d]) >= 2 and streamed.metadata["mlpm_guard"]["route"] == "pass"
     refused = asyncio.run(engine.astream_chat(UNSAFE_Q))
     assert asyncio.run(_collect(refused)) == guard.policy.refusal_message
+
+
+def test_retrieval_chat_engine_streams_a_routed_turn_whole(careful, llm):
+    # A context engine reads the LLM stream on a background thread that cannot see the route.
+    retriever = SpyRetriever([SAFE_DOC])
+    engine = li.GuardedChatEngine(ContextChatEngine.from_defaults(retriever, llm=llm), careful)
+    response = engine.stream_chat("When is the office open?")
+    pieces = [d for d in response.response_gen if d]
+    report = response.metadata["mlpm_guard"]
+    assert len(pieces) == 1 and report["route"] == "safety_prompt" and report["route_applied"]
+    assert [r["route"] for r in report["llm"]] == ["safety_prompt"] and retriever.calls == 1
+    assert len(engine.chat_history) == 2
 
 
 async def _collect(response):
