@@ -111,18 +111,19 @@ def cap_per_source(examples: Sequence[Example], max_per_source: int | None, seed
     """Keep at most ``max_per_source`` examples of each source, balancing its two labels.
 
     Within a source that has both labels, each label gets half of the budget first and the
-    other label's unused share goes to the rest. The draw is seeded, so a fit is repeatable.
+    other label's unused share goes to the rest. The draw is seeded per source, so a fit is
+    repeatable and the rows drawn from one source do not depend on which other sources are present.
     """
     if max_per_source is None:
         return list(examples)
     if max_per_source < 1:
         raise DataError(f"`max_per_source` must be at least 1, got {max_per_source}")
-    rng = random.Random(seed)
     by_source: dict[str, list[list[Example]]] = defaultdict(lambda: [[], []])
     for ex in examples:
         by_source[ex.source][ex.label].append(ex)
     out: list[Example] = []
     for source in sorted(by_source):
+        rng = random.Random(f"{seed}:{source}")  # str seeds hash with sha512: stable across runs
         pools = [rng.sample(pool, len(pool)) for pool in by_source[source]]
         share = [min(len(p), max_per_source // 2) for p in pools]
         left = max_per_source - sum(share)

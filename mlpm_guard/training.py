@@ -9,6 +9,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ._io import cache_home
 from .data import Example, cap_per_source, load_examples, seed_examples
 from .errors import DataError
@@ -32,18 +34,34 @@ def load_training_examples(paths: Sequence[str | Path], *, max_per_source: int |
         if not rows:
             raise DataError(f"{path}: every row is in a held-out split {tuple(exclude_splits)}; nothing to fit on")
         examples.extend(rows)
+    return training_mix(examples, max_per_source=max_per_source, seed=seed)
+
+
+def training_mix(examples: Sequence[Example], *, max_per_source: int | None = None, seed: int = 0) -> list[Example]:
+    """The examples a fit uses: each source capped at ``max_per_source`` with its labels balanced.
+
+    ``load_training_examples`` and the quality benchmark both go through here, so the benchmark
+    measures exactly what ``mlpm-guard fit`` does.
+    """
     return cap_per_source(examples, max_per_source, seed)
 
 
-def fit_examples(backbone: Any, examples: Sequence[Example], *, cache: FeatureCache | bool = True,
-                 progress: bool = True, **params: Any) -> Prototypes:
-    """Extract (cached) states for ``examples`` and fit :class:`Prototypes` on them."""
+def fit_examples(backbone: Any, examples: Sequence[Example], *, states: np.ndarray | None = None,
+                 cache: FeatureCache | bool = True, progress: bool = True, **params: Any) -> Prototypes:
+    """Extract (cached) states for ``examples`` and fit :class:`Prototypes` on them.
+
+    Args:
+        states: the examples' states for the candidate layers, if already at hand (shape
+            (len(examples), n_layers, hidden_size)); otherwise they are extracted.
+        params: :class:`Prototypes` parameters over :data:`DEFAULT_PARAMS`.
+    """
     merged = {**DEFAULT_PARAMS, **params}
-    layers = merged.get("layers") or range(1, backbone.num_layers + 1)
-    H = extract(backbone, [e.prompt for e in examples], list(layers), cache=cache, progress=progress,
-                desc="fit: hidden states")
-    merged["layers"] = list(layers)
-    return Prototypes(**merged).fit(H, [e.label for e in examples], backbone=backbone,
+    layers = list(merged.get("layers") or range(1, backbone.num_layers + 1))
+    if states is None:
+        states = extract(backbone, [e.prompt for e in examples], layers, cache=cache, progress=progress,
+                         desc="fit: hidden states")
+    merged["layers"] = layers
+    return Prototypes(**merged).fit(states, [e.label for e in examples], backbone=backbone,
                                     sources=[e.source for e in examples],
                                     categories=[e.category for e in examples])
 

@@ -69,6 +69,16 @@ def test_cap_per_source_balances_labels():
     assert cap_per_source(rows, None) == rows
 
 
+def test_cap_per_source_draw_does_not_depend_on_other_sources():
+    """Adding or leaving out a file must not change the rows drawn from the others (leave-one-source-out)."""
+    a = [Example(f"a{i}", i % 2, source="a") for i in range(100)]
+    b = [Example(f"b{i}", i % 2, source="b") for i in range(100)]
+    alone = cap_per_source(a, 10, seed=3)
+    together = [e for e in cap_per_source(b + a, 10, seed=3) if e.source == "a"]
+    assert alone == together
+    assert alone != cap_per_source(a, 10, seed=4)  # the seed still matters
+
+
 def test_seed_set_is_shipped_and_balanced():
     rows = seed_examples()
     unsafe = [e for e in rows if e.label == 1]
