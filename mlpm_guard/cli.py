@@ -95,15 +95,49 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate, load_eval_sets, write_metrics
+    from .evaluation import eval_caches, evaluate, load_eval_sets, write_metrics
+    from .report import write_report
 
-    datasets = load_eval_sets(args.data, split=args.split)
+    if args.policy and not args.generate:
+        raise ConfigError("--policy only applies to --generate (the end-to-end mode); add --generate or drop it")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    datasets = load_eval_sets(args.data, split=args.split, sample=args.sample, seed=args.seed)
+    train = None
+    if args.train:
+        from .training import load_training_examples
+
+        train = load_training_examples(args.train, max_per_source=args.max_per_source, seed=args.seed)
+    elif args.max_per_source is not None:
+        raise ConfigError("--max-per-source caps the --train files; give --train FILE... too")
     prototypes = _load_prototypes(args)
-    result = evaluate(prototypes, datasets, cache=not args.no_cache, progress=not args.quiet)
+    result = evaluate(prototypes, datasets, cache=not args.no_cache, progress=not args.quiet,
+                      baselines=args.baselines or (), train=train, benign=args.benign,
+                      target_flag_rate=args.target_flag_rate, jailbreaks=_framings(args.jailbreaks))
+    if args.generate:
+        from .endtoend import end_to_end, guard_systems
+        from .generation import GenerationConfig
+        from .guard import Guard
+
+        guard = Guard(prototypes.backbone, prototypes, args.policy,
+                      generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
+        with eval_caches(prototypes.backbone, not args.no_cache) as (_, results):
+            systems = guard_systems(guard, references=args.references, results=results)
+            result["end_to_end"] = end_to_end(systems, datasets, max_new_tokens=args.max_new_tokens,
+                                              results=results, progress=not args.quiet)
     path = write_metrics(result, args.out)
+    report = write_report(result, args.out, plots=False if args.no_plots else None)
     _print_metrics(result)
-    print(f"wrote {path}", file=sys.stderr)
+    print(f"wrote {path} and {report}", file=sys.stderr)
     return 0
+
+
+def _framings(text: str | None) -> bool | list[str]:
+    """``--jailbreaks``: absent, every framing ("all"), or a comma-separated list of names."""
+    if text is None:
+        return False
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    return True if names in ([], ["all"]) else names
 
 
 def _print_metrics(result: dict[str, Any]) -> None:
@@ -113,15 +147,35 @@ def _print_metrics(result: dict[str, Any]) -> None:
     def fmt(v: Any) -> str:
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
+    console = Console(stderr=True)
     table = Table(title=f"moderation metrics (threshold {result['threshold']:.2f})")
     cols = ["n", "n_unsafe", "f1", "precision", "recall", "flag_rate_safe", "auroc"]
+    baselines = result.get("baselines") or {}
     table.add_column("dataset")
     for c in cols:
         table.add_column(c, justify="right")
+    for name in baselines:
+        table.add_column(f"f1 {name}", justify="right")
     for name, m in result["datasets"].items():
-        table.add_row(name, *(fmt(m[c]) for c in cols))
-    table.add_row("[b]average F1[/b]", "", "", fmt(result["avg_f1"]), *[""] * 4)
-    Console(stderr=True).print(table)
+        table.add_row(name, *(fmt(m[c]) for c in cols), *(fmt(b["datasets"][name]["f1"]) for b in baselines.values()))
+    table.add_row("[b]average F1[/b]", "", "", fmt(result["avg_f1"]), *[""] * 4,
+                  *(fmt(b["avg_f1"]) for b in baselines.values()))
+    console.print(table)
+    if "target" in result:
+        t = result["target"]
+        console.print(f"at most {t['target_flag_rate']:.1%} of {t['benign']} flagged: threshold {t['threshold']:.4f}, "
+                      f"average F1 {fmt(result['avg_f1_at_target'])}"
+                      + "".join(f"; {n} {fmt(b['avg_f1_at_target'])}" for n, b in baselines.items()))
+    e2e = result.get("end_to_end")
+    if e2e:
+        table = Table(title=f"end to end ({e2e['max_new_tokens']} new tokens, all datasets)")
+        for c in ("system", "n", "refusal (unsafe)", "ASR", "over-refusal", "routes"):
+            table.add_column(c, justify="left" if c in ("system", "routes") else "right")
+        for name, s in e2e["systems"].items():
+            a = s["all"]
+            table.add_row(name, str(a["n"]), fmt(a["refusal_rate_unsafe"]), fmt(a["attack_success_rate"]),
+                          fmt(a["over_refusal"]), ", ".join(f"{r} {n}" for r, n in a["routes"].items()))
+        console.print(table)
 
 
 def _guard(args: argparse.Namespace, **kwargs: Any) -> Any:
@@ -196,11 +250,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="+", help="texts to score ('-' reads one per line from stdin)")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("eval", parents=[common, with_protos], help="moderation metrics on labelled files")
+    p = sub.add_parser("eval", parents=[common, with_protos], help="moderation metrics on labelled files",
+                       description="Moderation metrics, baselines, jailbreak recall and end-to-end refusal rates "
+                                   "on labelled files; writes metrics.json, report.md and PNG plots. "
+                                   "Put options after the data files.")
     p.add_argument("data", nargs="+")
-    p.add_argument("--out", required=True, help="folder for metrics.json")
+    p.add_argument("--out", required=True, help="folder for metrics.json, report.md and the plots")
     p.add_argument("--split", help="evaluate only rows whose `split` is this value (e.g. test)")
-    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--sample", type=int, metavar="N", help="a seeded random sample of at most N rows per file")
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not read or keep cached hidden states, judge scores or answers")
+    p.add_argument("--benign", metavar="STEM|FILE",
+                   help="the dataset (file stem) or labelled file whose safe prompts set the target-flag-rate threshold")
+    p.add_argument("--target-flag-rate", type=float, default=0.05,
+                   help="largest share of the --benign prompts a method may flag (default 0.05)")
+    p.add_argument("--baselines", metavar="NAMES",
+                   help="comma-separated baselines scored on the same prompts: judge, last_layer, tfidf, or all")
+    p.add_argument("--train", nargs="+", action="extend", metavar="FILE",
+                   help="training files of the trained baselines (default: the built-in seed set)")
+    p.add_argument("--max-per-source", type=int, help="cap each --train source at N prompts, labels balanced")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --sample and --max-per-source draws")
+    p.add_argument("--jailbreaks", nargs="?", const="all", metavar="NAMES",
+                   help="also score the unsafe prompts wrapped in jailbreak framings and report recall per framing "
+                        "(all framings, or comma-separated names such as dan,fiction)")
+    p.add_argument("--generate", action="store_true",
+                   help="end to end: the guard answers every prompt; routes, refusal rates, ASR, over-refusal")
+    p.add_argument("--policy", help="policy YAML or JSON file of the guard in --generate (default: built-in)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer budget in --generate (default 64)")
+    p.add_argument("--references", default="no_guard,always_safety_prompt", metavar="NAMES",
+                   help="reference rows in --generate: no_guard, always_safety_prompt, always_steer, all or none "
+                        "(default: no_guard,always_safety_prompt)")
+    p.add_argument("--no-plots", action="store_true", help="report.md with tables only")
     p.set_defaults(func=cmd_eval)
 
     with_policy = argparse.ArgumentParser(add_help=False)
