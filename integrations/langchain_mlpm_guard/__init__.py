@@ -1,0 +1,65 @@
+"""LangChain integration of mlpm-guard.
+
+Public names: :class:`MLPMGuardRunnable` (the guarded hosted backbone as a runnable),
+:class:`ChatMLPMGuard` (the same as a chat model), :func:`with_guard` (guard any runnable whose
+own LLM answers) and :class:`MLPMDocumentFilter` (drop or flag unsafe retrieved documents).
+
+Importing this package registers ``Runnable.with_guard``, so ``chain.with_guard(guard, ...)``
+is ``with_guard(chain, guard, ...)``. The method is added to
+``langchain_core.runnables.Runnable`` only if that class has no attribute of that name: an
+existing ``with_guard`` (from LangChain or another package) is never overwritten, and a warning
+says so. :func:`with_guard` works either way.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from langchain_core.runnables import Runnable
+
+from ._common import EVENT_NAME, FLAG_KEY, GuardedText, default_guard
+from .chat_model import ChatMLPMGuard
+from .documents import MLPMDocumentFilter
+from .embeddings import MLPMEmbeddings
+from .guarded import GuardedRunnable, with_guard
+from .runnable import MLPMGuardRunnable
+
+__all__ = [
+    "EVENT_NAME",
+    "FLAG_KEY",
+    "ChatMLPMGuard",
+    "GuardedRunnable",
+    "GuardedText",
+    "MLPMDocumentFilter",
+    "MLPMEmbeddings",
+    "MLPMGuardRunnable",
+    "default_guard",
+    "register_with_guard",
+    "with_guard",
+]
+
+
+def _with_guard_method(self: Runnable[Any, Any], guard: Any = None, **options: Any) -> GuardedRunnable:
+    """Guard this runnable with mlpm-guard (same as ``langchain_mlpm_guard.with_guard(self, guard, ...)``)."""
+    return with_guard(self, guard, **options)
+
+
+def register_with_guard() -> bool:
+    """Add ``with_guard`` to ``Runnable`` unless something already holds that name.
+
+    Returns:
+        True when ``Runnable.with_guard`` is (now) this package's method.
+    """
+    current = getattr(Runnable, "with_guard", None)
+    if current is _with_guard_method:
+        return True
+    if current is not None:
+        warnings.warn("langchain_core Runnable already has a `with_guard` attribute; leaving it alone. "
+                      "Use `langchain_mlpm_guard.with_guard(chain, guard)` instead.", stacklevel=2)
+        return False
+    Runnable.with_guard = _with_guard_method  # type: ignore[attr-defined]
+    return True
+
+
+register_with_guard()

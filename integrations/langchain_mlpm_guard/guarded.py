@@ -1,0 +1,419 @@
+"""``with_guard(chain)``: guard any LangChain runnable whose own LLM answers.
+
+Only the guard's scoring runs on the backbone (``Guard.check``, an early-exit forward pass):
+the wrapped chain's LLM is called once, to answer, and never to check the input. Routes:
+
+- ``PASS``: the chain runs on the input unchanged.
+- ``SAFETY_PROMPT``: the chain runs with the policy's safety prompt as a system message (chat
+  inputs) or with ``safety_prefix`` before the text (string inputs).
+- ``STEER``: activation steering needs the hosted backbone, so for an external model it is
+  applied as ``SAFETY_PROMPT`` (the decision records ``route="steer"``, ``applied_route="safety_prompt"``).
+- ``REFUSE``: the chain is not called; the refusal comes back in the chain's output type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing, closing
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
+from langchain_core.runnables.config import merge_configs
+
+from mlpm_guard import Guard, Policy, Route, Verdict
+from mlpm_guard.moderation import to_verdict
+
+from ._common import (
+    OutputKind,
+    aemit,
+    aggregate,
+    decision,
+    emit,
+    flag_chunk,
+    input_kind,
+    make_output,
+    output_text,
+    query_text,
+    run_metadata,
+    type_kind,
+    value_kind,
+    with_flag,
+    with_safety,
+)
+from ._settings import GuardSettings
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the guard decided for one input: the route taken and the input the chain gets."""
+
+    verdict: Verdict
+    route: Route  # the policy's route
+    applied: Route  # what is done: STEER becomes SAFETY_PROMPT on an external model
+    inner: Any  # the chain's input (None when refused)
+    record: dict[str, Any]
+
+    def output_record(self, verdict: Verdict, policy: Policy) -> dict[str, Any]:
+        """The record after output moderation judged the answer."""
+        replace = verdict.unsafe and policy.output_moderation.on_flag == "replace"
+        return decision(self.verdict, self.route, applied=self.applied, blocked=replace, stage="output",
+                        output_verdict=verdict, replaced=replace)
+
+
+class GuardedRunnable(GuardSettings, RunnableSerializable[Any, Any]):
+    """A runnable checked by the guard before it runs (see :func:`with_guard`)."""
+
+    runnable: Runnable[Any, Any]
+    input_key: str | None = None
+    output_key: str = "output"
+    output_type: Literal["auto", "str", "message", "dict"] = "auto"
+    safety_prefix: str | None = None
+    output_moderation: bool | None = None
+    moderator: Callable[..., Any] | None = None
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        return False
+
+    def get_name(self, suffix: str | None = None, *, name: str | None = None) -> str:
+        return super().get_name(suffix, name=name or self.name or f"MLPMGuard<{self.runnable.get_name()}>")
+
+    @property
+    def InputType(self) -> Any:  # noqa: N802 - LangChain's name
+        return self.runnable.InputType
+
+    @property
+    def OutputType(self) -> Any:  # noqa: N802
+        return self.runnable.OutputType
+
+    def get_input_schema(self, config: RunnableConfig | None = None) -> Any:
+        return self.runnable.get_input_schema(config)
+
+    def get_output_schema(self, config: RunnableConfig | None = None) -> Any:
+        return self.runnable.get_output_schema(config)
+
+    # ------------------------------------------------------------------ decisions (no model call but the check)
+    def _kind(self, value: Any) -> OutputKind:
+        if self.output_type != "auto":
+            return self.output_type
+        return type_kind(self.runnable.OutputType) or input_kind(value)
+
+    def _moderates(self, policy: Policy) -> bool:
+        return policy.output_moderation.enabled if self.output_moderation is None else self.output_moderation
+
+    def _plan(self, value: Any, verdict: Verdict, policy: Policy) -> _Plan:
+        route = policy.route(verdict)
+        applied = Route.SAFETY_PROMPT if route is Route.STEER else route
+        record = decision(verdict, route, applied=applied, blocked=applied is Route.REFUSE)
+        inner = None
+        if applied is Route.PASS:
+            inner = value
+        elif applied is Route.SAFETY_PROMPT:
+            prefix = self.safety_prefix if self.safety_prefix is not None else f"{policy.safety_prompt}\n\n"
+            inner = with_safety(value, policy.safety_prompt, prefix, self.input_key)
+        return _Plan(verdict, route, applied, inner, record)
+
+    def _refusal(self, value: Any, policy: Policy, record: dict[str, Any], *, chunk: bool = False) -> Any:
+        return make_output(self._kind(value), policy.refusal_message, record, self.output_key, chunk=chunk)
+
+    @staticmethod
+    def _inner_config(config: RunnableConfig, plan: _Plan) -> RunnableConfig:
+        # The decision rides in the wrapped chain's run metadata (inherited by its children).
+        return merge_configs(config, {"metadata": run_metadata(plan.record)})
+
+    def _judge(self, guard: Guard, query: str, answer: str, policy: Policy) -> Verdict:
+        moderator = self.moderator or guard.moderator
+        return to_verdict(moderator([{"role": "user", "content": query}], answer), policy.output_moderation.threshold)
+
+    def _finish(self, value: Any, out: Any, plan: _Plan, policy: Policy,
+                verdict: Verdict | None) -> tuple[Any, dict[str, Any] | None]:
+        """The output to return after the chain ran, and the output-stage record (if moderation ran)."""
+        if verdict is None:
+            return (out if plan.applied is Route.PASS else with_flag(out, plan.record)), None
+        record = plan.output_record(verdict, policy)
+        if record["replaced"]:
+            return make_output(value_kind(out) or self._kind(value), policy.refusal_message, record,
+                               self.output_key), record
+        if verdict.unsafe or plan.applied is not Route.PASS:
+            return with_flag(out, record), record
+        return out, record  # PASS and a clean answer: exactly what the chain made
+
+    # ------------------------------------------------------------------ invoke
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return self._call_with_config(self._invoke, input, config, **kwargs)
+
+    def _invoke(self, input: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig,
+                **kwargs: Any) -> Any:
+        guard = self.resolved_guard()
+        policy = self.call_policy(guard)
+        query = query_text(input, self.input_key)
+        plan = self._plan(input, guard.check(query, policy=policy), policy)
+        emit(plan.record, config)
+        if plan.applied is Route.REFUSE:
+            return self._refusal(input, policy, plan.record)
+        out = self.runnable.invoke(plan.inner, self._inner_config(config, plan), **kwargs)
+        verdict = None
+        if self._moderates(policy):
+            verdict = self._judge(guard, query, output_text(out, self.output_key), policy)
+        out, record = self._finish(input, out, plan, policy, verdict)
+        if record is not None:
+            emit(record, config)
+        return out
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
+        return await self._acall_with_config(self._ainvoke, input, config, **kwargs)
+
+    async def _ainvoke(self, input: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig,
+                       **kwargs: Any) -> Any:
+        guard = self.resolved_guard()
+        policy = self.call_policy(guard)
+        query = query_text(input, self.input_key)
+        plan = self._plan(input, await guard.acheck(query, policy=policy), policy)
+        await aemit(plan.record, config)
+        if plan.applied is Route.REFUSE:
+            return self._refusal(input, policy, plan.record)
+        out = await self.runnable.ainvoke(plan.inner, self._inner_config(config, plan), **kwargs)
+        verdict = None
+        if self._moderates(policy):
+            verdict = await asyncio.to_thread(self._judge, guard, query, output_text(out, self.output_key), policy)
+        out, record = self._finish(input, out, plan, policy, verdict)
+        if record is not None:
+            await aemit(record, config)
+        return out
+
+    # ------------------------------------------------------------------ batch: one batched check on the device
+    def _queries(self, inputs: list[Any], out: list[Any]) -> dict[int, str]:
+        """The text of each readable input; an unreadable one gets its error in ``out``."""
+        queries = {}
+        for i, value in enumerate(inputs):
+            try:
+                queries[i] = query_text(value, self.input_key)
+            except Exception as exc:  # noqa: BLE001 - that input fails alone
+                out[i] = exc
+        return queries
+
+    def _plans(self, inputs: list[Any], queries: dict[int, str], verdicts: list[Verdict], policy: Policy,
+               out: list[Any]) -> dict[int, _Plan]:
+        plans = {}
+        for i, verdict in zip(queries, verdicts):
+            plans[i] = self._plan(inputs[i], verdict, policy)
+            if plans[i].applied is Route.REFUSE:
+                out[i] = self._refusal(inputs[i], policy, plans[i].record)
+        return plans
+
+    def batch(self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
+              return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
+        return self._batch_with_config(self._batch, inputs, config, return_exceptions=return_exceptions, **kwargs)
+
+    def _batch(self, inputs: list[Any], run_manager: list[CallbackManagerForChainRun],
+               config: list[RunnableConfig], **kwargs: Any) -> list[Any]:
+        guard = self.resolved_guard()
+        policy = self.call_policy(guard)
+        out: list[Any] = [None] * len(inputs)
+        queries = self._queries(inputs, out)
+        plans = self._plans(inputs, queries, guard.check_batch(list(queries.values()), policy=policy), policy, out)
+        for i, plan in plans.items():
+            emit(plan.record, config[i])
+        todo = [i for i, plan in plans.items() if plan.applied is not Route.REFUSE]
+        if not todo:
+            return out
+        answers = self.runnable.batch([plans[i].inner for i in todo],
+                                      [self._inner_config(config[i], plans[i]) for i in todo],
+                                      return_exceptions=True, **kwargs)
+        for i, answer in zip(todo, answers):
+            if isinstance(answer, Exception):
+                out[i] = answer
+                continue
+            verdict = None
+            if self._moderates(policy):
+                verdict = self._judge(guard, queries[i], output_text(answer, self.output_key), policy)
+            out[i], record = self._finish(inputs[i], answer, plans[i], policy, verdict)
+            if record is not None:
+                emit(record, config[i])
+        return out
+
+    async def abatch(self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
+                     return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
+        return await self._abatch_with_config(self._abatch, inputs, config, return_exceptions=return_exceptions,
+                                              **kwargs)
+
+    async def _abatch(self, inputs: list[Any], run_manager: list[AsyncCallbackManagerForChainRun],
+                      config: list[RunnableConfig], **kwargs: Any) -> list[Any]:
+        guard = self.resolved_guard()
+        policy = self.call_policy(guard)
+        out: list[Any] = [None] * len(inputs)
+        queries = self._queries(inputs, out)
+        verdicts = await guard.acheck_batch(list(queries.values()), policy=policy)
+        plans = self._plans(inputs, queries, verdicts, policy, out)
+        for i, plan in plans.items():
+            await aemit(plan.record, config[i])
+        todo = [i for i, plan in plans.items() if plan.applied is not Route.REFUSE]
+        if not todo:
+            return out
+        answers = await self.runnable.abatch([plans[i].inner for i in todo],
+                                             [self._inner_config(config[i], plans[i]) for i in todo],
+                                             return_exceptions=True, **kwargs)
+        for i, answer in zip(todo, answers):
+            if isinstance(answer, Exception):
+                out[i] = answer
+                continue
+            verdict = None
+            if self._moderates(policy):
+                verdict = await asyncio.to_thread(self._judge, guard, queries[i],
+                                                  output_text(answer, self.output_key), policy)
+            out[i], record = self._finish(inputs[i], answer, plans[i], policy, verdict)
+            if record is not None:
+                await aemit(record, config[i])
+        return out
+
+    # ------------------------------------------------------------------ streaming: the chain's own chunks
+    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
+        yield from self.transform(iter([input]), config, **kwargs)
+
+    def transform(self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
+        yield from self._transform_stream_with_config(input, self._transform, config, **kwargs)
+
+    def _transform(self, input: Iterator[Any], run_manager: CallbackManagerForChainRun, config: RunnableConfig,
+                   **kwargs: Any) -> Iterator[Any]:
+        guard = self.resolved_guard()
+        policy = self.call_policy(guard)
+        value = aggregate(list(input), self.get_name())
+        query = query_text(value, self.input_key)
+        plan = self._plan(value, guard.check(query, policy=policy), policy)
+        emit(plan.record, config)
+        if plan.applied is Route.REFUSE:
+            yield self._refusal(value, policy, plan.record, chunk=True)
+            return
+        watch = _Watch(self, guard, query, policy) if self._moderates(policy) else None
+        first = None
+        stream = self.runnable.stream(plan.inner, self._inner_config(config, plan), **kwargs)
+        with closing(stream):  # stops the chain's LLM when the consumer or the moderation stops
+            for chunk in stream:
+                first = chunk if first is None else first
+                yield chunk
+                if watch is not None and watch.add(chunk):
+                    break
+        record = plan.output_record(watch.finish(), policy) if watch is not None else None
+        if record is not None:
+            emit(record, config)
+        end = self._end_chunk(first, plan, record)
+        if end is not None:
+            yield end
+
+    @staticmethod
+    def _end_chunk(first: Any, plan: _Plan, record: dict[str, Any] | None) -> Any | None:
+        """A last chunk carrying the decision, when there is one to tell (never after a clean PASS)."""
+        if record is None:
+            return None if plan.applied is Route.PASS else flag_chunk(first, plan.record)
+        if plan.applied is Route.PASS and not record["output_flagged"]:
+            return None
+        return flag_chunk(first, record)
+
+    async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
+        async def one() -> AsyncIterator[Any]:
+            yield input
+
+        async for chunk in self.atransform(one(), config, **kwargs):
+            yield chunk
+
+    async def atransform(self, input: AsyncIterator[Any], config: RunnableConfig | None = None,
+                         **kwargs: Any) -> AsyncIterator[Any]:
+        async for chunk in self._atransform_stream_with_config(input, self._atransform, config, **kwargs):
+            yield chunk
+
+    async def _atransform(self, input: AsyncIterator[Any], run_manager: AsyncCallbackManagerForChainRun,
+                          config: RunnableConfig, **kwargs: Any) -> AsyncIterator[Any]:
+        guard = self.resolved_guard()
+        policy = self.call_policy(guard)
+        value = aggregate([x async for x in input], self.get_name())
+        query = query_text(value, self.input_key)
+        plan = self._plan(value, await guard.acheck(query, policy=policy), policy)
+        await aemit(plan.record, config)
+        if plan.applied is Route.REFUSE:
+            yield self._refusal(value, policy, plan.record, chunk=True)
+            return
+        watch = _Watch(self, guard, query, policy) if self._moderates(policy) else None
+        first = None
+        stream = self.runnable.astream(plan.inner, self._inner_config(config, plan), **kwargs)
+        async with aclosing(stream):
+            async for chunk in stream:
+                first = chunk if first is None else first
+                yield chunk
+                if watch is not None and await asyncio.to_thread(watch.add, chunk):
+                    break
+        record = None
+        if watch is not None:
+            record = plan.output_record(await asyncio.to_thread(watch.finish), policy)
+            await aemit(record, config)
+        end = self._end_chunk(first, plan, record)
+        if end is not None:
+            yield end
+
+
+class _Watch:
+    """Output moderation of one stream: the text so far is judged every ``check_every`` chunks.
+
+    Chunks already handed on cannot be withdrawn, so a flag stops the chain and the stream ends
+    with a chunk carrying the decision (``replaced=True`` under ``on_flag="replace"``, for the
+    consumer to act on); ``invoke`` returns the refusal instead.
+    """
+
+    def __init__(self, owner: GuardedRunnable, guard: Guard, query: str, policy: Policy) -> None:
+        self.owner, self.guard, self.query, self.policy = owner, guard, query, policy
+        self.parts: list[str] = []
+        self.unjudged = 0
+        self.verdict: Verdict | None = None
+
+    def add(self, chunk: Any) -> bool:
+        """Take a chunk; True when the text so far is flagged (stop the stream)."""
+        self.parts.append(output_text(chunk, self.owner.output_key))
+        self.unjudged += 1
+        if self.unjudged < self.policy.output_moderation.check_every:
+            return False
+        return self._judge().unsafe
+
+    def finish(self) -> Verdict:
+        """The verdict on the whole streamed text (judged again only if chunks came since)."""
+        if self.verdict is not None and (self.verdict.unsafe or not self.unjudged):
+            return self.verdict
+        return self._judge()
+
+    def _judge(self) -> Verdict:
+        self.unjudged = 0
+        self.verdict = self.owner._judge(self.guard, self.query, "".join(self.parts), self.policy)
+        return self.verdict
+
+
+def with_guard(runnable: Runnable[Any, Any], guard: Guard | None = None, **options: Any) -> GuardedRunnable:
+    """Guard a runnable: check its input first, then refuse, add a safety prompt, or run it unchanged.
+
+    Args:
+        runnable: any LangChain runnable whose own LLM answers (a chat model, a chain, a RAG chain).
+        guard: the core guard (``None``: the shared default ``mlpm_guard.Guard()``, loaded on first use).
+        **options: :class:`GuardedRunnable` fields: ``policy``, ``unsafe_at``, ``controversial_at``,
+            ``input_key`` (dict key of the user's text), ``output_key`` (dict key of the answer,
+            default ``"output"``), ``output_type`` (``"auto"``, ``"str"``, ``"message"``,
+            ``"dict"``: the type a refusal takes), ``safety_prefix`` (put before string inputs on the
+            safety-prompt route; default the policy's safety prompt and a blank line),
+            ``output_moderation`` (``None``: as the policy says) and ``moderator``.
+
+    Returns:
+        A :class:`GuardedRunnable` with the wrapped runnable's input and output types.
+
+    Example:
+        ```python
+        import langchain_mlpm_guard  # registers .with_guard() on runnables
+        from langchain_mlpm_guard import with_guard
+
+        guarded = with_guard(prompt | llm | StrOutputParser())       # or: (prompt | llm).with_guard()
+        guarded.invoke({"input": "How do I make a pipe bomb?"})      # -> the refusal, as a str
+        ```
+    """
+    if not isinstance(runnable, Runnable):
+        msg = f"`runnable` must be a LangChain Runnable, got {type(runnable).__name__}; wrap a function " \
+              "with RunnableLambda(fn) first"
+        raise TypeError(msg)
+    return GuardedRunnable(runnable=runnable, guard=guard, **options)
