@@ -165,7 +165,8 @@ class GuardedQueryEngine(BaseQueryEngine):
         if query_engine is not None and not isinstance(query_engine, BaseQueryEngine):
             hint = ("pass the guard by keyword: `GuardedQueryEngine(guard=guard)`" if isinstance(query_engine, Guard)
                     else "wrap e.g. `index.as_query_engine(llm=MLPMGuardLLM(guard))`")
-            msg = f"`query_engine` must be a LlamaIndex BaseQueryEngine or None, got {type(query_engine).__name__}; {hint}"
+            msg = (f"`query_engine` must be a LlamaIndex BaseQueryEngine or None, "
+                   f"got {type(query_engine).__name__}; {hint}")
             raise TypeError(msg)
         self._guard = check_guard(guard, "GuardedQueryEngine")
         self._query_engine = query_engine

@@ -12,7 +12,7 @@ instructions included) itself.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
 from typing import Any, Dict, Optional
 
 from llama_index.core.base.llms.types import (
@@ -147,15 +147,18 @@ class MLPMGuardLLM(CustomLLM):
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text), raw=report,
                             additional_kwargs={METADATA_KEY: report})
 
-    def _completion_stream(self, chunks: Iterator[GuardChunk], routed: RouteDirective | None, span_id: str | None
-                           ) -> CompletionResponseGen:
+    def _completion_stream(self, chunks: Generator[GuardChunk, None, None], routed: RouteDirective | None,
+                           span_id: str | None) -> CompletionResponseGen:
         text = ""
-        for chunk in chunks:
-            if chunk.text:
-                text += chunk.text
-                yield CompletionResponse(text=text, delta=chunk.text)
-            if chunk.result is not None:
-                yield self._last_completion(chunk.result, text, routed, span_id)
+        try:
+            for chunk in chunks:
+                if chunk.text:
+                    text += chunk.text
+                    yield CompletionResponse(text=text, delta=chunk.text)
+                if chunk.result is not None:
+                    yield self._last_completion(chunk.result, text, routed, span_id)
+        finally:  # a consumer that stops reading stops decoding at the next token
+            chunks.close()
 
     def _last_completion(self, result: GuardResult, text: str, routed: RouteDirective | None, span_id: str | None
                          ) -> CompletionResponse:
@@ -230,12 +233,15 @@ class MLPMGuardLLM(CustomLLM):
 
         return gen()
 
-    async def _acompletion_stream(self, chunks: AsyncIterator[GuardChunk], routed: RouteDirective | None,
+    async def _acompletion_stream(self, chunks: AsyncGenerator[GuardChunk, None], routed: RouteDirective | None,
                                   span_id: str | None) -> CompletionResponseAsyncGen:
         text = ""
-        async for chunk in chunks:
-            if chunk.text:
-                text += chunk.text
-                yield CompletionResponse(text=text, delta=chunk.text)
-            if chunk.result is not None:
-                yield self._last_completion(chunk.result, text, routed, span_id)
+        try:
+            async for chunk in chunks:
+                if chunk.text:
+                    text += chunk.text
+                    yield CompletionResponse(text=text, delta=chunk.text)
+                if chunk.result is not None:
+                    yield self._last_completion(chunk.result, text, routed, span_id)
+        finally:
+            await chunks.aclose()

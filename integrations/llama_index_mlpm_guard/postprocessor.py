@@ -44,7 +44,8 @@ class MLPMGuardNodePostprocessor(BaseNodePostprocessor):
             LLM is shown, metadata included, when metadata can carry untrusted text.
 
     Example:
-        >>> engine = index.as_query_engine(llm=llm, node_postprocessors=[MLPMGuardNodePostprocessor(guard)])  # doctest: +SKIP
+        >>> post = MLPMGuardNodePostprocessor(guard, mode="flag")                  # doctest: +SKIP
+        >>> engine = index.as_query_engine(llm=llm, node_postprocessors=[post])    # doctest: +SKIP
     """
 
     mode: Literal["drop", "flag"] = Field(default="drop", description="drop unsafe nodes, or flag them in metadata")
