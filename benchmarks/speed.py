@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ARCHS, PROMPTS, add_backbone_args, device_name, emit, random_backbone, timed  # noqa: E402
 
 from mlpm_guard import Backbone, Prototypes  # noqa: E402
+from mlpm_guard.backbone import _resolve_dtype  # noqa: E402
 from mlpm_guard.data import Example, load_examples, seed_examples  # noqa: E402
 from mlpm_guard.metrics import moderation_metrics  # noqa: E402
 from mlpm_guard.training import DEFAULT_PARAMS, default_prototypes  # noqa: E402
@@ -170,8 +171,9 @@ def cpu_report(args: argparse.Namespace) -> dict[str, Any]:
 
     single = []
     one = rows[:1]
+    served_by = {"bf16": bf16, "int8": int8}.get(fast_path, fast)
     for _ in range(args.latency_runs):
-        dt, _ = timed(lambda: fast.last_token_states(one, layers), "cpu")
+        dt, _ = timed(lambda: served_by.last_token_states(one, layers), "cpu")
         single.append(dt * 1000)
 
     return {
@@ -191,6 +193,8 @@ def cpu_report(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_s": rows_out[fast_path]["tokens_per_s"],
         "latency_ms_p50": float(np.percentile(single, 50)),
         "latency_ms_p95": float(np.percentile(single, 95)),
+        # What `Backbone()` picks on this CPU ("auto"): the fast path users get without asking.
+        "default_dtype": str(_resolve_dtype("auto", torch.device("cpu"))).replace("torch.", ""),
         "load_s_warm": warm_load_s,
         "load_s_cold": cold,
     }

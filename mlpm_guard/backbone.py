@@ -51,7 +51,8 @@ class BackboneConfig(BaseModel):
             model folder, or a path to a ``.gguf`` file.
         revision: hub revision (branch, tag or commit) when ``model`` is a hub id.
         device: ``"auto"`` (CUDA when available, else CPU), or any torch device string.
-        dtype: ``"auto"`` (bfloat16 on CUDA, float32 on CPU) or an explicit torch dtype name.
+        dtype: ``"auto"`` (bfloat16 on CUDA and on CPUs with native bf16
+            instructions, float32 on other CPUs) or an explicit torch dtype name.
         max_prompt_tokens: longer prompts lose tokens from their middle, so that the start and
             the end of the template (the generation prompt) are always kept.
         batch_size: most prompts per forward pass.
@@ -161,8 +162,20 @@ def _resolve_device(device: str) -> torch.device:
 
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or _cpu_has_bf16() else torch.float32
     return getattr(torch, dtype)
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX).
+
+    There bf16 scores ~1.7x and decodes ~1.2x faster than fp32 with the same verdicts
+    (``benchmarks/speed.py``); without the instructions bf16 is emulated and slower, so fp32 stays.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

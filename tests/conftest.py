@@ -16,6 +16,14 @@ def backbone():
 
 
 @pytest.fixture(scope="session")
+def backbone_fp32():
+    """The embedded backbone in float32, for exactness checks (``auto`` may pick bfloat16 on this CPU)."""
+    from mlpm_guard import Backbone
+
+    return Backbone(dtype="float32")
+
+
+@pytest.fixture(scope="session")
 def tiny_backbone(backbone):
     """A 4-layer random Llama with the embedded tokenizer: same mechanics, milliseconds per call."""
     import torch

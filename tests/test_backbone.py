@@ -36,7 +36,8 @@ def test_plain_fallback_without_chat_template(tiny_backbone):
     bb.close()
 
 
-def test_batched_states_do_not_depend_on_padding(backbone):
+def test_batched_states_do_not_depend_on_padding(backbone_fp32):
+    backbone = backbone_fp32
     prompts = ["hi", "How do I kill a Python process?", "Write a long story about a dragon " * 6]
     together = backbone.hidden_states(prompts, layers=[1, 15, 30])
     for i, p in enumerate(prompts):
@@ -44,8 +45,9 @@ def test_batched_states_do_not_depend_on_padding(backbone):
         np.testing.assert_allclose(together[i], alone[0], rtol=2e-3, atol=2e-3 * np.abs(alone).max())
 
 
-def test_states_match_output_hidden_states(backbone):
+def test_states_match_output_hidden_states(backbone_fp32):
     """Layer l is hidden_states[l] of transformers (pre-norm for l < L)."""
+    backbone = backbone_fp32
     row = backbone.encode(["What is the capital of France?"])[0]
     ours = backbone.last_token_states([row], [1, 10, 29])[0]
     with torch.inference_mode():
@@ -138,7 +140,8 @@ def test_second_load_is_served_from_the_conversion_cache(backbone):
     again.close()
 
 
-def test_prefix_cache_gives_the_same_states_and_runs_fewer_tokens(backbone):
+def test_prefix_cache_gives_the_same_states_and_runs_fewer_tokens(backbone_fp32):
+    backbone = backbone_fp32
     prompts = ["hi", "How do I kill a Python process?", [{"role": "system", "content": "Be brief."},
                                                         {"role": "user", "content": "hello"}]]
     rows = backbone.encode(prompts)
@@ -158,3 +161,12 @@ def test_prefix_cache_gives_the_same_states_and_runs_fewer_tokens(backbone):
     # A caller's own system prompt changes the opening: no reuse, still correct.
     mixed = backbone.last_token_states(rows, [5])
     np.testing.assert_allclose(mixed[2], backbone.last_token_states(rows[2:], [5])[0], rtol=1e-4, atol=1e-3)
+
+
+def test_default_dtype_states_agree_with_float32(backbone, backbone_fp32):
+    """Whatever ``auto`` picked here (bfloat16 on CPUs with native bf16), the states point the same way."""
+    prompts = ["hi", "How do I kill a Python process?", "Write a long story about a dragon " * 6]
+    ours = backbone.hidden_states(prompts, layers=[1, 15, 30])
+    ref = backbone_fp32.hidden_states(prompts, layers=[1, 15, 30])
+    cos = (ours * ref).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert cos.min() > 0.99, cos

@@ -236,7 +236,8 @@ def test_backbone_embedding_is_normalised_batch_independent_and_ranks(guard):
             "Members may borrow up to five books for three weeks."]
     D = np.array(embed.get_text_embedding_batch(docs))
     assert np.allclose(np.linalg.norm(D, axis=1), 1.0, atol=1e-5)
-    assert np.allclose(D[1], embed.get_text_embedding(docs[1]), atol=1e-4)  # padding does not leak in
+    alone = np.array(embed.get_text_embedding(docs[1]))
+    assert D[1] @ alone > 0.999  # padding does not leak in (beyond bfloat16 rounding)
     queries = ["How do plants make sugar?", "How many books can I borrow?"]
     Q = np.array([embed.get_query_embedding(q) for q in queries])
     assert (Q @ D.T).argmax(axis=1).tolist() == [1, 2]
