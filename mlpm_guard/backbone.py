@@ -16,6 +16,7 @@ import contextvars
 import copy
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -178,6 +179,17 @@ def _cpu_has_bf16() -> bool:
         return False
 
 
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """The forward argument that takes the KV cache: ``cache`` from transformers 5.2x, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward pass returned, under either name."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
 def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The model's stack of decoder blocks, found by its length rather than its attribute name."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -277,6 +289,7 @@ class Backbone:
         self.chat_template: str | None = getattr(tokenizer, "chat_template", None) or None
         self.template_hash = hashlib.sha256((self.chat_template or "plain-fallback").encode()).hexdigest()[:16]
         self._base = model.base_model if model.base_model is not model else model
+        self.cache_kw = _cache_keyword(model)
         self._request: contextvars.ContextVar[_Request | None] = contextvars.ContextVar(
             f"mlpm_guard_request_{id(self)}", default=None)
         self._prefix_ids: tuple[int, ...] | None = None
@@ -474,12 +487,12 @@ class Backbone:
             if self._prefix_cache is None:
                 ids = torch.tensor([self._shared_prefix()], device=self.device)
                 cache = DynamicCache(config=self.model.config)
-                self._base(input_ids=ids, past_key_values=cache, use_cache=True)
+                self._base(input_ids=ids, use_cache=True, **{self.cache_kw: cache})
                 self._prefix_cache = cache
             return self._prefix_cache
 
     def model_inputs(self, rows: Sequence[Encoded], *, reuse_prefix: bool = True) -> dict[str, Any]:
-        """Forward-pass inputs for rows, with a ``past_key_values`` cache always present.
+        """Forward-pass inputs for rows, with a KV cache always present (under :attr:`cache_kw`).
 
         When every row starts with the template's shared opening, that opening comes from the
         cached prefix KV and only the rest runs: layout ``[prefix][padding][row]``, with positions
@@ -490,7 +503,7 @@ class Backbone:
         prefix = self._shared_prefix() if (reuse_prefix and self.config.prefix_cache) else ()
         p = len(prefix)
         if not p or not all(len(r) > p and r.ids[:p] == prefix for r in rows):
-            return {**self.collate(rows), "past_key_values": DynamicCache(config=self.model.config)}
+            return {**self.collate(rows), self.cache_kw: DynamicCache(config=self.model.config)}
         batch = self.collate([Encoded(r.ids[p:]) for r in rows])
         cache = copy.deepcopy(self._prefix_kv())
         cache.batch_repeat_interleave(len(rows))
@@ -498,7 +511,7 @@ class Backbone:
         return {"input_ids": batch["input_ids"],
                 "attention_mask": torch.cat([ones, batch["attention_mask"]], dim=1),
                 "position_ids": batch["position_ids"] + p,
-                "past_key_values": cache}
+                self.cache_kw: cache}
 
     @torch.inference_mode()
     def last_token_states(self, rows: Sequence[Encoded], layers: Sequence[int], *,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .backbone import Backbone, Encoded
+from .backbone import Backbone, Encoded, output_cache
 
 
 class GenerationConfig(BaseModel):
@@ -69,7 +69,7 @@ def prefill(backbone: Backbone, rows: Sequence[Encoded], *, capture: Sequence[in
     batch = backbone.model_inputs(rows, reuse_prefix=not steer)
     with backbone.request(capture=frozenset(capture), steer=steer or {}) as req:
         out = backbone.model(**batch, use_cache=True, logits_to_keep=1)
-    return Prefill(out.past_key_values, out.logits[:, -1, :].float(), batch["attention_mask"],
+    return Prefill(output_cache(out), out.logits[:, -1, :].float(), batch["attention_mask"],
                    batch["position_ids"][:, -1], batch["input_ids"], dict(req.captured))
 
 
@@ -123,10 +123,10 @@ def decode(backbone: Backbone, state: Prefill, config: GenerationConfig, *,
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions + 1
         step_inputs = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": positions[:, None],
-                       "past_key_values": cache, "use_cache": True, "logits_to_keep": 1}
+                       backbone.cache_kw: cache, "use_cache": True, "logits_to_keep": 1}
         if steer:
             with backbone.request(steer=steer):
                 out = backbone.model(**step_inputs)
         else:
             out = backbone.model(**step_inputs)
-        cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+        cache, logits = output_cache(out), out.logits[:, -1, :].float()
