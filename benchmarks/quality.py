@@ -7,7 +7,7 @@ Three protocols, all on the shared data folder given by ``--data`` (never copied
           held-out source. This is the closest stand-in for public sets of the same kinds that are
           not in the data (XSTest-like look-alikes, moderation content, short direct requests).
 ``mix``   fit on everything, as the CLI does (rows of the ``test`` split are left out), and score
-          those test splits (ToxicChat, Alpaca, TDC 2023) plus the project-written seed set.
+          those test splits (ToxicChat, Alpaca, TDC 2023); with ``--no-seed-set`` also the seed set.
 ``seed``  fit on the built-in seed set alone (the default ``Guard()`` prototypes) and score every
           held-out set of ``loso``.
 
@@ -17,6 +17,9 @@ and the flag rate on plain ``benign`` instructions. ``avg_f1`` is the mean over 
 of that kind's sets, so each kind counts once, as each public set does in the issue's average.
 
     python benchmarks/quality.py --data ../shared/data [--max-per-source 400] [--param C=0.1] [--json]
+
+As in ``mlpm-guard fit``, the built-in seed set joins the ``loso`` and ``mix`` fits as one more
+source (capped like the others); ``--no-seed-set`` measures the shared data alone.
 
 The hidden states come from the feature cache (the first run extracts the missing ones).
 """
@@ -154,7 +157,7 @@ def summarise(metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def run(backbone: Any, data: SharedData, table: StateTable, params: dict[str, Any], *,
         max_per_source: int | None, seed: int = 0, protocols: Sequence[str] = ("loso", "mix", "seed"),
-        seed_rows: Sequence[Example] | None = None) -> dict[str, Any]:
+        seed_rows: Sequence[Example] | None = None, score_seed: bool = True) -> dict[str, Any]:
     """Every protocol for one recipe; returns ``{protocol: {"datasets": ..., "summary": ...}}``."""
     params = {**params, "random_state": seed}
     out: dict[str, Any] = {}
@@ -172,7 +175,7 @@ def run(backbone: Any, data: SharedData, table: StateTable, params: dict[str, An
         mix = training_mix(data.pool, max_per_source=max_per_source, seed=seed)
         protos = fit(backbone, table, mix, params)
         sets = dict(data.mix_sets)
-        if seed_rows is not None:
+        if seed_rows is not None and score_seed:  # not when the seed set was fitted on
             sets["seed"] = EvalSet("seed", "seed", list(seed_rows))
         metrics = score(protos, table, sets)
         out["mix"] = {"datasets": metrics, "summary": summarise(metrics), "layers": protos.layer_ids_}
@@ -221,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-benign", type=int, default=600, help="Alpaca test prompts for the benign flag rate")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed of the caps and the benign sample")
     parser.add_argument("--backbone", default="embedded")
+    parser.add_argument("--no-seed-set", action="store_true",
+                        help="fit loso and mix on the shared data alone, as `mlpm-guard fit --no-seed-set`")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
 
@@ -230,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     backbone = Backbone(args.backbone)
     data = load_shared(args.data, n_benign=args.n_benign, seed=args.seed)
     seed_rows = seed_examples()
+    if not args.no_seed_set:
+        data.pool.extend(seed_rows)  # as load_training_examples(with_seed_set=True) does
     protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
     params = {**DEFAULT_PARAMS, **dict(args.param)}
     # Every row any protocol can draw: the capped pool (caps draw per source, so the loso mixes are
@@ -241,12 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     layers = list(params.get("layers") or range(1, backbone.num_layers + 1))
     table = StateTable(backbone, list(needed.values()), layers)
     result = run(backbone, data, table, params, max_per_source=args.max_per_source, seed=args.seed,
-                 protocols=protocols, seed_rows=seed_rows)
-    print(f"recipe: {json.dumps(params)}; max_per_source={args.max_per_source}; seed={args.seed}")
+                 protocols=protocols, seed_rows=seed_rows, score_seed=args.no_seed_set)
+    print(f"recipe: {json.dumps(params)}; max_per_source={args.max_per_source}; seed={args.seed}; "
+          f"seed set in the fits: {not args.no_seed_set}")
     print_tables(result)
     print(f"\n({time.perf_counter() - start:.0f} s)")
     if args.json:
-        print(json.dumps({"params": params, "max_per_source": args.max_per_source, "seed": args.seed, **result}))
+        print(json.dumps({"params": params, "max_per_source": args.max_per_source, "seed": args.seed,
+                          "seed_set_in_fits": not args.no_seed_set, **result}))
     return 0
 
 

@@ -64,7 +64,8 @@ def _load_prototypes(args: argparse.Namespace) -> Any:
 def cmd_fit(args: argparse.Namespace) -> int:
     from .training import fit_examples, load_training_examples
 
-    examples = load_training_examples(args.data, max_per_source=args.max_per_source, seed=args.seed)
+    examples = load_training_examples(args.data, max_per_source=args.max_per_source, seed=args.seed,
+                                      with_seed_set=not args.no_seed_set)
     backbone = _backbone(args.backbone, args)
     params: dict[str, Any] = {"per_source": args.per_source, "random_state": args.seed}
     for key in ("C", "cv"):
@@ -242,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", help="candidate layers, e.g. '1-15' (prefer shallow layers for early exit)")
     p.add_argument("--C", type=float, help="inverse L1 strength of the layer combination")
     p.add_argument("--cv", type=int, help="cross-fit the per-layer scores with this many folds")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the --max-per-source draw and the folds")
+    p.add_argument("--no-seed-set", action="store_true",
+                   help="fit on DATA alone (by default the built-in seed set joins as one more source)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.set_defaults(func=cmd_fit)
 

@@ -25,15 +25,25 @@ HELD_OUT_SPLITS = ("test",)
 
 
 def load_training_examples(paths: Sequence[str | Path], *, max_per_source: int | None = None,
-                           seed: int = 0, exclude_splits: Sequence[str] = HELD_OUT_SPLITS) -> list[Example]:
-    """Read labelled files for fitting: rows of a held-out split (``test``) are left out, then each
-    source is capped at ``max_per_source`` with its labels balanced."""
+                           seed: int = 0, exclude_splits: Sequence[str] = HELD_OUT_SPLITS,
+                           with_seed_set: bool = True) -> list[Example]:
+    """Read labelled files for fitting: rows of a held-out split (``test``) are left out, the
+    built-in seed set joins as one more source (``with_seed_set``), then each source is capped at
+    ``max_per_source`` with its labels balanced.
+
+    The seed set carries what public data rarely has: benign look-alikes written next to the
+    harmful requests they resemble ("how do I kill a Python process"). Fitted along with the
+    user's files it lowers the false flags on look-alikes held out from the fit (F1 0.72 -> 0.80
+    and 39% -> 29% flagged, leave-one-source-out over the shared data, ``benchmarks/quality.py``).
+    """
     examples: list[Example] = []
     for path in paths:
         rows = [e for e in load_examples(path) if e.split not in exclude_splits]
         if not rows:
             raise DataError(f"{path}: every row is in a held-out split {tuple(exclude_splits)}; nothing to fit on")
         examples.extend(rows)
+    if with_seed_set:
+        examples.extend(seed_examples())
     return training_mix(examples, max_per_source=max_per_source, seed=seed)
 
 
