@@ -155,18 +155,21 @@ def cpu_report(args: argparse.Namespace) -> dict[str, Any]:
 
     cold = None
     if args.cold_load:
+        import os
         import shutil
         import tempfile
 
-        from mlpm_guard import _io
-
+        # A fresh cache root: the GGUF is converted again, as on a user's first run.
         tmp = tempfile.mkdtemp()
-        saved_home = _io.cache_home
-        _io.cache_home = lambda: Path(tmp)  # type: ignore[assignment]
+        saved = os.environ.get("MLPM_GUARD_CACHE")
+        os.environ["MLPM_GUARD_CACHE"] = tmp
         try:
             cold, _ = timed(lambda: Backbone(args.backbone), "cpu")
         finally:
-            _io.cache_home = saved_home  # type: ignore[assignment]
+            if saved is None:
+                os.environ.pop("MLPM_GUARD_CACHE", None)
+            else:
+                os.environ["MLPM_GUARD_CACHE"] = saved
             shutil.rmtree(tmp, ignore_errors=True)
 
     single = []
