@@ -148,7 +148,8 @@ def _print_metrics(result: dict[str, Any]) -> None:
     def fmt(v: Any) -> str:
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
-    console = Console(stderr=True)
+    # Piped or logged output has no terminal width; rich would squeeze the table to 80 columns.
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
     table = Table(title=f"moderation metrics (threshold {result['threshold']:.2f})")
     cols = ["n", "n_unsafe", "f1", "precision", "recall", "flag_rate_safe", "auroc"]
     baselines = result.get("baselines") or {}
