@@ -226,7 +226,7 @@ def layer_flops_per_token(arch: dict[str, Any], context: int) -> float:
 
 
 def matmul_peak_tflops(device: str) -> float:
-    n = 8192
+    n = 8192 if device.startswith("cuda") else 1024  # a CPU smoke run should not take minutes
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     for _ in range(3):
@@ -253,7 +253,7 @@ def gpu_report(args: argparse.Namespace) -> dict[str, Any]:
     flops = tokens * layer_flops_per_token(arch, int(mean_len)) * depth_full
     peak = matmul_peak_tflops(device)
     guard_models = {}
-    for name in ("llama-3.2-1b", "llama-3.1-8b"):
+    for name in args.guard_models.split(","):
         other = backbone if name == args.arch else random_backbone(name, device, "bfloat16")
         other_rows = other.encode(prompts)
 
@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--latency-runs", type=int, default=30)
     parser.add_argument("--data", nargs="*", help="labelled files for the quality check (default: seed-set halves)")
     parser.add_argument("--cold-load", action="store_true", help="also time a first load into an empty cache")
+    parser.add_argument("--guard-models", default="llama-3.2-1b,llama-3.1-8b",
+                        help="with --arch: the separate guard models whose prefill is the reference (comma-separated)")
     args = parser.parse_args(argv)
     if args.arch:
         result = gpu_report(args)
