@@ -354,6 +354,7 @@ def end_to_end(systems: Mapping[str, Any] | Any, datasets: Mapping[str, Sequence
         systems = {"system": systems}
     # Each distinct prompt is answered once per system, however many datasets hold it.
     prompts = list(dict.fromkeys(e.prompt for rows in datasets.values() for e in rows))
+    prompts.sort(key=len)  # chunks of similar length pad (and decode) less
     out: dict[str, Any] = {"max_new_tokens": max_new_tokens,
                            "refusal_detector": "guard block, or an answer opening with a refusal phrase "
                                                "(mlpm_guard.refusals)", "systems": {}}

@@ -341,8 +341,11 @@ class Guard:
         policy, config = self._policy(policy), self._config(generation)
         results: list[GuardResult | None] = [None] * len(prompts)
         size = self.backbone.config.batch_size
-        for start in range(0, len(prompts), size):
-            index = list(range(start, min(start + size, len(prompts))))
+        # Chunks of similar length: one long prompt would otherwise pad every row of its chunk,
+        # and each decoding step attends over that padding (several times slower on mixed data).
+        order = sorted(range(len(prompts)), key=lambda i: len(str(prompts[i])))
+        for start in range(0, len(order), size):
+            index = order[start:start + size]
             try:
                 self._batch_chunk(prompts, index, policy, config, results)
             except Exception:  # noqa: BLE001 - isolate the failing request(s)
