@@ -19,7 +19,6 @@ import importlib.util
 import inspect
 import json
 import logging
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager

@@ -5,9 +5,8 @@ import threading
 import time
 
 import pytest
-import torch
 
-from mlpm_guard import GenerationConfig, Guard, Policy, Route, Tier, Verdict
+from mlpm_guard import GenerationConfig, Guard, Route, Tier, Verdict
 from mlpm_guard import guard as guard_module
 
 ALL = {"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass"}

@@ -44,6 +44,7 @@ from ._common import (
     with_safety,
 )
 from ._settings import GuardSettings
+from ._streaming import StreamsByTransform
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class _Plan:
                         output_verdict=verdict, replaced=replace)
 
 
-class GuardedRunnable(GuardSettings, RunnableSerializable[Any, Any]):
+class GuardedRunnable(GuardSettings, StreamsByTransform, RunnableSerializable[Any, Any]):
     """A runnable checked by the guard before it runs (see :func:`with_guard`)."""
 
     runnable: Runnable[Any, Any]
@@ -270,12 +271,6 @@ class GuardedRunnable(GuardSettings, RunnableSerializable[Any, Any]):
         return out
 
     # ------------------------------------------------------------------ streaming: the chain's own chunks
-    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
-        yield from self.transform(iter([input]), config, **kwargs)
-
-    def transform(self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
-        yield from self._transform_stream_with_config(input, self._transform, config, **kwargs)
-
     def _transform(self, input: Iterator[Any], run_manager: CallbackManagerForChainRun, config: RunnableConfig,
                    **kwargs: Any) -> Iterator[Any]:
         guard = self.resolved_guard()
@@ -311,18 +306,6 @@ class GuardedRunnable(GuardSettings, RunnableSerializable[Any, Any]):
         if plan.applied is Route.PASS and not record["output_flagged"]:
             return None
         return flag_chunk(first, record)
-
-    async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
-        async def one() -> AsyncIterator[Any]:
-            yield input
-
-        async for chunk in self.atransform(one(), config, **kwargs):
-            yield chunk
-
-    async def atransform(self, input: AsyncIterator[Any], config: RunnableConfig | None = None,
-                         **kwargs: Any) -> AsyncIterator[Any]:
-        async for chunk in self._atransform_stream_with_config(input, self._atransform, config, **kwargs):
-            yield chunk
 
     async def _atransform(self, input: AsyncIterator[Any], run_manager: AsyncCallbackManagerForChainRun,
                           config: RunnableConfig, **kwargs: Any) -> AsyncIterator[Any]:

@@ -20,6 +20,7 @@ from mlpm_guard import GuardResult
 
 from ._common import FLAG_KEY, GuardedText, aemit, aggregate, emit, prompt_messages, result_decision
 from ._settings import GuardSettings
+from ._streaming import StreamsByTransform
 
 
 def usage(result: GuardResult) -> dict[str, int]:
@@ -28,7 +29,7 @@ def usage(result: GuardResult) -> dict[str, int]:
             "total_tokens": t.prompt_tokens + t.completion_tokens}
 
 
-class MLPMGuardRunnable(GuardSettings, RunnableSerializable[Any, Any]):
+class MLPMGuardRunnable(GuardSettings, StreamsByTransform, RunnableSerializable[Any, Any]):
     """Answer prompts with the guarded hosted backbone.
 
     Input: a ``str``, a list of messages, a ``PromptValue``, or a dict holding one of them under
@@ -154,12 +155,6 @@ class MLPMGuardRunnable(GuardSettings, RunnableSerializable[Any, Any]):
         return AIMessageChunk(content="", response_metadata={FLAG_KEY: record}, usage_metadata=usage(result),
                               chunk_position="last")
 
-    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
-        yield from self.transform(iter([input]), config, **kwargs)
-
-    def transform(self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
-        yield from self._transform_stream_with_config(input, self._transform, config, **kwargs)
-
     def _transform(self, input: Iterator[Any], run_manager: CallbackManagerForChainRun, config: RunnableConfig,
                    **kwargs: Any) -> Iterator[Any]:
         guard = self.resolved_guard()
@@ -172,18 +167,6 @@ class MLPMGuardRunnable(GuardSettings, RunnableSerializable[Any, Any]):
                 if chunk.result is not None:
                     emit(result_decision(chunk.result), config)
                     yield self._last(chunk.result)
-
-    async def astream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AsyncIterator[Any]:
-        async def one() -> AsyncIterator[Any]:
-            yield input
-
-        async for chunk in self.atransform(one(), config, **kwargs):
-            yield chunk
-
-    async def atransform(self, input: AsyncIterator[Any], config: RunnableConfig | None = None,
-                         **kwargs: Any) -> AsyncIterator[Any]:
-        async for chunk in self._atransform_stream_with_config(input, self._atransform, config, **kwargs):
-            yield chunk
 
     async def _atransform(self, input: AsyncIterator[Any], run_manager: AsyncCallbackManagerForChainRun,
                           config: RunnableConfig, **kwargs: Any) -> AsyncIterator[Any]:
