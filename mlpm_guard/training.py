@@ -33,8 +33,8 @@ def load_training_examples(paths: Sequence[str | Path], *, max_per_source: int |
 
     The seed set carries what public data rarely has: benign look-alikes written next to the
     harmful requests they resemble ("how do I kill a Python process"). Fitted along with the
-    user's files it lowers the false flags on look-alikes held out from the fit (F1 0.72 -> 0.80
-    and 39% -> 29% flagged, leave-one-source-out over the shared data, ``benchmarks/quality.py``).
+    user's files it lowers the false flags on look-alikes held out from the fit (F1 0.72 -> 0.79
+    and 39% -> 32% flagged, leave-one-source-out over the shared data, ``benchmarks/quality.py``).
     """
     examples: list[Example] = []
     for path in paths:
