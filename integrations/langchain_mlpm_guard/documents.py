@@ -5,7 +5,7 @@ filter scores each document in batched forward passes (``Guard.check_batch``) th
 deepest layer the prototypes use.
 
 Prototypes are fitted on *requests*, and plain statements sit off that distribution: on a probe
-of 20 harmless and 10 harmful short documents written for the purpose, the seed prototypes put
+of 20 harmless and 10 harmful short documents written for the purpose, the first (971-prompt) seed prototypes put
 10 of the 20 harmless ones over the 0.5 threshold when a document was scored as it is, and 1 of
 20 when it was put in a request (``"Summarize this text: ..."``), while catching 9 of the 10
 harmful ones (10 of 10 as is). Hence the default ``template``; :meth:`MLPMDocumentFilter.calibrated`
