@@ -44,7 +44,7 @@ from ._common import (
     with_safety,
 )
 from ._settings import GuardSettings
-from ._streaming import StreamsByTransform
+from ._plumbing import LCELPlumbing
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class _Plan:
                         output_verdict=verdict, replaced=replace)
 
 
-class GuardedRunnable(GuardSettings, StreamsByTransform, RunnableSerializable[Any, Any]):
+class GuardedRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, Any]):
     """A runnable checked by the guard before it runs (see :func:`with_guard`)."""
 
     runnable: Runnable[Any, Any]
@@ -205,10 +205,6 @@ class GuardedRunnable(GuardSettings, StreamsByTransform, RunnableSerializable[An
                 out[i] = self._refusal(inputs[i], policy, plans[i].record)
         return plans
 
-    def batch(self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
-              return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
-        return self._batch_with_config(self._batch, inputs, config, return_exceptions=return_exceptions, **kwargs)
-
     def _batch(self, inputs: list[Any], run_manager: list[CallbackManagerForChainRun],
                config: list[RunnableConfig], **kwargs: Any) -> list[Any]:
         guard = self.resolved_guard()
@@ -235,11 +231,6 @@ class GuardedRunnable(GuardSettings, StreamsByTransform, RunnableSerializable[An
             if record is not None:
                 emit(record, config[i])
         return out
-
-    async def abatch(self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
-                     return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
-        return await self._abatch_with_config(self._abatch, inputs, config, return_exceptions=return_exceptions,
-                                              **kwargs)
 
     async def _abatch(self, inputs: list[Any], run_manager: list[AsyncCallbackManagerForChainRun],
                       config: list[RunnableConfig], **kwargs: Any) -> list[Any]:

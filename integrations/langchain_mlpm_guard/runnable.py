@@ -20,7 +20,7 @@ from mlpm_guard import GuardResult
 
 from ._common import FLAG_KEY, GuardedText, aemit, aggregate, emit, prompt_messages, result_decision
 from ._settings import GuardSettings
-from ._streaming import StreamsByTransform
+from ._plumbing import LCELPlumbing
 
 
 def usage(result: GuardResult) -> dict[str, int]:
@@ -29,7 +29,7 @@ def usage(result: GuardResult) -> dict[str, int]:
             "total_tokens": t.prompt_tokens + t.completion_tokens}
 
 
-class MLPMGuardRunnable(GuardSettings, StreamsByTransform, RunnableSerializable[Any, Any]):
+class MLPMGuardRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, Any]):
     """Answer prompts with the guarded hosted backbone.
 
     Input: a ``str``, a list of messages, a ``PromptValue``, or a dict holding one of them under
@@ -99,10 +99,6 @@ class MLPMGuardRunnable(GuardSettings, StreamsByTransform, RunnableSerializable[
         return self._shape(result)
 
     # ------------------------------------------------------------------ many prompts, one batched prefill
-    def batch(self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
-              return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
-        return self._batch_with_config(self._batch, inputs, config, return_exceptions=return_exceptions, **kwargs)
-
     def _prompts(self, inputs: list[Any]) -> tuple[list[Any], list[int]]:
         """Each input's messages (or the error reading it) and the indices of the readable ones."""
         prompts: list[Any] = []
@@ -126,11 +122,6 @@ class MLPMGuardRunnable(GuardSettings, StreamsByTransform, RunnableSerializable[
             emit(result_decision(result), config[i])
             out[i] = self._shape(result)
         return out
-
-    async def abatch(self, inputs: list[Any], config: RunnableConfig | list[RunnableConfig] | None = None, *,
-                     return_exceptions: bool = False, **kwargs: Any) -> list[Any]:
-        return await self._abatch_with_config(self._abatch, inputs, config, return_exceptions=return_exceptions,
-                                              **kwargs)
 
     async def _abatch(self, inputs: list[Any], run_manager: list[AsyncCallbackManagerForChainRun],
                       config: list[RunnableConfig], **kwargs: Any) -> list[Any]:
