@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 import threading
 import time
@@ -23,14 +24,15 @@ from pydantic import ValidationError
 
 from .backbone import Backbone, BackboneConfig, Encoded
 from .categories import category_name
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .generation import GenerationConfig, Prefill, decode, prefill
-from .messages import PromptInput, to_messages
+from .messages import PromptInput, clean_text, to_messages
 from .moderation import PrototypeModerator, to_verdict
 from .policy import Policy
 from .prototypes import Prototypes
 from .steering import steering_vectors
 from .types import GuardChunk, GuardResult, Route, Tier, Timings, Verdict
+from .views import View, content_views, request_views
 
 logger = logging.getLogger(__name__)
 
@@ -145,28 +147,87 @@ class Guard:
 
     def check_batch(self, prompts: Sequence[PromptInput], *,
                     policy: Policy | Mapping[str, Any] | None = None) -> list[Verdict]:
-        """:meth:`check` for many prompts in length-sorted batches."""
+        """:meth:`check` for many prompts: every view of every prompt in length-sorted batches."""
+        return self._check_many(prompts, policy, content=False)
+
+    def check_content(self, text: str, *, policy: Policy | Mapping[str, Any] | None = None) -> Verdict:
+        """Judge a text as *content* (a retrieved passage, a tool result, a model answer).
+
+        Content is not the user's request: it is judged inside a request for it
+        (:data:`~mlpm_guard.views.CONTENT_TEMPLATE`), as a whole and in windows of a few
+        sentences, so an ordinary passage passes and a harmful paragraph inside a long one does not.
+        """
+        return self.check_content_batch([text], policy=policy)[0]
+
+    def check_content_batch(self, texts: Sequence[str], *,
+                            policy: Policy | Mapping[str, Any] | None = None) -> list[Verdict]:
+        """:meth:`check_content` for many texts in shared batches."""
+        return self._check_many(texts, policy, content=True)
+
+    def _check_many(self, items: Sequence[Any], policy: Policy | Mapping[str, Any] | None, *,
+                    content: bool) -> list[Verdict]:
         policy = self._policy(policy)
-        out: list[Verdict | None] = [None] * len(prompts)
+        out: list[Verdict | None] = [None] * len(items)
         valid: list[int] = []
         messages: list[list[dict[str, str]]] = []
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(items):
             try:
-                messages.append(to_messages(p))
+                messages.append(_content_message(p) if content else to_messages(p))
                 valid.append(i)
             except Exception as exc:  # noqa: BLE001 - fail closed on any bad input
                 out[i] = self._failed_verdict(exc, policy)
         if valid:
             try:
-                rows = self.backbone.encode(messages)
-                H = self.backbone.last_token_states(rows, self.prototypes.layer_ids_)
-                for i, v in zip(valid, self.prototypes.verdicts(H, [r.n_truncated for r in rows])):
+                for i, v in zip(valid, self._judge(messages, content=content)):
                     out[i] = self._policy_verdict(v, policy)
             except Exception as exc:  # noqa: BLE001
                 logger.exception("scoring failed")
                 for i in valid:
                     out[i] = self._failed_verdict(exc, policy)
         return out  # type: ignore[return-value]
+
+    def views(self, prompt: PromptInput, *, content: bool = False) -> list[View]:
+        """The readings of a request (or of a text, with ``content``) that :meth:`check` scores."""
+        def count(msgs: list[dict[str, str]]) -> int:
+            return len(self.backbone.encode([msgs])[0])
+
+        if content:
+            return content_views(_content_message(prompt)[0]["content"], count)
+        return request_views(to_messages(prompt), count)
+
+    def _judge(self, messages: Sequence[list[dict[str, str]]], *, content: bool = False,
+               prefilled: np.ndarray | None = None, prefilled_rows: Sequence[Encoded] | None = None) -> list[Verdict]:
+        """The strictest verdict over each request's views, scored in shared batches.
+
+        ``prefilled`` holds states already captured for the whole of each request (the prefill
+        that ``PASS`` continues from); a view equal to the whole request reuses them.
+        """
+        layers = self.prototypes.layer_ids_
+        plan: list[list[tuple[str, int, bool]]] = []
+        extra: list[list[dict[str, str]]] = []
+        for i, msgs in enumerate(messages):
+            entries = []
+            for view in self.views(msgs[0]["content"] if content else msgs, content=content):
+                if prefilled is not None and view.as_messages() == msgs:
+                    entries.append((view.name, i, True))
+                else:
+                    entries.append((view.name, len(extra), False))
+                    extra.append(view.as_messages())
+            plan.append(entries)
+        scored: list[Verdict] = []
+        if extra:
+            rows = self.backbone.encode(extra)
+            scored = self.prototypes.verdicts(self.backbone.last_token_states(rows, layers),
+                                              [r.n_truncated for r in rows])
+        pre: list[Verdict] = []
+        if prefilled is not None:
+            pre = self.prototypes.verdicts(prefilled, [r.n_truncated for r in prefilled_rows or []] or None)
+        out = []
+        for entries in plan:
+            candidates = [((pre if reused else scored)[k], name) for name, k, reused in entries]
+            verdict, name = max(candidates, key=lambda c: c[0].p_unsafe)
+            out.append(dataclasses.replace(verdict, view=name))
+        return out
 
     @staticmethod
     def _policy_verdict(verdict: Verdict, policy: Policy) -> Verdict:
@@ -176,8 +237,8 @@ class Guard:
             return verdict
         threshold = policy.unsafe_at if policy.unsafe_at is not None else verdict.threshold
         category = verdict.category if tier is not Tier.SAFE else None
-        return Verdict(verdict.p_unsafe, "unsafe" if tier is Tier.UNSAFE else "safe", tier, category,
-                       category_name(category), verdict.layer_scores, threshold, verdict.n_truncated_tokens)
+        return dataclasses.replace(verdict, label="unsafe" if tier is Tier.UNSAFE else "safe", tier=tier,
+                                   category=category, category_name=category_name(category), threshold=threshold)
 
     @staticmethod
     def _failed_verdict(exc: BaseException, policy: Policy) -> Verdict:
@@ -214,7 +275,7 @@ class Guard:
         try:
             messages = to_messages(prompt)
             rows = self.backbone.encode([messages])
-            verdict, state = self._score(rows, policy)
+            verdict, state = self._score(messages, rows, policy)
         except Exception as exc:  # noqa: BLE001 - fail closed
             yield GuardChunk("", self._failure(exc, policy, messages, config))
             return
@@ -266,16 +327,14 @@ class Guard:
         yield GuardChunk("", GuardResult(policy.refusal_message if replaced else text, route, verdict, output_verdict,
                                          flagged, replaced, timings))
 
-    def _score(self, rows: list[Encoded], policy: Policy) -> tuple[Verdict, Prefill | None]:
-        """Score from a full prefill when PASS will continue from it, else from an early-exit pass."""
-        layers = self.prototypes.layer_ids_
+    def _score(self, messages: list[dict[str, str]], rows: list[Encoded],
+               policy: Policy) -> tuple[Verdict, Prefill | None]:
+        """Score every view; the whole request's prefill is kept when ``PASS`` can continue from it."""
         if Route.PASS in self.handlers:
-            H = self.backbone.last_token_states(rows, layers)
-            state = None
-        else:
-            state = prefill(self.backbone, rows, capture=layers)
-            H = verdict_states(state, layers)
-        verdict = self.prototypes.verdicts(H, [r.n_truncated for r in rows])[0]
+            return self._policy_verdict(self._judge([messages])[0], policy), None
+        layers = self.prototypes.layer_ids_
+        state = prefill(self.backbone, rows, capture=layers)
+        verdict = self._judge([messages], prefilled=verdict_states(state, layers), prefilled_rows=rows)[0]
         return self._policy_verdict(verdict, policy), state
 
     def _answer(self, route: Route, messages: list[dict[str, str]], rows: list[Encoded], state: Prefill | None,
@@ -376,9 +435,8 @@ class Guard:
         rows = self.backbone.encode(messages)
         layers = self.prototypes.layer_ids_
         state = prefill(self.backbone, rows, capture=layers)
-        H = verdict_states(state, layers)
-        verdicts = [self._policy_verdict(v, policy)
-                    for v in self.prototypes.verdicts(H, [r.n_truncated for r in rows])]
+        verdicts = [self._policy_verdict(v, policy) for v in
+                    self._judge(messages, prefilled=verdict_states(state, layers), prefilled_rows=rows)]
         scoring_ms = _ms(start) / len(valid)
         routes = [policy.route(v) for v in verdicts]
         texts: dict[int, tuple[str, int, float]] = {}
@@ -513,3 +571,10 @@ def as_policy(policy: Policy | Mapping[str, Any] | str | Path | None) -> Policy:
 def verdict_states(state: Prefill, layers: Sequence[int]) -> np.ndarray:
     """Captured last-token states of a prefill as an array (n, len(layers), d)."""
     return torch.stack([state.states[layer] for layer in layers], dim=1).float().cpu().numpy()
+
+
+def _content_message(text: Any) -> list[dict[str, str]]:
+    """A text to judge as content, as the one-message form the view builder reads."""
+    if not isinstance(text, str):
+        raise InputError(f"content to check must be a str, got {type(text).__name__}")
+    return [{"role": "user", "content": clean_text(text)}]

@@ -50,6 +50,9 @@ class Verdict:
         threshold: decision threshold that produced ``label``.
         n_truncated_tokens: tokens dropped from the middle of an over-long prompt (0 if none).
         error: set when the text could not be scored; the verdict is then unsafe (fail closed).
+        view: which reading of the request gave this (strictest) score: ``"message"``,
+            ``"conversation"``, ``"latest user turn"``, ``"sentence N"``, ``"content"`` or
+            ``"passage N"`` (see :mod:`mlpm_guard.views`); ``None`` for a directly scored text.
     """
 
     p_unsafe: float
@@ -61,6 +64,7 @@ class Verdict:
     threshold: float = 0.5
     n_truncated_tokens: int = 0
     error: str | None = None
+    view: str | None = None
 
     @property
     def unsafe(self) -> bool:
