@@ -44,7 +44,7 @@ def _backbone(spec: str | None, args: argparse.Namespace) -> Any:
 
 
 def _load_prototypes(args: argparse.Namespace) -> Any:
-    """Prototypes from ``--prototypes`` (with the backbone they record) or the seed-fitted default."""
+    """Prototypes from ``--prototypes`` (with the backbone they record) or the shipped default."""
     from .prototypes import META_FILE, Prototypes
     from .training import default_prototypes
 
@@ -78,6 +78,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
     summary = {"out": str(args.out), "n_samples": prototypes.n_samples_, "layers": prototypes.layer_ids_,
                "sets": [s.name for s in prototypes.sets_], "training": prototypes.training_summary_}
     print(json.dumps(summary))
+    return 0
+
+
+def cmd_fit_default(args: argparse.Namespace) -> int:
+    from .training import fit_release, shipped_prototypes_dir
+
+    prototypes = fit_release(_backbone(args.backbone, args), args.data, progress=not args.quiet)
+    out = prototypes.save(args.out or shipped_prototypes_dir())
+    print(json.dumps({"out": str(out), "n_samples": prototypes.n_samples_, "layers": prototypes.layer_ids_,
+                      "rows_per_source": prototypes.provenance_["rows_per_source"]}))
     return 0
 
 
@@ -233,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     with_protos = argparse.ArgumentParser(add_help=False)
-    with_protos.add_argument("--prototypes", help="a folder written by `fit` (default: the seed-fitted prototypes)")
+    with_protos.add_argument("--prototypes", help="a folder written by `fit` (default: the shipped default prototypes)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fit", parents=[common], help="fit prototypes on labelled JSONL/CSV files")
@@ -249,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit on DATA alone (by default the built-in seed set joins as one more source)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("fit-default", parents=[common],
+                       help="refit the default prototypes with the release recipe (permissive sources + seed set)")
+    p.add_argument("data", help="the folder holding the release recipe's files (e.g. ../shared/data)")
+    p.add_argument("--out", help="folder to write into (default: the package's shipped prototypes)")
+    p.set_defaults(func=cmd_fit_default)
 
     p = sub.add_parser("score", parents=[common, with_protos], help="print one JSON verdict per text")
     p.add_argument("text", nargs="+", help="texts to score ('-' reads one per line from stdin)")

@@ -459,6 +459,7 @@ class Prototypes(BaseEstimator):
             "steering_layers": self.steering_layers_,
             "n_samples": self.n_samples_,
             "training_summary": self.training_summary_,
+            "provenance": getattr(self, "provenance_", None),
         }
         meta["params"]["layers"] = list(meta["params"]["layers"]) if meta["params"]["layers"] else None
         blob = save_bytes(tensors, metadata={"format": FORMAT})
@@ -536,6 +537,7 @@ class Prototypes(BaseEstimator):
                 raise PrototypeFileError(f"{tensor_path}: steering directions do not match {META_FILE}")
             self.n_samples_ = int(meta.get("n_samples", 0))
             self.training_summary_ = meta.get("training_summary", {})
+            self.provenance_ = meta.get("provenance")
             self.backbone_identity_ = meta.get("backbone")
         except KeyError as exc:
             raise PrototypeFileError(f"{folder}: missing entry {exc} (file truncated or from another tool)") from None

@@ -1,4 +1,4 @@
-"""Fitting prototypes on labelled files, and the default prototypes fitted on the built-in seed set."""
+"""Fitting prototypes on labelled files; the default prototypes shipped in the package and their recipe."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import numpy as np
 
 from ._io import cache_home
 from .data import Example, cap_per_source, load_examples, seed_examples
-from .errors import DataError
+from .errors import BackboneMismatchError, DataError
 from .features import FeatureCache, extract
-from .prototypes import Prototypes
+from .prototypes import META_FILE, Prototypes
 
 logger = logging.getLogger(__name__)
 
@@ -76,21 +76,97 @@ def fit_examples(backbone: Any, examples: Sequence[Example], *, states: np.ndarr
                                     categories=[e.category for e in examples])
 
 
+#: The files of the shipped prototypes' fit (file stem -> licence). Only permissive licences: the
+#: fitted statistics ship in an Apache-2.0 package. Alpaca and ToxicChat (CC-BY-NC) and sets with
+#: no stated licence stay out of the fit; the generalisation benchmark uses them as held-out sets.
+RELEASE_SOURCES: dict[str, str] = {
+    "advbench": "MIT", "coconot": "MIT / ODC-BY", "cyberseceval_frr": "MIT", "do_not_answer": "Apache-2.0",
+    "harmbench_val": "MIT", "strongreject": "MIT", "tdc2023": "MIT", "gsm8k": "MIT", "humaneval": "MIT",
+    "self_instruct": "Apache-2.0", "chat_prompts": "Apache-2.0",
+}
+RELEASE_MAX_PER_SOURCE = 600
+SEED_LICENCE = "Apache-2.0 (written by the mlpm-guard project)"
+
+
+def shipped_prototypes_dir() -> Path:
+    """Where the package keeps the prototypes fitted at release time for the embedded backbone."""
+    return Path(str(resources.files("mlpm_guard") / "resources" / "default_prototypes"))
+
+
+def release_files(data_dir: str | Path) -> dict[str, Path]:
+    """The release recipe's files in ``data_dir`` (all of them must be there)."""
+    folder = Path(data_dir)
+    files = {stem: folder / f"{stem}.jsonl" for stem in RELEASE_SOURCES}
+    missing = sorted(stem for stem, path in files.items() if not path.is_file())
+    if missing:
+        raise DataError(f"{folder}: the release recipe needs {', '.join(f'{m}.jsonl' for m in missing)}")
+    return files
+
+
+def release_examples(data_dir: str | Path, *, exclude: Any = None) -> list[Example]:
+    """The release fit's training mix: each public source capped, the whole seed set (written for
+    exactly the gaps public data leaves: follow-ups, sensitive questions, other languages, content).
+    ``exclude(example)`` drops rows first (to hold a family out, as the generalisation benchmark does).
+    """
+    keep = (lambda e: not exclude(e)) if exclude is not None else (lambda e: True)
+    rows = [e for path in release_files(data_dir).values() for e in load_examples(path)
+            if e.split not in HELD_OUT_SPLITS and keep(e)]
+    return training_mix(rows, max_per_source=RELEASE_MAX_PER_SOURCE) + [e for e in seed_examples() if keep(e)]
+
+
+def fit_release(backbone: Any, data_dir: str | Path, *, progress: bool = True) -> Prototypes:
+    """Fit the default prototypes with the release recipe: :data:`RELEASE_SOURCES` from ``data_dir``
+    plus the seed set, each source capped at :data:`RELEASE_MAX_PER_SOURCE`, labels balanced.
+
+    The training mix and each file's licence are recorded in ``prototypes.json`` (``provenance``).
+    """
+    files = release_files(data_dir)
+    examples = release_examples(data_dir)
+    prototypes = fit_examples(backbone, examples, progress=progress)
+    used: dict[str, int] = {}
+    for e in examples:
+        used[e.source] = used.get(e.source, 0) + 1
+    prototypes.provenance_ = {
+        "recipe": "mlpm_guard.training.fit_release",
+        "max_per_source": RELEASE_MAX_PER_SOURCE,
+        "params": DEFAULT_PARAMS,
+        "files": {f"{stem}.jsonl": {"licence": lic, "sha256": _digest(files[stem])} for stem, lic in RELEASE_SOURCES.items()},
+        "seed_set": {"licence": SEED_LICENCE, "sha256": _seed_digest()},
+        "rows_per_source": dict(sorted(used.items())),
+    }
+    return prototypes
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def _seed_digest() -> str:
     ref = resources.files("mlpm_guard") / "resources" / "seed_prompts.jsonl"
     return hashlib.sha256(ref.read_bytes()).hexdigest()[:12]
 
 
 def default_prototypes(backbone: Any, *, progress: bool = True) -> Prototypes:
-    """Prototypes fitted on the built-in seed set for ``backbone``: loaded from the cache, or
-    fitted on first use (then cached)."""
+    """The default prototypes for ``backbone``.
+
+    For the embedded backbone these are the prototypes shipped in the package (fitted at release
+    time with :func:`fit_release`): nothing is fitted on first use. Any other backbone gets
+    prototypes fitted on the built-in seed set, once, then cached.
+    """
     from . import __version__
 
+    shipped = shipped_prototypes_dir()
+    if (shipped / META_FILE).is_file():
+        try:
+            return Prototypes.load(shipped, backbone=backbone)
+        except BackboneMismatchError:
+            pass  # another backbone: the seed-set fit below
     params = hashlib.sha256(repr(sorted(DEFAULT_PARAMS.items())).encode()).hexdigest()[:8]
     folder = cache_home() / "prototypes" / f"seed-{backbone.fingerprint}-{_seed_digest()}-{params}-v{__version__}"
-    if (folder / "prototypes.json").is_file():
+    if (folder / META_FILE).is_file():
         return Prototypes.load(folder, backbone=backbone)
-    logger.info("fitting the default prototypes on the built-in seed set (first use only)")
+    logger.warning("no shipped prototypes for backbone %s: fitting default prototypes on the built-in seed set "
+                   "(first use only, then cached in %s)", getattr(backbone, "name", backbone), folder)
     prototypes = fit_examples(backbone, seed_examples(), progress=progress)
     prototypes.save(folder)
     return prototypes
