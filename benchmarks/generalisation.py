@@ -38,7 +38,7 @@ import numpy as np
 from mlpm_guard.data import Example, load_examples
 from mlpm_guard.features import extract
 from mlpm_guard.training import RELEASE_SOURCES, fit_examples, release_examples
-from mlpm_guard.views import content_views, request_views
+from mlpm_guard.scoring import views_of
 
 LANGS = ("fr", "de", "es", "it", "pt", "pl", "nl", "ru", "zh", "tr")
 BOMB_PADDINGS: dict[str, Callable[[str], Any]] = {
@@ -157,18 +157,11 @@ class Scorer:
     def __init__(self, backbone: Any, fams: Sequence[Family]) -> None:
         self.backbone = backbone
 
-        def count(msgs: list[dict[str, str]]) -> int:
-            return len(backbone.encode([msgs])[0])
-
         self.views: dict[int, list[Any]] = {}
         texts: dict[str, Any] = {}
         for fam in fams:
             for item in fam.items:
-                if item.content:
-                    views = content_views(item.prompt, count)
-                else:
-                    msgs = [{"role": "user", "content": item.prompt}] if isinstance(item.prompt, str) else item.prompt
-                    views = request_views(msgs, count)
+                views = views_of(backbone, item.prompt, content=item.content)
                 self.views[id(item)] = [json.dumps(v.as_messages()) for v in views]
                 whole = json.dumps([{"role": "user", "content": item.prompt}] if isinstance(item.prompt, str)
                                    else item.prompt)

@@ -26,13 +26,14 @@ from .backbone import Backbone, BackboneConfig, Encoded
 from .categories import category_name
 from .errors import ConfigError, InputError
 from .generation import GenerationConfig, Prefill, decode, prefill
-from .messages import PromptInput, clean_text, to_messages
+from .messages import PromptInput, to_messages
 from .moderation import PrototypeModerator, to_verdict
 from .policy import Policy
 from .prototypes import Prototypes
+from .scoring import judge, views_of
 from .steering import steering_vectors
 from .types import GuardChunk, GuardResult, Route, Tier, Timings, Verdict
-from .views import View, content_views, request_views
+from .views import View
 
 logger = logging.getLogger(__name__)
 
@@ -169,16 +170,19 @@ class Guard:
         policy = self._policy(policy)
         out: list[Verdict | None] = [None] * len(items)
         valid: list[int] = []
-        messages: list[list[dict[str, str]]] = []
-        for i, p in enumerate(items):
+        for i, item in enumerate(items):
             try:
-                messages.append(_content_message(p) if content else to_messages(p))
+                if content and not isinstance(item, str):
+                    raise InputError(f"content to check must be a str, got {type(item).__name__}")
+                if not content:
+                    to_messages(item)
                 valid.append(i)
             except Exception as exc:  # noqa: BLE001 - fail closed on any bad input
                 out[i] = self._failed_verdict(exc, policy)
         if valid:
             try:
-                for i, v in zip(valid, self._judge(messages, content=content)):
+                verdicts = judge(self.backbone, self.prototypes, [items[i] for i in valid], content=content)
+                for i, v in zip(valid, verdicts):
                     out[i] = self._policy_verdict(v, policy)
             except Exception as exc:  # noqa: BLE001
                 logger.exception("scoring failed")
@@ -188,46 +192,7 @@ class Guard:
 
     def views(self, prompt: PromptInput, *, content: bool = False) -> list[View]:
         """The readings of a request (or of a text, with ``content``) that :meth:`check` scores."""
-        def count(msgs: list[dict[str, str]]) -> int:
-            return len(self.backbone.encode([msgs])[0])
-
-        if content:
-            return content_views(_content_message(prompt)[0]["content"], count)
-        return request_views(to_messages(prompt), count)
-
-    def _judge(self, messages: Sequence[list[dict[str, str]]], *, content: bool = False,
-               prefilled: np.ndarray | None = None, prefilled_rows: Sequence[Encoded] | None = None) -> list[Verdict]:
-        """The strictest verdict over each request's views, scored in shared batches.
-
-        ``prefilled`` holds states already captured for the whole of each request (the prefill
-        that ``PASS`` continues from); a view equal to the whole request reuses them.
-        """
-        layers = self.prototypes.layer_ids_
-        plan: list[list[tuple[str, int, bool]]] = []
-        extra: list[list[dict[str, str]]] = []
-        for i, msgs in enumerate(messages):
-            entries = []
-            for view in self.views(msgs[0]["content"] if content else msgs, content=content):
-                if prefilled is not None and view.as_messages() == msgs:
-                    entries.append((view.name, i, True))
-                else:
-                    entries.append((view.name, len(extra), False))
-                    extra.append(view.as_messages())
-            plan.append(entries)
-        scored: list[Verdict] = []
-        if extra:
-            rows = self.backbone.encode(extra)
-            scored = self.prototypes.verdicts(self.backbone.last_token_states(rows, layers),
-                                              [r.n_truncated for r in rows])
-        pre: list[Verdict] = []
-        if prefilled is not None:
-            pre = self.prototypes.verdicts(prefilled, [r.n_truncated for r in prefilled_rows or []] or None)
-        out = []
-        for entries in plan:
-            candidates = [((pre if reused else scored)[k], name) for name, k, reused in entries]
-            verdict, name = max(candidates, key=lambda c: c[0].p_unsafe)
-            out.append(dataclasses.replace(verdict, view=name))
-        return out
+        return views_of(self.backbone, prompt, content=content)
 
     @staticmethod
     def _policy_verdict(verdict: Verdict, policy: Policy) -> Verdict:
@@ -331,10 +296,11 @@ class Guard:
                policy: Policy) -> tuple[Verdict, Prefill | None]:
         """Score every view; the whole request's prefill is kept when ``PASS`` can continue from it."""
         if Route.PASS in self.handlers:
-            return self._policy_verdict(self._judge([messages])[0], policy), None
+            return self._policy_verdict(judge(self.backbone, self.prototypes, [messages])[0], policy), None
         layers = self.prototypes.layer_ids_
         state = prefill(self.backbone, rows, capture=layers)
-        verdict = self._judge([messages], prefilled=verdict_states(state, layers), prefilled_rows=rows)[0]
+        verdict = judge(self.backbone, self.prototypes, [messages], prefilled=verdict_states(state, layers),
+                        prefilled_rows=rows)[0]
         return self._policy_verdict(verdict, policy), state
 
     def _answer(self, route: Route, messages: list[dict[str, str]], rows: list[Encoded], state: Prefill | None,
@@ -436,7 +402,8 @@ class Guard:
         layers = self.prototypes.layer_ids_
         state = prefill(self.backbone, rows, capture=layers)
         verdicts = [self._policy_verdict(v, policy) for v in
-                    self._judge(messages, prefilled=verdict_states(state, layers), prefilled_rows=rows)]
+                    judge(self.backbone, self.prototypes, messages, prefilled=verdict_states(state, layers),
+                          prefilled_rows=rows)]
         scoring_ms = _ms(start) / len(valid)
         routes = [policy.route(v) for v in verdicts]
         texts: dict[int, tuple[str, int, float]] = {}
@@ -572,9 +539,3 @@ def verdict_states(state: Prefill, layers: Sequence[int]) -> np.ndarray:
     """Captured last-token states of a prefill as an array (n, len(layers), d)."""
     return torch.stack([state.states[layer] for layer in layers], dim=1).float().cpu().numpy()
 
-
-def _content_message(text: Any) -> list[dict[str, str]]:
-    """A text to judge as content, as the one-message form the view builder reads."""
-    if not isinstance(text, str):
-        raise InputError(f"content to check must be a str, got {type(text).__name__}")
-    return [{"role": "user", "content": clean_text(text)}]

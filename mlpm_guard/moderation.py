@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
+from .scoring import judge
 from .types import Tier, Verdict
 
 
@@ -16,10 +17,11 @@ class Moderator(Protocol):
 
 
 class PrototypeModerator:
-    """Scores the response as content with the same prototypes that score prompts.
+    """Judges the response as content with the same prototypes that score prompts.
 
-    The response is rendered as a user turn, the form the prototypes were fitted on, and the
-    forward pass stops at the deepest layer they use.
+    The answer is read the way :meth:`mlpm_guard.Guard.check_content` reads a passage (inside a
+    request for it, whole and in windows of a few sentences), so a harmful paragraph in a long
+    answer is not averaged away.
     """
 
     def __init__(self, prototypes: Any, threshold: float | None = None) -> None:
@@ -30,7 +32,8 @@ class PrototypeModerator:
         return self.batch([response])[0]
 
     def batch(self, responses: Sequence[str]) -> list[Verdict]:
-        verdicts = self.prototypes.score([r if r.strip() else " " for r in responses])
+        verdicts = judge(self.prototypes.backbone, self.prototypes, [r if r.strip() else " " for r in responses],
+                         content=True)
         return [to_verdict(v, self.threshold) for v in verdicts]
 
 

@@ -84,7 +84,10 @@ RELEASE_SOURCES: dict[str, str] = {
     "harmbench_val": "MIT", "strongreject": "MIT", "tdc2023": "MIT", "gsm8k": "MIT", "humaneval": "MIT",
     "self_instruct": "Apache-2.0", "chat_prompts": "Apache-2.0",
 }
-RELEASE_MAX_PER_SOURCE = 600
+RELEASE_MAX_PER_SOURCE = 400
+#: Longer prompts stay out of the fit: the guard never scores a reading longer than the views'
+#: context budget (longer text is read sentence by sentence), so they would teach nothing it uses.
+RELEASE_MAX_WORDS = 160
 SEED_LICENCE = "Apache-2.0 (written by the mlpm-guard project)"
 
 
@@ -110,7 +113,7 @@ def release_examples(data_dir: str | Path, *, exclude: Any = None) -> list[Examp
     """
     keep = (lambda e: not exclude(e)) if exclude is not None else (lambda e: True)
     rows = [e for path in release_files(data_dir).values() for e in load_examples(path)
-            if e.split not in HELD_OUT_SPLITS and keep(e)]
+            if e.split not in HELD_OUT_SPLITS and keep(e) and len(e.prompt.split()) <= RELEASE_MAX_WORDS]
     return training_mix(rows, max_per_source=RELEASE_MAX_PER_SOURCE) + [e for e in seed_examples() if keep(e)]
 
 
@@ -129,6 +132,7 @@ def fit_release(backbone: Any, data_dir: str | Path, *, progress: bool = True) -
     prototypes.provenance_ = {
         "recipe": "mlpm_guard.training.fit_release",
         "max_per_source": RELEASE_MAX_PER_SOURCE,
+        "max_words": RELEASE_MAX_WORDS,
         "params": DEFAULT_PARAMS,
         "files": {f"{stem}.jsonl": {"licence": lic, "sha256": _digest(files[stem])} for stem, lic in RELEASE_SOURCES.items()},
         "seed_set": {"licence": SEED_LICENCE, "sha256": _seed_digest()},
