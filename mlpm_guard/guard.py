@@ -25,7 +25,7 @@ from .backbone import Backbone, BackboneConfig, Encoded
 from .categories import category_name
 from .errors import ConfigError
 from .generation import GenerationConfig, Prefill, decode, prefill
-from .messages import PromptInput, to_messages
+from .messages import PromptInput, check_prompt, check_prompts, to_messages
 from .moderation import PrototypeModerator, to_verdict
 from .policy import Policy
 from .prototypes import Prototypes
@@ -139,13 +139,16 @@ class Guard:
         """Score a prompt without generating (to guard an external LLM).
 
         The forward pass stops at the deepest layer the prototypes use. A prompt that cannot be
-        scored gets an unsafe verdict carrying the error (a safe one if the policy fails open).
+        scored gets an unsafe verdict carrying the error (a safe one if the policy fails open);
+        a prompt of the wrong type raises :class:`~mlpm_guard.InputTypeError`.
         """
+        check_prompt(prompt)
         return self.check_batch([prompt], policy=policy)[0]
 
     def check_batch(self, prompts: Sequence[PromptInput], *,
                     policy: Policy | Mapping[str, Any] | None = None) -> list[Verdict]:
         """:meth:`check` for many prompts in length-sorted batches."""
+        check_prompts(prompts)
         policy = self._policy(policy)
         out: list[Verdict | None] = [None] * len(prompts)
         valid: list[int] = []
@@ -190,6 +193,7 @@ class Guard:
     def invoke(self, prompt: PromptInput, *, policy: Policy | Mapping[str, Any] | None = None,
                **generation: Any) -> GuardResult:
         """Guard and answer one prompt (a string or a message list)."""
+        check_prompt(prompt)
         result = None
         for chunk in self._run(prompt, self._policy(policy), self._config(generation), streaming=False):
             result = chunk.result or result
@@ -205,7 +209,8 @@ class Guard:
         pieces already sent cannot be withdrawn, so with ``on_flag="replace"`` the final result's
         text is the refusal and ``result.replaced`` is set for the consumer to act on.
         """
-        yield from self._run(prompt, self._policy(policy), self._config(generation), streaming=True)
+        check_prompt(prompt)  # at the call, not at the first `next`: hence no `yield` in this method
+        return self._run(prompt, self._policy(policy), self._config(generation), streaming=True)
 
     def _run(self, prompt: PromptInput, policy: Policy, config: GenerationConfig, *,
              streaming: bool) -> Iterator[GuardChunk]:
@@ -338,6 +343,7 @@ class Guard:
               **generation: Any) -> list[GuardResult]:
         """Guard and answer many prompts: one batched prefill scores them all, then each route's
         group is decoded as a batch (``PASS`` rows continue from the scoring prefill)."""
+        check_prompts(prompts)
         policy, config = self._policy(policy), self._config(generation)
         results: list[GuardResult | None] = [None] * len(prompts)
         size = self.backbone.config.batch_size
@@ -461,6 +467,7 @@ class Guard:
 
         Leaving the loop early (``break`` or cancellation) stops generation at the next token.
         """
+        check_prompt(prompt)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import SMALL_SAFE, SMALL_UNSAFE
-from mlpm_guard import GenerationConfig, Guard, Prototypes, Route, Tier, Verdict
+from mlpm_guard import GenerationConfig, Guard, InputTypeError, Prototypes, Route, Tier, Verdict
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                        HealthCheck.too_slow])
@@ -52,7 +52,14 @@ MESSAGE = st.one_of(st.fixed_dictionaries({"role": ROLES, "content": CONTENT}),
 @FAST
 @given(st.one_of(st.lists(MESSAGE, max_size=4), st.none(), st.integers(), st.binary(max_size=10),
                  st.dictionaries(st.text(max_size=3), st.text(max_size=3), max_size=2)))
-def test_any_message_list_is_answered_or_refused_never_raises(tiny_guard, prompt):
+def test_any_message_list_is_answered_refused_or_rejected_as_a_type_error(tiny_guard, prompt):
+    # A value that is no prompt at all (None, 5, bytes, a bare dict, a list holding a non-message)
+    # is the caller's bug and raises; anything shaped like a prompt is answered or refused.
+    wrong_type = not isinstance(prompt, list) or any(not isinstance(m, dict) for m in prompt)
+    if wrong_type:
+        with pytest.raises(InputTypeError):
+            tiny_guard.invoke(prompt)
+        return
     result = tiny_guard.invoke(prompt)
     if result.error:
         assert result.route is Route.REFUSE and result.blocked
@@ -98,9 +105,34 @@ def test_system_role_injection_is_scored_on_the_whole_conversation(guard):
     assert result.error is None and result.verdict.p_unsafe > guard.check("Go on.").p_unsafe
 
 
-@pytest.mark.parametrize("bad", [None, 42, 3.5, b"bytes", object(), {"role": "user", "content": "hi"}, [],
-                                 [{"role": "user", "content": None}], [{"role": "root", "content": "x"}],
-                                 ["not a message"], [{"role": "user", "content": ["list"]}]])
+NOT_A_PROMPT = [None, 42, 3.5, b"bytes", bytearray(b"x"), object(), {"role": "user", "content": "hi"},
+                ["not a message"], [{"role": "user", "content": "hi"}, 7]]
+
+
+@pytest.mark.parametrize("bad", NOT_A_PROMPT, ids=repr)
+def test_a_value_that_is_no_prompt_raises_a_type_error_at_the_call(tiny_guard, bad):
+    for call in (tiny_guard.check, tiny_guard.invoke, tiny_guard.stream):
+        with pytest.raises(InputTypeError, match="prompt") as info:
+            call(bad)
+        assert isinstance(info.value, TypeError)
+    for call in (tiny_guard.check_batch, tiny_guard.batch):
+        with pytest.raises(InputTypeError, match=r"prompts\[1\]"):
+            call(["fine", bad])
+    with pytest.raises(InputTypeError):
+        asyncio.run(tiny_guard.acheck(bad))
+
+
+@pytest.mark.parametrize("bad", ["a string", b"bytes", None, 5, {"a": "b"}, iter(["x"])], ids=repr)
+def test_check_batch_wants_a_list_of_prompts(tiny_guard, bad):
+    # A str is a sequence: without the check it scored every character as its own prompt.
+    with pytest.raises(InputTypeError, match="list of prompts"):
+        tiny_guard.check_batch(bad)
+    with pytest.raises(InputTypeError, match="list of prompts"):
+        tiny_guard.batch(bad)
+
+
+@pytest.mark.parametrize("bad", [[], [{"role": "user", "content": None}], [{"role": "root", "content": "x"}],
+                                 [{"content": "no role"}], [{"role": "user", "content": ["list"]}]], ids=repr)
 def test_malformed_input_never_passes_even_when_failing_open(guard, bad):
     assert guard.check(bad).unsafe
     result = guard.invoke(bad, policy={"fail_open": True})
