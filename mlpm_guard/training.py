@@ -85,9 +85,11 @@ def default_prototypes(backbone: Any, *, progress: bool = True) -> Prototypes:
     """Prototypes fitted on the built-in seed set for ``backbone``: loaded from the cache, or
     fitted on first use (then cached)."""
     from . import __version__
+    from .prototype_file import FORMAT_VERSION
 
     params = hashlib.sha256(repr(sorted(DEFAULT_PARAMS.items())).encode()).hexdigest()[:8]
-    folder = cache_home() / "prototypes" / f"seed-{backbone.fingerprint}-{_seed_digest()}-{params}-v{__version__}"
+    name = f"seed-{backbone.fingerprint}-{_seed_digest()}-{params}-v{__version__}-f{FORMAT_VERSION}"
+    folder = cache_home() / "prototypes" / name
     if (folder / "prototypes.json").is_file():
         return Prototypes.load(folder, backbone=backbone)
     logger.info("fitting the default prototypes on the built-in seed set (first use only)")
