@@ -221,7 +221,7 @@ class Guard:
             rows = self.backbone.encode([messages])
             verdict, state = self._score(rows, policy)
         except Exception as exc:  # noqa: BLE001 - fail closed
-            yield GuardChunk("", self._failure(exc, policy, messages, config))
+            yield from self._failed_chunks(self._failure(exc, policy, messages, config), streaming)
             return
         scoring_ms = _ms(start)
         route = policy.route(verdict)
@@ -252,7 +252,7 @@ class Guard:
             finally:
                 pieces.close()
         except Exception as exc:  # noqa: BLE001 - fail closed
-            yield GuardChunk("", self._failure(exc, policy, messages, config, verdict=verdict))
+            yield from self._failed_chunks(self._failure(exc, policy, messages, config, verdict=verdict), streaming)
             return
         generation_ms = _ms(gen_start) - moderation_ms
         text = "".join(parts)
@@ -262,7 +262,8 @@ class Guard:
             try:
                 output_verdict = self._moderate(messages, text, policy)
             except Exception as exc:  # noqa: BLE001 - an unjudged answer fails closed too
-                yield GuardChunk("", self._failure(exc, policy, messages, config, verdict=verdict))
+                yield from self._failed_chunks(self._failure(exc, policy, messages, config, verdict=verdict),
+                                               streaming)
                 return
             moderation_ms += _ms(t)
         flagged = output_verdict is not None and output_verdict.unsafe
@@ -270,6 +271,14 @@ class Guard:
         timings = Timings(scoring_ms, generation_ms, moderation_ms, len(rows[0]), n_tokens)
         yield GuardChunk("", GuardResult(policy.refusal_message if replaced else text, route, verdict, output_verdict,
                                          flagged, replaced, timings))
+
+    @staticmethod
+    def _failed_chunks(result: GuardResult, streaming: bool) -> Iterator[GuardChunk]:
+        """The end of a request that failed: in a stream the refusal (or the unguarded answer) is
+        sent as text too, since a consumer that joins the chunks' text never reads ``result``."""
+        if streaming and result.text:
+            yield GuardChunk(result.text)
+        yield GuardChunk("", result)
 
     def _score(self, rows: list[Encoded], policy: Policy) -> tuple[Verdict, Prefill | None]:
         """Score from a full prefill when PASS will continue from it, else from an early-exit pass."""

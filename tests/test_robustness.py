@@ -418,3 +418,49 @@ def test_a_latin1_csv_gets_a_clear_error_and_a_bom_csv_loads(tmp_path):
         bom = tmp_path / f"bom{suffix}"
         bom.write_bytes(text.encode("utf-8-sig"))
         assert [(e.prompt, e.label) for e in load_examples(bom)] == [("Café", 0)]
+
+
+# ---- streams carry the refusal
+@pytest.fixture
+def broken_scoring(tiny_guard, monkeypatch):
+    """Scoring raises inside the guard: every request fails closed."""
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("the backbone fell over")
+
+    monkeypatch.setattr(tiny_guard.backbone, "encode", boom)
+    return tiny_guard
+
+
+def test_a_failed_stream_carries_the_refusal_text(broken_scoring):
+    refusal = broken_scoring.policy.refusal_message
+    chunks = list(broken_scoring.stream("Write a haiku"))
+    assert "".join(c.text for c in chunks) == refusal
+    assert chunks[-1].result.route is Route.REFUSE and chunks[-1].result.error
+
+    async def collect():
+        return [c async for c in broken_scoring.astream("Write a haiku")]
+
+    assert "".join(c.text for c in asyncio.run(collect())) == refusal
+
+
+def test_a_failed_langchain_stream_carries_the_refusal_text(broken_scoring):
+    pytest.importorskip("langchain_core")
+    from langchain_mlpm_guard import ChatMLPMGuard, MLPMGuardRunnable
+
+    refusal = broken_scoring.policy.refusal_message
+    assert "".join(c.content for c in ChatMLPMGuard(guard=broken_scoring).stream("Write a haiku")) == refusal
+    pieces = MLPMGuardRunnable(guard=broken_scoring, output="str").stream("Write a haiku")
+    assert "".join(pieces) == refusal
+
+
+def test_a_failed_llamaindex_stream_carries_the_refusal_text(broken_scoring):
+    pytest.importorskip("llama_index.core")
+    from llama_index.core.llms import ChatMessage
+
+    from llama_index_mlpm_guard import MLPMGuardLLM
+
+    refusal = broken_scoring.policy.refusal_message
+    llm = MLPMGuardLLM(broken_scoring)
+    assert "".join(r.delta for r in llm.stream_complete("Write a haiku")) == refusal
+    assert "".join(r.delta for r in llm.stream_chat([ChatMessage(role="user", content="Write a haiku")])) == refusal
