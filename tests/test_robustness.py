@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import SMALL_SAFE, SMALL_UNSAFE
@@ -531,3 +531,120 @@ def test_bf16_verdicts_are_the_same_alone_and_in_any_batch(bf16_guard):
         np.testing.assert_allclose([v.p_unsafe for v in batched], [alone[i] for i in order], rtol=0, atol=1e-9)
     for p, a in list(zip(prompts, alone))[:2]:
         assert bf16_guard.invoke(p).verdict.p_unsafe == pytest.approx(a, abs=1e-9)  # the answer's prefill too
+
+
+# ---- fuzz: no prototypes or policy file loads and then passes an unsafe prompt
+class _Fake:
+    """The identity of the backbone the synthetic prototypes below were fitted on."""
+
+    def identity(self):
+        return {"name": "fake", "model": "fake", "model_type": "llama", "num_layers": 4, "hidden_size": 12,
+                "vocab_size": 100, "chat_template_hash": "abc", "weights_probe": [0.1, -0.2, 0.3]}
+
+
+@pytest.fixture(scope="module")
+def fuzz_base(tmp_path_factory):
+    """Prototypes on synthetic states, saved once, and unsafe probes they score near 1."""
+    rng = np.random.default_rng(0)
+    y = np.arange(400) % 2
+    H = rng.normal(size=(400, 4, 12))
+    H[:, 2, 0] += 4.0 * y
+    H[:, 3, 1] += 2.0 * y
+    cats = np.where(np.arange(400) % 4 == 1, "S1", "S9")
+    protos = Prototypes().fit(H, y, backbone=_Fake(), categories=cats)
+    folder = protos.save(tmp_path_factory.mktemp("fuzz") / "base")
+    states = H[:, [layer - 1 for layer in protos.layer_ids_]]
+    p = protos.predict_proba(states)
+    probes = states[(y == 1) & (p > 0.95)][:20]
+    # The value pool below holds small numbers (-1 .. 2) that are in range for the intercept; this
+    # fit's intercept is below them, so they only raise scores. An in-range edit that lowers them is
+    # a legitimate-looking forgery: the metadata digest is what catches it, and it is recomputed here.
+    assert len(probes) >= 10 and protos.intercept_ < -1
+    return folder, probes
+
+
+NUMBERS = st.one_of(st.sampled_from([math.nan, math.inf, -math.inf, -1, 0, 1, 2, 1.5, -0.5, 1e300, -1e300]),
+                    st.floats().filter(lambda x: not -1e3 < x < 1e3), st.integers().filter(lambda x: abs(x) >= 1000))
+VALUES = st.recursive(st.one_of(NUMBERS, st.none(), st.booleans(), st.text(max_size=6)),
+                      lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                              st.dictionaries(st.text(max_size=4), inner, max_size=2)), max_leaves=4)
+
+
+def _paths(node, prefix=()):
+    """Every key path of a JSON document (list items by index)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in items:
+        yield (*prefix, key)
+        yield from _paths(child, (*prefix, key))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(st.data())
+def test_fuzzed_prototype_metadata_never_loads_into_passing_an_unsafe_prompt(fuzz_base, data):
+    import shutil
+    import tempfile
+
+    base, probes = fuzz_base
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "p"
+        shutil.copytree(base, folder)
+        _fuzz_one(folder, probes, data)
+
+
+def _fuzz_one(folder: Path, probes: np.ndarray, data) -> None:
+    meta = json.loads((folder / META_FILE).read_text())
+    paths = sorted(_paths(meta), key=str)
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(paths))
+        parent = meta
+        for key in path[:-1]:
+            parent = parent[key] if isinstance(parent, (dict, list)) and key in (
+                parent if isinstance(parent, dict) else range(len(parent))) else None
+        if not isinstance(parent, (dict, list)):
+            continue
+        action = data.draw(st.sampled_from(["set", "delete", "add"]))
+        if isinstance(parent, dict) and action == "add":
+            parent[data.draw(st.text(min_size=1, max_size=8))] = data.draw(VALUES)
+        elif isinstance(parent, dict) and action == "delete":
+            parent.pop(path[-1], None)
+        elif isinstance(parent, dict) or path[-1] < len(parent):
+            parent[path[-1]] = data.draw(VALUES)
+    if data.draw(st.integers(0, 3)):  # a forger recomputes the digest (mostly tried: it gets past it)
+        meta["metadata_sha256"] = metadata_digest(meta)
+    (folder / META_FILE).write_text(json.dumps(meta))
+    try:
+        protos = Prototypes.load(folder, backbone=_Fake())
+    except (PrototypeFileError, BackboneMismatchError):
+        event("refused")
+        return
+    event("loaded")
+    for verdict in protos.verdicts(probes):
+        assert Policy().route(verdict) is not Route.PASS, (meta, verdict)
+
+
+ROUTES = st.sampled_from(["pass", "safety_prompt", "steer", "refuse", "PASS", "allow", "", None, 1])
+POLICY_VALUES = st.one_of(ROUTES, NUMBERS, st.floats(0, 1), st.booleans(), st.text(max_size=5),
+                          st.dictionaries(st.sampled_from(["S1", "S9", "S14", "violent crimes", "x", ""]), ROUTES,
+                                          max_size=3))
+POLICY_KEYS = st.sampled_from([*Policy.model_fields, "surprise", "allow_pass"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(POLICY_KEYS, POLICY_VALUES, max_size=6), st.sampled_from([None, "S1", "S9", "S14", "x"]))
+def test_fuzzed_policies_never_pass_an_unsafe_verdict_unless_they_say_so(fields, category):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unknown keys warn and are dropped
+        try:
+            policy = Policy.from_dict(fields)
+        except ConfigError:
+            return
+    failed = Verdict(1.0, "unsafe", Tier.UNSAFE, category=category, error="could not score")
+    assert policy.route(failed) is Route.REFUSE
+    if policy.allow_pass_for_unsafe:
+        return
+    for p in {1.0, policy.unsafe_at or 1.0}:
+        unsafe = Verdict(p, "unsafe", Tier.UNSAFE, category=category)
+        assert policy.route(unsafe) is not Route.PASS, (fields, category)
