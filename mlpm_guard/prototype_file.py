@@ -169,7 +169,7 @@ def read_folder(folder: Path) -> tuple[PrototypeMeta, bytes]:
         raise PrototypeFileError(f"{folder} is not a prototypes folder: it has no {META_FILE} (write one with `save`)")
     try:
         raw = json.loads(meta_path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, absurd nesting
         raise PrototypeFileError(f"{meta_path} is corrupted (not valid JSON: {exc})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise PrototypeFileError(f"{meta_path} is not an mlpm-guard prototypes file")

@@ -292,6 +292,14 @@ def test_forged_or_broken_metadata_is_refused_with_a_clear_error(saved, tiny_gua
         Prototypes.load(saved, backbone=tiny_guard.backbone)
 
 
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"format": "mlpm-guard-prototypes", "x": NaN}',
+                                  "\xff\xfe not text", "[]", "null"])
+def test_unparseable_metadata_is_refused_with_a_clear_error(saved, text):
+    (saved / META_FILE).write_bytes(text.encode("latin-1"))
+    with pytest.raises(PrototypeFileError):
+        Prototypes.load(saved)
+
+
 def test_any_edit_without_the_digest_is_detected(saved):
     meta = json.loads((saved / META_FILE).read_text())
     (saved / META_FILE).write_text(json.dumps({**meta, "threshold": 0.9}))  # in range, but not what was saved
