@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, MlpmGuardError
@@ -44,21 +43,19 @@ def _backbone(spec: str | None, args: argparse.Namespace) -> Any:
 
 
 def _load_prototypes(args: argparse.Namespace) -> Any:
-    """Prototypes from ``--prototypes`` (with the backbone they record) or the shipped default."""
-    from .prototypes import META_FILE, Prototypes
+    """Prototypes from ``--prototypes`` or the shipped default, on the backbone ``--backbone`` names.
+
+    The backbone is the user's choice (default: embedded), never the prototypes folder's: a
+    folder naming a hub id must not make this command download and run that model. Prototypes
+    fitted on another backbone are refused with a message naming it.
+    """
+    from .prototypes import Prototypes
     from .training import default_prototypes
 
+    backbone = _backbone(args.backbone, args)
     if args.prototypes:
-        meta_path = Path(args.prototypes) / META_FILE
-        recorded = {}
-        if meta_path.is_file():
-            try:
-                recorded = json.loads(meta_path.read_text(encoding="utf-8")).get("backbone") or {}
-            except json.JSONDecodeError:
-                recorded = {}  # Prototypes.load reports the corruption
-        backbone = _backbone(args.backbone or recorded.get("model"), args)
         return Prototypes.load(args.prototypes, backbone=backbone)
-    return default_prototypes(_backbone(args.backbone, args), progress=not args.quiet)
+    return default_prototypes(backbone, progress=not args.quiet)
 
 
 def cmd_fit(args: argparse.Namespace) -> int:

@@ -51,9 +51,20 @@ def parse_label(value: Any) -> int:
 
 
 def _rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    try:
+        yield from _decoded_rows(path)
+    except UnicodeDecodeError as exc:
+        msg = (f"{path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset {exc.start}); "
+               f"save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`")
+        raise DataError(msg) from None
+
+
+def _decoded_rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    # utf-8-sig: spreadsheet programs start UTF-8 files with a byte-order mark, which would
+    # otherwise become part of the first column's name ("\ufeffprompt").
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        with path.open(encoding="utf-8") as fh:
+        with path.open(encoding="utf-8-sig") as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
@@ -65,7 +76,7 @@ def _rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
                     raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
                 yield lineno, row
     elif suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as fh:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
             reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
             for lineno, row in enumerate(reader, 2):
                 yield lineno, row

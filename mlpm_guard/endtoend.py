@@ -82,7 +82,8 @@ def reference_policy(policy: Policy, route: Route | str) -> Policy:
     data = policy.model_dump()
     route = Route(route)
     data.update(safe_route=route, controversial_route=route, unsafe_route=route, category_routes={},
-                output_moderation=OutputModerationConfig().model_dump())
+                output_moderation=OutputModerationConfig().model_dump(),
+                allow_pass_for_unsafe=route is Route.PASS)  # the "no guard" row means it
     return Policy(**data)
 
 

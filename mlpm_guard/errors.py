@@ -33,3 +33,7 @@ class BackboneLoadError(MlpmGuardError, RuntimeError):
 
 class InputError(MlpmGuardError, ValueError):
     """A prompt or message list is not of an accepted form."""
+
+
+class InputTypeError(InputError, TypeError):
+    """A guard method was called with an argument of the wrong type (a programming error, raised at the call)."""

@@ -24,9 +24,9 @@ from pydantic import ValidationError
 
 from .backbone import Backbone, BackboneConfig, Encoded
 from .categories import category_name
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputTypeError
 from .generation import GenerationConfig, Prefill, decode, prefill
-from .messages import PromptInput, to_messages
+from .messages import PromptInput, check_prompt, check_prompts, check_texts, to_messages
 from .moderation import PrototypeModerator, to_verdict
 from .policy import Policy
 from .prototypes import Prototypes
@@ -142,13 +142,16 @@ class Guard:
         """Score a prompt without generating (to guard an external LLM).
 
         The forward pass stops at the deepest layer the prototypes use. A prompt that cannot be
-        scored gets an unsafe verdict carrying the error (a safe one if the policy fails open).
+        scored gets an unsafe verdict carrying the error (a safe one if the policy fails open);
+        a prompt of the wrong type raises :class:`~mlpm_guard.InputTypeError`.
         """
+        check_prompt(prompt)
         return self.check_batch([prompt], policy=policy)[0]
 
     def check_batch(self, prompts: Sequence[PromptInput], *,
                     policy: Policy | Mapping[str, Any] | None = None) -> list[Verdict]:
         """:meth:`check` for many prompts: every view of every prompt in length-sorted batches."""
+        check_prompts(prompts)
         return self._check_many(prompts, policy, content=False)
 
     def check_content(self, text: str, *, policy: Policy | Mapping[str, Any] | None = None) -> Verdict:
@@ -158,11 +161,14 @@ class Guard:
         (:data:`~mlpm_guard.views.CONTENT_TEMPLATE`), as a whole and in windows of a few
         sentences, so an ordinary passage passes and a harmful paragraph inside a long one does not.
         """
+        if not isinstance(text, str):
+            raise InputTypeError(f"content to check must be a str, got {type(text).__name__}")
         return self.check_content_batch([text], policy=policy)[0]
 
     def check_content_batch(self, texts: Sequence[str], *,
                             policy: Policy | Mapping[str, Any] | None = None) -> list[Verdict]:
         """:meth:`check_content` for many texts in shared batches."""
+        check_texts(texts)
         return self._check_many(texts, policy, content=True)
 
     def _check_many(self, items: Sequence[Any], policy: Policy | Mapping[str, Any] | None, *,
@@ -172,8 +178,6 @@ class Guard:
         valid: list[int] = []
         for i, item in enumerate(items):
             try:
-                if content and not isinstance(item, str):
-                    raise InputError(f"content to check must be a str, got {type(item).__name__}")
                 if not content:
                     to_messages(item)
                 valid.append(i)
@@ -216,6 +220,7 @@ class Guard:
     def invoke(self, prompt: PromptInput, *, policy: Policy | Mapping[str, Any] | None = None,
                **generation: Any) -> GuardResult:
         """Guard and answer one prompt (a string or a message list)."""
+        check_prompt(prompt)
         result = None
         for chunk in self._run(prompt, self._policy(policy), self._config(generation), streaming=False):
             result = chunk.result or result
@@ -231,7 +236,8 @@ class Guard:
         pieces already sent cannot be withdrawn, so with ``on_flag="replace"`` the final result's
         text is the refusal and ``result.replaced`` is set for the consumer to act on.
         """
-        yield from self._run(prompt, self._policy(policy), self._config(generation), streaming=True)
+        check_prompt(prompt)  # at the call, not at the first `next`: hence no `yield` in this method
+        return self._run(prompt, self._policy(policy), self._config(generation), streaming=True)
 
     def _run(self, prompt: PromptInput, policy: Policy, config: GenerationConfig, *,
              streaming: bool) -> Iterator[GuardChunk]:
@@ -242,7 +248,7 @@ class Guard:
             rows = self.backbone.encode([messages])
             verdict, state = self._score(messages, rows, policy)
         except Exception as exc:  # noqa: BLE001 - fail closed
-            yield GuardChunk("", self._failure(exc, policy, messages, config))
+            yield from self._failed_chunks(self._failure(exc, policy, messages, config), streaming)
             return
         scoring_ms = _ms(start)
         route = policy.route(verdict)
@@ -273,7 +279,7 @@ class Guard:
             finally:
                 pieces.close()
         except Exception as exc:  # noqa: BLE001 - fail closed
-            yield GuardChunk("", self._failure(exc, policy, messages, config, verdict=verdict))
+            yield from self._failed_chunks(self._failure(exc, policy, messages, config, verdict=verdict), streaming)
             return
         generation_ms = _ms(gen_start) - moderation_ms
         text = "".join(parts)
@@ -283,7 +289,8 @@ class Guard:
             try:
                 output_verdict = self._moderate(messages, text, policy)
             except Exception as exc:  # noqa: BLE001 - an unjudged answer fails closed too
-                yield GuardChunk("", self._failure(exc, policy, messages, config, verdict=verdict))
+                yield from self._failed_chunks(self._failure(exc, policy, messages, config, verdict=verdict),
+                                               streaming)
                 return
             moderation_ms += _ms(t)
         flagged = output_verdict is not None and output_verdict.unsafe
@@ -291,6 +298,14 @@ class Guard:
         timings = Timings(scoring_ms, generation_ms, moderation_ms, len(rows[0]), n_tokens)
         yield GuardChunk("", GuardResult(policy.refusal_message if replaced else text, route, verdict, output_verdict,
                                          flagged, replaced, timings))
+
+    @staticmethod
+    def _failed_chunks(result: GuardResult, streaming: bool) -> Iterator[GuardChunk]:
+        """The end of a request that failed: in a stream the refusal (or the unguarded answer) is
+        sent as text too, since a consumer that joins the chunks' text never reads ``result``."""
+        if streaming and result.text:
+            yield GuardChunk(result.text)
+        yield GuardChunk("", result)
 
     def _score(self, messages: list[dict[str, str]], rows: list[Encoded],
                policy: Policy) -> tuple[Verdict, Prefill | None]:
@@ -363,6 +378,7 @@ class Guard:
               **generation: Any) -> list[GuardResult]:
         """Guard and answer many prompts: one batched prefill scores them all, then each route's
         group is decoded as a batch (``PASS`` rows continue from the scoring prefill)."""
+        check_prompts(prompts)
         policy, config = self._policy(policy), self._config(generation)
         results: list[GuardResult | None] = [None] * len(prompts)
         size = self.backbone.config.batch_size
@@ -486,6 +502,7 @@ class Guard:
 
         Leaving the loop early (``break`` or cancellation) stops generation at the next token.
         """
+        check_prompt(prompt)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         stop = threading.Event()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence, Union
 
-from .errors import InputError
+from .errors import InputError, InputTypeError
 
 Message = Mapping[str, str]
 PromptInput = Union[str, Sequence[Message]]
@@ -77,3 +77,54 @@ def render_plain(messages: Sequence[Message], add_generation_prompt: bool = True
     """The fallback template for tokenizers without a chat template."""
     text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages)
     return text + ("Assistant:" if add_generation_prompt else "")
+
+
+def check_prompt(prompt: Any) -> None:
+    """Raise :class:`InputTypeError` if ``prompt`` is not a string or a sequence of messages.
+
+    A wrong type is the caller's bug, so it raises at the call instead of becoming a refusal
+    that looks like a verdict. A message list of the right shape whose content the guard cannot
+    score (no text, an unknown role, an empty list) still fails closed in the guard.
+    """
+    if isinstance(prompt, str):
+        return
+    if isinstance(prompt, (bytes, bytearray)):
+        raise InputTypeError("prompt must be a str or a list of messages, got bytes; decode it first "
+                             "(e.g. `data.decode('utf-8')`)")
+    if isinstance(prompt, Mapping):
+        raise InputTypeError("prompt must be a str or a list of messages, got a single mapping; "
+                             "wrap the message in a list: `[message]`")
+    if not isinstance(prompt, Sequence):
+        raise InputTypeError(f"prompt must be a str or a list of {{'role', 'content'}} messages, "
+                             f"got {type(prompt).__name__}")
+    for i, item in enumerate(prompt):
+        if not (isinstance(item, Mapping) or hasattr(item, "content")):
+            raise InputTypeError(f"message {i} of the prompt is a {type(item).__name__}; each message is a "
+                                 "mapping (or message object) with `role` and `content`")
+
+
+def check_prompts(prompts: Any) -> None:
+    """Raise :class:`InputTypeError` unless ``prompts`` is a sequence of prompts (see :func:`check_prompt`).
+
+    A bare string is refused: iterating it would score every character as its own prompt.
+    """
+    if isinstance(prompts, (str, bytes, bytearray)):
+        raise InputTypeError(f"prompts must be a list of prompts, got a single {type(prompts).__name__}; "
+                             "use `check`/`invoke` for one prompt, or wrap it in a list: `[prompt]`")
+    if isinstance(prompts, Mapping) or not isinstance(prompts, Sequence):
+        raise InputTypeError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
+    for i, prompt in enumerate(prompts):
+        try:
+            check_prompt(prompt)
+        except InputTypeError as exc:
+            raise InputTypeError(f"prompts[{i}]: {exc}") from None
+
+
+def check_texts(texts: Any) -> None:
+    """Raise :class:`InputTypeError` unless ``texts`` is a sequence of strings (content to judge)."""
+    if isinstance(texts, (str, bytes, bytearray)) or isinstance(texts, Mapping) or not isinstance(texts, Sequence):
+        raise InputTypeError(f"texts must be a list of strings, got {type(texts).__name__}; "
+                             "use `check_content` for one text, or wrap it in a list: `[text]`")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputTypeError(f"texts[{i}] is a {type(text).__name__}; content to judge must be a str")

@@ -2,7 +2,8 @@
 
 A policy is a pydantic model, so it validates on construction and reads/writes YAML or JSON.
 Routes are ordered from mildest to strictest (``PASS < SAFETY_PROMPT < STEER < REFUSE``) and a
-policy is rejected if a higher score could ever take a milder route.
+policy is rejected if a higher score could ever take a milder route, or if an unsafe verdict could
+take ``PASS`` without the policy saying so in as many words (``allow_pass_for_unsafe: true``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class SteeringConfig(BaseModel):
     means there, so ``alpha = 1`` moves a state by one class-mean distance toward "unsafe".
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     alpha: float = 0.2
     layers: tuple[int, ...] | None = Field(default=None, description="layer ids; None: the layers 40-75% deep")
@@ -51,7 +52,7 @@ class SteeringConfig(BaseModel):
 class OutputModerationConfig(BaseModel):
     """Optional moderation of the generated text."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     enabled: bool = False
     on_flag: Literal["replace", "flag"] = "replace"
@@ -67,16 +68,20 @@ class Policy(BaseModel):
             ``None`` keeps the prototypes' own thresholds (the verdict's tier).
         safe_route / controversial_route / unsafe_route: route per tier.
         category_routes: hazard code (``"S4"``) or category name to the route for non-safe
-            verdicts of that category, e.g. ``{"S4": "refuse", "S6": "safety_prompt"}``.
+            verdicts of that category, e.g. ``{"S4": "refuse", "S6": "safety_prompt"}``. A
+            category route may be milder than ``unsafe_route`` but never ``pass`` (see below).
         refusal_message: the text a refusal returns.
         safety_prompt: the system prompt of the ``SAFETY_PROMPT`` route.
         steering: knobs of the ``STEER`` route.
         output_moderation: knobs of the optional output check.
         fail_open: on an internal error, answer without the guard instead of refusing
             (the error is recorded in the result either way).
+        allow_pass_for_unsafe: allow ``unsafe_route: pass`` or a category route ``pass``, which
+            let prompts the guard judged unsafe through unguarded. Off, such a policy is rejected.
+            Even on, a verdict that could not be computed (it carries an ``error``) is refused.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     controversial_at: float | None = Field(default=None, gt=0, lt=1)
     unsafe_at: float | None = Field(default=None, gt=0, lt=1)
@@ -89,6 +94,14 @@ class Policy(BaseModel):
     steering: SteeringConfig = SteeringConfig()
     output_moderation: OutputModerationConfig = OutputModerationConfig()
     fail_open: bool = False
+    allow_pass_for_unsafe: bool = False
+
+    @field_validator("refusal_message")
+    @classmethod
+    def _visible_refusal(cls, value: str) -> str:
+        if not value.strip():  # a blank refusal reads as an empty answer, in a stream most of all
+            raise ValueError("`refusal_message` must contain visible text")
+        return value
 
     @field_validator("category_routes")
     @classmethod
@@ -108,6 +121,16 @@ class Policy(BaseModel):
         milder = {k: v for k, v in self.category_routes.items() if v.severity < self.safe_route.severity}
         if milder:
             raise ValueError(f"`category_routes` {milder} are milder than the safe route {self.safe_route}")
+        if not self.allow_pass_for_unsafe:
+            passing = {k: v.value for k, v in self.category_routes.items() if v is Route.PASS}
+            if passing:
+                raise ValueError(f"`category_routes` {passing} would let prompts judged unsafe in those categories "
+                                 "through unguarded; route them to safety_prompt, steer or refuse, or set "
+                                 "`allow_pass_for_unsafe: true` if that is really what you want")
+            if self.unsafe_route is Route.PASS:
+                raise ValueError("`unsafe_route: pass` would let prompts judged unsafe through unguarded; choose "
+                                 "safety_prompt, steer or refuse, or set `allow_pass_for_unsafe: true` if that is "
+                                 "really what you want")
         return self
 
     # ------------------------------------------------------------------ routing
@@ -121,7 +144,12 @@ class Policy(BaseModel):
         return Tier.UNSAFE if p >= unsafe_at else Tier.CONTROVERSIAL if p >= controversial_at else Tier.SAFE
 
     def route(self, verdict: Verdict) -> Route:
-        """The route for a verdict: by tier, then by category for non-safe verdicts."""
+        """The route for a verdict: by tier, then by category for non-safe verdicts.
+
+        A verdict that failed closed (unsafe, with an ``error``) is refused whatever the routes say.
+        """
+        if verdict.error is not None and verdict.unsafe:
+            return Route.REFUSE
         tier = self.tier(verdict)
         if tier is Tier.SAFE:
             return self.safe_route

@@ -7,9 +7,6 @@ over the per-layer probabilities picks and weighs the layers. See ``_stats`` for
 
 from __future__ import annotations
 
-import hashlib
-import json
-import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.numpy import load, save as save_bytes
 from sklearn.base import BaseEstimator
@@ -25,16 +23,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
 from . import _stats
-from ._io import atomic_write_bytes, atomic_write_text
 from .categories import category_label, category_name
 from .data import parse_label
 from .errors import BackboneMismatchError, ConfigError, NotFittedError, PrototypeFileError
+from .prototype_file import FORMAT, FORMAT_VERSION, META_FILE, check_tensors, read_folder, write_folder
 from .types import Tier, Verdict
 
-FORMAT = "mlpm-guard-prototypes"
-FORMAT_VERSION = 1
-TENSORS_FILE = "prototypes.safetensors"
-META_FILE = "prototypes.json"
 
 
 def _version() -> str:
@@ -328,7 +322,8 @@ class Prototypes(BaseEstimator):
 
     def _combine(self, F: np.ndarray) -> np.ndarray:
         z = F @ self.coef_ + self.intercept_
-        return 1.0 / (1.0 + np.exp(-z))
+        with np.errstate(over="ignore"):  # exp(-z) overflows to inf for very negative z: p = 0, as it should
+            return 1.0 / (1.0 + np.exp(-z))
 
     def predict(self, X: Any) -> np.ndarray:
         """1 for unsafe, 0 for safe."""
@@ -348,12 +343,20 @@ class Prototypes(BaseEstimator):
     def verdicts(self, H: np.ndarray, n_truncated: Sequence[int] | None = None) -> list[Verdict]:
         """Verdicts for hidden states of shape (n_samples, len(layer_ids_), d)."""
         self._check_fitted()
-        F = self._features(H)
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows fail closed just below
+            F = self._features(H)
         p = self._combine(F)
         per_layer = F[:, : len(self.layer_ids_)]
-        nearest = self._nearest_category(H)
+        # NaN compares false with every threshold and would land in the safe tier: such a row fails closed.
+        broken = ~np.isfinite(H).all(axis=(1, 2)) | ~np.isfinite(p)
+        nearest = self._nearest_category(np.where(broken[:, None, None], 0.0, H))
         out = []
         for i, pi in enumerate(p):
+            if broken[i]:
+                out.append(Verdict(1.0, "unsafe", Tier.UNSAFE, threshold=self.threshold_,
+                                   n_truncated_tokens=int(n_truncated[i]) if n_truncated else 0,
+                                   error="ScoringError: the backbone gave non-finite hidden states (NaN or inf)"))
+                continue
             tier = (Tier.UNSAFE if pi >= self.threshold_ else
                     Tier.CONTROVERSIAL if pi >= self.controversial_threshold_ else Tier.SAFE)
             cat = nearest[i] if tier is not Tier.SAFE else None
@@ -425,10 +428,12 @@ class Prototypes(BaseEstimator):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
-        """Write ``prototypes.safetensors`` and ``prototypes.json`` into folder ``path`` (atomically)."""
+        """Write the prototypes into folder ``path``: ``prototypes.json`` and a digest-named tensors file.
+
+        A save interrupted at any point (even ``kill -9``) leaves the previous save loadable;
+        see :func:`~mlpm_guard.prototype_file.write_folder`.
+        """
         self._check_fitted()
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, np.ndarray] = {
             "layer_ids": np.array(self.layer_ids_, dtype=np.int64),
             "coef": np.asarray(self.coef_, dtype=np.float64),
@@ -441,6 +446,8 @@ class Prototypes(BaseEstimator):
         if self.category_means_ is not None:
             tensors["category_means"] = self.category_means_.astype(np.float32)
         tensors["steering_directions"] = self.steering_directions_.astype(np.float32)
+        params = self.get_params()
+        params["layers"] = [int(x) for x in params["layers"]] if params["layers"] is not None else None
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -448,104 +455,112 @@ class Prototypes(BaseEstimator):
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "backbone": self.backbone_identity_,
             "hidden_size": int(self.sets_[0].means.shape[-1]),
-            "layer_ids": self.layer_ids_,
-            "params": self.get_params(),
-            "intercept": self.intercept_,
-            "threshold": self.threshold_,
-            "controversial_threshold": self.controversial_threshold_,
-            "sets": [{"name": s.name, "n": s.n, "prototypes": s.names} for s in self.sets_],
+            "layer_ids": [int(x) for x in self.layer_ids_],
+            "params": params,
+            "intercept": float(self.intercept_),
+            "threshold": float(self.threshold_),
+            "controversial_threshold": float(self.controversial_threshold_),
+            "sets": [{"name": s.name, "n": int(s.n), "prototypes": list(s.names)} for s in self.sets_],
             "category_layer": self.category_layer_,
-            "category_labels": self.category_labels_,
-            "steering_layers": self.steering_layers_,
-            "n_samples": self.n_samples_,
-            "training_summary": self.training_summary_,
+            "category_labels": list(self.category_labels_),
+            "steering_layers": [int(x) for x in self.steering_layers_],
+            "n_samples": int(self.n_samples_),
+            "training_summary": {str(k): int(v) for k, v in self.training_summary_.items()},
             "provenance": getattr(self, "provenance_", None),
         }
-        meta["params"]["layers"] = list(meta["params"]["layers"]) if meta["params"]["layers"] else None
-        blob = save_bytes(tensors, metadata={"format": FORMAT})
-        # The digest ties the two files together: a save interrupted between them is detected on load.
-        meta["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
-        atomic_write_bytes(folder / TENSORS_FILE, blob)
-        atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2))
+        folder = Path(path)
+        try:
+            check_tensors(tensors, folder)
+            write_folder(folder, meta, save_bytes(tensors, metadata={"format": FORMAT}))
+        except (ValidationError, PrototypeFileError) as exc:
+            raise ConfigError(f"these prototypes hold values that cannot be saved (refit them):\n{exc}") from None
         return folder
 
     @classmethod
     def load(cls, path: str | Path, backbone: Any = None) -> Prototypes:
         """Load prototypes saved by :meth:`save`; with ``backbone``, check it is the one they were fitted on.
 
+        Every field is checked (types, ranges, finite numbers, digests of both files), and the
+        loaded prototypes must still score their own unsafe mean unsafe and their safe mean safe.
+
         Raises:
-            PrototypeFileError: missing, truncated, corrupted or unknown files.
-            BackboneMismatchError: the backbone differs from the recorded one.
+            PrototypeFileError: missing, truncated, corrupted, edited or unknown files.
+            BackboneMismatchError: the backbone differs from the recorded one (or none is recorded).
         """
         folder = Path(path)
-        meta_path, tensor_path = folder / META_FILE, folder / TENSORS_FILE
-        if not meta_path.is_file() or not tensor_path.is_file():
-            msg = f"{folder} is not a prototypes folder: it needs {META_FILE} and {TENSORS_FILE} (write one with `save`)"
-            raise PrototypeFileError(msg)
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PrototypeFileError(f"{meta_path} is corrupted (not valid JSON: {exc})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise PrototypeFileError(f"{meta_path} is not an mlpm-guard prototypes file")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            msg = (f"{meta_path} has format version {meta['format_version']}, newer than this mlpm-guard "
-                   f"understands ({FORMAT_VERSION}); upgrade mlpm-guard")
-            raise PrototypeFileError(msg)
-        blob = tensor_path.read_bytes()
-        if meta.get("tensors_sha256") not in (None, hashlib.sha256(blob).hexdigest()):
-            msg = (f"{tensor_path} does not match {META_FILE} (an interrupted save, or files from two different "
-                   "saves); save the prototypes again")
-            raise PrototypeFileError(msg)
+        meta, blob = read_folder(folder)
         try:
             t = load(blob)
         except (SafetensorError, OSError, ValueError) as exc:
-            raise PrototypeFileError(f"{tensor_path} is truncated or corrupted: {exc}") from None
-        known = set(cls().get_params())
-        params = {k: v for k, v in meta.get("params", {}).items() if k in known}
-        unknown = sorted(set(meta.get("params", {})) - known)
-        if unknown:
-            warnings.warn(f"{meta_path}: ignoring unknown parameters {unknown} (saved by a newer version?)",
-                          stacklevel=2)
-        self = cls(**params)
+            raise PrototypeFileError(f"{folder}: the tensors file is truncated or corrupted: {exc}") from None
+        check_tensors(t, folder)
+        self = cls(**meta.params.model_dump())
+        try:
+            self._check_params()
+        except ConfigError as exc:
+            raise PrototypeFileError(f"{folder}: invalid `params`: {exc}") from None
+        k, d = len(meta.layer_ids), meta.hidden_size
         try:
             self.layer_ids_ = [int(x) for x in t["layer_ids"]]
-            if self.layer_ids_ != [int(x) for x in meta["layer_ids"]]:
-                raise PrototypeFileError(f"{folder}: the layer ids in {META_FILE} and {TENSORS_FILE} disagree")
-            k, d = len(self.layer_ids_), int(meta["hidden_size"])
+            if self.layer_ids_ != meta.layer_ids:
+                raise PrototypeFileError(f"{folder}: the layer ids in {META_FILE} and the tensors file disagree")
             self.sets_ = []
-            for i, info in enumerate(meta["sets"]):
+            for i, info in enumerate(meta.sets):
                 labels, counts = t[f"sets.{i}.labels"], t[f"sets.{i}.counts"]
                 means, cov = t[f"sets.{i}.means"].astype(np.float64), t[f"sets.{i}.cov"].astype(np.float64)
-                n_protos = len(info["prototypes"])
-                if means.shape != (k, n_protos, d) or cov.shape != (k, d, d) or labels.shape != (n_protos,):
-                    raise PrototypeFileError(f"{tensor_path}: set {i} has shapes that do not match {META_FILE}")
-                self.sets_.append(PrototypeSet(info["name"], labels, list(info["prototypes"]), counts, means, cov,
-                                               int(info["n"])))
+                n_protos = len(info.prototypes)
+                if (means.shape != (k, n_protos, d) or cov.shape != (k, d, d) or labels.shape != (n_protos,)
+                        or counts.shape != (n_protos,)):
+                    raise PrototypeFileError(f"{folder}: set {i} has tensor shapes that do not match {META_FILE}")
+                self.sets_.append(PrototypeSet(info.name, labels, list(info.prototypes), counts, means, cov, info.n))
+            if len(t) != 3 + 4 * len(meta.sets) + ("category_means" in t):
+                raise PrototypeFileError(f"{folder}: the tensors file holds tensors {META_FILE} does not describe")
             self.coef_ = t["coef"].astype(np.float64)
             if self.coef_.shape != (len(self.sets_) * k,):
-                raise PrototypeFileError(f"{tensor_path}: the layer weights do not match {META_FILE}")
-            self.intercept_ = float(meta["intercept"])
-            self.threshold_ = float(meta["threshold"])
-            self.controversial_threshold_ = float(meta["controversial_threshold"])
-            self.category_layer_ = meta.get("category_layer")
-            self.category_labels_ = list(meta.get("category_labels") or [])
+                raise PrototypeFileError(f"{folder}: the layer weights do not match {META_FILE}")
+            self.intercept_ = meta.intercept
+            self.threshold_ = meta.threshold
+            self.controversial_threshold_ = meta.controversial_threshold
+            self.category_layer_ = meta.category_layer
+            self.category_labels_ = list(meta.category_labels)
             self.category_means_ = t["category_means"].astype(np.float64) if "category_means" in t else None
-            self.steering_layers_ = [int(x) for x in meta["steering_layers"]]
+            n_categories = 0 if self.category_means_ is None else len(self.category_means_)
+            if n_categories != len(self.category_labels_) or (
+                    self.category_means_ is not None and self.category_means_.shape != (n_categories, d)):
+                raise PrototypeFileError(f"{folder}: category means do not match the category labels")
+            self.steering_layers_ = list(meta.steering_layers)
             self.steering_directions_ = t["steering_directions"].astype(np.float64)
             if self.steering_directions_.shape != (len(self.steering_layers_), d):
-                raise PrototypeFileError(f"{tensor_path}: steering directions do not match {META_FILE}")
-            self.n_samples_ = int(meta.get("n_samples", 0))
-            self.training_summary_ = meta.get("training_summary", {})
-            self.provenance_ = meta.get("provenance")
-            self.backbone_identity_ = meta.get("backbone")
+                raise PrototypeFileError(f"{folder}: steering directions do not match {META_FILE}")
+            self.n_samples_ = meta.n_samples
+            self.training_summary_ = dict(meta.training_summary)
+            self.provenance_ = meta.provenance
+            self.backbone_identity_ = meta.backbone.model_dump() if meta.backbone is not None else None
         except KeyError as exc:
-            raise PrototypeFileError(f"{folder}: missing entry {exc} (file truncated or from another tool)") from None
+            raise PrototypeFileError(f"{folder}: missing tensor {exc} (file truncated or from another tool)") from None
         except np.linalg.LinAlgError as exc:
-            raise PrototypeFileError(f"{tensor_path}: covariance is not usable ({exc})") from None
+            raise PrototypeFileError(f"{folder}: covariance is not usable ({exc})") from None
+        self._self_check(folder)
         if backbone is not None:
             self.bind(backbone)
         return self
+
+    def _self_check(self, where: Path) -> None:
+        """Refuse prototypes whose layer combination is upside down, or whose maths gives NaN.
+
+        A file that passes the schema can still be edited (and its digests recomputed) into
+        passing everything, e.g. with a huge negative intercept. Whatever the fit, a prompt that
+        every layer calls unsafe must come out unsafe, and no less unsafe than one that every
+        layer calls safe. (A degenerate fit that calls everything unsafe is allowed: it fails closed.)
+        """
+        if not all(np.isfinite(x).all() for s in self.sets_ for x in (s.W, s.b)):
+            raise PrototypeFileError(f"{where}: the covariance gives non-finite discriminants")
+        p_safe, p_unsafe = self._combine(np.array([np.zeros_like(self.coef_), np.ones_like(self.coef_)]))
+        if not (p_unsafe >= self.threshold_ and p_unsafe >= p_safe):
+            msg = (f"{where}: the layer combination gives {p_unsafe:.3g} when every layer says unsafe and "
+                   f"{p_safe:.3g} when every layer says safe, against threshold {self.threshold_:.3g}; "
+                   "the file was edited into nonsense. Fit the prototypes again.")
+            raise PrototypeFileError(msg)
 
     def bind(self, backbone: Any) -> Prototypes:
         """Attach a backbone after checking that it is the one these prototypes were fitted on."""
@@ -563,8 +578,11 @@ class Prototypes(BaseEstimator):
 def check_backbone(recorded: dict[str, Any] | None, backbone: Any) -> None:
     """Raise :class:`BackboneMismatchError` if ``backbone`` is not the recorded one."""
     if recorded is None:
-        warnings.warn("these prototypes record no backbone; cannot check they match", stacklevel=3)
-        return
+        # Without a record nothing says these states mean anything on this backbone.
+        msg = ("these prototypes record no backbone (fitted on raw hidden states), so they cannot be checked "
+               f"against {backbone.identity()['name']!r}; fit them with `backbone=` (or `mlpm-guard fit`), "
+               "or use them on hidden states only")
+        raise BackboneMismatchError(msg)
     current = backbone.identity()
     problems = [f"{key}: fitted on {recorded.get(key)!r}, this backbone has {current[key]!r}"
                 for key in ("num_layers", "hidden_size", "vocab_size", "chat_template_hash")
@@ -573,8 +591,9 @@ def check_backbone(recorded: dict[str, Any] | None, backbone: Any) -> None:
     if not problems and probe_a is not None and not np.allclose(probe_a, probe_b, rtol=2e-2, atol=2e-3):
         problems.append("weights differ (same shape, different model or fine-tune)")
     if problems:
-        msg = (f"these prototypes were fitted on backbone {recorded.get('name')!r} but are used with "
-               f"{current['name']!r}: " + "; ".join(problems)
-               + ". Refit them on this backbone (`mlpm-guard fit DATA --backbone SPEC --out DIR`) or load the "
-               "backbone they were fitted on.")
+        msg = (f"these prototypes were fitted on backbone {recorded.get('name')!r} (model {recorded.get('model')!r}) "
+               f"but are used with {current['name']!r}: " + "; ".join(problems)
+               + ". Refit them on this backbone (`mlpm-guard fit DATA --backbone SPEC --out DIR`), or choose the "
+               "backbone they were fitted on yourself (`--backbone`, `Backbone(...)`): a prototypes folder never "
+               "picks the model that is loaded.")
         raise BackboneMismatchError(msg)

@@ -158,6 +158,7 @@ def default_prototypes(backbone: Any, *, progress: bool = True) -> Prototypes:
     prototypes fitted on the built-in seed set, once, then cached.
     """
     from . import __version__
+    from .prototype_file import FORMAT_VERSION
 
     shipped = shipped_prototypes_dir()
     if (shipped / META_FILE).is_file():
@@ -166,7 +167,8 @@ def default_prototypes(backbone: Any, *, progress: bool = True) -> Prototypes:
         except BackboneMismatchError:
             pass  # another backbone: the seed-set fit below
     params = hashlib.sha256(repr(sorted(DEFAULT_PARAMS.items())).encode()).hexdigest()[:8]
-    folder = cache_home() / "prototypes" / f"seed-{backbone.fingerprint}-{_seed_digest()}-{params}-v{__version__}"
+    name = f"seed-{backbone.fingerprint}-{_seed_digest()}-{params}-v{__version__}-f{FORMAT_VERSION}"
+    folder = cache_home() / "prototypes" / name
     if (folder / META_FILE).is_file():
         return Prototypes.load(folder, backbone=backbone)
     logger.warning("no shipped prototypes for backbone %s: fitting default prototypes on the built-in seed set "

@@ -1,12 +1,14 @@
 """The Prototypes estimator on synthetic states: fit, verdicts, customisation, persistence."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 
 from mlpm_guard import Prototypes, Tier
 from mlpm_guard.errors import BackboneMismatchError, ConfigError, NotFittedError, PrototypeFileError
+from mlpm_guard.prototype_file import metadata_digest
 
 
 def make_states(n=300, layers=4, d=12, seed=0):
@@ -133,7 +135,9 @@ def test_save_load_round_trip(tmp_path, fitted):
     cols = [layer - 1 for layer in p.layer_ids_]
     p.add_examples(H[:3, cols], ["safe"] * 3, name="faq")
     p.save(tmp_path / "protos")
-    assert sorted(f.name for f in (tmp_path / "protos").iterdir()) == ["prototypes.json", "prototypes.safetensors"]
+    # The tensors file is named by its digest: a new save never overwrites the file the old metadata names.
+    names = sorted(f.name for f in (tmp_path / "protos").iterdir())
+    assert len(names) == 2 and names[1] == "prototypes.json" and re.fullmatch(r"prototypes\.[0-9a-f]{16}\.safetensors", names[0])
     q = Prototypes.load(tmp_path / "protos")
     np.testing.assert_allclose(q.predict_proba(H[:, cols]), p.predict_proba(H[:, cols]), rtol=1e-5, atol=1e-6)
     assert q.get_params() == p.get_params()
@@ -144,23 +148,32 @@ def test_save_load_round_trip(tmp_path, fitted):
 def test_load_errors_are_clear(tmp_path, fitted):
     p, _, _ = fitted
     folder = p.save(tmp_path / "protos")
-    tensors = folder / "prototypes.safetensors"
+    [tensors] = folder.glob("*.safetensors")
     data = tensors.read_bytes()
     tensors.write_bytes(data[: len(data) // 2])
     with pytest.raises(PrototypeFileError, match="does not match prototypes.json"):
         Prototypes.load(folder)
-    meta = json.loads((folder / "prototypes.json").read_text())
-    (folder / "prototypes.json").write_text(json.dumps({**meta, "tensors_sha256": None}))
-    with pytest.raises(PrototypeFileError, match="truncated or corrupted"):
-        Prototypes.load(folder)
     tensors.write_bytes(data)
+    meta = json.loads((folder / "prototypes.json").read_text())
+    # Issue 14: a missing digest used to switch the check off (a bit-flipped tensors file then loaded).
+    for key in ("tensors_sha256", "metadata_sha256"):
+        (folder / "prototypes.json").write_text(json.dumps({**meta, key: None}))
+        with pytest.raises(PrototypeFileError, match=key):
+            Prototypes.load(folder)
     (folder / "prototypes.json").write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(PrototypeFileError, match="newer than this mlpm-guard"):
+        Prototypes.load(folder)
+    (folder / "prototypes.json").write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(PrototypeFileError, match="older mlpm-guard"):
         Prototypes.load(folder)
     (folder / "prototypes.json").write_text("{not json")
     with pytest.raises(PrototypeFileError, match="corrupted"):
         Prototypes.load(folder)
-    (folder / "prototypes.json").write_text(json.dumps({**meta, "layer_ids": [1, 2]}))
+    (folder / "prototypes.json").write_text(json.dumps({**meta, "threshold": 0.4}))
+    with pytest.raises(PrototypeFileError, match="changed after it was saved"):
+        Prototypes.load(folder)
+    forged = {**meta, "layer_ids": [1, 2, 3]}
+    (folder / "prototypes.json").write_text(json.dumps({**forged, "metadata_sha256": metadata_digest(forged)}))
     with pytest.raises(PrototypeFileError, match="disagree"):
         Prototypes.load(folder)
     with pytest.raises(PrototypeFileError, match="is not a prototypes folder"):

@@ -1,0 +1,218 @@
+"""The on-disk form of fitted prototypes: a strict schema for ``prototypes.json`` and its digests.
+
+A prototypes folder decides verdicts, so nothing in it is taken on trust: every field is checked
+for type and range (no NaN, no threshold outside (0, 1), no unknown keys), the metadata and the
+tensors are both covered by SHA-256 digests, and the tensors file is named by its own digest so
+that ``prototypes.json`` is the single commit point of a save (see :func:`write_folder`).
+The digests catch corruption and files from two different saves; a person who edits the folder
+and recomputes them is caught by the schema and by the self-check in ``Prototypes.load`` (the
+prototypes must still call their own unsafe mean unsafe), not by the digests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ._io import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+from .errors import PrototypeFileError
+
+FORMAT = "mlpm-guard-prototypes"
+#: 2: digest-named tensors file, metadata digest, strict schema (1 had a fixed tensors file name).
+FORMAT_VERSION = 2
+META_FILE = "prototypes.json"
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+_SHA256 = r"^[0-9a-f]{64}$"
+
+
+def tensors_file_name(tensors_sha256: str) -> str:
+    """The tensors file of a save: named by its digest, so a new save never overwrites the old one."""
+    return f"prototypes.{tensors_sha256[:16]}.safetensors"
+
+
+class BackboneRecord(BaseModel):
+    """What a prototypes folder records about the backbone it was fitted on (``Backbone.identity``).
+
+    ``model`` is kept for people reading the file; it never chooses what gets loaded.
+    """
+
+    model_config = _STRICT
+
+    name: str
+    model: str
+    model_type: str | None
+    num_layers: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    vocab_size: int = Field(ge=1)
+    chat_template_hash: str
+    weights_probe: list[float]
+
+
+class FitParams(BaseModel):
+    """The estimator parameters of ``Prototypes`` (``get_params``)."""
+
+    model_config = _STRICT
+
+    layers: list[int] | None
+    C: float = Field(gt=0)
+    per_source: bool
+    min_source_count: int = Field(ge=1)
+    cv: int | None = Field(ge=2)
+    threshold: float = Field(gt=0, lt=1)
+    controversial_threshold: float = Field(gt=0, lt=1)
+    categories: bool
+    random_state: int | None
+
+
+class SetRecord(BaseModel):
+    model_config = _STRICT
+
+    name: str
+    n: int = Field(ge=2)
+    prototypes: list[str] = Field(min_length=2)
+
+
+class PrototypeMeta(BaseModel):
+    """The schema of ``prototypes.json``."""
+
+    model_config = _STRICT
+
+    format: Literal["mlpm-guard-prototypes"]
+    format_version: Literal[2]
+    mlpm_guard_version: str
+    created: str
+    backbone: BackboneRecord | None
+    hidden_size: int = Field(ge=1)
+    layer_ids: list[int] = Field(min_length=1)
+    params: FitParams
+    intercept: float
+    threshold: float = Field(gt=0, lt=1)
+    controversial_threshold: float = Field(gt=0, lt=1)
+    sets: list[SetRecord] = Field(min_length=1)
+    category_layer: int | None
+    category_labels: list[str]
+    steering_layers: list[int] = Field(min_length=1)
+    n_samples: int = Field(ge=0)
+    training_summary: dict[str, int]
+    provenance: dict[str, Any] | None = None  # how the fit was made (the shipped default records its data and licences)
+    tensors_sha256: str = Field(pattern=_SHA256)
+    metadata_sha256: str = Field(pattern=_SHA256)
+
+    @field_validator("layer_ids", "steering_layers")
+    @classmethod
+    def _ascending_layer_ids(cls, value: list[int]) -> list[int]:
+        if value[0] < 1 or any(a >= b for a, b in zip(value, value[1:])):
+            raise ValueError(f"must be distinct ascending layer ids >= 1, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PrototypeMeta:
+        if self.controversial_threshold > self.threshold:
+            raise ValueError(f"controversial_threshold {self.controversial_threshold} exceeds threshold {self.threshold}")
+        if self.category_layer is not None and self.category_layer not in self.layer_ids:
+            raise ValueError(f"category_layer {self.category_layer} is not one of layer_ids {self.layer_ids}")
+        if self.category_labels and self.category_layer is None:
+            raise ValueError("category_labels are given but category_layer is null")
+        if not set(self.layer_ids) <= set(self.steering_layers):
+            raise ValueError("layer_ids must be a subset of steering_layers (the candidate layers of the fit)")
+        if self.backbone is not None:
+            if self.backbone.hidden_size != self.hidden_size:
+                raise ValueError(f"hidden_size {self.hidden_size} differs from the backbone's "
+                                 f"{self.backbone.hidden_size}")
+            if self.steering_layers[-1] > self.backbone.num_layers:
+                raise ValueError(f"layer ids go beyond the backbone's {self.backbone.num_layers} layers")
+        return self
+
+
+def _canonical(meta: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in meta.items() if k != "metadata_sha256"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def metadata_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of the metadata (all but the digest itself; the tensors digest is part of it)."""
+    return hashlib.sha256(_canonical(meta)).hexdigest()
+
+
+def write_folder(folder: Path, meta: dict[str, Any], blob: bytes) -> None:
+    """Save metadata and tensors so that a crash at any point leaves a loadable folder.
+
+    The tensors go to a new file named by their digest; replacing ``prototypes.json`` then
+    switches to them in one rename. Before it, the old metadata still names the old tensors,
+    which are only deleted after it. Temporary files of saves killed earlier are removed first.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(folder)
+    meta = {**meta, "tensors_sha256": hashlib.sha256(blob).hexdigest()}
+    meta["metadata_sha256"] = metadata_digest(meta)
+    PrototypeMeta.model_validate(meta)  # never write a file that would not load
+    name = tensors_file_name(meta["tensors_sha256"])
+    atomic_write_bytes(folder / name, blob)
+    atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2, allow_nan=False))
+    for old in folder.glob("prototypes*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def read_folder(folder: Path) -> tuple[PrototypeMeta, bytes]:
+    """Read and check a prototypes folder: schema, then both digests.
+
+    Raises:
+        PrototypeFileError: naming the file and what is wrong with it.
+    """
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise PrototypeFileError(f"{folder} is not a prototypes folder: it has no {META_FILE} (write one with `save`)")
+    try:
+        raw = json.loads(meta_path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, absurd nesting
+        raise PrototypeFileError(f"{meta_path} is corrupted (not valid JSON: {exc})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise PrototypeFileError(f"{meta_path} is not an mlpm-guard prototypes file")
+    version = raw.get("format_version")
+    if type(version) is not int:
+        raise PrototypeFileError(f"{meta_path}: `format_version` must be an integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise PrototypeFileError(f"{meta_path} has format version {version}, newer than this mlpm-guard "
+                                 f"understands ({FORMAT_VERSION}); upgrade mlpm-guard")
+    if version < FORMAT_VERSION:
+        raise PrototypeFileError(f"{meta_path} has format version {version}, from an older mlpm-guard without "
+                                 "digests over the metadata; fit the prototypes again (`mlpm-guard fit ... --out DIR`)")
+    try:
+        meta = PrototypeMeta.model_validate(raw)
+    except ValidationError as exc:
+        raise PrototypeFileError(f"{meta_path} has invalid fields (refusing to load prototypes that decide "
+                                 f"verdicts from it):\n{exc}") from None
+    if metadata_digest(raw) != meta.metadata_sha256:
+        raise PrototypeFileError(f"{meta_path} was changed after it was saved (its metadata_sha256 does not match); "
+                                 "change prototypes through the Python API and `save`, or fit them again")
+    tensor_path = folder / tensors_file_name(meta.tensors_sha256)
+    if not tensor_path.is_file():
+        raise PrototypeFileError(f"{folder}: the tensors file {tensor_path.name} named by {META_FILE} is missing "
+                                 "(files copied from two different saves?); save the prototypes again")
+    blob = tensor_path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != meta.tensors_sha256:
+        raise PrototypeFileError(f"{tensor_path} does not match {META_FILE} (corrupted, or from another save); "
+                                 "save the prototypes again")
+    return meta, blob
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json reads NaN/Infinity, which are not JSON; a prototypes file never holds them.
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def check_tensors(t: dict[str, np.ndarray], where: Path) -> None:
+    """Every tensor finite; labels 0/1; counts positive."""
+    for key, value in t.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise PrototypeFileError(f"{where}: tensor {key!r} holds NaN or infinite values")
+        if key.endswith(".labels") and (not np.isin(value, (0, 1)).all() or not {0, 1} <= set(value.tolist())):
+            raise PrototypeFileError(f"{where}: tensor {key!r} must hold labels 0 and 1, got {sorted(set(value.tolist()))}")
+        if key.endswith(".counts") and not (value > 0).all():
+            raise PrototypeFileError(f"{where}: tensor {key!r} must hold positive counts")
