@@ -616,7 +616,8 @@ def _fuzz_one(folder: Path, probes: np.ndarray, data) -> None:
             parent[data.draw(st.text(min_size=1, max_size=8))] = data.draw(VALUES)
         elif isinstance(parent, dict) and action == "delete":
             parent.pop(path[-1], None)
-        elif isinstance(parent, dict) or path[-1] < len(parent):
+        elif isinstance(parent, dict) or (isinstance(path[-1], int) and path[-1] < len(parent)):
+            # (an earlier edit may have turned a mapping into a list: its string keys no longer apply)
             parent[path[-1]] = data.draw(VALUES)
     if data.draw(st.integers(0, 3)):  # a forger recomputes the digest (mostly tried: it gets past it)
         meta["metadata_sha256"] = metadata_digest(meta)
