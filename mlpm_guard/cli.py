@@ -41,7 +41,9 @@ def _parse_layers(text: str | None) -> list[int] | None:
 def _backbone(spec: str | None, args: argparse.Namespace) -> Any:
     from .backbone import Backbone
 
-    return Backbone(spec or "embedded", device=args.device, dtype=args.dtype)
+    threads = getattr(args, "threads", None)
+    return Backbone(spec or "embedded", device=args.device, dtype=args.dtype,
+                    **({"num_threads": threads} if threads else {}))
 
 
 def _load_prototypes(args: argparse.Namespace) -> Any:
@@ -412,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5 ms)")
     p.add_argument("--max-tokens", type=int, default=512, help="largest and default answer length (default 512)")
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a waiting request gets 504")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's choice); 1 holds up far better on a busy, shared CPU")
     p.set_defaults(func=cmd_serve)
     return parser
 
