@@ -1,11 +1,12 @@
 """Load on `mlpm-guard serve`: requests/s and latency at several concurrencies, dynamic batching on and off.
 
-Starts the server twice on loopback (batching on, then ``--no-batching``), sends moderation
-requests (one prompt each) from C concurrent clients, and reads the batch sizes the server saw
-from its ``/metrics``. The last line (with ``--json``) is one JSON object; ``batching_speedup_c16``
+Starts the server twice on loopback (batching on, and ``--no-batching``), sends moderation
+requests (one prompt each) from C concurrent clients to each in turn, level by level, and reads
+the batch sizes the server saw from its ``/metrics``. The last line (with ``--json``) is one JSON object; ``batching_speedup_c16``
 is requests/s with batching over requests/s without, at concurrency 16.
 
-    python benchmarks/serve_load.py --data ../shared/data/toxicchat.jsonl ../shared/data/alpaca_noinput.jsonl --json
+    python benchmarks/serve_load.py --data ../shared/data/toxicchat.jsonl ../shared/data/alpaca_noinput.jsonl \
+        --threads 1 --json
 
 A bounded number of requests per level (``--requests``), loopback only.
 """
@@ -134,14 +135,23 @@ async def level(url: str, prompts: list[str], concurrency: int, requests: int) -
             "mean_batch_size": round(items / batches, 2) if batches else None}
 
 
-def run_mode(extra: list[str], prompts: list[str], levels: list[int], requests: int, warmup: int) -> dict[str, Any]:
-    with Server(extra) as server:
-        asyncio.run(level(server.url, prompts, 4, warmup))  # load caches and threads before timing
-        out = {}
+def run_levels(modes: dict[str, list[str]], prompts: list[str], levels: list[int], requests: int,
+               warmup: int) -> dict[str, dict[str, Any]]:
+    """Every level on every server, interleaved (level by level), so a change in the shared machine's
+    load hits both modes alike."""
+    servers = {name: Server(extra) for name, extra in modes.items()}
+    out: dict[str, dict[str, Any]] = {name: {} for name in modes}
+    try:
+        for server in servers.values():
+            server.__enter__()
+            asyncio.run(level(server.url, prompts, 4, warmup))  # load caches and threads before timing
         for c in levels:
-            out[str(c)] = asyncio.run(level(server.url, prompts, c, max(requests, 2 * c)))
-            print(f"  {'batching' if '--no-batching' not in extra else 'no batching'} c={c}: {out[str(c)]}",
-                  file=sys.stderr)
+            for name, server in servers.items():
+                out[name][str(c)] = asyncio.run(level(server.url, prompts, c, max(requests, 2 * c)))
+                print(f"  {name} c={c}: {out[name][str(c)]}", file=sys.stderr)
+    finally:
+        for server in servers.values():
+            server.__exit__()
     return out
 
 
@@ -163,8 +173,9 @@ def main() -> None:
     prompts = load_prompts(args.data, args.n, args.seed)
     common = ["--threads", str(args.threads)] if args.threads else []
     extra = ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
-    on = run_mode(common + extra, prompts, levels, args.requests, args.warmup)
-    off = run_mode(common + ["--no-batching"], prompts, levels, args.requests, args.warmup)
+    runs = run_levels({"batching": common + extra, "no batching": common + ["--no-batching"]}, prompts, levels,
+                      args.requests, args.warmup)
+    on, off = runs["batching"], runs["no batching"]
     speedup = {c: round(on[c]["rps"] / off[c]["rps"], 2) for c in on if off[c]["rps"]}
     result = {
         "benchmark": "serve_load", "traffic": "POST /v1/moderations, one prompt per request",

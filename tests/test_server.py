@@ -321,3 +321,30 @@ def test_internal_errors_fail_closed(tiny_backbone, tiny_prototypes, monkeypatch
     assert body["choices"][0]["message"]["content"] == guard.policy.refusal_message
     assert body["mlpm_guard"]["route"] == "refuse" and body["mlpm_guard"]["input"] is None
     assert "secret internal detail" not in mod.text + chat.text
+
+
+def test_cli_serve_builds_safe_settings_from_flags(tiny_backbone, tiny_prototypes, monkeypatch, capsys):
+    from mlpm_guard import cli, server
+
+    served = {}
+    monkeypatch.setattr(cli, "_guard", lambda args, **kw: tiny_guard(tiny_backbone, tiny_prototypes))
+    monkeypatch.setattr(server, "run", lambda guard, settings: served.update(guard=guard, settings=settings))
+    assert cli.main(["serve", "--no-batching", "--moderate-output", "--api-key", "k", "--max-tokens", "64", "-q"]) == 0
+    settings, guard = served["settings"], served["guard"]
+    assert settings.host == "127.0.0.1" and settings.port == 8000 and not settings.public
+    assert settings.effective_batch_size == 1 and settings.api_key == "k" and settings.max_tokens_limit == 64
+    assert guard.policy.output_moderation.enabled and settings.upstream is None
+    assert cli.main(["serve", "--upstream", "ftp://example", "-q"]) == 2
+    assert "upstream" in capsys.readouterr().err
+
+
+def test_padding_groups_bound_the_padding_and_cover_every_row():
+    from mlpm_guard.server.batching import padding_groups
+
+    lengths = [250, 12, 14, 11, 13, 60, 58, 12, 15, 240]
+    groups = padding_groups(lengths, slack=1.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert max(lengths[i] for i in g) * len(g) <= 1.25 * sum(lengths[i] for i in g) + 8
+    assert {0, 9} in [set(g) for g in groups] and len(groups) == 3
+    assert padding_groups([20] * 16) == [list(range(16))]

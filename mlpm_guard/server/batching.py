@@ -9,6 +9,7 @@ run two at a time on the same CPU cores.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -103,9 +104,50 @@ class DynamicBatcher(Generic[T, R]):
 
 
 # ---------------------------------------------------------------------- the two model calls a server batches
+#: Most padded tokens a scoring batch may spend per real token (see :func:`padding_groups`).
+PADDING_SLACK = 1.25
+
+
+def padding_groups(lengths: Sequence[int], slack: float = PADDING_SLACK) -> list[list[int]]:
+    """Indices grouped longest first so that no group pads to more than ``slack`` times its real tokens.
+
+    A request batch holds whatever arrived together; one long prompt would pad every other row to
+    its length, and on a CPU the padded tokens cost as much as real ones (on mixed chat traffic a
+    plain batch of 16 scored slower than the same prompts one by one).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in order:
+        # The few-token allowance keeps rows of nearly equal short lengths together.
+        if current and lengths[current[0]] * (len(current) + 1) > slack * (real + lengths[i]) + 8:
+            groups.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += lengths[i]
+    if current:
+        groups.append(current)
+    return groups
+
+
 def score_batch(guard: Guard, prompts: Sequence[Messages]) -> list[Verdict]:
-    """Verdicts of many prompts in one batched forward pass (``Guard.check_batch``)."""
-    return guard.check_batch(list(prompts))
+    """Verdicts of many prompts: ``Guard.check_batch`` on groups of similar length.
+
+    Lengths are counted after the chat template's opening that all rows share (the backbone
+    reuses its KV cache), since only the rest runs through the model.
+    """
+    prompts = list(prompts)
+    try:
+        ids = [row.ids for row in guard.backbone.encode(prompts)]
+    except Exception:  # noqa: BLE001 - check_batch reports bad prompts one by one
+        return guard.check_batch(prompts)
+    shared = len(os.path.commonprefix(ids)) if len(ids) > 1 else 0
+    out: list[Verdict | None] = [None] * len(prompts)
+    for group in padding_groups([len(r) - shared for r in ids]):
+        for i, verdict in zip(group, guard.check_batch([prompts[i] for i in group])):
+            out[i] = verdict
+    return out  # type: ignore[return-value]
 
 
 def answer_batch(guard: Guard, items: Sequence[tuple[Messages, GenerationConfig]]) -> list[GuardResult]:
