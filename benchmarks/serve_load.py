@@ -160,7 +160,7 @@ def main() -> None:
     parser.add_argument("--data", nargs="*", default=[], help="JSONL files with a `prompt` field (default: built-in)")
     parser.add_argument("--n", type=int, default=512, help="distinct prompts to draw (default 512)")
     parser.add_argument("--concurrency", default="1,4,16,32")
-    parser.add_argument("--requests", type=int, default=160, help="requests per concurrency level (default 160)")
+    parser.add_argument("--requests", type=int, default=240, help="requests per concurrency level (default 240)")
     parser.add_argument("--warmup", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)

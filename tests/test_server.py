@@ -348,3 +348,30 @@ def test_padding_groups_bound_the_padding_and_cover_every_row():
         assert max(lengths[i] for i in g) * len(g) <= 1.25 * sum(lengths[i] for i in g) + 8
     assert {0, 9} in [set(g) for g in groups] and len(groups) == 3
     assert padding_groups([20] * 16) == [list(range(16))]
+
+
+def test_a_busy_batcher_waits_for_the_callers_it_just_answered():
+    import time as _time
+
+    sizes = []
+
+    def slow(items):
+        _time.sleep(0.3)
+        return items
+
+    async def client(batcher, n, delay):
+        for i in range(n):
+            await batcher.submit(i)
+            await asyncio.sleep(delay)  # the caller's round trip before its next request
+
+    async def main(fraction):
+        batcher = DynamicBatcher(slow, max_batch_size=4, max_wait_ms=1, on_batch=sizes.append,
+                                 busy_wait_fraction=fraction)
+        await asyncio.gather(*(client(batcher, 3, 0.01 * (k + 1)) for k in range(4)))
+        await batcher.close()
+
+    asyncio.run(main(0.2))
+    assert sizes == [4, 4, 4]  # each batch waited for all four callers
+    sizes.clear()
+    asyncio.run(main(0.0))
+    assert len(sizes) > 3 and max(sizes[1:]) < 4  # a fixed 1 ms wait misses the callers coming back
