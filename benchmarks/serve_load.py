@@ -6,7 +6,7 @@ the batch sizes the server saw from its ``/metrics``. The last line (with ``--js
 is requests/s with batching over requests/s without, at concurrency 16.
 
     python benchmarks/serve_load.py --data ../shared/data/toxicchat.jsonl ../shared/data/alpaca_noinput.jsonl \
-        --threads 1 --json
+        --json
 
 A bounded number of requests per level (``--requests``), loopback only.
 """
@@ -58,12 +58,12 @@ def free_port() -> int:
 class Server:
     """`mlpm-guard serve` in a subprocess on a free loopback port."""
 
-    def __init__(self, extra: list[str]) -> None:
+    def __init__(self, extra: list[str], env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "mlpm_guard", "serve", "--host", "127.0.0.1", "--port", str(self.port), "-q",
                *extra]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+        env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
                                                              os.environ.get("PYTHONPATH", "")])}
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
@@ -136,10 +136,10 @@ async def level(url: str, prompts: list[str], concurrency: int, requests: int) -
 
 
 def run_levels(modes: dict[str, list[str]], prompts: list[str], levels: list[int], requests: int,
-               warmup: int) -> dict[str, dict[str, Any]]:
+               warmup: int, env: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Every level on every server, interleaved (level by level), so a change in the shared machine's
     load hits both modes alike."""
-    servers = {name: Server(extra) for name, extra in modes.items()}
+    servers = {name: Server(extra, env) for name, extra in modes.items()}
     out: dict[str, dict[str, Any]] = {name: {} for name in modes}
     try:
         for server in servers.values():
@@ -165,6 +165,9 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, help="torch threads of the server (`serve --threads`)")
+    parser.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "default"],
+                        help="OMP_WAIT_POLICY of the servers (default PASSIVE: on a shared, oversubscribed CPU, "
+                             "spinning OpenMP threads made a single-prompt score take 2-3 s instead of 0.1 s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
@@ -173,15 +176,16 @@ def main() -> None:
     prompts = load_prompts(args.data, args.n, args.seed)
     common = ["--threads", str(args.threads)] if args.threads else []
     extra = ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
+    env = {} if args.omp_wait_policy == "default" else {"OMP_WAIT_POLICY": args.omp_wait_policy}
     runs = run_levels({"batching": common + extra, "no batching": common + ["--no-batching"]}, prompts, levels,
-                      args.requests, args.warmup)
+                      args.requests, args.warmup, env)
     on, off = runs["batching"], runs["no batching"]
     speedup = {c: round(on[c]["rps"] / off[c]["rps"], 2) for c in on if off[c]["rps"]}
     result = {
         "benchmark": "serve_load", "traffic": "POST /v1/moderations, one prompt per request",
         "prompts": "built-in" if not args.data else [Path(p).name for p in args.data], "n_prompts": len(set(prompts)),
         "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, "cpu_count": os.cpu_count(),
-        "server_threads": args.threads, "load_average_1min": [load_start, os.getloadavg()[0]],
+        "server_threads": args.threads, "omp_wait_policy": args.omp_wait_policy, "load_average_1min": [load_start, os.getloadavg()[0]],
         "batching_speedup_c16": speedup.get("16"), "batching_speedup": speedup,
         "errors": sum(r["errors"] for r in [*on.values(), *off.values()]),
         "per_concurrency": on, "per_concurrency_no_batching": off,

@@ -313,9 +313,10 @@ def create_app(guard: Guard, settings: ServerSettings | None = None, *, lanes: L
     async def chat(request: Request) -> Any:
         req = await read_json(request, schemas.ChatCompletionRequest, settings.max_request_bytes)
         try:
-            messages = service.check_input(req.plain_messages())
-        except InputError as exc:
+            plain = req.plain_messages()
+        except InputError as exc:  # a non-text content part
             raise HTTPError(400, str(exc)) from None
+        messages = service.check_input(plain)
         config = service.generation(req)
         if service.proxy is not None:
             return await service.proxy.chat(req, messages, config)
