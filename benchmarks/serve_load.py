@@ -100,7 +100,7 @@ def batch_stats(url: str) -> tuple[float, float]:
 
 
 async def level(url: str, prompts: list[str], concurrency: int, requests: int) -> dict[str, Any]:
-    """``requests`` moderation calls from ``concurrency`` clients; latency per call, errors."""
+    """``requests`` moderation calls from ``concurrency`` clients: latencies, wall time, errors, batches."""
     latencies: list[float] = []
     errors = 0
     cursor = iter(range(requests))
@@ -124,21 +124,26 @@ async def level(url: str, prompts: list[str], concurrency: int, requests: int) -
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
         after = batch_stats(url)
-    ms = sorted(x * 1000 for x in latencies)
+    return {"latencies": latencies, "wall": wall, "errors": errors, "batches": after[0] - before[0],
+            "items": after[1] - before[1]}
+
+
+def summary(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    ms = sorted(x * 1000 for p in parts for x in p["latencies"])
+    wall, batches = sum(p["wall"] for p in parts), sum(p["batches"] for p in parts)
 
     def pct(q: float) -> float:
         return round(ms[min(len(ms) - 1, int(q * len(ms)))], 1)
 
-    batches, items = after[0] - before[0], after[1] - before[1]
-    return {"requests": requests, "rps": round(requests / wall, 2), "p50_ms": round(statistics.median(ms), 1),
-            "p95_ms": pct(0.95), "p99_ms": pct(0.99), "errors": errors,
-            "mean_batch_size": round(items / batches, 2) if batches else None}
+    return {"requests": len(ms), "rps": round(len(ms) / wall, 2), "p50_ms": round(statistics.median(ms), 1),
+            "p95_ms": pct(0.95), "p99_ms": pct(0.99), "errors": sum(p["errors"] for p in parts),
+            "mean_batch_size": round(sum(p["items"] for p in parts) / batches, 2) if batches else None}
 
 
-def run_levels(modes: dict[str, list[str]], prompts: list[str], levels: list[int], requests: int,
+def run_levels(modes: dict[str, list[str]], prompts: list[str], levels: list[int], requests: int, rounds: int,
                warmup: int, env: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Every level on every server, interleaved (level by level), so a change in the shared machine's
-    load hits both modes alike."""
+    """Every level on every server, in ``rounds`` alternating slices, so that the shared machine's
+    changing load hits both modes alike; requests/s is all requests over all the slices' time."""
     servers = {name: Server(extra, env) for name, extra in modes.items()}
     out: dict[str, dict[str, Any]] = {name: {} for name in modes}
     try:
@@ -146,8 +151,13 @@ def run_levels(modes: dict[str, list[str]], prompts: list[str], levels: list[int
             server.__enter__()
             asyncio.run(level(server.url, prompts, 4, warmup))  # load caches and threads before timing
         for c in levels:
-            for name, server in servers.items():
-                out[name][str(c)] = asyncio.run(level(server.url, prompts, c, max(requests, 2 * c)))
+            parts: dict[str, list[dict[str, Any]]] = {name: [] for name in modes}
+            per_round = max(requests // rounds, 2 * c)
+            for _ in range(rounds):
+                for name, server in servers.items():
+                    parts[name].append(asyncio.run(level(server.url, prompts, c, per_round)))
+            for name in modes:
+                out[name][str(c)] = summary(parts[name])
                 print(f"  {name} c={c}: {out[name][str(c)]}", file=sys.stderr)
     finally:
         for server in servers.values():
@@ -161,6 +171,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=512, help="distinct prompts to draw (default 512)")
     parser.add_argument("--concurrency", default="1,4,16,32")
     parser.add_argument("--requests", type=int, default=240, help="requests per concurrency level (default 240)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating on/off slices per level (default 4)")
     parser.add_argument("--warmup", type=int, default=16)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
@@ -178,14 +189,14 @@ def main() -> None:
     extra = ["--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms)]
     env = {} if args.omp_wait_policy == "default" else {"OMP_WAIT_POLICY": args.omp_wait_policy}
     runs = run_levels({"batching": common + extra, "no batching": common + ["--no-batching"]}, prompts, levels,
-                      args.requests, args.warmup, env)
+                      args.requests, args.rounds, args.warmup, env)
     on, off = runs["batching"], runs["no batching"]
     speedup = {c: round(on[c]["rps"] / off[c]["rps"], 2) for c in on if off[c]["rps"]}
     result = {
         "benchmark": "serve_load", "traffic": "POST /v1/moderations, one prompt per request",
         "prompts": "built-in" if not args.data else [Path(p).name for p in args.data], "n_prompts": len(set(prompts)),
         "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, "cpu_count": os.cpu_count(),
-        "server_threads": args.threads, "omp_wait_policy": args.omp_wait_policy, "load_average_1min": [load_start, os.getloadavg()[0]],
+        "rounds": args.rounds, "server_threads": args.threads, "omp_wait_policy": args.omp_wait_policy, "load_average_1min": [load_start, os.getloadavg()[0]],
         "batching_speedup_c16": speedup.get("16"), "batching_speedup": speedup,
         "errors": sum(r["errors"] for r in [*on.values(), *off.values()]),
         "per_concurrency": on, "per_concurrency_no_batching": off,

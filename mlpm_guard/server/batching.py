@@ -149,11 +149,13 @@ def score_batch(guard: Guard, prompts: Sequence[Messages]) -> list[Verdict]:
     reuses its KV cache), since only the rest runs through the model.
     """
     prompts = list(prompts)
+    if len(prompts) == 1:
+        return guard.check_batch(prompts)
     try:
         ids = [row.ids for row in guard.backbone.encode(prompts)]
     except Exception:  # noqa: BLE001 - check_batch reports bad prompts one by one
         return guard.check_batch(prompts)
-    shared = len(os.path.commonprefix(ids)) if len(ids) > 1 else 0
+    shared = len(os.path.commonprefix(ids))
     out: list[Verdict | None] = [None] * len(prompts)
     for group in padding_groups([len(r) - shared for r in ids]):
         for i, verdict in zip(group, guard.check_batch([prompts[i] for i in group])):
