@@ -136,7 +136,8 @@ def run_batches(backbone: Backbone, rows: Sequence[Encoded], plan: Sequence[Sequ
     if gpus_per_actor:
         config["device"] = "cuda"
     ds = ray.data.from_items(items, override_num_blocks=min(len(items), max(actors * 4, 1)))
-    ds = ds.map_batches(StatesActor, batch_size=1, concurrency=actors, num_cpus=options.cpus_per_actor,
+    ds = ds.map_batches(StatesActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_cpus=options.cpus_per_actor,
                         num_gpus=gpus_per_actor,
                         fn_constructor_kwargs={"config": config, "fingerprint": backbone.fingerprint,
                                                "depth": depth, "threads": threads})
