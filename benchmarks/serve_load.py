@@ -2,8 +2,9 @@
 
 Starts the server twice on loopback (batching on, and ``--no-batching``), sends moderation
 requests (one prompt each) from C concurrent clients to each in turn, level by level, and reads
-the batch sizes the server saw from its ``/metrics``. The last line (with ``--json``) is one JSON object; ``batching_speedup_c16``
-is requests/s with batching over requests/s without, at concurrency 16.
+the batch sizes the server saw from its ``/metrics``. The last line (with ``--json``) is one JSON
+object; ``batching_speedup_c16`` is requests/s with batching over requests/s without, at
+concurrency 16.
 
     python benchmarks/serve_load.py --data ../shared/data/toxicchat.jsonl ../shared/data/alpaca_noinput.jsonl \
         --json
@@ -196,7 +197,8 @@ def main() -> None:
         "benchmark": "serve_load", "traffic": "POST /v1/moderations, one prompt per request",
         "prompts": "built-in" if not args.data else [Path(p).name for p in args.data], "n_prompts": len(set(prompts)),
         "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, "cpu_count": os.cpu_count(),
-        "rounds": args.rounds, "server_threads": args.threads, "omp_wait_policy": args.omp_wait_policy, "load_average_1min": [load_start, os.getloadavg()[0]],
+        "rounds": args.rounds, "server_threads": args.threads, "omp_wait_policy": args.omp_wait_policy,
+        "load_average_1min": [load_start, os.getloadavg()[0]],
         "batching_speedup_c16": speedup.get("16"), "batching_speedup": speedup,
         "errors": sum(r["errors"] for r in [*on.values(), *off.values()]),
         "per_concurrency": on, "per_concurrency_no_batching": off,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 import uuid
@@ -111,13 +110,6 @@ def failed_verdict(exc: BaseException, guard: Guard) -> Verdict:
     return Verdict(1.0, "unsafe", Tier.UNSAFE, error=type(exc).__name__)
 
 
-def sse(obj: Any) -> bytes:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
-
-
-SSE_DONE = b"data: [DONE]\n\n"
-
-
 class GuardService:
     """The state behind the routes: the guard, settings, lanes, metrics and (in proxy mode) the upstream."""
 
@@ -200,7 +192,7 @@ class GuardService:
     async def stream_local(self, messages: Messages, config: GenerationConfig, model: str) -> AsyncIterator[bytes]:
         """The guard's own answer as OpenAI chunks; the last chunk carries the decision."""
         cid, created = schemas.completion_id(), int(time.time())
-        yield sse(schemas.chat_chunk(cid, model, created, role="assistant", content=""))
+        yield schemas.sse(schemas.chat_chunk(cid, model, created, role="assistant", content=""))
         result: GuardResult | None = None
         stream = self.guard.astream(messages, **config.model_dump()).__aiter__()
         try:
@@ -210,7 +202,7 @@ class GuardService:
                 except StopAsyncIteration:
                     break
                 if chunk.text:
-                    yield sse(schemas.chat_chunk(cid, model, created, content=chunk.text))
+                    yield schemas.sse(schemas.chat_chunk(cid, model, created, content=chunk.text))
                 result = chunk.result or result
         except Exception as exc:  # noqa: BLE001 - a broken stream ends as a refusal, never silently
             logger.error("streaming failed: %s: %s", type(exc).__name__, exc)
@@ -221,8 +213,9 @@ class GuardService:
         self.record(result.route, result.verdict, result.output_verdict)
         n = result.timings.completion_tokens
         finish = "content_filter" if result.blocked else "length" if n >= config.max_new_tokens else "stop"
-        yield sse(schemas.chat_chunk(cid, model, created, finish_reason=finish, decision=schemas.decision_of(result)))
-        yield SSE_DONE
+        yield schemas.sse(schemas.chat_chunk(cid, model, created, finish_reason=finish,
+                                             decision=schemas.decision_of(result)))
+        yield schemas.SSE_DONE
 
 
 async def read_json(request: Request, model: type[M], limit: int) -> M:

@@ -4,8 +4,9 @@ A batch closes when it holds ``max_batch_size`` items or ``max_wait_ms`` after i
 arrived; while one batch runs, the next one fills, so under load batches grow with concurrency.
 Under load the wait stretches to a tenth of the previous batch's run time: callers answered by
 one batch send their next request a few milliseconds after the next batch started collecting, and
-a fixed 5 ms wait left them out, so batches alternated between half sizes (8 and 8 at 16 clients). All lanes of one server share a single model thread: batches never
-run two at a time on the same CPU cores.
+a fixed 5 ms wait left them out, so batches alternated between half sizes (8 and 8 at 16 clients).
+All lanes of one server share a single model thread: batches never run two at a time on the same
+CPU cores.
 """
 
 from __future__ import annotations

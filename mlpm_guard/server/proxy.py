@@ -27,6 +27,7 @@ from ..generation import GenerationConfig
 from ..moderation import to_verdict
 from ..types import Route, Verdict
 from . import schemas
+from .schemas import SSE_DONE, sse
 from .batching import Messages
 
 if TYPE_CHECKING:
@@ -85,8 +86,6 @@ class UpstreamProxy:
             return schemas.chat_completion(text, model=model, finish_reason="content_filter", decision=decision)
 
         async def events() -> AsyncIterator[bytes]:
-            from .app import SSE_DONE, sse
-
             cid, created = schemas.completion_id(), int(time.time())
             yield sse(schemas.chat_chunk(cid, model, created, role="assistant", content=text))
             yield sse(schemas.chat_chunk(cid, model, created, finish_reason="content_filter", decision=decision))
@@ -151,8 +150,6 @@ class UpstreamProxy:
 
     async def _held_back(self, response: httpx.Response, messages: Messages, verdict: Verdict,
                          decision: schemas.GuardDecision) -> AsyncIterator[bytes]:
-        from .app import SSE_DONE, sse
-
         policy = self.service.guard.policy
         moderation = policy.output_moderation
         pending: list[dict[str, Any]] = []  # upstream chunks not yet covered by a passed check

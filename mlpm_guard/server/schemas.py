@@ -8,6 +8,7 @@ result.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -202,6 +203,14 @@ def moderation_result(v: Verdict) -> dict[str, Any]:
         "category_applied_input_types": {name: ["text"] for name in OPENAI_CATEGORY_NAMES},
         EXTENSION: {**VerdictInfo.of(v).model_dump(), "hazard_categories": codes, "hazard_scores": scores},
     }
+
+
+def sse(obj: Any) -> bytes:
+    """One server-sent event carrying ``obj`` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+SSE_DONE = b"data: [DONE]\n\n"
 
 
 def error_body(message: str, kind: Literal["invalid_request_error", "authentication_error", "server_error",
