@@ -194,25 +194,29 @@ def _metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
     return out
 
 
-def run(backbone: Any, data_dir: Path, n: int, params: dict[str, Any]) -> dict[str, Any]:
+def run(backbone: Any, data_dir: Path, n: int, params: dict[str, Any], *, scorer: Scorer | None = None) -> dict[str, Any]:
     fams = families(data_dir, n)
-    scorer = Scorer(backbone, fams)
+    scorer = scorer or Scorer(backbone, fams)
+    layers = list(range(1, backbone.num_layers + 1))
+    # Every held-out fit draws a subset of the full release mix (caps are drawn per source), so the
+    # states are read once.
+    full = release_examples(data_dir)
+    states = extract(backbone, [e.prompt for e in full], layers, desc="release mix: hidden states")
+    row = {e.prompt: i for i, e in enumerate(full)}
     fits: dict[str, Any] = {}
     results: dict[str, Any] = {}
-    layers = list(range(1, backbone.num_layers + 1))
     for fam in fams:
         if fam.fit_key not in fits:
             mix = release_examples(data_dir, exclude=fam.exclude)
-            states = extract(backbone, [e.prompt for e in mix], layers, progress=False)
-            fits[fam.fit_key] = fit_examples(backbone, mix, states=states, progress=False, **params)
+            fits[fam.fit_key] = fit_examples(backbone, mix, states=states[[row[e.prompt] for e in mix]],
+                                             progress=False, **params)
         protos = fits[fam.fit_key]
         y = np.array([it.label for it in fam.items])
         p_views, p_whole = scorer.proba(protos, fam.items)
         m = _metrics(y, p_views, protos.threshold_)
         m["message_only"] = _metrics(y, p_whole, protos.threshold_)
         results[fam.name] = {"group": fam.group, "held_out_fit": fam.fit_key, **m}
-    return {"families": results, "summary": summarise(results), "layers": fits["release"].layer_ids_
-            if "release" in fits else None}
+    return {"families": results, "summary": summarise(results), "layers": fits["release"].layer_ids_}
 
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:

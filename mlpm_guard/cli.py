@@ -1,4 +1,4 @@
-"""The ``mlpm-guard`` command line: a thin layer over the modules (fit, score, eval, generate, demo)."""
+"""The ``mlpm-guard`` command line: a thin layer over the modules (fit, score, eval, generate, demo, serve)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import json
 import logging
 import sys
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, MlpmGuardError
@@ -39,7 +41,9 @@ def _parse_layers(text: str | None) -> list[int] | None:
 def _backbone(spec: str | None, args: argparse.Namespace) -> Any:
     from .backbone import Backbone
 
-    return Backbone(spec or "embedded", device=args.device, dtype=args.dtype)
+    threads = getattr(args, "threads", None)
+    return Backbone(spec or "embedded", device=args.device, dtype=args.dtype,
+                    **({"num_threads": threads} if threads else {}))
 
 
 def _load_prototypes(args: argparse.Namespace) -> Any:
@@ -70,7 +74,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
             params[key] = getattr(args, key)
     if layers := _parse_layers(args.layers):
         params["layers"] = backbone.check_layers(layers)
-    prototypes = fit_examples(backbone, examples, cache=not args.no_cache, progress=not args.quiet, **params)
+    states = None
+    if args.engine == "ray":
+        states = _ray_fit_states(backbone, [e.prompt for e in examples], params.get("layers"), args)
+    prototypes = fit_examples(backbone, examples, states=states, cache=not args.no_cache, progress=not args.quiet,
+                              **params)
     prototypes.save(args.out)
     summary = {"out": str(args.out), "n_samples": prototypes.n_samples_, "layers": prototypes.layer_ids_,
                "sets": [s.name for s in prototypes.sets_], "training": prototypes.training_summary_}
@@ -86,6 +94,31 @@ def cmd_fit_default(args: argparse.Namespace) -> int:
     print(json.dumps({"out": str(out), "n_samples": prototypes.n_samples_, "layers": prototypes.layer_ids_,
                       "rows_per_source": prototypes.provenance_["rows_per_source"]}))
     return 0
+
+
+def _ray_options(args: argparse.Namespace) -> Any:
+    from .ray_engine import RayOptions
+
+    if args.ray_actors < 1:
+        raise ConfigError(f"--ray-actors must be at least 1, got {args.ray_actors}")
+    return RayOptions(actors=args.ray_actors, address=args.ray_address, threads=args.ray_threads)
+
+
+def _ray_fit_states(backbone: Any, prompts: list[str], layers: list[int] | None, args: argparse.Namespace) -> Any:
+    """``fit --engine ray``: the states the local fit would extract, computed on Ray actors.
+
+    With the cache on they are put in the feature cache (the local fit then reads them there);
+    with ``--no-cache`` they are handed to the fit directly.
+    """
+    from . import ray_engine
+    from .features import FeatureCache
+
+    layers = layers or list(range(1, backbone.num_layers + 1))
+    if args.no_cache:
+        return ray_engine.extract(backbone, prompts, layers, _ray_options(args), progress=not args.quiet)[0]
+    ray_engine.warm_cache(backbone, [prompts], max(layers), FeatureCache.for_backbone(backbone), _ray_options(args),
+                          progress=not args.quiet)
+    return None
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -119,9 +152,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.max_per_source is not None:
         raise ConfigError("--max-per-source caps the --train files; give --train FILE... too")
     prototypes = _load_prototypes(args)
-    result = evaluate(prototypes, datasets, cache=not args.no_cache, progress=not args.quiet,
-                      baselines=args.baselines or (), train=train, benign=args.benign,
-                      target_flag_rate=args.target_flag_rate, jailbreaks=_framings(args.jailbreaks))
+    with ExitStack() as stack:
+        cache: Any = not args.no_cache
+        if args.engine == "ray":
+            cache = _ray_eval_cache(prototypes, datasets, args, stack)
+        result = evaluate(prototypes, datasets, cache=cache, progress=not args.quiet,
+                          baselines=args.baselines or (), train=train, benign=args.benign,
+                          target_flag_rate=args.target_flag_rate, jailbreaks=_framings(args.jailbreaks))
     if args.generate:
         from .endtoend import end_to_end, guard_systems
         from .generation import GenerationConfig
@@ -138,6 +175,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _print_metrics(result)
     print(f"wrote {path} and {report}", file=sys.stderr)
     return 0
+
+
+def _ray_eval_cache(prototypes: Any, datasets: dict[str, Any], args: argparse.Namespace, stack: ExitStack) -> Any:
+    """``eval --engine ray``: the feature cache the evaluation reads, filled on Ray actors with the
+    states of every evaluated prompt (a temporary one with ``--no-cache``). Jailbreak framings,
+    the judge baseline and a ``--benign`` file outside the datasets still run locally."""
+    import tempfile
+
+    from . import ray_engine
+    from .baselines import parse_baselines
+    from .features import FeatureCache
+
+    backbone = prototypes.backbone
+    root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mlpm-guard-eval-"))) if args.no_cache else None
+    cache = FeatureCache.for_backbone(backbone, root=root)
+    depth = max(prototypes.layer_ids_)
+    if "last_layer" in parse_baselines(args.baselines or ()):
+        depth = backbone.num_layers
+    ray_engine.warm_cache(backbone, [[e.prompt for e in rows] for rows in datasets.values()], depth, cache,
+                          _ray_options(args), progress=not args.quiet)
+    return cache if args.no_cache else True
 
 
 def _framings(text: str | None) -> bool | list[str]:
@@ -232,6 +290,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .generation import GenerationConfig
+
+    try:
+        from . import server
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise ConfigError("`serve` needs the server extra: pip install 'mlpm-guard[server]'") from None
+    try:
+        options = {"host": args.host, "port": args.port, "upstream": args.upstream, "batching": not args.no_batching,
+                   "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
+                   "max_tokens_limit": args.max_tokens, "request_timeout_s": args.request_timeout}
+        options.update({k: v for k, v in (("api_key", args.api_key), ("upstream_api_key", args.upstream_api_key))
+                        if v is not None})
+        settings = server.ServerSettings(**options)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid server settings:\n{exc}") from None
+    guard = _guard(args, generation=GenerationConfig(max_new_tokens=args.max_tokens))
+    if args.moderate_output:
+        moderation = guard.policy.output_moderation.model_copy(update={"enabled": True})
+        guard.policy = guard.policy.model_copy(update={"output_moderation": moderation})
+    print(f"mlpm-guard serving on http://{settings.host}:{settings.port}"
+          + (f", guarding {settings.upstream}" if settings.upstream else ""), file=sys.stderr)
+    server.run(guard, settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlpm-guard", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
@@ -239,11 +327,20 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    engine = argparse.ArgumentParser(add_help=False)
+    engine.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="where hidden states are extracted: this process, or Ray Data actors (one backbone each, "
+                             "a GPU each when the cluster has GPUs); the results are the same")
+    engine.add_argument("--ray-actors", type=int, default=2, help="actors of --engine ray (default 2)")
+    engine.add_argument("--ray-threads", type=int,
+                        help="torch threads per CPU actor (default: this process's count, which keeps the results "
+                             "bit-identical to --engine local; 1 is faster with many actors)")
+    engine.add_argument("--ray-address", help="a running Ray cluster ('auto', 'ray://host:port'); default: start one here")
     with_protos = argparse.ArgumentParser(add_help=False)
     with_protos.add_argument("--prototypes", help="a folder written by `fit` (default: the shipped default prototypes)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("fit", parents=[common], help="fit prototypes on labelled JSONL/CSV files")
+    p = sub.add_parser("fit", parents=[common, engine], help="fit prototypes on labelled JSONL/CSV files")
     p.add_argument("data", nargs="+", help="files with `prompt` and `label` (optional `category`, `source`, `split`)")
     p.add_argument("--out", required=True, help="folder to write the prototypes into")
     p.add_argument("--max-per-source", type=int, help="cap each source at N prompts, labels balanced")
@@ -267,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="+", help="texts to score ('-' reads one per line from stdin)")
     p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("eval", parents=[common, with_protos], help="moderation metrics on labelled files",
+    p = sub.add_parser("eval", parents=[common, with_protos, engine], help="moderation metrics on labelled files",
                        description="Moderation metrics, baselines, jailbreak recall and end-to-end refusal rates "
                                    "on labelled files; writes metrics.json, report.md and PNG plots. "
                                    "Put options after the data files.")
@@ -312,6 +409,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", parents=[common, with_protos, with_policy],
                        help="the main job: verdicts, routes and answers for example prompts")
     p.set_defaults(func=cmd_demo, max_new_tokens=48)
+
+    p = sub.add_parser("serve", parents=[common, with_protos], help="serve the guard over HTTP (OpenAI-compatible)",
+                       description="An OpenAI-compatible server: /v1/chat/completions (streaming too), /v1/moderations, "
+                                   "/v1/guard/check, /healthz, /metrics. With --upstream it guards another "
+                                   "OpenAI-compatible server. Needs the `server` extra.")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--upstream", metavar="URL",
+                   help="proxy mode: forward chat completions to this OpenAI-compatible base URL (http://host:port/v1)")
+    p.add_argument("--upstream-api-key", help="bearer key for the upstream (default: $MLPM_GUARD_UPSTREAM_API_KEY)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MLPM_GUARD_API_KEY; none if unset)")
+    p.add_argument("--policy", help="a policy YAML or JSON file (default: the built-in policy)")
+    p.add_argument("--moderate-output", action="store_true",
+                   help="also moderate answers (the policy's output_moderation, switched on); streams are held back")
+    p.add_argument("--no-batching", action="store_true", help="score and answer one request per forward pass")
+    p.add_argument("--max-batch-size", type=int, default=16, help="most requests per batch (default 16)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5 ms)")
+    p.add_argument("--max-tokens", type=int, default=512, help="largest and default answer length (default 512)")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a waiting request gets 504")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: torch's choice); 1 holds up far better on a busy, shared CPU")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

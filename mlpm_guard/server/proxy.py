@@ -1,0 +1,212 @@
+"""Proxy mode: the guard in front of any OpenAI-compatible server.
+
+The prompt is scored on the local backbone. ``REFUSE`` is answered locally and nothing goes
+upstream; ``PASS`` is forwarded as it came (streams are passed through chunk by chunk);
+``SAFETY_PROMPT`` is forwarded with the safety system prompt added. ``STEER`` needs the local
+model's activations, which a remote model does not expose, so upstream it takes the closest
+route it can: the safety prompt.
+
+With output moderation on (the policy's ``output_moderation``), the upstream answer is scored by
+the same prototypes. A streamed answer is held back: its chunks are released only after a check
+that covers their text has passed (every ``check_every`` content chunks, and once at the end), so
+a flagged stream stops before the flagged text reaches the caller.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..generation import GenerationConfig
+from ..moderation import to_verdict
+from ..types import Route, Verdict
+from . import schemas
+from .schemas import SSE_DONE, sse
+from .batching import Messages
+
+if TYPE_CHECKING:
+    from .app import GuardService
+
+logger = logging.getLogger(__name__)
+
+
+def with_system(messages: list[dict[str, Any]], system: str) -> list[dict[str, Any]]:
+    """The caller's messages with ``system`` first (merged into a leading system message, as templates allow one)."""
+    if messages and messages[0].get("role") in ("system", "developer") and isinstance(messages[0].get("content"), str):
+        return [{**messages[0], "content": f"{system}\n\n{messages[0]['content']}"}, *messages[1:]]
+    return [{"role": "system", "content": system}, *messages]
+
+
+def _delta_text(event: dict[str, Any]) -> str:
+    choices = event.get("choices") or []
+    if not choices:
+        return ""
+    return (choices[0].get("delta") or {}).get("content") or ""
+
+
+class UpstreamProxy:
+    def __init__(self, service: GuardService) -> None:
+        self.service = service
+        settings = service.settings
+        headers = {"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}
+        self.url = f"{settings.upstream}/chat/completions"
+        self.client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(settings.upstream_timeout_s))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    # ------------------------------------------------------------------ one request
+    async def chat(self, req: schemas.ChatCompletionRequest, messages: Messages, config: GenerationConfig) -> Any:
+        service, policy = self.service, self.service.guard.policy
+        verdict = await service.score(messages)
+        route = policy.route(verdict)
+        decision = schemas.GuardDecision(route=route, blocked=route is Route.REFUSE, input=schemas.VerdictInfo.of(verdict),
+                                         upstream=route is not Route.REFUSE)
+        if route is Route.REFUSE:
+            service.record(route, verdict)
+            return self._local(req, policy.refusal_message, decision)
+        body = req.model_dump(exclude_none=True)
+        body["max_tokens"] = config.max_new_tokens
+        body.pop("max_completion_tokens", None)
+        if route in (Route.SAFETY_PROMPT, Route.STEER):
+            body["messages"] = with_system(body["messages"], policy.safety_prompt)
+        if req.stream:
+            return await self._stream(body, messages, verdict, decision)
+        return await self._complete(body, messages, verdict, decision)
+
+    def _local(self, req: schemas.ChatCompletionRequest, text: str, decision: schemas.GuardDecision) -> Any:
+        model = req.model or self.service.settings.model_name
+        if not req.stream:
+            return schemas.chat_completion(text, model=model, finish_reason="content_filter", decision=decision)
+
+        async def events() -> AsyncIterator[bytes]:
+            cid, created = schemas.completion_id(), int(time.time())
+            yield sse(schemas.chat_chunk(cid, model, created, role="assistant", content=text))
+            yield sse(schemas.chat_chunk(cid, model, created, finish_reason="content_filter", decision=decision))
+            yield SSE_DONE
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def _moderate(self, messages: Messages, text: str) -> Verdict:
+        """The answer scored as content (as the guard's prototype moderator does), on the scoring lane."""
+        config = self.service.guard.policy.output_moderation
+        verdict = await self.service.score([{"role": "user", "content": text if text.strip() else " "}])
+        return to_verdict(verdict, config.threshold)
+
+    @staticmethod
+    def _upstream_error(exc: Exception | None = None, status: int = 502) -> JSONResponse:
+        if exc is not None:
+            logger.error("upstream call failed: %s: %s", type(exc).__name__, exc)
+        return JSONResponse(schemas.error_body("the upstream model server failed to answer", "upstream_error"),
+                            status_code=status)
+
+    async def _complete(self, body: dict[str, Any], messages: Messages, verdict: Verdict,
+                        decision: schemas.GuardDecision) -> Any:
+        service, policy = self.service, self.service.guard.policy
+        try:
+            response = await self.client.post(self.url, json=body)
+        except httpx.HTTPError as exc:
+            return self._upstream_error(exc)
+        if response.status_code != 200:
+            logger.warning("upstream answered %s: %s", response.status_code, response.text[:500])
+            return self._upstream_error(status=502 if response.status_code >= 500 else response.status_code)
+        try:
+            data = response.json()
+            message = data["choices"][0]["message"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            return self._upstream_error(exc)
+        output = None
+        if policy.output_moderation.enabled:
+            output = await self._moderate(messages, message.get("content") or "")
+            decision.output = schemas.VerdictInfo.of(output)
+            if output.unsafe and policy.output_moderation.on_flag == "replace":
+                message["content"] = policy.refusal_message
+                data["choices"][0]["finish_reason"] = "content_filter"
+                decision.replaced = decision.blocked = True
+        service.record(decision.route, verdict, output)
+        data[schemas.EXTENSION] = decision.model_dump(mode="json")
+        return data
+
+    async def _stream(self, body: dict[str, Any], messages: Messages, verdict: Verdict,
+                      decision: schemas.GuardDecision) -> Any:
+        request = self.client.build_request("POST", self.url, json=body)
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            return self._upstream_error(exc)
+        if response.status_code != 200:
+            text = (await response.aread()).decode(errors="replace")
+            await response.aclose()
+            logger.warning("upstream answered %s: %s", response.status_code, text[:500])
+            return self._upstream_error(status=502 if response.status_code >= 500 else response.status_code)
+        return StreamingResponse(self._held_back(response, messages, verdict, decision),
+                                 media_type="text/event-stream")
+
+    async def _held_back(self, response: httpx.Response, messages: Messages, verdict: Verdict,
+                         decision: schemas.GuardDecision) -> AsyncIterator[bytes]:
+        policy = self.service.guard.policy
+        moderation = policy.output_moderation
+        pending: list[dict[str, Any]] = []  # upstream chunks not yet covered by a passed check
+        text, since_check = "", 0
+        output: Verdict | None = None
+        last: dict[str, Any] = {}
+        broken = False
+        try:
+            async for event in _events(response):
+                last = event
+                pending.append(event)
+                piece = _delta_text(event)
+                text += piece
+                since_check += bool(piece)
+                if not moderation.enabled:
+                    yield sse(pending.pop())
+                    continue
+                if since_check >= moderation.check_every:
+                    since_check = 0
+                    output = await self._moderate(messages, text)
+                    if output.unsafe:
+                        break
+                    for held in pending:
+                        yield sse(held)
+                    pending.clear()
+            else:
+                if moderation.enabled and (output is None or pending):
+                    output = await self._moderate(messages, text)
+        except Exception as exc:  # noqa: BLE001 - a broken stream releases nothing more and ends as a refusal
+            logger.error("upstream stream failed: %s: %s", type(exc).__name__, exc)
+            broken = True
+        finally:
+            await response.aclose()
+        if output is not None:
+            decision.output = schemas.VerdictInfo.of(output)
+        cid, model = last.get("id") or schemas.completion_id(), last.get("model") or ""
+        created = last.get("created") or int(time.time())
+        if broken or (output is not None and output.unsafe and moderation.on_flag == "replace"):
+            decision.replaced = decision.blocked = True
+            yield sse(schemas.chat_chunk(cid, model, created, content=policy.refusal_message,
+                                         finish_reason="content_filter"))
+        else:
+            for held in pending:
+                yield sse(held)
+        self.service.record(decision.route, verdict, output)
+        final = schemas.chat_chunk(cid, model, created, decision=decision)
+        final["choices"] = []
+        yield sse(final)
+        yield SSE_DONE
+
+
+async def _events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON payloads of an SSE stream, up to ``[DONE]``."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return
+        yield json.loads(payload)

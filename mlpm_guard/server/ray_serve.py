@@ -1,0 +1,96 @@
+"""The same app on Ray Serve: replicas, autoscaling, and ``serve.batch`` for the dynamic batches.
+
+Each replica loads one guard and serves :func:`~mlpm_guard.server.app.create_app` unchanged; only
+its lanes differ: ``serve.batch`` methods of the deployment instead of the local batchers. Run it
+with a config file (``docs/ray-serve.yaml``)::
+
+    serve run docs/ray-serve.yaml
+
+or from Python: ``serve.run(app_builder({"prototypes": "protos"}))``. Needs the ``ray`` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from ..backbone import Backbone
+from ..generation import GenerationConfig
+from ..guard import Guard
+from ..types import GuardResult, Verdict
+from .batching import Messages, answer_batch, score_batch
+from .settings import ServerSettings
+
+
+class GuardArgs(BaseModel):
+    """The ``args`` of the Serve application: what each replica loads, and the server settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str = "embedded"
+    device: str = "auto"
+    dtype: str = "auto"
+    prototypes: str | None = Field(default=None, description="a folder written by `fit` (default: seed prototypes)")
+    policy: str | None = Field(default=None, description="a policy YAML or JSON file")
+    max_new_tokens: int = Field(default=256, ge=1)
+    server: dict[str, Any] = Field(default_factory=dict, description="ServerSettings fields (batching, limits, ...)")
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+@serve.ingress()
+class GuardDeployment:
+    """One replica: a guard, its model thread, and the app with ``serve.batch`` lanes."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        options = GuardArgs(**args)
+        backbone = Backbone(options.backbone, device=options.device, dtype=options.dtype)
+        self.guard = Guard(backbone, options.prototypes, options.policy,
+                           generation=GenerationConfig(max_new_tokens=options.max_new_tokens))
+        self.settings = ServerSettings(**options.server)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlpm-guard-model")
+        wait_s = self.settings.max_wait_ms / 1000.0
+        for lane in (self._score, self._answer):
+            lane.set_max_batch_size(self.settings.effective_batch_size)
+            lane.set_batch_wait_timeout_s(wait_s)
+        self.metrics: Any = None
+
+    def __serve_build_asgi_app__(self) -> Any:
+        from .app import create_app
+
+        app = create_app(self.guard, self.settings, lanes=self)
+        self.metrics = app.state.service.metrics
+        return app
+
+    # The lanes the app calls (see batching.Lanes).
+    async def score(self, prompt: Messages) -> Verdict:
+        return await self._score(prompt)
+
+    async def answer(self, prompt: Messages, config: GenerationConfig) -> GuardResult:
+        return await self._answer((prompt, config))
+
+    async def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _score(self, prompts: list[Messages]) -> list[Verdict]:
+        self._observe("score", len(prompts))
+        return await asyncio.get_running_loop().run_in_executor(self.executor, score_batch, self.guard, prompts)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _answer(self, items: list[tuple[Messages, GenerationConfig]]) -> list[GuardResult]:
+        self._observe("answer", len(items))
+        return await asyncio.get_running_loop().run_in_executor(self.executor, answer_batch, self.guard, items)
+
+    def _observe(self, lane: str, size: int) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_batch(lane, size)
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """The Serve application (``import_path: mlpm_guard.server.ray_serve:app_builder``)."""
+    GuardArgs(**args)  # fail on the driver, with a clear message, before any replica starts
+    return GuardDeployment.bind(args)
