@@ -37,7 +37,7 @@ import numpy as np
 
 from mlpm_guard.data import Example, load_examples
 from mlpm_guard.features import extract
-from mlpm_guard.training import RELEASE_SOURCES, fit_examples, release_examples
+from mlpm_guard.training import RELEASE_PARAMS, RELEASE_SOURCES, fit_examples, release_examples
 from mlpm_guard.scoring import views_of
 
 LANGS = ("fr", "de", "es", "it", "pt", "pl", "nl", "ru", "zh", "tr")
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlpm_guard import Backbone
 
     start = time.perf_counter()
-    params = {}
+    params = dict(RELEASE_PARAMS)  # what `mlpm-guard fit-default` fits
     for text in args.param:
         key, _, value = text.partition("=")
         params[key] = json.loads(value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -16,9 +17,12 @@ from .data import Example, cap_per_source, load_examples, seed_examples
 from .errors import BackboneMismatchError, DataError
 from .features import FeatureCache, extract
 from .prototypes import META_FILE, Prototypes
+from .views import segments
 
 logger = logging.getLogger(__name__)
 
+#: Sentences of a benign multi-sentence prompt added to a fit (see :func:`with_sentence_views`).
+SENTENCES_PER_PROMPT = 2
 # Chosen on held-out sources (see benchmarks/quality.py and the README's quality table).
 DEFAULT_PARAMS: dict[str, Any] = {"C": 1.0}
 HELD_OUT_SPLITS = ("test",)
@@ -48,12 +52,35 @@ def load_training_examples(paths: Sequence[str | Path], *, max_per_source: int |
 
 
 def training_mix(examples: Sequence[Example], *, max_per_source: int | None = None, seed: int = 0) -> list[Example]:
-    """The examples a fit uses: each source capped at ``max_per_source`` with its labels balanced.
+    """The examples a fit uses: each source capped at ``max_per_source`` with its labels balanced,
+    then the sentence readings of its benign prompts (:func:`with_sentence_views`).
 
-    ``load_training_examples`` and the quality benchmark both go through here, so the benchmark
-    measures exactly what ``mlpm-guard fit`` does.
+    ``load_training_examples`` and the benchmarks go through here, so they measure exactly what
+    ``mlpm-guard fit`` does.
     """
-    return cap_per_source(examples, max_per_source, seed)
+    return with_sentence_views(cap_per_source(examples, max_per_source, seed), seed=seed)
+
+
+def with_sentence_views(examples: Sequence[Example], *, per_prompt: int = SENTENCES_PER_PROMPT,
+                        seed: int = 0) -> list[Example]:
+    """The examples plus up to ``per_prompt`` sentences of each benign multi-sentence prompt, as
+    safe examples of the same source.
+
+    The guard reads each sentence of a request on its own (:mod:`.views`), so the fit must know
+    what ordinary sentences look like alone: without them a sentence of a maths word problem or of
+    a security question was flagged far more often than the whole prompt (gsm8k held out: 29% of
+    prompts flagged with sentence readings against 0% read whole; ``benchmarks/generalisation.py``).
+    Only benign prompts are split: a sentence of a harmful request need not be harmful.
+    """
+    out = list(examples)
+    for e in examples:
+        if e.label != 0:
+            continue
+        pieces = segments(e.prompt)
+        if len(pieces) > 1:
+            picked = random.Random(f"{seed}:{e.prompt}").sample(pieces, min(per_prompt, len(pieces)))
+            out.extend(Example(p, 0, None, e.source, e.split) for p in picked)
+    return out
 
 
 def fit_examples(backbone: Any, examples: Sequence[Example], *, states: np.ndarray | None = None,
@@ -85,6 +112,13 @@ RELEASE_SOURCES: dict[str, str] = {
     "self_instruct": "Apache-2.0", "chat_prompts": "Apache-2.0",
 }
 RELEASE_MAX_PER_SOURCE = 400
+#: The shipped default refuses only when confidently unsafe: P(unsafe) >= 0.8 is the unsafe tier
+#: (refusal); 0.35-0.8 is controversial and takes the safety-prompt route, which still answers.
+#: Chosen on the held-out families of ``benchmarks/generalisation.py``: refusing from 0.5 flagged
+#: one Alpaca instruction in eight, from 0.8 one in twenty-six, while held-out direct requests
+#: lost 0-4 points of recall; the wide controversial band keeps borderline harmful requests (a
+#: bomb request in French scored 0.46) off the plain ``PASS`` route.
+RELEASE_PARAMS: dict[str, Any] = {**DEFAULT_PARAMS, "threshold": 0.8, "controversial_threshold": 0.35}
 #: Longer prompts stay out of the fit: the guard never scores a reading longer than the views'
 #: context budget (longer text is read sentence by sentence), so they would teach nothing it uses.
 RELEASE_MAX_WORDS = 160
@@ -114,7 +148,8 @@ def release_examples(data_dir: str | Path, *, exclude: Any = None) -> list[Examp
     keep = (lambda e: not exclude(e)) if exclude is not None else (lambda e: True)
     rows = [e for path in release_files(data_dir).values() for e in load_examples(path)
             if e.split not in HELD_OUT_SPLITS and keep(e) and len(e.prompt.split()) <= RELEASE_MAX_WORDS]
-    return training_mix(rows, max_per_source=RELEASE_MAX_PER_SOURCE) + [e for e in seed_examples() if keep(e)]
+    return (training_mix(rows, max_per_source=RELEASE_MAX_PER_SOURCE)
+            + with_sentence_views([e for e in seed_examples() if keep(e)]))
 
 
 def fit_release(backbone: Any, data_dir: str | Path, *, progress: bool = True) -> Prototypes:
@@ -125,7 +160,7 @@ def fit_release(backbone: Any, data_dir: str | Path, *, progress: bool = True) -
     """
     files = release_files(data_dir)
     examples = release_examples(data_dir)
-    prototypes = fit_examples(backbone, examples, progress=progress)
+    prototypes = fit_examples(backbone, examples, progress=progress, **RELEASE_PARAMS)
     used: dict[str, int] = {}
     for e in examples:
         used[e.source] = used.get(e.source, 0) + 1
@@ -133,7 +168,7 @@ def fit_release(backbone: Any, data_dir: str | Path, *, progress: bool = True) -
         "recipe": "mlpm_guard.training.fit_release",
         "max_per_source": RELEASE_MAX_PER_SOURCE,
         "max_words": RELEASE_MAX_WORDS,
-        "params": DEFAULT_PARAMS,
+        "params": RELEASE_PARAMS,
         "files": {f"{stem}.jsonl": {"licence": lic, "sha256": _digest(files[stem])} for stem, lic in RELEASE_SOURCES.items()},
         "seed_set": {"licence": SEED_LICENCE, "sha256": _seed_digest()},
         "rows_per_source": dict(sorted(used.items())),
@@ -173,6 +208,6 @@ def default_prototypes(backbone: Any, *, progress: bool = True) -> Prototypes:
         return Prototypes.load(folder, backbone=backbone)
     logger.warning("no shipped prototypes for backbone %s: fitting default prototypes on the built-in seed set "
                    "(first use only, then cached in %s)", getattr(backbone, "name", backbone), folder)
-    prototypes = fit_examples(backbone, seed_examples(), progress=progress)
+    prototypes = fit_examples(backbone, training_mix(seed_examples()), progress=progress)
     prototypes.save(folder)
     return prototypes
