@@ -111,7 +111,7 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "mlpm_guard"
-        params["ls_model_name"] = self.resolved_guard().backbone.name
+        params["ls_model_name"] = kwargs.get("model") or self.resolved_guard().backbone.name
         return params
 
     def bind_tools(self, tools: Any, **kwargs: Any) -> Any:

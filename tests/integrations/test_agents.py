@@ -183,8 +183,8 @@ def test_async_agent_refuses_the_same_way(guard):
 
 
 # ---------------------------------------------------------------------------- with_guard around a graph
-def plain_agent(model: Scripted) -> Any:
-    return create_agent(model, [], checkpointer=InMemorySaver())
+def plain_agent(model: Scripted, *, memory: bool = True) -> Any:
+    return create_agent(model, [], checkpointer=InMemorySaver() if memory else None)
 
 
 def test_with_guard_on_a_graph_returns_the_state_shape_and_keeps_the_thread(guard):
@@ -201,7 +201,7 @@ def test_with_guard_on_a_graph_returns_the_state_shape_and_keeps_the_thread(guar
 
 
 def test_with_guard_on_a_graph_streams_and_batches_refusals_in_the_graphs_shapes(guard):
-    guarded = with_guard(plain_agent(Scripted(script=[AIMessage(content="ok")])), guard)
+    guarded = with_guard(plain_agent(Scripted(script=[AIMessage(content="ok")]), memory=False), guard)
     state = {"messages": [HumanMessage(HARMFUL)]}
     refusal = guard.policy.refusal_message
     (values,) = list(guarded.stream(state, stream_mode="values"))
