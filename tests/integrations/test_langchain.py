@@ -312,12 +312,12 @@ def test_streaming_passes_the_chain_chunks_and_moderation_stops_it(guard, refusa
 
 def test_batch_checks_all_inputs_in_one_call(guard, refusal, monkeypatch):
     recorder = Recorder()
-    real = guard.check_content_batch
+    real = guard.check_batch
     calls = []
-    monkeypatch.setattr(guard, "check_content_batch", lambda texts, **k: calls.append(list(texts)) or real(texts, **k))
+    monkeypatch.setattr(guard, "check_batch", lambda texts, **k: calls.append(list(texts)) or real(texts, **k))
     monkeypatch.setattr(guard, "check", lambda *a, **k: pytest.fail("batch must check in one call"))
     out = with_guard(RunnableLambda(recorder), guard).batch([SAFE, UNSAFE, "Tell me about cats."])
-    assert calls == [[SAFE, UNSAFE, "Tell me about cats."]]
+    assert calls == [[[{"role": "user", "content": t}] for t in (SAFE, UNSAFE, "Tell me about cats.")]]
     assert out == [SAFE, refusal, "Tell me about cats."] and recorder.seen == [SAFE, "Tell me about cats."]
 
     async def run():
