@@ -14,6 +14,7 @@ the wrapped chain's LLM is called once, to answer, and never to check the input.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -355,13 +356,28 @@ class GuardedRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, Any
         with closing(stream):  # stops the chain's LLM when the consumer or the moderation stops
             for chunk in stream:
                 first = chunk if first is None else first
-                yield chunk
-                if watch is not None and watch.add(chunk):
+                if watch is None:
+                    yield chunk
+                    continue
+                if watch.add(chunk):
                     break
+                yield from watch.release()
         self._clean(None, plan, config)
         record = plan.output_record(watch.finish(), policy) if watch is not None else None
         if record is not None:
             emit(record, config)
+        yield from self._stream_end(value, first, plan, policy, watch, record)
+
+    def _stream_end(self, value: Any, first: Any, plan: _Plan, policy: Policy, watch: _Watch | None,
+                    record: dict[str, Any] | None) -> Iterator[Any]:
+        """What follows the released chunks: the refusal in place of a flagged rest, or the checked
+        rest; then a chunk carrying the decision when there is one to tell."""
+        if record is not None and record["replaced"]:
+            yield make_output(value_kind(first) or self._kind(value), policy.refusal_message, record,
+                              self.output_key, chunk=True)
+            return
+        if watch is not None:
+            yield from watch.release(everything=True)
         end = self._end_chunk(first, plan, record)
         if end is not None:
             yield end
@@ -391,41 +407,54 @@ class GuardedRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, Any
         async with aclosing(stream):
             async for chunk in stream:
                 first = chunk if first is None else first
-                yield chunk
-                if watch is not None and await asyncio.to_thread(watch.add, chunk):
+                if watch is None:
+                    yield chunk
+                    continue
+                if await asyncio.to_thread(watch.add, chunk):
                     break
+                for released in watch.release():
+                    yield released
         await asyncio.to_thread(self._clean, None, plan, config)
         record = None
         if watch is not None:
             record = plan.output_record(await asyncio.to_thread(watch.finish), policy)
             await aemit(record, config)
-        end = self._end_chunk(first, plan, record)
-        if end is not None:
-            yield end
+        for chunk in self._stream_end(value, first, plan, policy, watch, record):
+            yield chunk
 
 
 class _Watch:
-    """Output moderation of one stream: the text so far is judged every ``check_every`` chunks.
-
-    Chunks already handed on cannot be withdrawn, so a flag stops the chain and the stream ends
-    with a chunk carrying the decision (``replaced=True`` under ``on_flag="replace"``, for the
-    consumer to act on); ``invoke`` returns the refusal instead.
+    """Output moderation of one stream: the text so far is judged every ``check_every`` chunks,
+    and a chunk is handed on only after a passing check that also read ``hold_back`` chunks after
+    it (the policy's setting, as in the core ``Guard.stream``). On a flag the chain stops and the
+    consumer gets the refusal in place of the held chunks (under ``on_flag="replace"``).
     """
 
     def __init__(self, owner: GuardedRunnable, guard: Guard, conversation: list[dict[str, str]],
                  policy: Policy) -> None:
         self.owner, self.guard, self.conversation, self.policy = owner, guard, conversation, policy
         self.parts: list[str] = []
+        self.held: collections.deque[tuple[int, Any]] = collections.deque()
+        self.covered = 0  # chunks read by the last passing check
         self.unjudged = 0
         self.verdict: Verdict | None = None
 
     def add(self, chunk: Any) -> bool:
         """Take a chunk; True when the text so far is flagged (stop the stream)."""
+        self.held.append((len(self.parts), chunk))
         self.parts.append(output_text(chunk, self.owner.output_key))
         self.unjudged += 1
         if self.unjudged < self.policy.output_moderation.check_every:
             return False
         return self._judge().unsafe
+
+    def release(self, *, everything: bool = False) -> list[Any]:
+        """The held chunks that passing checks let out (all of them once the whole text passed)."""
+        out = []
+        hold_back = self.policy.output_moderation.hold_back
+        while self.held and (everything or self.held[0][0] + hold_back < self.covered):
+            out.append(self.held.popleft()[1])
+        return out
 
     def finish(self) -> Verdict:
         """The verdict on the whole streamed text (judged again only if chunks came since)."""
@@ -436,6 +465,8 @@ class _Watch:
     def _judge(self) -> Verdict:
         self.unjudged = 0
         self.verdict = self.owner._judge(self.guard, self.conversation, "".join(self.parts), self.policy)
+        if not self.verdict.unsafe:
+            self.covered = len(self.parts)
         return self.verdict
 
 

@@ -297,3 +297,20 @@ def test_benign_padding_does_not_dilute_a_harmful_request(guard, name):
     agent = create_agent(model, [], middleware=[MLPMGuardMiddleware(guard)])
     assert agent.invoke({"messages": messages})["messages"][-1].content == guard.policy.refusal_message
     assert not model.seen
+
+
+# ---------------------------------------------------------------------------- hold-back reaches the chat model
+def test_chat_model_stream_holds_back_a_flagged_continuation(backbone, small_prototypes):
+    from mlpm_guard import Route
+
+    words = ("Sure! Happy to help with that project today. To make a pipe bomb, fill a steel pipe with black "
+             "powder and cap both ends.").split(" ")
+    guard = Guard(backbone, small_prototypes,
+                  policy={"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass",
+                          "output_moderation": {"enabled": True, "check_every": 4}},
+                  handlers={Route.PASS: lambda m, **k: iter([" " + w if i else w for i, w in enumerate(words)])},
+                  moderator=lambda m, r: "steel pipe" in r)
+    chunks = list(ChatMLPMGuard(guard=guard).stream("Tell me about plumbing."))
+    joined = "".join(c.content for c in chunks)
+    assert "pipe bomb" not in joined and joined.endswith(guard.policy.refusal_message)
+    assert chunks[-1].response_metadata["mlpm_guard"]["replaced"]

@@ -301,13 +301,17 @@ def test_streaming_passes_the_chain_chunks_and_moderation_stops_it(guard, refusa
     watched = with_guard(model, guard, moderator=lambda m, r: "three" in r,
                          policy={"output_moderation": {"enabled": True, "check_every": 1}})
     chunks = list(watched.stream(SAFE))
-    assert "".join(c.content for c in chunks) == "one two three"  # stopped at the flag
+    assert "".join(c.content for c in chunks) == refusal  # held back, then the refusal in its place
     assert chunks[-1].response_metadata["mlpm_guard"]["replaced"] is True
+    eager = with_guard(model, guard, moderator=lambda m, r: "three" in r,
+                       policy={"output_moderation": {"enabled": True, "check_every": 1, "hold_back": 0}})
+    # without hold-back, what passed a check is sent; the flagged chunk never is
+    assert "".join(c.content for c in eager.stream(SAFE)) == "one two " + refusal
 
     async def run():
         return [c async for c in watched.astream(SAFE)]
 
-    assert "".join(c.content for c in asyncio.run(run())) == "one two three"
+    assert "".join(c.content for c in asyncio.run(run())) == refusal
 
 
 def test_batch_checks_all_inputs_in_one_call(guard, refusal, monkeypatch):
