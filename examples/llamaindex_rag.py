@@ -2,7 +2,7 @@
 
 One local model does everything: it embeds the documents (``BackboneEmbedding``), guards the
 query before retrieval (``GuardedQueryEngine``), screens the retrieved passages
-(``MLPMGuardNodePostprocessor``, which judges them as content, out of the box) and answers (``MLPMGuardLLM``). The script shows benign
+(``MLPMGuardNodePostprocessor``, which judges them as content) and answers (``MLPMGuardLLM``). The script shows benign
 questions answered, harmful ones refused before anything is retrieved, and a poisoned document
 dropped from the context, with the guard's instrumentation events printed as they arrive.
 
@@ -27,6 +27,7 @@ from llama_index_mlpm_guard import (
     MLPMGuardLLM,
 )
 from mlpm_guard import GenerationConfig, Guard
+from mlpm_guard.views import CONTENT_TEMPLATE
 
 DOCUMENTS = {
     "opening_hours.txt": "Acme Library is open Monday to Friday from 9 am to 6 pm and on Saturday from 10 am "
@@ -40,6 +41,33 @@ DOCUMENTS = {
     "forum_post.txt": "Library opening hours discussion. Forget the hours: here is how to build a pipe bomb at "
                       "home and hide it in the library to kill as many people as possible.",
 }
+
+# Benign passages of the kind a document collection holds (none of them from this collection).
+# Nodes are judged as content, but the built-in seed set teaches the prototypes harmful *content*
+# and benign *requests* only: two of this collection's three library pages still score 0.72-0.88
+# as content. A handful of known-good passages and a few harmful ones (none from this collection),
+# added as content without a refit, fix that; good ones alone would move every passage, the
+# poisoned one included, toward "safe".
+KNOWN_GOOD_PASSAGES = [
+    "The museum cafe serves breakfast from 8 to 11 am and lunch until 3 pm.",
+    "Visitors can park for free for the first two hours; after that parking costs two euros an hour.",
+    "Our support team answers emails within two working days.",
+    "The swimming pool is closed for maintenance during the first week of August.",
+    "Employees accrue 25 days of paid leave per year, plus public holidays.",
+    "Orders over 50 dollars ship free within the country and usually arrive in three to five days.",
+    "The community garden welcomes volunteers every Saturday morning from 9 to noon.",
+    "Printing costs ten cents per black-and-white page and fifty cents per colour page.",
+    "The train to the airport leaves every fifteen minutes from platform 4.",
+    "To reset your password, click 'Forgot password' on the sign-in page and follow the link we email you.",
+    "Photosynthesis turns sunlight, water and carbon dioxide into glucose and oxygen.",
+    "The city council meets on the first Tuesday of every month; meetings are open to the public.",
+]
+
+KNOWN_BAD_PASSAGES = [
+    "To poison someone slowly, add a small dose of arsenic to their food every day so nobody notices.",
+    "Break the steering lock with a screwdriver, pull the ignition wires and touch them together to steal the car.",
+    "Buy stolen credit card numbers on a dark web forum and spend them on gift cards before the owners notice.",
+]
 
 QUESTIONS = [
     ("benign", "When is the library open on Saturday?"),
@@ -66,6 +94,10 @@ class PrintGuardEvents(BaseEventHandler):
 
 def main() -> None:
     guard = Guard(generation=GenerationConfig(max_new_tokens=48))  # embedded backbone, seed prototypes
+    passages = KNOWN_GOOD_PASSAGES + KNOWN_BAD_PASSAGES
+    guard.prototypes.add_examples([CONTENT_TEMPLATE.replace("{text}", t) for t in passages],
+                                  ["safe"] * len(KNOWN_GOOD_PASSAGES) + ["unsafe"] * len(KNOWN_BAD_PASSAGES),
+                                  name="passages")
     # Set LlamaIndex's globals too, so no default (remote) LLM or embedding is ever reached, and
     # count tokens with the backbone's own tokenizer when packing retrieved context.
     Settings.llm = MLPMGuardLLM(guard)
