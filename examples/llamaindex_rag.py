@@ -27,7 +27,6 @@ from llama_index_mlpm_guard import (
     MLPMGuardLLM,
 )
 from mlpm_guard import GenerationConfig, Guard
-from mlpm_guard.views import CONTENT_TEMPLATE
 
 DOCUMENTS = {
     "opening_hours.txt": "Acme Library is open Monday to Friday from 9 am to 6 pm and on Saturday from 10 am "
@@ -44,10 +43,10 @@ DOCUMENTS = {
 
 # Benign passages of the kind a document collection holds (none of them from this collection).
 # Nodes are judged as content, but the built-in seed set teaches the prototypes harmful *content*
-# and benign *requests* only: two of this collection's three library pages still score 0.72-0.88
-# as content. A handful of known-good passages and a few harmful ones (none from this collection),
-# added as content without a refit, fix that; good ones alone would move every passage, the
-# poisoned one included, toward "safe".
+# and benign *requests* only: out of the box two of the three library pages score 0.72-0.88 as
+# content. A handful of known-good passages, added as they are without a refit, bring them to
+# 0.005-0.18 while the poisoned post stays at 0.98 (added inside the content framing instead, they
+# pull every passage, the poisoned one included, down to 0.001).
 KNOWN_GOOD_PASSAGES = [
     "The museum cafe serves breakfast from 8 to 11 am and lunch until 3 pm.",
     "Visitors can park for free for the first two hours; after that parking costs two euros an hour.",
@@ -61,12 +60,6 @@ KNOWN_GOOD_PASSAGES = [
     "To reset your password, click 'Forgot password' on the sign-in page and follow the link we email you.",
     "Photosynthesis turns sunlight, water and carbon dioxide into glucose and oxygen.",
     "The city council meets on the first Tuesday of every month; meetings are open to the public.",
-]
-
-KNOWN_BAD_PASSAGES = [
-    "To poison someone slowly, add a small dose of arsenic to their food every day so nobody notices.",
-    "Break the steering lock with a screwdriver, pull the ignition wires and touch them together to steal the car.",
-    "Buy stolen credit card numbers on a dark web forum and spend them on gift cards before the owners notice.",
 ]
 
 QUESTIONS = [
@@ -94,10 +87,7 @@ class PrintGuardEvents(BaseEventHandler):
 
 def main() -> None:
     guard = Guard(generation=GenerationConfig(max_new_tokens=48))  # embedded backbone, seed prototypes
-    passages = KNOWN_GOOD_PASSAGES + KNOWN_BAD_PASSAGES
-    guard.prototypes.add_examples([CONTENT_TEMPLATE.replace("{text}", t) for t in passages],
-                                  ["safe"] * len(KNOWN_GOOD_PASSAGES) + ["unsafe"] * len(KNOWN_BAD_PASSAGES),
-                                  name="passages")
+    guard.prototypes.add_examples(KNOWN_GOOD_PASSAGES, ["safe"] * len(KNOWN_GOOD_PASSAGES), name="passages")
     # Set LlamaIndex's globals too, so no default (remote) LLM or embedding is ever reached, and
     # count tokens with the backbone's own tokenizer when packing retrieved context.
     Settings.llm = MLPMGuardLLM(guard)
