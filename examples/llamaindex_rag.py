@@ -2,7 +2,7 @@
 
 One local model does everything: it embeds the documents (``BackboneEmbedding``), guards the
 query before retrieval (``GuardedQueryEngine``), screens the retrieved passages
-(``MLPMGuardNodePostprocessor``) and answers (``MLPMGuardLLM``). The script shows benign
+(``MLPMGuardNodePostprocessor``, which judges them as content) and answers (``MLPMGuardLLM``). The script shows benign
 questions answered, harmful ones refused before anything is retrieved, and a poisoned document
 dropped from the context, with the guard's instrumentation events printed as they arrive.
 
@@ -42,9 +42,11 @@ DOCUMENTS = {
 }
 
 # Benign passages of the kind a document collection holds (none of them from this collection).
-# The built-in seed set teaches the prototypes harmful *content* but benign *requests* only, so
-# out of the box a plain declarative passage leans unsafe; a handful of known-good passages,
-# added without a refit, fix that for the whole collection.
+# Nodes are judged as content, but the built-in seed set teaches the prototypes harmful *content*
+# and benign *requests* only: out of the box two of the three library pages score 0.72-0.88 as
+# content. A handful of known-good passages, added as they are without a refit, bring them to
+# 0.005-0.18 while the poisoned post stays at 0.98 (added inside the content framing instead, they
+# pull every passage, the poisoned one included, down to 0.001).
 KNOWN_GOOD_PASSAGES = [
     "The museum cafe serves breakfast from 8 to 11 am and lunch until 3 pm.",
     "Visitors can park for free for the first two hours; after that parking costs two euros an hour.",

@@ -9,6 +9,7 @@ Errors fail closed (a refusal with the error recorded) unless the policy says ``
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import dataclasses
 import logging
@@ -63,6 +64,30 @@ class _Detokenizer:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         piece, self.text = text[len(self.text):], text
         return piece
+
+
+class _HoldBack:
+    """Streamed pieces waiting for output moderation: a piece leaves only after a passing check
+    that also saw ``tokens`` more tokens after it (its context, which can reveal it as harmful)."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.pending: collections.deque[tuple[str, int]] = collections.deque()
+        self.n_pending = 0
+
+    def add(self, piece: str, tokens: int) -> None:
+        self.pending.append((piece, tokens))
+        self.n_pending += tokens
+
+    def release(self, *, everything: bool = False) -> list[str]:
+        """The pieces a passing check covering everything added so far lets out."""
+        out = []
+        while self.pending and (everything or self.n_pending - self.pending[0][1] >= self.tokens):
+            piece, tokens = self.pending.popleft()
+            self.n_pending -= tokens
+            if piece:
+                out.append(piece)
+        return ["".join(out)] if out else []
 
 
 class Guard:
@@ -232,9 +257,11 @@ class Guard:
         """Guard one prompt and stream the answer token by token.
 
         The last chunk carries the :class:`GuardResult`. With output moderation on, the partial
-        answer is checked every ``check_every`` tokens and the stream stops at the first flag;
-        pieces already sent cannot be withdrawn, so with ``on_flag="replace"`` the final result's
-        text is the refusal and ``result.replaced`` is set for the consumer to act on.
+        answer is checked every ``check_every`` tokens and the stream stops at the first flag.
+        Text reaches the consumer only after a passing check that also read the ``hold_back``
+        tokens after it, so a continuation flagged within that window is never sent: with
+        ``on_flag="replace"`` the consumer receives the refusal as the next chunk instead (and
+        ``result.replaced`` is set); with ``on_flag="flag"`` it receives the held text, flagged.
         """
         check_prompt(prompt)  # at the call, not at the first `next`: hence no `yield` in this method
         return self._run(prompt, self._policy(policy), self._config(generation), streaming=True)
@@ -259,6 +286,8 @@ class Guard:
         flagged_verdict: Verdict | None = None
         moderation = policy.output_moderation
         next_check = moderation.check_every
+        held = _HoldBack(moderation.hold_back) if streaming and moderation.enabled and route is not Route.REFUSE \
+            else None
         try:
             pieces = self._answer(route, messages, rows, state, verdict, policy, config)
             try:
@@ -266,9 +295,12 @@ class Guard:
                     n_tokens += tokens
                     if piece:
                         parts.append(piece)
-                        if streaming:
+                    if held is None:
+                        if streaming and piece:
                             yield GuardChunk(piece)
-                    if streaming and moderation.enabled and route is not Route.REFUSE and n_tokens >= next_check:
+                        continue
+                    held.add(piece, tokens)
+                    if n_tokens >= next_check:
                         next_check = n_tokens + moderation.check_every
                         t = time.perf_counter()
                         v = self._moderate(messages, "".join(parts), policy)
@@ -276,6 +308,8 @@ class Guard:
                         if v.unsafe:
                             flagged_verdict = v
                             break
+                        for released in held.release():
+                            yield GuardChunk(released)
             finally:
                 pieces.close()
         except Exception as exc:  # noqa: BLE001 - fail closed
@@ -295,6 +329,10 @@ class Guard:
             moderation_ms += _ms(t)
         flagged = output_verdict is not None and output_verdict.unsafe
         replaced = flagged and moderation.on_flag == "replace"
+        if held is not None:
+            # What was held back goes out only now: the refusal in its place, or the checked rest.
+            for piece in [policy.refusal_message] if replaced else held.release(everything=True):
+                yield GuardChunk(piece)
         timings = Timings(scoring_ms, generation_ms, moderation_ms, len(rows[0]), n_tokens)
         yield GuardChunk("", GuardResult(policy.refusal_message if replaced else text, route, verdict, output_verdict,
                                          flagged, replaced, timings))
@@ -496,6 +534,12 @@ class Guard:
 
     async def acheck_batch(self, prompts: Sequence[PromptInput], **kwargs: Any) -> list[Verdict]:
         return await asyncio.to_thread(self.check_batch, prompts, **kwargs)
+
+    async def acheck_content(self, text: str, **kwargs: Any) -> Verdict:
+        return await asyncio.to_thread(self.check_content, text, **kwargs)
+
+    async def acheck_content_batch(self, texts: Sequence[str], **kwargs: Any) -> list[Verdict]:
+        return await asyncio.to_thread(self.check_content_batch, texts, **kwargs)
 
     async def astream(self, prompt: PromptInput, **kwargs: Any) -> AsyncIterator[GuardChunk]:
         """:meth:`stream` produced on a worker thread and handed to the event loop chunk by chunk.

@@ -57,6 +57,10 @@ class OutputModerationConfig(BaseModel):
     enabled: bool = False
     on_flag: Literal["replace", "flag"] = "replace"
     check_every: int = Field(default=16, ge=1, description="tokens between checks while streaming")
+    # A flagged continuation often reads as harmless for a few tokens ("Sure! To make one, fill"):
+    # a streamed piece is released only once a passing check has also seen this many tokens after it.
+    hold_back: int = Field(default=16, ge=0, description="tokens held back from the consumer while streaming, "
+                                                         "released only after a later passing check")
     threshold: float | None = Field(default=None, gt=0, lt=1, description="None: the prototypes' threshold")
 
 

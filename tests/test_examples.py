@@ -37,3 +37,12 @@ def test_llamaindex_rag_example():
     out = run("llamaindex_rag.py")
     assert "dropped: ['forum_post.txt']" in out
     assert out.count("retrieval: none (refused before retrieval)") == 2
+
+
+@pytest.mark.slow
+def test_langchain_agent_example():
+    out = run("langchain_agent.py")
+    assert "agent: The tool said: Sunny in Paris" in out  # an ordinary tool result reaches the model
+    assert "route=refuse blocked=True" in out  # the harmful turn
+    assert out.count("tool result withheld") == 1  # the injected forum post, only
+    assert "thread: human ai tool ai human ai human ai tool ai" in out  # the refusal is kept in the thread

@@ -1,6 +1,7 @@
 """LangChain integration of mlpm-guard.
 
-Public names: :class:`MLPMGuardRunnable` (the guarded hosted backbone as a runnable),
+Public names: :class:`MLPMGuardMiddleware` (the guard inside a ``create_agent`` agent),
+:class:`MLPMGuardRunnable` (the guarded hosted backbone as a runnable),
 :class:`ChatMLPMGuard` (the same as a chat model), :func:`with_guard` (guard any runnable whose
 own LLM answers) and :class:`MLPMDocumentFilter` (drop or flag unsafe retrieved documents).
 
@@ -25,6 +26,18 @@ from .embeddings import MLPMEmbeddings
 from .guarded import GuardedRunnable, with_guard
 from .runnable import MLPMGuardRunnable
 
+try:  # the agent middleware needs the `langchain` package (1.x), not only langchain-core
+    from .middleware import MLPMGuardMiddleware
+except ImportError as _exc:  # pragma: no cover - depends on what is installed
+    _MIDDLEWARE_ERROR = _exc
+
+    def __getattr__(name: str) -> Any:
+        if name == "MLPMGuardMiddleware":
+            msg = f"MLPMGuardMiddleware needs `langchain>=1.0` and `langgraph` (pip install 'mlpm-guard[langchain]'): " \
+                  f"{_MIDDLEWARE_ERROR}"
+            raise ImportError(msg)
+        raise AttributeError(name)
+
 __all__ = [
     "EVENT_NAME",
     "FLAG_KEY",
@@ -33,6 +46,7 @@ __all__ = [
     "GuardedText",
     "MLPMDocumentFilter",
     "MLPMEmbeddings",
+    "MLPMGuardMiddleware",
     "MLPMGuardRunnable",
     "default_guard",
     "register_with_guard",

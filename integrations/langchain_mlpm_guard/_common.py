@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from langchain_core.callbacks import (
     AsyncCallbackManager,
+    AsyncCallbackManagerForChainRun,
+    AsyncCallbackManagerForLLMRun,
     CallbackManager,
     adispatch_custom_event,
     dispatch_custom_event,
@@ -30,15 +32,18 @@ from langchain_core.messages import (
 from langchain_core.prompt_values import ChatPromptValue, PromptValue, StringPromptValue
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.utils import AddableDict
+from langchain_core.tracers.base import BaseTracer
 from pydantic import ValidationError
 
-from mlpm_guard import ConfigError, Guard, InputError, Policy, Route, Verdict
+from mlpm_guard import ConfigError, Guard, InputError, Policy, Route, Verdict, telemetry
 from mlpm_guard.guard import as_policy
 
 #: Name of the custom event every adapter dispatches (visible in ``astream_events``).
 EVENT_NAME = "mlpm_guard"
 #: Key of the decision record in message ``response_metadata``, in dict outputs and in document metadata.
 FLAG_KEY = "mlpm_guard"
+#: Name of the child run that records each guard check in traces.
+CHECK_RUN_NAME = "mlpm_guard_check"
 #: Dict keys searched for the user's text when an adapter's ``input_key`` is not set.
 DEFAULT_INPUT_KEYS = ("input", "question", "query", "messages")
 
@@ -313,9 +318,10 @@ def output_text(output: Any, output_key: str) -> str:
 def verdict_fields(verdict: Verdict | None) -> dict[str, Any]:
     if verdict is None:
         return {"p_unsafe": None, "tier": None, "category": None, "category_name": None, "threshold": None,
-                "error": None}
+                "error": None, "view": None}
     return {"p_unsafe": round(float(verdict.p_unsafe), 6), "tier": verdict.tier.value, "category": verdict.category,
-            "category_name": verdict.category_name, "threshold": verdict.threshold, "error": verdict.error}
+            "category_name": verdict.category_name, "threshold": verdict.threshold, "error": verdict.error,
+            "view": verdict.view}
 
 
 def decision(verdict: Verdict | None, route: Route, *, blocked: bool, stage: str = "input",
@@ -346,8 +352,65 @@ def result_decision(result: Any) -> dict[str, Any]:
 
 def run_metadata(record: dict[str, Any]) -> dict[str, Any]:
     """Flat ``mlpm_guard_*`` keys for run metadata (what tracing UIs filter on)."""
-    keys = ("route", "applied_route", "blocked", "p_unsafe", "tier", "category")
+    keys = ("stage", "route", "applied_route", "blocked", "p_unsafe", "tier", "category", "view")
     return {f"mlpm_guard_{k}": record.get(k) for k in keys}
+
+
+def report(run_manager: Any | None, inputs: Any, record: dict[str, Any], *, start_ns: int | None = None,
+           model: str | None = None) -> None:
+    """Put a decision where traces show it: a child run named :data:`CHECK_RUN_NAME` (inputs: what
+    was judged, outputs: the decision) under ``run_manager``'s run, ``mlpm_guard_*`` keys in that
+    run's metadata for every tracer attached to it (LangSmith included), and an OpenTelemetry span.
+
+    Custom events alone are not recorded by LangChain's tracers, hence the child run. The decision
+    is known only after the run started, so its metadata is updated on the tracers' run records
+    (which they send when the run ends).
+    """
+    telemetry.decision_span(record.get("stage", "input"), record, start_ns=start_ns, model=model,
+                            framework="langchain")
+    if run_manager is None:
+        return
+    flat = _annotate(run_manager, record)
+    manager = CallbackManager(handlers=run_manager.handlers, inheritable_handlers=run_manager.inheritable_handlers,
+                              parent_run_id=run_manager.run_id, tags=run_manager.tags,
+                              metadata={**run_manager.metadata, **flat})
+    child = manager.on_chain_start({"name": CHECK_RUN_NAME}, _run_inputs(inputs), name=CHECK_RUN_NAME)
+    child.on_chain_end(record)
+
+
+async def areport(run_manager: Any | None, inputs: Any, record: dict[str, Any], *, start_ns: int | None = None,
+                  model: str | None = None) -> None:
+    """:func:`report` for async run managers."""
+    if run_manager is None or not isinstance(run_manager, (AsyncCallbackManagerForChainRun,
+                                                           AsyncCallbackManagerForLLMRun)):
+        report(run_manager, inputs, record, start_ns=start_ns, model=model)
+        return
+    telemetry.decision_span(record.get("stage", "input"), record, start_ns=start_ns, model=model,
+                            framework="langchain")
+    flat = _annotate(run_manager, record)
+    manager = AsyncCallbackManager(handlers=run_manager.handlers,
+                                   inheritable_handlers=run_manager.inheritable_handlers,
+                                   parent_run_id=run_manager.run_id, tags=run_manager.tags,
+                                   metadata={**run_manager.metadata, **flat})
+    child = await manager.on_chain_start({"name": CHECK_RUN_NAME}, _run_inputs(inputs), name=CHECK_RUN_NAME)
+    await child.on_chain_end(record)
+
+
+def _annotate(run_manager: Any, record: dict[str, Any]) -> dict[str, Any]:
+    """The flat metadata of a decision, added to ``run_manager``'s run in every tracer that holds it."""
+    flat = run_metadata(record)
+    for handler in {id(h): h for h in [*run_manager.handlers, *run_manager.inheritable_handlers]}.values():
+        if isinstance(handler, BaseTracer):
+            run = handler.run_map.get(str(run_manager.run_id))
+            if run is not None:
+                run.extra.setdefault("metadata", {}).update(flat)
+    return flat
+
+
+def _run_inputs(inputs: Any) -> dict[str, Any]:
+    if isinstance(inputs, Mapping):
+        return dict(inputs)
+    return {"input": inputs}
 
 
 def emit(record: dict[str, Any], config: RunnableConfig | None) -> None:

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from mlpm_guard import GuardResult
 
-from ._common import FLAG_KEY, aemit_llm, emit_llm, guard_messages, result_decision
+from ._common import FLAG_KEY, aemit_llm, areport, emit_llm, guard_messages, report, result_decision
 from ._settings import GuardSettings
 from .runnable import usage
 
@@ -80,7 +80,9 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
 
     ``batch`` scores and answers all prompts in one batched prefill (``Guard.batch``) while each
     input keeps its own run and callbacks. Stop sequences cut the answer (and stop the stream).
-    Tool calling is not supported.
+    Tool calling and structured output are not supported (``bind_tools`` and
+    ``with_structured_output`` say what to use instead: :class:`MLPMGuardMiddleware`, or
+    ``with_guard`` around a tool-capable model).
 
     Example:
         ```python
@@ -109,8 +111,20 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "mlpm_guard"
-        params["ls_model_name"] = self.resolved_guard().backbone.name
+        params["ls_model_name"] = kwargs.get("model") or self.resolved_guard().backbone.name
         return params
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+        msg = ("ChatMLPMGuard does not call tools: the hosted guard backbone is a small model that answers in text. "
+               "To guard a tool-using agent, give create_agent a tool-capable model and "
+               "middleware=[MLPMGuardMiddleware(guard)], or wrap that model with with_guard(model, guard).")
+        raise NotImplementedError(msg)
+
+    def with_structured_output(self, schema: Any, **kwargs: Any) -> Any:
+        msg = ("ChatMLPMGuard has no structured output (it cannot call tools or follow a JSON schema reliably). "
+               "Guard a model that does with with_guard(model.with_structured_output(schema), guard), or use "
+               "MLPMGuardMiddleware in create_agent(..., response_format=schema).")
+        raise NotImplementedError(msg)
 
     def _generation(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         own = {k: v for k, v in (("max_new_tokens", self.max_new_tokens), ("temperature", self.temperature))
@@ -135,6 +149,7 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
         else:
             result = guard.invoke(prompt, policy=self.call_policy(guard), **self._generation(kwargs))
         emit_llm(result_decision(result), run_manager)
+        report(run_manager, {"messages": prompt}, result_decision(result), model=guard.backbone.name)
         return self._result(result, stop)
 
     def _result(self, result: GuardResult, stop: list[str] | None) -> ChatResult:
@@ -153,6 +168,7 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
         else:
             result = await guard.ainvoke(prompt, policy=self.call_policy(guard), **self._generation(kwargs))
         await aemit_llm(result_decision(result), run_manager)
+        await areport(run_manager, {"messages": prompt}, result_decision(result), model=guard.backbone.name)
         return self._result(result, stop)
 
     # ------------------------------------------------------------------ many conversations, one prefill
@@ -206,11 +222,13 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         guard = self.resolved_guard()
         cutter = _StopCut(stop)
-        stream = guard.stream(guard_messages(messages), policy=self.call_policy(guard), **self._generation(kwargs))
+        prompt = guard_messages(messages)
+        stream = guard.stream(prompt, policy=self.call_policy(guard), **self._generation(kwargs))
         with closing(stream):  # leaving early (a stop sequence, a consumer's break) stops decoding
             for chunk in stream:
                 if chunk.result is not None:
                     emit_llm(result_decision(chunk.result), run_manager)
+                    report(run_manager, {"messages": prompt}, result_decision(chunk.result), model=guard.backbone.name)
                     yield from self._tail(chunk.result, cutter)
                     return
                 piece = cutter.push(chunk.text)
@@ -232,11 +250,14 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         guard = self.resolved_guard()
         cutter = _StopCut(stop)
-        stream = guard.astream(guard_messages(messages), policy=self.call_policy(guard), **self._generation(kwargs))
+        prompt = guard_messages(messages)
+        stream = guard.astream(prompt, policy=self.call_policy(guard), **self._generation(kwargs))
         async with aclosing(stream):
             async for chunk in stream:
                 if chunk.result is not None:
                     await aemit_llm(result_decision(chunk.result), run_manager)
+                    await areport(run_manager, {"messages": prompt}, result_decision(chunk.result),
+                                  model=guard.backbone.name)
                     for out in self._tail(chunk.result, cutter):
                         yield out
                     return

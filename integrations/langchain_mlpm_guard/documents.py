@@ -4,12 +4,11 @@ Retrieved text is an attack surface of its own (poisoned pages, injected instruc
 filter scores each document in batched forward passes (``Guard.check_batch``) that stop at the
 deepest layer the prototypes use.
 
-Prototypes are fitted on *requests*, and plain statements sit off that distribution: on a probe
-of 20 harmless and 10 harmful short documents written for the purpose, the first (971-prompt) seed prototypes put
-10 of the 20 harmless ones over the 0.5 threshold when a document was scored as it is, and 1 of
-20 when it was put in a request (``"Summarize this text: ..."``), while catching 9 of the 10
-harmful ones (10 of 10 as is). Hence the default ``template``; :meth:`MLPMDocumentFilter.calibrated`
-sets the threshold from documents known to be clean (for example the indexed corpus).
+Documents are judged as *content* with :meth:`mlpm_guard.Guard.check_content_batch`, the one way
+both integrations score retrieved text: inside a request for it, as a whole and in windows of a
+few sentences (prototypes are fitted on requests, and plain statements scored bare lean unsafe).
+:meth:`MLPMDocumentFilter.calibrated` sets the threshold from documents known to be clean (for
+example the indexed corpus).
 """
 
 from __future__ import annotations
@@ -20,15 +19,12 @@ from typing import Any, Literal
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
 from langchain_core.documents import BaseDocumentTransformer, Document
 from langchain_core.runnables import RunnableConfig, RunnableSerializable
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from mlpm_guard import Policy, Verdict
 
 from ._common import FLAG_KEY, aemit, emit, verdict_fields
 from ._settings import GuardSettings
-
-DEFAULT_TEMPLATE = "Summarize this text:\n\n{text}"
-
 
 class MLPMDocumentFilter(GuardSettings, BaseDocumentTransformer, RunnableSerializable[Sequence[Document],
                                                                                      list[Document]]):
@@ -43,22 +39,12 @@ class MLPMDocumentFilter(GuardSettings, BaseDocumentTransformer, RunnableSeriali
         action: ``"drop"`` removes unsafe documents; ``"flag"`` keeps them all, flagged.
         threshold: P(unsafe) from which a document counts as unsafe (``None``: the policy's
             unsafe tier, or ``unsafe_at`` when set).
-        template: the request a document is scored in; ``"{text}"`` scores it as it is.
         metadata_key: the metadata key of the verdict.
     """
 
     action: Literal["drop", "flag"] = "drop"
     threshold: float | None = Field(default=None, gt=0, lt=1)
-    template: str = DEFAULT_TEMPLATE
     metadata_key: str = FLAG_KEY
-
-    @field_validator("template")
-    @classmethod
-    def _has_slot(cls, value: str) -> str:
-        if "{text}" not in value:
-            msg = f"`template` must contain '{{text}}' where the document goes, got {value!r}"
-            raise ValueError(msg)
-        return value
 
     @classmethod
     def is_lc_serializable(cls) -> bool:
@@ -67,17 +53,13 @@ class MLPMDocumentFilter(GuardSettings, BaseDocumentTransformer, RunnableSeriali
     def _unsafe(self, verdict: Verdict) -> bool:
         return verdict.p_unsafe >= self.threshold if self.threshold is not None else verdict.unsafe
 
-    def _texts(self, documents: Sequence[Document]) -> list[str]:
-        # str.replace, not format: a document may hold braces of its own.
-        return [self.template.replace("{text}", d.page_content) for d in documents]
-
     def _verdicts(self, documents: Sequence[Document]) -> list[Verdict]:
         guard = self.resolved_guard()
-        return guard.check_batch(self._texts(documents), policy=self.call_policy(guard))
+        return guard.check_content_batch([d.page_content for d in documents], policy=self.call_policy(guard))
 
     async def _averdicts(self, documents: Sequence[Document]) -> list[Verdict]:
         guard = self.resolved_guard()
-        return await guard.acheck_batch(self._texts(documents), policy=self.call_policy(guard))
+        return await guard.acheck_content_batch([d.page_content for d in documents], policy=self.call_policy(guard))
 
     def calibrated(self, clean: Sequence[Document | str], *, max_flag_rate: float = 0.01) -> MLPMDocumentFilter:
         """A copy whose ``threshold`` flags at most ``max_flag_rate`` of documents known to be clean.

@@ -14,7 +14,10 @@ the wrapped chain's LLM is called once, to answer, and never to check the input.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator
+import collections
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import aclosing, closing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -26,17 +29,25 @@ from langchain_core.runnables.config import merge_configs
 from mlpm_guard import Guard, Policy, Route, Verdict
 from mlpm_guard.moderation import to_verdict
 
+from langchain_core.messages import SystemMessage
+
+from . import _graph
 from ._common import (
+    FLAG_KEY,
     OutputKind,
+    _dict_key,
     aemit,
     aggregate,
+    areport,
     decision,
     emit,
     flag_chunk,
+    guard_messages,
     input_kind,
     make_output,
     output_text,
-    query_text,
+    prompt_messages,
+    report,
     run_metadata,
     type_kind,
     value_kind,
@@ -56,6 +67,8 @@ class _Plan:
     applied: Route  # what is done: STEER becomes SAFETY_PROMPT on an external model
     inner: Any  # the chain's input (None when refused)
     record: dict[str, Any]
+    conversation: list[dict[str, str]]  # what the wrapped model reads, as the guard scored it
+    safety_id: str | None = None  # the per-call safety system message put into a graph's state
 
     def output_record(self, verdict: Verdict, policy: Policy) -> dict[str, Any]:
         """The record after output moderation judged the answer."""
@@ -105,29 +118,93 @@ class GuardedRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, Any
     def _moderates(self, policy: Policy) -> bool:
         return policy.output_moderation.enabled if self.output_moderation is None else self.output_moderation
 
-    def _plan(self, value: Any, verdict: Verdict, policy: Policy) -> _Plan:
+    def _graph_key(self, value: Any) -> str | None:
+        """The messages key of a graph's state input (``None``: not a state-dict call)."""
+        if not isinstance(value, Mapping) or not _graph.is_graph(self.runnable):
+            return None
+        return _dict_key(value, self.input_key)
+
+    def _conversation(self, value: Any, config: RunnableConfig | None) -> list[dict[str, str]]:
+        """Everything the wrapped model will read of this input: for a graph on a checkpointed
+        thread, the thread's messages too (the guard scores the conversation, not one turn)."""
+        key = self._graph_key(value)
+        if key is None:
+            return prompt_messages(value, self.input_key)
+        messages = [*_graph.history(self.runnable, config, key), *_graph.new_messages(value, key)]
+        return guard_messages(messages)
+
+    def _plan(self, value: Any, verdict: Verdict, policy: Policy, conversation: list[dict[str, str]]) -> _Plan:
         route = policy.route(verdict)
         applied = Route.SAFETY_PROMPT if route is Route.STEER else route
         record = decision(verdict, route, applied=applied, blocked=applied is Route.REFUSE)
-        inner = None
+        inner, safety_id = None, None
+        key = self._graph_key(value)
         if applied is Route.PASS:
             inner = value
+        elif applied is Route.SAFETY_PROMPT and key is not None:
+            # A graph keeps what it is given: the system message gets an id so it can be taken out again.
+            safety_id = f"mlpm-guard-safety-{uuid.uuid4()}"
+            system = SystemMessage(content=policy.safety_prompt, id=safety_id)
+            inner = {**value, key: [system, *_graph.new_messages(value, key)]}
         elif applied is Route.SAFETY_PROMPT:
             prefix = self.safety_prefix if self.safety_prefix is not None else f"{policy.safety_prompt}\n\n"
             inner = with_safety(value, policy.safety_prompt, prefix, self.input_key)
-        return _Plan(verdict, route, applied, inner, record)
+        return _Plan(verdict, route, applied, inner, record, conversation, safety_id)
 
-    def _refusal(self, value: Any, policy: Policy, record: dict[str, Any], *, chunk: bool = False) -> Any:
+    def _clean(self, out: Any, plan: _Plan, config: RunnableConfig | None) -> Any:
+        """A graph's output without the per-call safety prompt, which its thread does not keep either."""
+        if plan.safety_id is None:
+            return out
+        key = self._graph_key(plan.inner)
+        _graph.forget(self.runnable, config, key, plan.safety_id)
+        return _graph.without(out, key, plan.safety_id)
+
+    def _check(self, value: Any, guard: Guard, policy: Policy, config: RunnableConfig,
+               run_manager: Any) -> _Plan:
+        start = time.time_ns()
+        conversation = self._conversation(value, config)
+        plan = self._plan(value, guard.check(conversation, policy=policy), policy, conversation)
+        emit(plan.record, config)
+        report(run_manager, {"messages": conversation}, plan.record, start_ns=start, model=guard.backbone.name)
+        return plan
+
+    async def _acheck(self, value: Any, guard: Guard, policy: Policy, config: RunnableConfig,
+                      run_manager: Any) -> _Plan:
+        start = time.time_ns()
+        conversation = await asyncio.to_thread(self._conversation, value, config)
+        plan = self._plan(value, await guard.acheck(conversation, policy=policy), policy, conversation)
+        await aemit(plan.record, config)
+        await areport(run_manager, {"messages": conversation}, plan.record, start_ns=start,
+                      model=guard.backbone.name)
+        return plan
+
+    def _refusal(self, value: Any, policy: Policy, record: dict[str, Any], config: RunnableConfig | None = None,
+                 *, chunk: bool = False) -> Any:
+        key = self._graph_key(value)
+        if key is not None:  # a state of the graph's own shape, kept in its thread
+            refusal = _graph.refusal_message(policy.refusal_message, record, FLAG_KEY)
+            return _graph.refused_state(self.runnable, value, key, refusal, config)
         return make_output(self._kind(value), policy.refusal_message, record, self.output_key, chunk=chunk)
+
+    def _refusal_stream(self, value: Any, policy: Policy, record: dict[str, Any], config: RunnableConfig,
+                        kwargs: dict[str, Any]) -> Iterator[Any]:
+        key = self._graph_key(value)
+        if key is None:
+            yield self._refusal(value, policy, record, chunk=True)
+            return
+        refusal = _graph.refusal_message(policy.refusal_message, record, FLAG_KEY)
+        state = _graph.refused_state(self.runnable, value, key, refusal, config)
+        mode = kwargs.get("stream_mode") or getattr(self.runnable, "stream_mode", "values")
+        yield from _graph.refused_stream(state, key, refusal, record, mode, bool(kwargs.get("subgraphs")))
 
     @staticmethod
     def _inner_config(config: RunnableConfig, plan: _Plan) -> RunnableConfig:
         # The decision rides in the wrapped chain's run metadata (inherited by its children).
         return merge_configs(config, {"metadata": run_metadata(plan.record)})
 
-    def _judge(self, guard: Guard, query: str, answer: str, policy: Policy) -> Verdict:
+    def _judge(self, guard: Guard, conversation: list[dict[str, str]], answer: str, policy: Policy) -> Verdict:
         moderator = self.moderator or guard.moderator
-        return to_verdict(moderator([{"role": "user", "content": query}], answer), policy.output_moderation.threshold)
+        return to_verdict(moderator(conversation, answer), policy.output_moderation.threshold)
 
     def _finish(self, value: Any, out: Any, plan: _Plan, policy: Policy,
                 verdict: Verdict | None) -> tuple[Any, dict[str, Any] | None]:
@@ -150,15 +227,13 @@ class GuardedRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, Any
                 **kwargs: Any) -> Any:
         guard = self.resolved_guard()
         policy = self.call_policy(guard)
-        query = query_text(input, self.input_key)
-        plan = self._plan(input, guard.check(query, policy=policy), policy)
-        emit(plan.record, config)
+        plan = self._check(input, guard, policy, config, run_manager)
         if plan.applied is Route.REFUSE:
-            return self._refusal(input, policy, plan.record)
-        out = self.runnable.invoke(plan.inner, self._inner_config(config, plan), **kwargs)
+            return self._refusal(input, policy, plan.record, config)
+        out = self._clean(self.runnable.invoke(plan.inner, self._inner_config(config, plan), **kwargs), plan, config)
         verdict = None
         if self._moderates(policy):
-            verdict = self._judge(guard, query, output_text(out, self.output_key), policy)
+            verdict = self._judge(guard, plan.conversation, output_text(out, self.output_key), policy)
         out, record = self._finish(input, out, plan, policy, verdict)
         if record is not None:
             emit(record, config)
@@ -171,38 +246,39 @@ class GuardedRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, Any
                        **kwargs: Any) -> Any:
         guard = self.resolved_guard()
         policy = self.call_policy(guard)
-        query = query_text(input, self.input_key)
-        plan = self._plan(input, await guard.acheck(query, policy=policy), policy)
-        await aemit(plan.record, config)
+        plan = await self._acheck(input, guard, policy, config, run_manager)
         if plan.applied is Route.REFUSE:
-            return self._refusal(input, policy, plan.record)
+            return await asyncio.to_thread(self._refusal, input, policy, plan.record, config)
         out = await self.runnable.ainvoke(plan.inner, self._inner_config(config, plan), **kwargs)
+        out = await asyncio.to_thread(self._clean, out, plan, config)
         verdict = None
         if self._moderates(policy):
-            verdict = await asyncio.to_thread(self._judge, guard, query, output_text(out, self.output_key), policy)
+            verdict = await asyncio.to_thread(self._judge, guard, plan.conversation,
+                                              output_text(out, self.output_key), policy)
         out, record = self._finish(input, out, plan, policy, verdict)
         if record is not None:
             await aemit(record, config)
         return out
 
     # ------------------------------------------------------------------ batch: one batched check on the device
-    def _queries(self, inputs: list[Any], out: list[Any]) -> dict[int, str]:
-        """The text of each readable input; an unreadable one gets its error in ``out``."""
+    def _queries(self, inputs: list[Any], config: list[RunnableConfig], out: list[Any]) -> dict[int, list]:
+        """The conversation of each readable input; an unreadable one gets its error in ``out``."""
         queries = {}
         for i, value in enumerate(inputs):
             try:
-                queries[i] = query_text(value, self.input_key)
+                queries[i] = self._conversation(value, config[i])
             except Exception as exc:  # noqa: BLE001 - that input fails alone
                 out[i] = exc
         return queries
 
-    def _plans(self, inputs: list[Any], queries: dict[int, str], verdicts: list[Verdict], policy: Policy,
-               out: list[Any]) -> dict[int, _Plan]:
+    def _plans(self, inputs: list[Any], queries: dict[int, list], verdicts: list[Verdict], policy: Policy,
+               config: list[RunnableConfig], run_manager: list[Any], out: list[Any]) -> dict[int, _Plan]:
         plans = {}
         for i, verdict in zip(queries, verdicts):
-            plans[i] = self._plan(inputs[i], verdict, policy)
+            plans[i] = self._plan(inputs[i], verdict, policy, queries[i])
+            report(run_manager[i], {"messages": queries[i]}, plans[i].record)
             if plans[i].applied is Route.REFUSE:
-                out[i] = self._refusal(inputs[i], policy, plans[i].record)
+                out[i] = self._refusal(inputs[i], policy, plans[i].record, config[i])
         return plans
 
     def _batch(self, inputs: list[Any], run_manager: list[CallbackManagerForChainRun],
@@ -210,8 +286,9 @@ class GuardedRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, Any
         guard = self.resolved_guard()
         policy = self.call_policy(guard)
         out: list[Any] = [None] * len(inputs)
-        queries = self._queries(inputs, out)
-        plans = self._plans(inputs, queries, guard.check_batch(list(queries.values()), policy=policy), policy, out)
+        queries = self._queries(inputs, config, out)
+        plans = self._plans(inputs, queries, guard.check_batch(list(queries.values()), policy=policy), policy,
+                            config, run_manager, out)
         for i, plan in plans.items():
             emit(plan.record, config[i])
         todo = [i for i, plan in plans.items() if plan.applied is not Route.REFUSE]
@@ -224,6 +301,7 @@ class GuardedRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, Any
             if isinstance(answer, Exception):
                 out[i] = answer
                 continue
+            answer = self._clean(answer, plans[i], config[i])
             verdict = None
             if self._moderates(policy):
                 verdict = self._judge(guard, queries[i], output_text(answer, self.output_key), policy)
@@ -237,9 +315,9 @@ class GuardedRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, Any
         guard = self.resolved_guard()
         policy = self.call_policy(guard)
         out: list[Any] = [None] * len(inputs)
-        queries = self._queries(inputs, out)
+        queries = await asyncio.to_thread(self._queries, inputs, config, out)
         verdicts = await guard.acheck_batch(list(queries.values()), policy=policy)
-        plans = self._plans(inputs, queries, verdicts, policy, out)
+        plans = await asyncio.to_thread(self._plans, inputs, queries, verdicts, policy, config, run_manager, out)
         for i, plan in plans.items():
             await aemit(plan.record, config[i])
         todo = [i for i, plan in plans.items() if plan.applied is not Route.REFUSE]
@@ -252,6 +330,7 @@ class GuardedRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, Any
             if isinstance(answer, Exception):
                 out[i] = answer
                 continue
+            answer = await asyncio.to_thread(self._clean, answer, plans[i], config[i])
             verdict = None
             if self._moderates(policy):
                 verdict = await asyncio.to_thread(self._judge, guard, queries[i],
@@ -267,24 +346,38 @@ class GuardedRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, Any
         guard = self.resolved_guard()
         policy = self.call_policy(guard)
         value = aggregate(list(input), self.get_name())
-        query = query_text(value, self.input_key)
-        plan = self._plan(value, guard.check(query, policy=policy), policy)
-        emit(plan.record, config)
+        plan = self._check(value, guard, policy, config, run_manager)
         if plan.applied is Route.REFUSE:
-            yield self._refusal(value, policy, plan.record, chunk=True)
+            yield from self._refusal_stream(value, policy, plan.record, config, kwargs)
             return
-        watch = _Watch(self, guard, query, policy) if self._moderates(policy) else None
+        watch = _Watch(self, guard, plan.conversation, policy) if self._moderates(policy) else None
         first = None
         stream = self.runnable.stream(plan.inner, self._inner_config(config, plan), **kwargs)
         with closing(stream):  # stops the chain's LLM when the consumer or the moderation stops
             for chunk in stream:
                 first = chunk if first is None else first
-                yield chunk
-                if watch is not None and watch.add(chunk):
+                if watch is None:
+                    yield chunk
+                    continue
+                if watch.add(chunk):
                     break
+                yield from watch.release()
+        self._clean(None, plan, config)
         record = plan.output_record(watch.finish(), policy) if watch is not None else None
         if record is not None:
             emit(record, config)
+        yield from self._stream_end(value, first, plan, policy, watch, record)
+
+    def _stream_end(self, value: Any, first: Any, plan: _Plan, policy: Policy, watch: _Watch | None,
+                    record: dict[str, Any] | None) -> Iterator[Any]:
+        """What follows the released chunks: the refusal in place of a flagged rest, or the checked
+        rest; then a chunk carrying the decision when there is one to tell."""
+        if record is not None and record["replaced"]:
+            yield make_output(value_kind(first) or self._kind(value), policy.refusal_message, record,
+                              self.output_key, chunk=True)
+            return
+        if watch is not None:
+            yield from watch.release(everything=True)
         end = self._end_chunk(first, plan, record)
         if end is not None:
             yield end
@@ -303,51 +396,65 @@ class GuardedRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, Any
         guard = self.resolved_guard()
         policy = self.call_policy(guard)
         value = aggregate([x async for x in input], self.get_name())
-        query = query_text(value, self.input_key)
-        plan = self._plan(value, await guard.acheck(query, policy=policy), policy)
-        await aemit(plan.record, config)
+        plan = await self._acheck(value, guard, policy, config, run_manager)
         if plan.applied is Route.REFUSE:
-            yield self._refusal(value, policy, plan.record, chunk=True)
+            for chunk in await asyncio.to_thread(list, self._refusal_stream(value, policy, plan.record, config, kwargs)):
+                yield chunk
             return
-        watch = _Watch(self, guard, query, policy) if self._moderates(policy) else None
+        watch = _Watch(self, guard, plan.conversation, policy) if self._moderates(policy) else None
         first = None
         stream = self.runnable.astream(plan.inner, self._inner_config(config, plan), **kwargs)
         async with aclosing(stream):
             async for chunk in stream:
                 first = chunk if first is None else first
-                yield chunk
-                if watch is not None and await asyncio.to_thread(watch.add, chunk):
+                if watch is None:
+                    yield chunk
+                    continue
+                if await asyncio.to_thread(watch.add, chunk):
                     break
+                for released in watch.release():
+                    yield released
+        await asyncio.to_thread(self._clean, None, plan, config)
         record = None
         if watch is not None:
             record = plan.output_record(await asyncio.to_thread(watch.finish), policy)
             await aemit(record, config)
-        end = self._end_chunk(first, plan, record)
-        if end is not None:
-            yield end
+        for chunk in self._stream_end(value, first, plan, policy, watch, record):
+            yield chunk
 
 
 class _Watch:
-    """Output moderation of one stream: the text so far is judged every ``check_every`` chunks.
-
-    Chunks already handed on cannot be withdrawn, so a flag stops the chain and the stream ends
-    with a chunk carrying the decision (``replaced=True`` under ``on_flag="replace"``, for the
-    consumer to act on); ``invoke`` returns the refusal instead.
+    """Output moderation of one stream: the text so far is judged every ``check_every`` chunks,
+    and a chunk is handed on only after a passing check that also read ``hold_back`` chunks after
+    it (the policy's setting, as in the core ``Guard.stream``). On a flag the chain stops and the
+    consumer gets the refusal in place of the held chunks (under ``on_flag="replace"``).
     """
 
-    def __init__(self, owner: GuardedRunnable, guard: Guard, query: str, policy: Policy) -> None:
-        self.owner, self.guard, self.query, self.policy = owner, guard, query, policy
+    def __init__(self, owner: GuardedRunnable, guard: Guard, conversation: list[dict[str, str]],
+                 policy: Policy) -> None:
+        self.owner, self.guard, self.conversation, self.policy = owner, guard, conversation, policy
         self.parts: list[str] = []
+        self.held: collections.deque[tuple[int, Any]] = collections.deque()
+        self.covered = 0  # chunks read by the last passing check
         self.unjudged = 0
         self.verdict: Verdict | None = None
 
     def add(self, chunk: Any) -> bool:
         """Take a chunk; True when the text so far is flagged (stop the stream)."""
+        self.held.append((len(self.parts), chunk))
         self.parts.append(output_text(chunk, self.owner.output_key))
         self.unjudged += 1
         if self.unjudged < self.policy.output_moderation.check_every:
             return False
         return self._judge().unsafe
+
+    def release(self, *, everything: bool = False) -> list[Any]:
+        """The held chunks that passing checks let out (all of them once the whole text passed)."""
+        out = []
+        hold_back = self.policy.output_moderation.hold_back
+        while self.held and (everything or self.held[0][0] + hold_back < self.covered):
+            out.append(self.held.popleft()[1])
+        return out
 
     def finish(self) -> Verdict:
         """The verdict on the whole streamed text (judged again only if chunks came since)."""
@@ -357,7 +464,9 @@ class _Watch:
 
     def _judge(self) -> Verdict:
         self.unjudged = 0
-        self.verdict = self.owner._judge(self.guard, self.query, "".join(self.parts), self.policy)
+        self.verdict = self.owner._judge(self.guard, self.conversation, "".join(self.parts), self.policy)
+        if not self.verdict.unsafe:
+            self.covered = len(self.parts)
         return self.verdict
 
 

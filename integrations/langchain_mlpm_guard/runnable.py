@@ -18,7 +18,17 @@ from pydantic import Field
 
 from mlpm_guard import GuardResult
 
-from ._common import FLAG_KEY, GuardedText, aemit, aggregate, emit, prompt_messages, result_decision
+from ._common import (
+    FLAG_KEY,
+    GuardedText,
+    aemit,
+    aggregate,
+    areport,
+    emit,
+    prompt_messages,
+    report,
+    result_decision,
+)
 from ._settings import GuardSettings
 from ._plumbing import LCELPlumbing
 
@@ -82,9 +92,10 @@ class MLPMGuardRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, A
     def _invoke(self, input: Any, run_manager: CallbackManagerForChainRun, config: RunnableConfig,
                 **kwargs: Any) -> Any:
         guard = self.resolved_guard()
-        result = guard.invoke(prompt_messages(input, self.input_key), policy=self.call_policy(guard),
-                              **{**self._generation(), **kwargs})
+        prompt = prompt_messages(input, self.input_key)
+        result = guard.invoke(prompt, policy=self.call_policy(guard), **{**self._generation(), **kwargs})
         emit(result_decision(result), config)
+        report(run_manager, {"messages": prompt}, result_decision(result), model=guard.backbone.name)
         return self._shape(result)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
@@ -93,9 +104,10 @@ class MLPMGuardRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, A
     async def _ainvoke(self, input: Any, run_manager: AsyncCallbackManagerForChainRun, config: RunnableConfig,
                        **kwargs: Any) -> Any:
         guard = self.resolved_guard()
-        result = await guard.ainvoke(prompt_messages(input, self.input_key), policy=self.call_policy(guard),
-                                     **{**self._generation(), **kwargs})
+        prompt = prompt_messages(input, self.input_key)
+        result = await guard.ainvoke(prompt, policy=self.call_policy(guard), **{**self._generation(), **kwargs})
         await aemit(result_decision(result), config)
+        await areport(run_manager, {"messages": prompt}, result_decision(result), model=guard.backbone.name)
         return self._shape(result)
 
     # ------------------------------------------------------------------ many prompts, one batched prefill
@@ -120,6 +132,7 @@ class MLPMGuardRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, A
         out: list[Any] = list(prompts)
         for i, result in zip(ok, results):
             emit(result_decision(result), config[i])
+            report(run_manager[i], {"messages": prompts[i]}, result_decision(result), model=guard.backbone.name)
             out[i] = self._shape(result)
         return out
 
@@ -132,6 +145,8 @@ class MLPMGuardRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, A
         out: list[Any] = list(prompts)
         for i, result in zip(ok, results):
             await aemit(result_decision(result), config[i])
+            await areport(run_manager[i], {"messages": prompts[i]}, result_decision(result),
+                          model=guard.backbone.name)
             out[i] = self._shape(result)
         return out
 
@@ -157,6 +172,7 @@ class MLPMGuardRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, A
                     yield self._piece(chunk.text)
                 if chunk.result is not None:
                     emit(result_decision(chunk.result), config)
+                    report(run_manager, {"messages": prompt}, result_decision(chunk.result), model=guard.backbone.name)
                     yield self._last(chunk.result)
 
     async def _atransform(self, input: AsyncIterator[Any], run_manager: AsyncCallbackManagerForChainRun,
@@ -170,4 +186,6 @@ class MLPMGuardRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, A
                     yield self._piece(chunk.text)
                 if chunk.result is not None:
                     await aemit(result_decision(chunk.result), config)
+                    await areport(run_manager, {"messages": prompt}, result_decision(chunk.result),
+                                  model=guard.backbone.name)
                     yield self._last(chunk.result)

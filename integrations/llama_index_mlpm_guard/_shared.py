@@ -128,6 +128,25 @@ def handing(directive: RouteDirective) -> Iterator[None]:
         _DIRECTIVE.reset(token)
 
 
+# Set while a program (structured_predict, a query transform) drives the LLM: its prompt is
+# LlamaIndex's template around pipeline values, not the user's words, so it is not judged as input.
+_PROGRAM: ContextVar[bool] = ContextVar("mlpm_guard_llama_index_program", default=False)
+
+
+@contextmanager
+def program() -> Iterator[None]:
+    """Mark the LLM calls inside the block as a program's (answered on ``pass``; output moderation as usual)."""
+    token = _PROGRAM.set(True)
+    try:
+        yield
+    finally:
+        _PROGRAM.reset(token)
+
+
+def in_program() -> bool:
+    return _PROGRAM.get()
+
+
 def claim_directive() -> RouteDirective | None:
     """The current request's directive, marked as applied (``None`` outside a guarded engine)."""
     directive = _DIRECTIVE.get()

@@ -40,7 +40,7 @@ from llama_index.core.schema import QueryBundle
 from mlpm_guard import BackboneConfig, Guard, Policy, Route, Verdict
 
 from ._shared import METADATA_KEY, RouteDirective, check_guard, default_guard, directing, handing, verdict_report
-from .events import GuardDecisionEvent
+from .events import GuardDecisionEvent, traced
 from .llm import MLPMGuardLLM, to_core_messages
 from .postprocessor import MLPMGuardNodePostprocessor
 
@@ -53,7 +53,7 @@ _NEEDS_GUARDED_LLM = (Route.SAFETY_PROMPT, Route.STEER)
 def _decide(stage: str, guard: Guard, verdict: Verdict) -> tuple[Route, Policy]:
     policy = guard.policy
     route = policy.route(verdict)
-    dispatcher.event(GuardDecisionEvent.from_verdict(stage, route, verdict, blocked=route is Route.REFUSE))
+    dispatcher.event(traced(GuardDecisionEvent.from_verdict(stage, route, verdict, blocked=route is Route.REFUSE)))
     return route, policy
 
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 
 from llama_index.core.instrumentation.events import BaseEvent
 
-from mlpm_guard import GuardResult, Route, Verdict
+from mlpm_guard import GuardResult, Route, Verdict, telemetry
 
 
 class GuardDecisionEvent(BaseEvent):
@@ -65,6 +65,12 @@ class GuardDecisionEvent(BaseEvent):
                    category=None if v is None else v.category, output_flagged=result.output_flagged,
                    routed_by_engine=routed_by_engine, error=result.error,
                    verdict=None if v is None else v.to_dict(), **fields)
+
+
+def traced(event: GuardDecisionEvent, model: Optional[str] = None) -> GuardDecisionEvent:
+    """The event, after putting its decision on an OpenTelemetry span (when ``opentelemetry-api`` is installed)."""
+    telemetry.decision_span(event.stage, event.model_dump(), model=model, framework="llama_index")
+    return event
 
 
 class GuardNodesEvent(BaseEvent):

@@ -32,10 +32,20 @@ from llama_index.core.instrumentation.span import active_span_id
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from mlpm_guard import GenerationConfig, Guard, GuardChunk, GuardResult, Policy
+from mlpm_guard import GenerationConfig, Guard, GuardChunk, GuardResult, Policy, Route
 
-from ._shared import METADATA_KEY, RouteDirective, check_guard, claim_directive, default_guard, result_report
-from .events import GuardDecisionEvent
+from ._shared import (
+    METADATA_KEY,
+    RouteDirective,
+    check_guard,
+    claim_directive,
+    default_guard,
+    forced_policy,
+    in_program,
+    program,
+    result_report,
+)
+from .events import GuardDecisionEvent, traced
 
 dispatcher = get_dispatcher(__name__)
 
@@ -121,7 +131,30 @@ class MLPMGuardLLM(CustomLLM):
         directive = claim_directive()
         generation = {**self.generate_kwargs,
                       **{k: v for k, v in kwargs.items() if k in GenerationConfig.model_fields}}
+        if directive is None and in_program():
+            return forced_policy(self.guard.policy, Route.PASS), generation, None
         return (None if directive is None else directive.policy), generation, directive
+
+    # ------------------------------------------------------------------ programs
+    # The prompts of structured_predict and of predict (query transforms, condensing, ...) are
+    # LlamaIndex's templates around pipeline values: judged as if they were the user's words they
+    # were refused (p 0.51 for a plain extraction). The user's request is judged where it enters,
+    # by GuardedQueryEngine / GuardedChatEngine; here the answer is still moderated as the policy says.
+    def structured_predict(self, *args: Any, **kwargs: Any) -> Any:
+        with program():
+            return super().structured_predict(*args, **kwargs)
+
+    async def astructured_predict(self, *args: Any, **kwargs: Any) -> Any:
+        with program():
+            return await super().astructured_predict(*args, **kwargs)
+
+    def predict(self, *args: Any, **kwargs: Any) -> str:
+        with program():
+            return super().predict(*args, **kwargs)
+
+    async def apredict(self, *args: Any, **kwargs: Any) -> str:
+        with program():
+            return await super().apredict(*args, **kwargs)
 
     def _completion_prompt(self, prompt: str, formatted: bool) -> str | list[dict[str, str]]:
         if not formatted:
@@ -132,7 +165,8 @@ class MLPMGuardLLM(CustomLLM):
 
     def _report(self, result: GuardResult, routed: RouteDirective | None, span_id: str | None = None
                 ) -> dict[str, Any]:
-        dispatcher.event(GuardDecisionEvent.from_result(result, routed_by_engine=routed is not None, span_id=span_id))
+        dispatcher.event(traced(GuardDecisionEvent.from_result(result, routed_by_engine=routed is not None,
+                                                               span_id=span_id), self.guard.backbone.name))
         report = result_report(result, routed_by_engine=routed is not None)
         if routed is not None:
             routed.record(report)

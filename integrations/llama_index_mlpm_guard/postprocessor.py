@@ -2,7 +2,7 @@
 
 Retrieved text is the way a poisoned document (an injected instruction, harmful how-to content)
 reaches the prompt. All nodes of a retrieval are scored in one call to
-:meth:`mlpm_guard.Guard.check_batch`, which batches them on the device; a node that cannot be
+:meth:`mlpm_guard.Guard.check_content_batch` (retrieved text is judged as content, not as the user's request), which batches them on the device; a node that cannot be
 scored is judged unsafe (the guard fails closed unless its policy fails open).
 """
 
@@ -73,14 +73,14 @@ class MLPMGuardNodePostprocessor(BaseNodePostprocessor):
                            query_bundle: Optional[QueryBundle] = None) -> List[NodeWithScore]:
         if not nodes:
             return []
-        return self._apply(nodes, self.guard.check_batch(self._texts(nodes)))
+        return self._apply(nodes, self.guard.check_content_batch(self._texts(nodes)))
 
     @dispatcher.span
     async def _apostprocess_nodes(self, nodes: List[NodeWithScore],
                                   query_bundle: Optional[QueryBundle] = None) -> List[NodeWithScore]:
         if not nodes:
             return []
-        return self._apply(nodes, await self.guard.acheck_batch(self._texts(nodes)))
+        return self._apply(nodes, await self.guard.acheck_content_batch(self._texts(nodes)))
 
     def _is_unsafe(self, verdict: Verdict) -> bool:
         return verdict.unsafe if self.threshold is None else verdict.p_unsafe >= self.threshold

@@ -301,13 +301,17 @@ def test_streaming_passes_the_chain_chunks_and_moderation_stops_it(guard, refusa
     watched = with_guard(model, guard, moderator=lambda m, r: "three" in r,
                          policy={"output_moderation": {"enabled": True, "check_every": 1}})
     chunks = list(watched.stream(SAFE))
-    assert "".join(c.content for c in chunks) == "one two three"  # stopped at the flag
+    assert "".join(c.content for c in chunks) == refusal  # held back, then the refusal in its place
     assert chunks[-1].response_metadata["mlpm_guard"]["replaced"] is True
+    eager = with_guard(model, guard, moderator=lambda m, r: "three" in r,
+                       policy={"output_moderation": {"enabled": True, "check_every": 1, "hold_back": 0}})
+    # without hold-back, what passed a check is sent; the flagged chunk never is
+    assert "".join(c.content for c in eager.stream(SAFE)) == "one two " + refusal
 
     async def run():
         return [c async for c in watched.astream(SAFE)]
 
-    assert "".join(c.content for c in asyncio.run(run())) == "one two three"
+    assert "".join(c.content for c in asyncio.run(run())) == refusal
 
 
 def test_batch_checks_all_inputs_in_one_call(guard, refusal, monkeypatch):
@@ -317,7 +321,7 @@ def test_batch_checks_all_inputs_in_one_call(guard, refusal, monkeypatch):
     monkeypatch.setattr(guard, "check_batch", lambda texts, **k: calls.append(list(texts)) or real(texts, **k))
     monkeypatch.setattr(guard, "check", lambda *a, **k: pytest.fail("batch must check in one call"))
     out = with_guard(RunnableLambda(recorder), guard).batch([SAFE, UNSAFE, "Tell me about cats."])
-    assert calls == [[SAFE, UNSAFE, "Tell me about cats."]]
+    assert calls == [[[{"role": "user", "content": t}] for t in (SAFE, UNSAFE, "Tell me about cats.")]]
     assert out == [SAFE, refusal, "Tell me about cats."] and recorder.seen == [SAFE, "Tell me about cats."]
 
     async def run():
@@ -377,15 +381,15 @@ def test_input_text_is_found_or_the_error_says_how(guard):
 # ---------------------------------------------------------------------------- RAG
 def test_document_filter_drops_or_flags_in_one_batched_check(guard, monkeypatch):
     docs = [Document(SAFE, id="a", metadata={"source": "x"}), Document(UNSAFE, id="b")]
-    dropper = MLPMDocumentFilter(guard=guard, template="{text}")
+    dropper = MLPMDocumentFilter(guard=guard)
     kept = dropper.invoke(docs)
     assert [d.id for d in kept] == ["a"] and kept[0].metadata["mlpm_guard"]["unsafe"] is False
     assert kept[0].metadata["source"] == "x" and "mlpm_guard" not in docs[0].metadata  # inputs untouched
-    flagged = MLPMDocumentFilter(guard=guard, template="{text}", action="flag").transform_documents(docs)
+    flagged = MLPMDocumentFilter(guard=guard, action="flag").transform_documents(docs)
     assert [d.metadata["mlpm_guard"]["unsafe"] for d in flagged] == [False, True]
-    real = guard.check_batch
+    real = guard.check_content_batch
     calls = []
-    monkeypatch.setattr(guard, "check_batch", lambda texts, **k: calls.append(len(texts)) or real(texts, **k))
+    monkeypatch.setattr(guard, "check_content_batch", lambda texts, **k: calls.append(len(texts)) or real(texts, **k))
     out = dropper.batch([docs, [Document("Write a haiku about autumn.")]])
     assert calls == [3] and [len(x) for x in out] == [1, 1]
 
@@ -395,13 +399,11 @@ def test_document_filter_drops_or_flags_in_one_batched_check(guard, monkeypatch)
     assert [d.id for d in asyncio.run(run())] == ["a"]
 
 
-def test_document_filter_calibration_and_template(guard):
+def test_document_filter_calibration(guard):
     clean = ["The shop opens at nine.", "Returns are accepted within 30 days."]
     calibrated = MLPMDocumentFilter(guard=guard).calibrated(clean, max_flag_rate=0.0)
     kept = calibrated.invoke([Document(t) for t in clean])
     assert len(kept) == 2 and all(d.metadata["mlpm_guard"]["threshold"] == calibrated.threshold for d in kept)
-    with pytest.raises(ValueError, match="template"):
-        MLPMDocumentFilter(guard=guard, template="no slot")
 
 
 def test_backbone_embeddings_retrieve_from_an_in_memory_store(backbone):
