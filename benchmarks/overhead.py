@@ -29,7 +29,7 @@ from _common import PROMPTS, add_backbone_args, build_backbone, device_name, emi
 from mlpm_guard import GenerationConfig, Guard, Policy  # noqa: E402
 from mlpm_guard.generation import decode, prefill  # noqa: E402
 
-ALWAYS_PASS = Policy(safe_route="pass", controversial_route="pass", unsafe_route="pass")
+ALWAYS_PASS = Policy(safe_route="pass", controversial_route="pass", unsafe_route="pass", allow_pass_for_unsafe=True)
 
 
 def plain_generate(backbone, prompt: str, max_new_tokens: int) -> int:

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from mlpm_guard import GenerationConfig, Guard, Route, Tier, Verdict
+from mlpm_guard import GenerationConfig, Guard, InputTypeError, Route, Tier, Verdict
 from mlpm_guard import guard as guard_module
 
-ALL = {"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass"}
+ALL = {"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass", "allow_pass_for_unsafe": True}
 
 
 @pytest.fixture(scope="module")
@@ -161,10 +161,16 @@ def test_fails_closed_on_internal_error(guard, monkeypatch):
     assert all(r.route is Route.REFUSE for r in guard.batch(["a", "b"]))
 
 
-@pytest.mark.parametrize("bad", [None, 3, [], [{"role": "user"}], b"x"])
+@pytest.mark.parametrize("bad", [[], [{"role": "user"}]])
 def test_bad_input_is_refused_never_passed(guard, bad):
     result = guard.invoke(bad, policy={"fail_open": True})
     assert result.route is Route.REFUSE and result.error
+
+
+@pytest.mark.parametrize("bad", [None, 3, b"x"])
+def test_a_value_that_is_no_prompt_raises(guard, bad):
+    with pytest.raises(InputTypeError):
+        guard.invoke(bad, policy={"fail_open": True})
 
 
 def test_route_handler_serves_only_its_route(backbone, small_prototypes):
