@@ -120,7 +120,7 @@ def test_ray_serve_deployment_answers_the_openai_client(local_ray, tiny_folder, 
     labels = [0] * len(SMALL_SAFE) + [1] * len(SMALL_UNSAFE)
     protos = Prototypes(C=1.0).fit(SMALL_SAFE + SMALL_UNSAFE, labels, backbone=backbone).save(tmp_path / "protos")
     policy = tmp_path / "policy.yaml"
-    policy.write_text("safe_route: pass\ncontroversial_route: pass\nunsafe_route: pass\n")
+    policy.write_text("safe_route: pass\ncontroversial_route: pass\nunsafe_route: pass\nallow_pass_for_unsafe: true\n")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

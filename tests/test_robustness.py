@@ -609,15 +609,16 @@ def _fuzz_one(folder: Path, probes: np.ndarray, data) -> None:
         for key in path[:-1]:
             parent = parent[key] if isinstance(parent, (dict, list)) and key in (
                 parent if isinstance(parent, dict) else range(len(parent))) else None
-        if not isinstance(parent, (dict, list)):
+        # An earlier edit may have turned a list into a mapping or back: its old keys no longer apply.
+        if not (isinstance(parent, dict) and isinstance(path[-1], str)
+                or isinstance(parent, list) and isinstance(path[-1], int) and path[-1] < len(parent)):
             continue
         action = data.draw(st.sampled_from(["set", "delete", "add"]))
         if isinstance(parent, dict) and action == "add":
             parent[data.draw(st.text(min_size=1, max_size=8))] = data.draw(VALUES)
         elif isinstance(parent, dict) and action == "delete":
             parent.pop(path[-1], None)
-        elif isinstance(parent, dict) or (isinstance(path[-1], int) and path[-1] < len(parent)):
-            # (an earlier edit may have turned a mapping into a list: its string keys no longer apply)
+        else:
             parent[path[-1]] = data.draw(VALUES)
     if data.draw(st.integers(0, 3)):  # a forger recomputes the digest (mostly tried: it gets past it)
         meta["metadata_sha256"] = metadata_digest(meta)

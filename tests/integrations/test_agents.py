@@ -307,7 +307,7 @@ def test_chat_model_stream_holds_back_a_flagged_continuation(backbone, small_pro
              "powder and cap both ends.").split(" ")
     guard = Guard(backbone, small_prototypes,
                   policy={"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass",
-                          "output_moderation": {"enabled": True, "check_every": 4}},
+                          "allow_pass_for_unsafe": True, "output_moderation": {"enabled": True, "check_every": 4}},
                   handlers={Route.PASS: lambda m, **k: iter([" " + w if i else w for i, w in enumerate(words)])},
                   moderator=lambda m, r: "steel pipe" in r)
     chunks = list(ChatMLPMGuard(guard=guard).stream("Tell me about plumbing."))

@@ -21,7 +21,7 @@ from mlpm_guard import GenerationConfig, Guard  # noqa: E402
 _GUARDS: dict[int, Guard] = {}
 # The standard prompts are benign but a 40-prompt fit is unsure about some ("Hello", "What's 2+2?"):
 # every route but refusal answers, so the suites test the chat model and not the fixture's verdicts.
-ANSWER_ALL = {"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass"}
+ANSWER_ALL = {"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass", "allow_pass_for_unsafe": True}
 
 
 class _Setup:
