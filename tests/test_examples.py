@@ -45,4 +45,4 @@ def test_langchain_agent_example():
     assert "agent: The tool said: Sunny in Paris" in out  # an ordinary tool result reaches the model
     assert "route=refuse blocked=True" in out  # the harmful turn
     assert out.count("tool result withheld") == 1  # the injected forum post, only
-    assert "thread: human ai tool ai human ai human ai tool ai" in out  # the refusal is kept in the thread
+    assert "thread: human ai tool ai human ai tool ai human ai" in out  # the refusal is kept in the thread
