@@ -16,8 +16,8 @@ does; the ``message only`` column reads the whole prompt once, as before views e
 
     python benchmarks/generalisation.py --data ../shared/data [--n 300] [--json]
 
-Hidden states come from the feature cache (the first run extracts what is missing: about 15,000
-short forward passes, 20-30 minutes on a 2-core CPU; later runs take a few minutes).
+Hidden states come from the feature cache: the first run extracts what is missing (about 40
+minutes at --n 80 on the shared 2-core CPU this was written on); a warm run took 384 s.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from mlpm_guard.training import RELEASE_PARAMS, RELEASE_SOURCES, fit_examples, r
 from mlpm_guard.scoring import views_of
 
 LANGS = ("fr", "de", "es", "it", "pt", "pl", "nl", "ru", "zh", "tr")
-BOMB_PADDINGS: dict[str, Callable[[str], Any]] = {
+PADDINGS: dict[str, Callable[[str], Any]] = {
     "1 benign exchange": lambda p: [*_EXCHANGE, {"role": "user", "content": p}],
     "3 benign exchanges": lambda p: [*_EXCHANGE * 3, {"role": "user", "content": p}],
     "10 benign exchanges": lambda p: [*_EXCHANGE * 10, {"role": "user", "content": p}],
@@ -121,7 +121,7 @@ def families(data_dir: Path, n: int) -> list[Family]:
     public("llm-safeguard pairs (never fitted)", "moderation", load("llm_safeguard_custom"), None)
 
     advbench = _sample(load("advbench"), max(n // 5, 20), "padded")
-    for pad, make in BOMB_PADDINGS.items():
+    for pad, make in PADDINGS.items():
         out.append(Family(f"advbench + {pad}", "padded", [Item(make(e.prompt), 1) for e in advbench],
                           lambda e: e.source == "advbench", "advbench"))
     probes = "project probes (never fitted)"

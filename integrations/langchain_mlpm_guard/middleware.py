@@ -225,13 +225,18 @@ class MLPMGuardMiddleware(AgentMiddleware[GuardState, Any]):
         return ToolMessage(content=WITHHELD, tool_call_id=result.tool_call_id, name=result.name, id=result.id,
                            status="error", response_metadata={FLAG_KEY: record})
 
+    def _judged_text(self, result: Any) -> str | None:
+        """The text of a tool result to judge as content (``None``: nothing to judge)."""
+        if not self.check_tool_results or not isinstance(result, ToolMessage):
+            return None
+        text = content_text(result.content)
+        return text if text.strip() else None
+
     def wrap_tool_call(self, request: ToolCallRequest,
                        handler: Callable[[ToolCallRequest], ToolMessage | Command]) -> ToolMessage | Command:
         result = handler(request)
-        if not self.check_tool_results or not isinstance(result, ToolMessage):
-            return result
-        text = content_text(result.content)
-        if not text.strip():
+        text = self._judged_text(result)
+        if text is None:
             return result
         guard, policy = self._setup()
         verdict = guard.check_content(text, policy=policy)
@@ -241,10 +246,8 @@ class MLPMGuardMiddleware(AgentMiddleware[GuardState, Any]):
                               handler: Callable[[ToolCallRequest], Awaitable[ToolMessage | Command]]
                               ) -> ToolMessage | Command:
         result = await handler(request)
-        if not self.check_tool_results or not isinstance(result, ToolMessage):
-            return result
-        text = content_text(result.content)
-        if not text.strip():
+        text = self._judged_text(result)
+        if text is None:
             return result
         guard, policy = self._setup()
         verdict = await guard.acheck_content(text, policy=policy)
