@@ -20,6 +20,7 @@ from .moderation import Moderator, PrototypeModerator
 from .policy import OutputModerationConfig, Policy, SteeringConfig
 from .prototypes import Prototypes
 from .types import GuardChunk, GuardResult, Route, Tier, Timings, Verdict
+from .verdicts import make_verdict, tier_of
 
 __all__ = [
     "Backbone",
@@ -48,4 +49,6 @@ __all__ = [
     "Timings",
     "Verdict",
     "__version__",
+    "make_verdict",
+    "tier_of",
 ]

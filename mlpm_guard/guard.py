@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
-import dataclasses
 import logging
 import threading
 import time
@@ -24,16 +23,16 @@ import torch
 from pydantic import ValidationError
 
 from .backbone import Backbone, BackboneConfig, Encoded
-from .categories import category_name
 from .errors import ConfigError, InputTypeError
 from .generation import GenerationConfig, Prefill, decode, prefill
 from .messages import PromptInput, check_prompt, check_prompts, check_texts, to_messages
-from .moderation import PrototypeModerator, to_verdict
+from .moderation import PrototypeModerator
 from .policy import Policy
 from .prototypes import Prototypes
 from .scoring import judge, views_of
 from .steering import steering_vectors
-from .types import GuardChunk, GuardResult, Route, Tier, Timings, Verdict
+from .types import GuardChunk, GuardResult, Route, Timings, Verdict
+from .verdicts import failed_verdict, to_verdict, under_policy
 from .views import View
 
 logger = logging.getLogger(__name__)
@@ -207,39 +206,21 @@ class Guard:
                     to_messages(item)
                 valid.append(i)
             except Exception as exc:  # noqa: BLE001 - fail closed on any bad input
-                out[i] = self._failed_verdict(exc, policy)
+                out[i] = failed_verdict(f"{type(exc).__name__}: {exc}", fail_open=policy.fail_open)
         if valid:
             try:
                 verdicts = judge(self.backbone, self.prototypes, [items[i] for i in valid], content=content)
                 for i, v in zip(valid, verdicts):
-                    out[i] = self._policy_verdict(v, policy)
+                    out[i] = under_policy(v, policy)
             except Exception as exc:  # noqa: BLE001
                 logger.exception("scoring failed")
                 for i in valid:
-                    out[i] = self._failed_verdict(exc, policy)
+                    out[i] = failed_verdict(f"{type(exc).__name__}: {exc}", fail_open=policy.fail_open)
         return out  # type: ignore[return-value]
 
     def views(self, prompt: PromptInput, *, content: bool = False) -> list[View]:
         """The readings of a request (or of a text, with ``content``) that :meth:`check` scores."""
         return views_of(self.backbone, prompt, content=content)
-
-    @staticmethod
-    def _policy_verdict(verdict: Verdict, policy: Policy) -> Verdict:
-        """The verdict with the policy's tier (when the policy sets its own thresholds)."""
-        tier = policy.tier(verdict)
-        if tier is verdict.tier:
-            return verdict
-        threshold = policy.unsafe_at if policy.unsafe_at is not None else verdict.threshold
-        category = verdict.category if tier is not Tier.SAFE else None
-        return dataclasses.replace(verdict, label="unsafe" if tier is Tier.UNSAFE else "safe", tier=tier,
-                                   category=category, category_name=category_name(category), threshold=threshold)
-
-    @staticmethod
-    def _failed_verdict(exc: BaseException, policy: Policy) -> Verdict:
-        error = f"{type(exc).__name__}: {exc}"
-        if policy.fail_open:
-            return Verdict(0.0, "safe", Tier.SAFE, error=error)
-        return Verdict(1.0, "unsafe", Tier.UNSAFE, error=error)
 
     # ------------------------------------------------------------------ one request
     def invoke(self, prompt: PromptInput, *, policy: Policy | Mapping[str, Any] | None = None,
@@ -349,12 +330,12 @@ class Guard:
                policy: Policy) -> tuple[Verdict, Prefill | None]:
         """Score every view; the whole request's prefill is kept when ``PASS`` can continue from it."""
         if Route.PASS in self.handlers:
-            return self._policy_verdict(judge(self.backbone, self.prototypes, [messages])[0], policy), None
+            return under_policy(judge(self.backbone, self.prototypes, [messages])[0], policy), None
         layers = self.prototypes.layer_ids_
         state = prefill(self.backbone, rows, capture=layers)
         verdict = judge(self.backbone, self.prototypes, [messages], prefilled=verdict_states(state, layers),
                         prefilled_rows=rows)[0]
-        return self._policy_verdict(verdict, policy), state
+        return under_policy(verdict, policy), state
 
     def _answer(self, route: Route, messages: list[dict[str, str]], rows: list[Encoded], state: Prefill | None,
                 verdict: Verdict, policy: Policy, config: GenerationConfig) -> Iterator[tuple[str, int]]:
@@ -455,7 +436,7 @@ class Guard:
         rows = self.backbone.encode(messages)
         layers = self.prototypes.layer_ids_
         state = prefill(self.backbone, rows, capture=layers)
-        verdicts = [self._policy_verdict(v, policy) for v in
+        verdicts = [under_policy(v, policy) for v in
                     judge(self.backbone, self.prototypes, messages, prefilled=verdict_states(state, layers),
                           prefilled_rows=rows)]
         scoring_ms = _ms(start) / len(valid)

@@ -6,7 +6,10 @@ from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from .scoring import judge
-from .types import Tier, Verdict
+from .types import Verdict
+from .verdicts import to_verdict
+
+__all__ = ["Moderator", "PrototypeModerator", "to_verdict"]  # to_verdict: where callers found it first
 
 
 @runtime_checkable
@@ -36,22 +39,3 @@ class PrototypeModerator:
                          content=True)
         return [to_verdict(v, self.threshold) for v in verdicts]
 
-
-def to_verdict(result: Verdict | bool | float, threshold: float | None = None) -> Verdict:
-    """Normalise a moderator's answer into a verdict (re-thresholded when ``threshold`` is given)."""
-    if isinstance(result, Verdict):
-        if threshold is None:
-            return result
-        p = result.p_unsafe
-        tier = Tier.UNSAFE if p >= threshold else (Tier.SAFE if result.tier is Tier.SAFE else Tier.CONTROVERSIAL)
-        return Verdict(p, "unsafe" if tier is Tier.UNSAFE else "safe", tier, result.category, result.category_name,
-                       result.layer_scores, threshold, result.n_truncated_tokens, result.error)
-    if isinstance(result, bool):
-        p = 1.0 if result else 0.0
-    elif isinstance(result, (int, float)):
-        p = float(result)
-    else:
-        msg = f"a moderator must return a Verdict, a bool or a float, got {type(result).__name__}"
-        raise TypeError(msg)
-    t = 0.5 if threshold is None else threshold
-    return Verdict(p, "unsafe" if p >= t else "safe", Tier.UNSAFE if p >= t else Tier.SAFE, threshold=t)

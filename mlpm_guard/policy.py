@@ -22,6 +22,7 @@ from ._io import atomic_write_text
 from .categories import hazard_code
 from .errors import ConfigError
 from .types import Route, Tier, Verdict
+from .verdicts import tier_of
 
 
 DEFAULT_SAFETY_PROMPT = (
@@ -144,8 +145,7 @@ class Policy(BaseModel):
             return verdict.tier
         unsafe_at = self.unsafe_at if self.unsafe_at is not None else verdict.threshold
         controversial_at = self.controversial_at if self.controversial_at is not None else min(unsafe_at, 0.5 * unsafe_at)
-        p = verdict.p_unsafe
-        return Tier.UNSAFE if p >= unsafe_at else Tier.CONTROVERSIAL if p >= controversial_at else Tier.SAFE
+        return tier_of(verdict.p_unsafe, unsafe_at, controversial_at)
 
     def route(self, verdict: Verdict) -> Route:
         """The route for a verdict: by tier, then by category for non-safe verdicts.

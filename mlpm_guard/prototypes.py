@@ -23,11 +23,12 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
 from . import _stats
-from .categories import category_label, category_name
+from .categories import category_label
 from .data import parse_label
 from .errors import BackboneMismatchError, ConfigError, NotFittedError, PrototypeFileError
 from .prototype_file import FORMAT, FORMAT_VERSION, META_FILE, check_tensors, read_folder, write_folder
-from .types import Tier, Verdict
+from .types import Verdict
+from .verdicts import failed_verdict, make_verdict, tier_of
 
 
 
@@ -350,22 +351,17 @@ class Prototypes(BaseEstimator):
         # NaN compares false with every threshold and would land in the safe tier: such a row fails closed.
         broken = ~np.isfinite(H).all(axis=(1, 2)) | ~np.isfinite(p)
         nearest = self._nearest_category(np.where(broken[:, None, None], 0.0, H))
+        n_truncated = list(n_truncated) if n_truncated else [0] * len(p)
         out = []
         for i, pi in enumerate(p):
             if broken[i]:
-                out.append(Verdict(1.0, "unsafe", Tier.UNSAFE, threshold=self.threshold_,
-                                   n_truncated_tokens=int(n_truncated[i]) if n_truncated else 0,
-                                   error="ScoringError: the backbone gave non-finite hidden states (NaN or inf)"))
+                out.append(failed_verdict("ScoringError: the backbone gave non-finite hidden states (NaN or inf)",
+                                          threshold=self.threshold_, n_truncated_tokens=int(n_truncated[i])))
                 continue
-            tier = (Tier.UNSAFE if pi >= self.threshold_ else
-                    Tier.CONTROVERSIAL if pi >= self.controversial_threshold_ else Tier.SAFE)
-            cat = nearest[i] if tier is not Tier.SAFE else None
-            out.append(Verdict(
-                p_unsafe=float(pi), label="unsafe" if tier is Tier.UNSAFE else "safe", tier=tier,
-                category=cat, category_name=category_name(cat),
-                layer_scores={layer: float(v) for layer, v in zip(self.layer_ids_, per_layer[i])},
-                threshold=self.threshold_, n_truncated_tokens=int(n_truncated[i]) if n_truncated else 0,
-            ))
+            out.append(make_verdict(pi, tier_of(pi, self.threshold_, self.controversial_threshold_),
+                                    threshold=self.threshold_, category=nearest[i],
+                                    layer_scores={layer: float(v) for layer, v in zip(self.layer_ids_, per_layer[i])},
+                                    n_truncated_tokens=int(n_truncated[i])))
         return out
 
     def _nearest_category(self, H: np.ndarray) -> list[str | None]:
