@@ -175,7 +175,7 @@ class Scorer:
     def proba(self, prototypes: Any, items: Sequence[Item]) -> tuple[np.ndarray, np.ndarray]:
         """P(unsafe) per item, with views (the strictest) and from the whole prompt alone."""
         cols = [layer - 1 for layer in prototypes.layer_ids_]
-        p_all = prototypes.predict_proba(self.H[:, cols])
+        p_all = prototypes.predict_proba(self.H[:, cols])[:, 1]
         views = np.array([max(p_all[self.index[k]] for k in self.views[id(it)]) for it in items])
         whole = np.array([p_all[self.index[json.dumps([{"role": "user", "content": it.prompt}]
                                                        if isinstance(it.prompt, str) else it.prompt)]] for it in items])

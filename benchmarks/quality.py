@@ -133,7 +133,7 @@ def fit(backbone: Any, table: StateTable, examples: Sequence[Example], params: d
 def score(prototypes: Any, table: StateTable, sets: dict[str, EvalSet]) -> dict[str, dict[str, Any]]:
     out = {}
     for name, s in sets.items():
-        p = prototypes.predict_proba(table(s.rows, prototypes.layer_ids_))
+        p = prototypes.predict_proba(table(s.rows, prototypes.layer_ids_))[:, 1]
         out[name] = moderation_metrics([e.label for e in s.rows], p, prototypes.threshold_)
     return out
 

@@ -145,7 +145,7 @@ def cpu_report(args: argparse.Namespace) -> dict[str, Any]:
             seconds[name].append(dt)
     best = {k: min(v) for k, v in seconds.items()}
     scorer = {k: prototypes for k in runs} | ({"shallow": shallow} if shallow is not None else {})
-    f1 = {k: moderation_metrics(y, scorer[k].predict_proba(states[k]), scorer[k].threshold_)["f1"] for k in runs}
+    f1 = {k: moderation_metrics(y, scorer[k].predict_proba(states[k])[:, 1], scorer[k].threshold_)["f1"] for k in runs}
     reference = f1["full"]
     rows_out = {k: {"seconds": best[k], "prompts_per_s": len(rows) / best[k], "tokens_per_s": n_tokens / best[k],
                     "speedup_vs_naive": best["naive"] / best[k], "f1": f1[k], "f1_delta": f1[k] - reference}

@@ -149,7 +149,7 @@ class LastLayerBaseline:
             raise ConfigError("the last_layer baseline is not fitted yet; call `fit(examples)` first")
         H = extract(self.backbone, list(prompts), [self.layer], cache=self.cache, progress=self.progress,
                     desc="last-layer baseline")
-        return self.prototypes_.predict_proba(H)
+        return self.prototypes_.predict_proba(H)[:, 1]
 
 
 class TfidfBaseline:

@@ -128,7 +128,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     if not texts:
         raise ConfigError("give at least one TEXT to score (or '-' to read one per line from stdin)")
     prototypes = _load_prototypes(args)
-    for text, verdict in zip(texts, prototypes.score(texts)):
+    for text, verdict in zip(texts, prototypes.verdicts(texts)):
         row = verdict.to_dict()
         row["text"] = text
         print(json.dumps(row, ensure_ascii=False))

@@ -228,7 +228,7 @@ def evaluate(prototypes: Prototypes, datasets: dict[str, Sequence[Example]], *,
 
         def mlpm(prompts: Sequence[str], label: str) -> np.ndarray:
             H = extract(backbone, list(prompts), depth, cache=features, progress=progress, desc=f"eval {label}")
-            return prototypes.predict_proba(H[:, pick])
+            return prototypes.predict_proba(H[:, pick])[:, 1]
 
         result, scores = _method(mlpm, prototypes.threshold_, datasets, **options)
         result.update(layers=layers, backbone=backbone.name, num_layers=backbone.num_layers,

@@ -1,4 +1,6 @@
-"""The on-disk form of fitted prototypes: a strict schema for ``prototypes.json`` and its digests.
+"""The on-disk form of fitted prototypes: a strict schema for ``prototypes.json`` and its digests,
+and the saving and loading of a :class:`~mlpm_guard.Prototypes` estimator (:func:`save_prototypes`,
+:func:`load_prototypes`; ``Prototypes.save``/``load`` call them).
 
 A prototypes folder decides verdicts, so nothing in it is taken on trust: every field is checked
 for type and range (no NaN, no threshold outside (0, 1), no unknown keys), the metadata and the
@@ -6,21 +8,28 @@ tensors are both covered by SHA-256 digests, and the tensors file is named by it
 that ``prototypes.json`` is the single commit point of a save (see :func:`write_folder`).
 The digests catch corruption and files from two different saves; a person who edits the folder
 and recomputes them is caught by the schema and by the self-check in ``Prototypes.load`` (the
-prototypes must still call their own unsafe mean unsafe), not by the digests.
+prototypes must still call their own unsafe mean unsafe, :func:`_self_check`), not by the digests.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_bytes, save as save_bytes
 
 from ._io import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
-from .errors import PrototypeFileError
+from .errors import ConfigError, PrototypeFileError
+from .prototype_set import CLASSES, PrototypeSet
+
+if TYPE_CHECKING:
+    from .prototypes import Prototypes
 
 FORMAT = "mlpm-guard-prototypes"
 #: 2: digest-named tensors file, metadata digest, strict schema (1 had a fixed tensors file name).
@@ -216,3 +225,156 @@ def check_tensors(t: dict[str, np.ndarray], where: Path) -> None:
             raise PrototypeFileError(f"{where}: tensor {key!r} must hold labels 0 and 1, got {sorted(set(value.tolist()))}")
         if key.endswith(".counts") and not (value > 0).all():
             raise PrototypeFileError(f"{where}: tensor {key!r} must hold positive counts")
+
+
+# ---------------------------------------------------------------------- the estimator <-> a folder
+def save_prototypes(prototypes: Prototypes, path: str | Path) -> Path:
+    """Write fitted prototypes into folder ``path``: ``prototypes.json`` and a digest-named tensors file.
+
+    A save interrupted at any point (even ``kill -9``) leaves the previous save loadable; see
+    :func:`write_folder`.
+    """
+    prototypes._check_fitted()
+    folder = Path(path)
+    tensors = _tensors(prototypes)
+    try:
+        check_tensors(tensors, folder)
+        write_folder(folder, _metadata(prototypes), save_bytes(tensors, metadata={"format": FORMAT}))
+    except (ValidationError, PrototypeFileError) as exc:
+        raise ConfigError(f"these prototypes hold values that cannot be saved (refit them):\n{exc}") from None
+    return folder
+
+
+def _tensors(p: Prototypes) -> dict[str, np.ndarray]:
+    tensors: dict[str, np.ndarray] = {
+        "layer_ids": np.array(p.layer_ids_, dtype=np.int64),
+        "coef": np.asarray(p.coef_, dtype=np.float64),
+    }
+    for i, s in enumerate(p.sets_):
+        tensors[f"sets.{i}.labels"] = s.labels.astype(np.int64)
+        tensors[f"sets.{i}.counts"] = s.counts.astype(np.int64)
+        tensors[f"sets.{i}.means"] = s.means.astype(np.float32)
+        tensors[f"sets.{i}.cov"] = s.cov.astype(np.float32)
+    if p.category_means_ is not None:
+        tensors["category_means"] = p.category_means_.astype(np.float32)
+    tensors["steering_directions"] = p.steering_directions_.astype(np.float32)
+    return tensors
+
+
+def _metadata(p: Prototypes) -> dict[str, Any]:
+    from . import __version__
+
+    params = p.get_params()
+    params["layers"] = [int(x) for x in params["layers"]] if params["layers"] is not None else None
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mlpm_guard_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backbone": p.backbone_identity_,
+        "hidden_size": int(p.sets_[0].means.shape[-1]),
+        "layer_ids": [int(x) for x in p.layer_ids_],
+        "params": params,
+        "intercept": float(p.intercept_),
+        "threshold": float(p.threshold_),
+        "controversial_threshold": float(p.controversial_threshold_),
+        "sets": [{"name": s.name, "n": int(s.n), "prototypes": list(s.names)} for s in p.sets_],
+        "category_layer": p.category_layer_,
+        "category_labels": list(p.category_labels_),
+        "steering_layers": [int(x) for x in p.steering_layers_],
+        "n_samples": int(p.n_samples_),
+        "training_summary": {str(k): int(v) for k, v in p.training_summary_.items()},
+        "provenance": getattr(p, "provenance_", None),
+    }
+
+
+def load_prototypes(path: str | Path, backbone: Any = None, *, cls: type[Prototypes] | None = None) -> Prototypes:
+    """Load prototypes saved by :func:`save_prototypes`; with ``backbone``, check it is the one they were fitted on.
+
+    Every field is checked (types, ranges, finite numbers, digests of both files), and the
+    loaded prototypes must still score their own unsafe mean unsafe and their safe mean safe.
+
+    Raises:
+        PrototypeFileError: missing, truncated, corrupted, edited or unknown files.
+        BackboneMismatchError: the backbone differs from the recorded one (or none is recorded).
+    """
+    if cls is None:
+        from .prototypes import Prototypes as cls  # the estimator imports this module
+
+    folder = Path(path)
+    meta, blob = read_folder(folder)
+    try:
+        t = load_bytes(blob)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PrototypeFileError(f"{folder}: the tensors file is truncated or corrupted: {exc}") from None
+    check_tensors(t, folder)
+    prototypes = cls(**meta.params.model_dump())
+    try:
+        prototypes._check_params()
+    except ConfigError as exc:
+        raise PrototypeFileError(f"{folder}: invalid `params`: {exc}") from None
+    try:
+        _restore(prototypes, meta, t, folder)
+    except KeyError as exc:
+        raise PrototypeFileError(f"{folder}: missing tensor {exc} (file truncated or from another tool)") from None
+    except np.linalg.LinAlgError as exc:
+        raise PrototypeFileError(f"{folder}: covariance is not usable ({exc})") from None
+    _self_check(prototypes, folder)
+    return prototypes.bind(backbone) if backbone is not None else prototypes
+
+
+def _restore(p: Prototypes, meta: PrototypeMeta, t: dict[str, np.ndarray], folder: Path) -> None:
+    """Set the fitted attributes from checked metadata and tensors, every shape checked against the metadata."""
+    k, d = len(meta.layer_ids), meta.hidden_size
+    p.classes_ = CLASSES.copy()
+    p.layer_ids_ = [int(x) for x in t["layer_ids"]]
+    if p.layer_ids_ != meta.layer_ids:
+        raise PrototypeFileError(f"{folder}: the layer ids in {META_FILE} and the tensors file disagree")
+    p.sets_ = [_restore_set(i, info, t, k, d, folder) for i, info in enumerate(meta.sets)]
+    if len(t) != 3 + 4 * len(meta.sets) + ("category_means" in t):
+        raise PrototypeFileError(f"{folder}: the tensors file holds tensors {META_FILE} does not describe")
+    p.coef_ = t["coef"].astype(np.float64)
+    if p.coef_.shape != (len(p.sets_) * k,):
+        raise PrototypeFileError(f"{folder}: the layer weights do not match {META_FILE}")
+    p.intercept_, p.threshold_, p.controversial_threshold_ = meta.intercept, meta.threshold, meta.controversial_threshold
+    p.category_layer_, p.category_labels_ = meta.category_layer, list(meta.category_labels)
+    p.category_means_ = t["category_means"].astype(np.float64) if "category_means" in t else None
+    n_categories = 0 if p.category_means_ is None else len(p.category_means_)
+    if n_categories != len(p.category_labels_) or (
+            p.category_means_ is not None and p.category_means_.shape != (n_categories, d)):
+        raise PrototypeFileError(f"{folder}: category means do not match the category labels")
+    p.steering_layers_ = list(meta.steering_layers)
+    p.steering_directions_ = t["steering_directions"].astype(np.float64)
+    if p.steering_directions_.shape != (len(p.steering_layers_), d):
+        raise PrototypeFileError(f"{folder}: steering directions do not match {META_FILE}")
+    p.n_samples_, p.training_summary_ = meta.n_samples, dict(meta.training_summary)
+    p.provenance_ = meta.provenance
+    p.backbone_identity_ = meta.backbone.model_dump() if meta.backbone is not None else None
+
+
+def _restore_set(i: int, info: SetRecord, t: dict[str, np.ndarray], k: int, d: int, folder: Path) -> PrototypeSet:
+    labels, counts = t[f"sets.{i}.labels"], t[f"sets.{i}.counts"]
+    means, cov = t[f"sets.{i}.means"].astype(np.float64), t[f"sets.{i}.cov"].astype(np.float64)
+    n_protos = len(info.prototypes)
+    if (means.shape != (k, n_protos, d) or cov.shape != (k, d, d) or labels.shape != (n_protos,)
+            or counts.shape != (n_protos,)):
+        raise PrototypeFileError(f"{folder}: set {i} has tensor shapes that do not match {META_FILE}")
+    return PrototypeSet(info.name, labels, list(info.prototypes), counts, means, cov, info.n)
+
+
+def _self_check(p: Prototypes, where: Path) -> None:
+    """Refuse prototypes whose layer combination is upside down, or whose maths gives NaN.
+
+    A file that passes the schema can still be edited (and its digests recomputed) into
+    passing everything, e.g. with a huge negative intercept. Whatever the fit, a prompt that
+    every layer calls unsafe must come out unsafe, and no less unsafe than one that every
+    layer calls safe. (A degenerate fit that calls everything unsafe is allowed: it fails closed.)
+    """
+    if not all(np.isfinite(x).all() for s in p.sets_ for x in (s.W, s.b)):
+        raise PrototypeFileError(f"{where}: the covariance gives non-finite discriminants")
+    p_safe, p_unsafe = p._combine(np.array([np.zeros_like(p.coef_), np.ones_like(p.coef_)]))
+    if not (p_unsafe >= p.threshold_ and p_unsafe >= p_safe):
+        msg = (f"{where}: the layer combination gives {p_unsafe:.3g} when every layer says unsafe and "
+               f"{p_safe:.3g} when every layer says safe, against threshold {p.threshold_:.3g}; "
+               "the file was edited into nonsense. Fit the prototypes again.")
+        raise PrototypeFileError(msg)

@@ -3,123 +3,155 @@
 Per layer, each prototype set holds class means and one shared shrunk covariance; a prompt's
 per-layer P(unsafe) is the Gaussian discriminant between the means. An L1 logistic regression
 over the per-layer probabilities picks and weighs the layers. See ``_stats`` for the maths.
+
+The estimator follows scikit-learn: ``predict_proba`` gives one column per class of ``classes_``
+(0 safe, 1 unsafe), ``predict`` the class, ``score`` the mean accuracy; :meth:`Prototypes.verdicts`
+gives the guard's :class:`~mlpm_guard.Verdict` objects. Files are read and written by
+:mod:`.prototype_file`.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
-from safetensors import SafetensorError
-from safetensors.numpy import load, save as save_bytes
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score
 from sklearn.model_selection import StratifiedKFold
 
-from . import _stats
+from . import _stats, prototype_file
 from .categories import category_label
 from .data import parse_label
-from .errors import BackboneMismatchError, ConfigError, NotFittedError, PrototypeFileError
-from .prototype_file import FORMAT, FORMAT_VERSION, META_FILE, check_tensors, read_folder, write_folder
+from .errors import BackboneMismatchError, ConfigError, NotFittedError
+from .prototype_file import META_FILE  # noqa: F401 - where callers import it from
+from .prototype_set import CLASSES, PrototypeSet
 from .types import Verdict
 from .verdicts import failed_verdict, make_verdict, tier_of
 
+def as_states(X: Any, layers: Sequence[int], backbone: Any) -> np.ndarray:
+    """Hidden states (n_samples, len(layers), d): given as such, or read from prompts on ``backbone``."""
+    if isinstance(X, np.ndarray):
+        if X.ndim != 3 or X.shape[1] != len(layers):
+            msg = (f"hidden states must have shape (n_samples, {len(layers)}, hidden_size) for layers "
+                   f"{list(layers)}, got {X.shape}")
+            raise ConfigError(msg)
+        return X
+    if isinstance(X, str):
+        raise ConfigError("pass a list of prompts, not a single string (e.g. `verdicts([text])`)")
+    if backbone is None:
+        raise ConfigError("texts need a backbone: pass `backbone=` to fit/load, or pass hidden states")
+    return backbone.hidden_states(list(X), layers)
 
 
-def _version() -> str:
-    from . import __version__
+def candidate_layers(layers: Sequence[int] | None, X: Any, backbone: Any) -> list[int]:
+    """The layer ids a fit starts from: ``layers``, else every layer of the states or of the backbone."""
+    if layers is not None:
+        out = sorted({int(x) for x in layers})
+    elif isinstance(X, np.ndarray):
+        out = list(range(1, X.shape[1] + 1))
+    else:
+        return list(range(1, backbone.num_layers + 1)) if backbone else []
+    if not out or min(out) < 1:
+        raise ConfigError(f"`layers` must be layer ids >= 1, got {layers!r}")
+    return out
 
-    return __version__
+
+def fit_labels(y: Sequence[Any], n_samples: int) -> np.ndarray:
+    """Labels as 0 (safe) / 1 (unsafe), one per sample and at least two of each."""
+    labels = np.array([parse_label(v) for v in y], dtype=np.int64)
+    if len(labels) != n_samples:
+        raise ConfigError(f"got {n_samples} samples but {len(labels)} labels")
+    counts = np.bincount(labels, minlength=2)
+    if counts.min() < 2:
+        raise ConfigError(f"need at least 2 safe and 2 unsafe samples, got {counts[0]} safe, {counts[1]} unsafe")
+    return labels
 
 
-@dataclass
-class PrototypeSet:
-    """Prototypes that share one covariance per layer (the pooled set, or one training source).
+def fit_sets(H: np.ndarray, y: np.ndarray, sources: np.ndarray, *, per_source: bool,
+             min_source_count: int) -> list[PrototypeSet]:
+    """The pooled set, and with ``per_source`` one set per source with ``min_source_count`` of each label."""
+    sets = [PrototypeSet.fit("all", H, y)]
+    if per_source:
+        for src in sorted(set(sources)):
+            rows = sources == src
+            if src != "all" and np.bincount(y[rows], minlength=2).min() >= min_source_count:
+                sets.append(PrototypeSet.fit(str(src), H[rows], y[rows]))
+    return sets
 
-    Attributes:
-        name: ``"all"`` for the pooled set, else the training source.
-        labels: (K,) 0 safe / 1 unsafe, one per prototype.
-        names: K prototype names (``"safe"``, ``"unsafe"``, or a custom group).
-        counts: (K,) samples behind each mean.
-        means: (n_layers, K, d).
-        cov: (n_layers, d, d) pooled within-prototype covariance.
-        n: samples behind ``cov``.
+
+def stacking_features(sets: Sequence[PrototypeSet], H: np.ndarray, y: np.ndarray, sources: np.ndarray, *,
+                      cv: int | None, random_state: int | None) -> np.ndarray:
+    """Per-(set, layer) probabilities on the training data, cross-fitted over ``cv`` folds if set."""
+    if cv is None:
+        return np.concatenate([s.proba(H) for s in sets], axis=1)
+    F = np.zeros((len(y), len(sets) * H.shape[1]))
+    folds = StratifiedKFold(cv, shuffle=True, random_state=random_state)
+    for train, test in folds.split(H, y):
+        fold_sets = []
+        for s in sets:
+            rows = np.ones(len(y), bool) if s.name == "all" else sources == s.name
+            tr = train[rows[train]]
+            enough = np.bincount(y[tr], minlength=2).min() >= 2
+            fold_sets.append(PrototypeSet.fit(s.name, H[tr], y[tr]) if enough else s)
+        F[test] = np.concatenate([s.proba(H[test]) for s in fold_sets], axis=1)
+    return F
+
+
+def fit_combination(F: np.ndarray, y: np.ndarray, n_sets: int, *, C: float,
+                    random_state: int | None) -> tuple[np.ndarray, float, np.ndarray]:
+    """The L1 logistic combination of per-(set, layer) probabilities ``F``.
+
+    Returns:
+        the weights (n_sets, n_layers) with zeros for dropped layers, the intercept, and the
+        mask of the layers kept (a layer is kept when any set's weight for it is non-zero).
     """
-
-    name: str
-    labels: np.ndarray
-    names: list[str]
-    counts: np.ndarray
-    means: np.ndarray
-    cov: np.ndarray
-    n: int
-
-    def __post_init__(self) -> None:
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Recompute the precision and the linear logits from the statistics."""
-        self.precision = np.stack([_stats.shrunk_precision(c, self.n) for c in self.cov])
-        params = [_stats.linear_params(m, p) for m, p in zip(self.means, self.precision)]
-        self.W = np.stack([w for w, _ in params])
-        self.b = np.stack([b for _, b in params])
-
-    def proba(self, H: np.ndarray) -> np.ndarray:
-        """Per-layer P(unsafe): (n_samples, n_layers) for states H of shape (n_samples, n_layers, d)."""
-        unsafe = self.labels.astype(bool)
-        return np.stack([_stats.unsafe_probability(H[:, j], self.W[j], self.b[j], unsafe)
-                         for j in range(H.shape[1])], axis=1)
-
-    @classmethod
-    def fit(cls, name: str, H: np.ndarray, y: np.ndarray) -> PrototypeSet:
-        means, covs = [], []
-        for j in range(H.shape[1]):
-            m, counts = _stats.group_means(H[:, j].astype(np.float64), y, 2)
-            means.append(m)
-            covs.append(_stats.pooled_covariance(H[:, j].astype(np.float64), y, m))
-        return cls(name, np.array([0, 1]), ["safe", "unsafe"], counts, np.stack(means), np.stack(covs), len(y))
-
-    def select_layers(self, keep: np.ndarray) -> None:
-        self.means, self.cov = self.means[keep], self.cov[keep]
-        self.refresh()
-
-    def add_group(self, H: np.ndarray, label: int, name: str) -> None:
-        """Add samples as the prototype ``(label, name)``, creating it or moving its mean."""
-        hits = [k for k, (lab, nm) in enumerate(zip(self.labels, self.names)) if lab == label and nm == name]
-        m = len(H)
-        new_mean = H.mean(axis=0)  # (n_layers, d)
-        if hits:
-            k = hits[0]
-            total = self.counts[k] + m
-            merged = (self.means[:, k] * self.counts[k] + new_mean * m) / total
-            # Chan et al.: moving an old mean adds n_old * (old - merged)^2 to the scatter.
-            shift = self.means[:, k] - merged
-            extra = np.einsum("ld,le->lde", shift, shift) * self.counts[k]
-            self.cov = (self.cov * max(self.n - 1, 1) + extra) / max(self.n - 1, 1)
-            self.means[:, k] = merged
-            self.counts[k] = total
-        else:
-            k = len(self.labels)
-            self.labels = np.append(self.labels, label)
-            self.names.append(name)
-            self.counts = np.append(self.counts, m)
-            self.means = np.concatenate([self.means, new_mean[:, None, :]], axis=1)
-        groups = np.zeros(m, dtype=np.int64)
-        covs, n = [], self.n
-        for j in range(self.means.shape[0]):
-            c, n = _stats.merge_covariance(self.cov[j], self.n, H[:, j], self.means[j, k][None], groups)
-            covs.append(c)
-        self.cov, self.n = np.stack(covs), n
-        self.refresh()
+    n_layers = F.shape[1] // n_sets
+    lr = LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", class_weight="balanced",
+                            max_iter=1000, random_state=random_state)
+    lr.fit(F, y)
+    coef = lr.coef_[0].reshape(n_sets, n_layers)
+    keep = np.abs(coef).sum(axis=0) > 0
+    if not keep.any():  # everything penalised away: keep the single best layer
+        keep[np.argmax([abs(np.corrcoef(F[:, j], y)[0, 1]) for j in range(n_layers)])] = True
+        lr.fit(F[:, np.tile(keep, n_sets)], y)
+        coef = np.zeros_like(coef)
+        coef[:, keep] = lr.coef_[0].reshape(n_sets, -1)
+    return coef, float(lr.intercept_[0]), keep
 
 
-class Prototypes(BaseEstimator):
+def fit_categories(H: np.ndarray, y: np.ndarray, categories: Sequence[str | None],
+                   precision: np.ndarray) -> tuple[list[str], np.ndarray | None, int | None]:
+    """Means per hazard category at the layer that tells categories apart best.
+
+    Args:
+        H: states (n_samples, n_layers, d) of the kept layers; ``precision`` (n_layers, d, d) theirs.
+        categories: dataset category of each sample (unsafe samples only are used).
+
+    Returns:
+        the category labels (those with 3 samples or more), their means (n_categories, d) and
+        the index into the kept layers that they live at; ``([], None, None)`` without categories.
+    """
+    labels = np.array([category_label(c) if lab == 1 else None for c, lab in zip(categories, y)], dtype=object)
+    kinds = sorted(c for c, n in Counter(labels[labels != None]).items() if n >= 3)  # noqa: E711
+    if not kinds:
+        return [], None, None
+    rows = np.isin(labels, kinds)
+    groups = np.array([kinds.index(c) for c in labels[rows]])
+    best, best_acc = 0, -1.0
+    for j in range(H.shape[1]):
+        means, _ = _stats.group_means(H[rows, j].astype(np.float64), groups, len(kinds))
+        acc = float((_stats.mahalanobis_sq(H[rows, j], means, precision[j]).argmin(axis=1) == groups).mean())
+        if acc > best_acc:
+            best, best_acc = j, acc
+    means, _ = _stats.group_means(H[rows, best].astype(np.float64), groups, len(kinds))
+    return kinds, means, best
+
+
+class Prototypes(ClassifierMixin, BaseEstimator):
     """Multi-layer latent prototype moderator (MLPM).
 
     Parameters are only stored here; they are checked when :meth:`fit` runs.
@@ -139,10 +171,12 @@ class Prototypes(BaseEstimator):
         categories: fit per-category means so verdicts name the nearest hazard category.
         random_state: seed of the cross-fitting folds.
 
-    Fitted attributes end in ``_``: ``layer_ids_``, ``sets_``, ``coef_``, ``intercept_``,
-    ``threshold_``, ``category_labels_``, ``category_means_``, ``category_layer_``,
-    ``steering_layers_``/``steering_directions_`` (unsafe-minus-safe mean difference of every
-    candidate layer) and ``backbone_identity_``.
+    Fitted attributes end in ``_``: ``classes_`` (``[0, 1]``: safe, unsafe), ``layer_ids_``,
+    ``sets_``, ``coef_``, ``intercept_``, ``threshold_``, ``category_labels_``, ``category_means_``,
+    ``category_layer_``, ``steering_layers_``/``steering_directions_`` (unsafe-minus-safe mean
+    difference of every candidate layer) and ``backbone_identity_``. The backbone itself is no
+    fitted state: :meth:`bind` attaches it (``fit``/``load`` with ``backbone=`` do too) so that
+    prompts can be passed instead of states, and it is neither pickled nor saved.
     """
 
     def __init__(self, *, layers: Sequence[int] | None = None, C: float = 1.0, per_source: bool = False,
@@ -179,22 +213,18 @@ class Prototypes(BaseEstimator):
 
     @property
     def backbone(self) -> Any:
-        """The backbone bound by ``fit``/``load`` (used when texts are passed instead of states)."""
-        return getattr(self, "backbone_", None)
+        """The bound backbone (used when texts are passed instead of states), or ``None``."""
+        return getattr(self, "_backbone", None)
 
-    def _states(self, X: Any, layers: Sequence[int], backbone: Any = None) -> np.ndarray:
-        if isinstance(X, np.ndarray):
-            if X.ndim != 3 or X.shape[1] != len(layers):
-                msg = (f"hidden states must have shape (n_samples, {len(layers)}, hidden_size) for layers "
-                       f"{list(layers)}, got {X.shape}")
-                raise ConfigError(msg)
-            return X
-        if isinstance(X, str):
-            raise ConfigError("pass a list of prompts, not a single string (e.g. `score([text])`)")
-        backbone = backbone if backbone is not None else self.backbone
-        if backbone is None:
-            raise ConfigError("texts need a backbone: pass `backbone=` to fit/load, or pass hidden states")
-        return backbone.hidden_states(list(X), layers)
+    def bind(self, backbone: Any) -> Prototypes:
+        """Attach a backbone after checking that it is the one these prototypes were fitted on."""
+        check_backbone(self.backbone_identity_, backbone)
+        self._backbone = backbone
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A live model is no part of the estimator: a copy or a pickle is bound again with `bind`.
+        return {k: v for k, v in super().__getstate__().items() if k != "_backbone"}
 
     def _features(self, H: np.ndarray) -> np.ndarray:
         return np.concatenate([s.proba(H) for s in self.sets_], axis=1)
@@ -209,7 +239,7 @@ class Prototypes(BaseEstimator):
                 (n_samples, n_layers, d) for the candidate ``layers``.
             y: labels, 0/1 or any accepted vocabulary (``safe``/``unsafe``, ...).
             backbone: the :class:`~mlpm_guard.Backbone` the states come from; recorded so that
-                loading against another backbone fails.
+                loading against another backbone fails, and bound.
             sources: training source of each sample (for ``per_source``).
             categories: dataset category of each sample (unsafe samples only are used).
 
@@ -218,36 +248,15 @@ class Prototypes(BaseEstimator):
         """
         self._check_params()
         if backbone is not None:
-            self.backbone_ = backbone
-        candidates = self._candidate_layers(X)
-        H = self._states(X, candidates, backbone)
-        y = np.array([parse_label(v) for v in y], dtype=np.int64)
-        if len(y) != len(H):
-            raise ConfigError(f"got {len(H)} samples but {len(y)} labels")
-        counts = np.bincount(y, minlength=2)
-        if counts.min() < 2:
-            raise ConfigError(f"need at least 2 safe and 2 unsafe samples, got {counts[0]} safe, {counts[1]} unsafe")
+            self._backbone = backbone
+        candidates = candidate_layers(self.layers, X, self.backbone)
+        H = as_states(X, candidates, self.backbone)
+        y = fit_labels(y, len(H))
         sources = np.array(sources if sources is not None else ["all"] * len(y), dtype=object)
-
-        self.sets_ = [PrototypeSet.fit("all", H, y)]
-        if self.per_source:
-            for src in sorted(set(sources)):
-                rows = sources == src
-                c = np.bincount(y[rows], minlength=2)
-                if src != "all" and c.min() >= self.min_source_count:
-                    self.sets_.append(PrototypeSet.fit(str(src), H[rows], y[rows]))
-
-        F = self._stacking_features(H, y, sources)
-        lr = LogisticRegression(C=self.C, l1_ratio=1.0, solver="liblinear", class_weight="balanced",
-                                max_iter=1000, random_state=self.random_state)
-        lr.fit(F, y)
-        coef = lr.coef_[0].reshape(len(self.sets_), len(candidates))
-        keep = np.abs(coef).sum(axis=0) > 0
-        if not keep.any():  # everything penalised away: keep the single best layer
-            keep[np.argmax([abs(np.corrcoef(F[:, j], y)[0, 1]) for j in range(len(candidates))])] = True
-            lr.fit(F[:, np.tile(keep, len(self.sets_))], y)
-            coef = np.zeros_like(coef)
-            coef[:, keep] = lr.coef_[0].reshape(len(self.sets_), -1)
+        self.classes_ = CLASSES.copy()
+        self.sets_ = fit_sets(H, y, sources, per_source=self.per_source, min_source_count=self.min_source_count)
+        F = stacking_features(self.sets_, H, y, sources, cv=self.cv, random_state=self.random_state)
+        coef, self.intercept_, keep = fit_combination(F, y, len(self.sets_), C=self.C, random_state=self.random_state)
         # The unsafe-minus-safe mean difference of every candidate layer, kept for activation steering.
         self.steering_layers_ = list(candidates)
         self.steering_directions_ = self.sets_[0].means[:, 1] - self.sets_[0].means[:, 0]
@@ -255,121 +264,76 @@ class Prototypes(BaseEstimator):
             s.select_layers(keep)
         self.layer_ids_ = [layer for layer, k in zip(candidates, keep) if k]
         self.coef_ = coef[:, keep].reshape(-1)
-        self.intercept_ = float(lr.intercept_[0])
         self.threshold_ = float(self.threshold)
         self.controversial_threshold_ = float(self.controversial_threshold)
-        self._fit_categories(H[:, keep], y, categories)
+        self.category_labels_, self.category_means_, self.category_layer_ = [], None, None
+        if self.categories and categories is not None:
+            self.category_labels_, self.category_means_, j = fit_categories(H[:, keep], y, categories,
+                                                                            self.sets_[0].precision)
+            self.category_layer_ = self.layer_ids_[j] if j is not None else None
         self.n_samples_ = int(len(y))
         self.training_summary_ = {f"{src}/{'unsafe' if lab else 'safe'}": int(n)
                                   for (src, lab), n in sorted(Counter(zip(sources, y)).items())}
         self.backbone_identity_ = backbone.identity() if backbone is not None else None
         return self
 
-    def _candidate_layers(self, X: Any) -> list[int]:
-        if self.layers is not None:
-            layers = sorted({int(x) for x in self.layers})
-        elif isinstance(X, np.ndarray):
-            layers = list(range(1, X.shape[1] + 1))
-        else:
-            return list(range(1, self.backbone.num_layers + 1)) if self.backbone else []
-        if not layers or min(layers) < 1:
-            raise ConfigError(f"`layers` must be layer ids >= 1, got {self.layers!r}")
-        return layers
-
-    def _stacking_features(self, H: np.ndarray, y: np.ndarray, sources: np.ndarray) -> np.ndarray:
-        """Per-(set, layer) probabilities on the training data, cross-fitted if ``cv`` is set."""
-        if self.cv is None:
-            return self._features(H)
-        F = np.zeros((len(y), len(self.sets_) * H.shape[1]))
-        folds = StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state)
-        for train, test in folds.split(H, y):
-            sets = []
-            for s in self.sets_:
-                rows = np.ones(len(y), bool) if s.name == "all" else sources == s.name
-                tr = train[rows[train]]
-                sets.append(PrototypeSet.fit(s.name, H[tr], y[tr]) if np.bincount(y[tr], minlength=2).min() >= 2
-                            else s)
-            F[test] = np.concatenate([s.proba(H[test]) for s in sets], axis=1)
-        return F
-
-    def _fit_categories(self, H: np.ndarray, y: np.ndarray, categories: Sequence[str | None] | None) -> None:
-        """Means per hazard category at the layer that tells categories apart best."""
-        self.category_labels_, self.category_means_, self.category_layer_ = [], None, None
-        if not self.categories or categories is None:
-            return
-        labels = np.array([category_label(c) if lab == 1 else None for c, lab in zip(categories, y)], dtype=object)
-        kinds = sorted(c for c, n in Counter(labels[labels != None]).items() if n >= 3)  # noqa: E711
-        if len(kinds) < 1:
-            return
-        rows = np.isin(labels, kinds)
-        groups = np.array([kinds.index(c) for c in labels[rows]])
-        best, best_acc = 0, -1.0
-        for j in range(H.shape[1]):
-            means, _ = _stats.group_means(H[rows, j].astype(np.float64), groups, len(kinds))
-            d2 = _stats.mahalanobis_sq(H[rows, j], means, self.sets_[0].precision[j])
-            acc = float((d2.argmin(axis=1) == groups).mean())
-            if acc > best_acc:
-                best, best_acc = j, acc
-        self.category_layer_ = self.layer_ids_[best]
-        self.category_labels_ = kinds
-        self.category_means_, _ = _stats.group_means(H[rows, best].astype(np.float64), groups, len(kinds))
-
-    # ------------------------------------------------------------------ score
+    # ------------------------------------------------------------------ predict
     def predict_proba(self, X: Any) -> np.ndarray:
-        """P(unsafe) for each sample: shape (n_samples,)."""
+        """Class probabilities: shape (n_samples, 2), columns in ``classes_`` order (P(safe), P(unsafe))."""
         self._check_fitted()
-        H = self._states(X, self.layer_ids_)
-        return self._combine(self._features(H))
+        p = self._combine(self._features(as_states(X, self.layer_ids_, self.backbone)))
+        return np.stack([1.0 - p, p], axis=1)
 
     def _combine(self, F: np.ndarray) -> np.ndarray:
+        """P(unsafe) from per-(set, layer) probabilities."""
         z = F @ self.coef_ + self.intercept_
         with np.errstate(over="ignore"):  # exp(-z) overflows to inf for very negative z: p = 0, as it should
             return 1.0 / (1.0 + np.exp(-z))
 
     def predict(self, X: Any) -> np.ndarray:
-        """1 for unsafe, 0 for safe."""
-        return (self.predict_proba(X) >= self.threshold_).astype(np.int64)
+        """The class of each sample: 1 (unsafe) at or above ``threshold_``, else 0 (safe)."""
+        return (self.predict_proba(X)[:, 1] >= self.threshold_).astype(np.int64)
 
-    def score(self, X: Any, *, n_truncated: Sequence[int] | None = None) -> list[Verdict]:  # type: ignore[override]
-        """Verdicts for prompts (needs a bound backbone) or for hidden states of ``layer_ids_``."""
+    def score(self, X: Any, y: Sequence[Any], sample_weight: Sequence[float] | None = None) -> float:
+        """Mean accuracy of :meth:`predict` against labels ``y`` (any vocabulary ``fit`` accepts)."""
+        labels = np.array([parse_label(v) for v in y], dtype=np.int64)
+        return float(accuracy_score(labels, self.predict(X), sample_weight=sample_weight))
+
+    def verdicts(self, X: Any, *, n_truncated: Sequence[int] | None = None) -> list[Verdict]:
+        """Verdicts for prompts (needs a bound backbone) or for hidden states of ``layer_ids_``.
+
+        Args:
+            X: prompts, or states of shape (n_samples, len(layer_ids_), d).
+            n_truncated: tokens cut from each prompt the states come from (prompts count their own).
+        """
         self._check_fitted()
         if n_truncated is None and not isinstance(X, np.ndarray) and self.backbone is not None:
             rows = self.backbone.encode(list(X))
             n_truncated = [r.n_truncated for r in rows]
             H = self.backbone.last_token_states(rows, self.layer_ids_)
         else:
-            H = self._states(X, self.layer_ids_)
-        return self.verdicts(H, n_truncated)
-
-    def verdicts(self, H: np.ndarray, n_truncated: Sequence[int] | None = None) -> list[Verdict]:
-        """Verdicts for hidden states of shape (n_samples, len(layer_ids_), d)."""
-        self._check_fitted()
+            H = as_states(X, self.layer_ids_, self.backbone)
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows fail closed just below
             F = self._features(H)
         p = self._combine(F)
         per_layer = F[:, : len(self.layer_ids_)]
         # NaN compares false with every threshold and would land in the safe tier: such a row fails closed.
         broken = ~np.isfinite(H).all(axis=(1, 2)) | ~np.isfinite(p)
-        nearest = self._nearest_category(np.where(broken[:, None, None], 0.0, H))
-        n_truncated = list(n_truncated) if n_truncated else [0] * len(p)
+        j = self.layer_ids_.index(self.category_layer_) if self.category_layer_ else 0
+        nearest = nearest_category(np.where(broken[:, None], 0.0, H[:, j]), self.category_labels_,
+                                   self.category_means_, self.sets_[0].precision[j])
+        cut = list(n_truncated) if n_truncated else [0] * len(p)
         out = []
         for i, pi in enumerate(p):
             if broken[i]:
                 out.append(failed_verdict("ScoringError: the backbone gave non-finite hidden states (NaN or inf)",
-                                          threshold=self.threshold_, n_truncated_tokens=int(n_truncated[i])))
+                                          threshold=self.threshold_, n_truncated_tokens=int(cut[i])))
                 continue
+            scores = {layer: float(v) for layer, v in zip(self.layer_ids_, per_layer[i])}
             out.append(make_verdict(pi, tier_of(pi, self.threshold_, self.controversial_threshold_),
-                                    threshold=self.threshold_, category=nearest[i],
-                                    layer_scores={layer: float(v) for layer, v in zip(self.layer_ids_, per_layer[i])},
-                                    n_truncated_tokens=int(n_truncated[i])))
+                                    threshold=self.threshold_, category=nearest[i], layer_scores=scores,
+                                    n_truncated_tokens=int(cut[i])))
         return out
-
-    def _nearest_category(self, H: np.ndarray) -> list[str | None]:
-        if not self.category_labels_:
-            return [None] * len(H)
-        j = self.layer_ids_.index(self.category_layer_)
-        d2 = _stats.mahalanobis_sq(H[:, j].astype(np.float64), self.category_means_, self.sets_[0].precision[j])
-        return [self.category_labels_[k] for k in d2.argmin(axis=1)]
 
     # ------------------------------------------------------------------ customise
     def add_examples(self, X: Any, labels: Sequence[Any], *, category: str | None = None,
@@ -392,7 +356,7 @@ class Prototypes(BaseEstimator):
             self
         """
         self._check_fitted()
-        H = self._states(X, self.layer_ids_)
+        H = as_states(X, self.layer_ids_, self.backbone)
         y = np.array([parse_label(v) for v in labels], dtype=np.int64)
         if len(y) != len(H) or len(y) == 0:
             raise ConfigError(f"add_examples needs one label per example, got {len(H)} examples and {len(y)} labels")
@@ -406,169 +370,49 @@ class Prototypes(BaseEstimator):
                 s.add_group(H[rows].astype(np.float64), label, group)
         cat = category_label(category)
         if cat is not None and (y == 1).any():
-            self._add_category(H[y == 1], cat)
-        return self
-
-    def _add_category(self, H: np.ndarray, cat: str) -> None:
-        j = self.layer_ids_.index(self.category_layer_) if self.category_layer_ else len(self.layer_ids_) // 2
-        mean = H[:, j].astype(np.float64).mean(axis=0)
-        if self.category_means_ is None:
+            j = self.layer_ids_.index(self.category_layer_) if self.category_layer_ else len(self.layer_ids_) // 2
             self.category_layer_ = self.layer_ids_[j]
-            self.category_labels_, self.category_means_ = [cat], mean[None]
-        elif cat in self.category_labels_:
-            k = self.category_labels_.index(cat)
-            self.category_means_[k] = 0.5 * (self.category_means_[k] + mean)
-        else:
-            self.category_labels_ = [*self.category_labels_, cat]
-            self.category_means_ = np.vstack([self.category_means_, mean])
+            self.category_labels_, self.category_means_ = add_category(
+                self.category_labels_, self.category_means_, cat, H[y == 1, j].astype(np.float64).mean(axis=0))
+        return self
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
-        """Write the prototypes into folder ``path``: ``prototypes.json`` and a digest-named tensors file.
-
-        A save interrupted at any point (even ``kill -9``) leaves the previous save loadable;
-        see :func:`~mlpm_guard.prototype_file.write_folder`.
-        """
-        self._check_fitted()
-        tensors: dict[str, np.ndarray] = {
-            "layer_ids": np.array(self.layer_ids_, dtype=np.int64),
-            "coef": np.asarray(self.coef_, dtype=np.float64),
-        }
-        for i, s in enumerate(self.sets_):
-            tensors[f"sets.{i}.labels"] = s.labels.astype(np.int64)
-            tensors[f"sets.{i}.counts"] = s.counts.astype(np.int64)
-            tensors[f"sets.{i}.means"] = s.means.astype(np.float32)
-            tensors[f"sets.{i}.cov"] = s.cov.astype(np.float32)
-        if self.category_means_ is not None:
-            tensors["category_means"] = self.category_means_.astype(np.float32)
-        tensors["steering_directions"] = self.steering_directions_.astype(np.float32)
-        params = self.get_params()
-        params["layers"] = [int(x) for x in params["layers"]] if params["layers"] is not None else None
-        meta = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "mlpm_guard_version": _version(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "backbone": self.backbone_identity_,
-            "hidden_size": int(self.sets_[0].means.shape[-1]),
-            "layer_ids": [int(x) for x in self.layer_ids_],
-            "params": params,
-            "intercept": float(self.intercept_),
-            "threshold": float(self.threshold_),
-            "controversial_threshold": float(self.controversial_threshold_),
-            "sets": [{"name": s.name, "n": int(s.n), "prototypes": list(s.names)} for s in self.sets_],
-            "category_layer": self.category_layer_,
-            "category_labels": list(self.category_labels_),
-            "steering_layers": [int(x) for x in self.steering_layers_],
-            "n_samples": int(self.n_samples_),
-            "training_summary": {str(k): int(v) for k, v in self.training_summary_.items()},
-            "provenance": getattr(self, "provenance_", None),
-        }
-        folder = Path(path)
-        try:
-            check_tensors(tensors, folder)
-            write_folder(folder, meta, save_bytes(tensors, metadata={"format": FORMAT}))
-        except (ValidationError, PrototypeFileError) as exc:
-            raise ConfigError(f"these prototypes hold values that cannot be saved (refit them):\n{exc}") from None
-        return folder
+        """Write the prototypes into folder ``path`` (see :func:`~mlpm_guard.prototype_file.save_prototypes`)."""
+        return prototype_file.save_prototypes(self, path)
 
     @classmethod
     def load(cls, path: str | Path, backbone: Any = None) -> Prototypes:
-        """Load prototypes saved by :meth:`save`; with ``backbone``, check it is the one they were fitted on.
-
-        Every field is checked (types, ranges, finite numbers, digests of both files), and the
-        loaded prototypes must still score their own unsafe mean unsafe and their safe mean safe.
-
-        Raises:
-            PrototypeFileError: missing, truncated, corrupted, edited or unknown files.
-            BackboneMismatchError: the backbone differs from the recorded one (or none is recorded).
-        """
-        folder = Path(path)
-        meta, blob = read_folder(folder)
-        try:
-            t = load(blob)
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise PrototypeFileError(f"{folder}: the tensors file is truncated or corrupted: {exc}") from None
-        check_tensors(t, folder)
-        self = cls(**meta.params.model_dump())
-        try:
-            self._check_params()
-        except ConfigError as exc:
-            raise PrototypeFileError(f"{folder}: invalid `params`: {exc}") from None
-        k, d = len(meta.layer_ids), meta.hidden_size
-        try:
-            self.layer_ids_ = [int(x) for x in t["layer_ids"]]
-            if self.layer_ids_ != meta.layer_ids:
-                raise PrototypeFileError(f"{folder}: the layer ids in {META_FILE} and the tensors file disagree")
-            self.sets_ = []
-            for i, info in enumerate(meta.sets):
-                labels, counts = t[f"sets.{i}.labels"], t[f"sets.{i}.counts"]
-                means, cov = t[f"sets.{i}.means"].astype(np.float64), t[f"sets.{i}.cov"].astype(np.float64)
-                n_protos = len(info.prototypes)
-                if (means.shape != (k, n_protos, d) or cov.shape != (k, d, d) or labels.shape != (n_protos,)
-                        or counts.shape != (n_protos,)):
-                    raise PrototypeFileError(f"{folder}: set {i} has tensor shapes that do not match {META_FILE}")
-                self.sets_.append(PrototypeSet(info.name, labels, list(info.prototypes), counts, means, cov, info.n))
-            if len(t) != 3 + 4 * len(meta.sets) + ("category_means" in t):
-                raise PrototypeFileError(f"{folder}: the tensors file holds tensors {META_FILE} does not describe")
-            self.coef_ = t["coef"].astype(np.float64)
-            if self.coef_.shape != (len(self.sets_) * k,):
-                raise PrototypeFileError(f"{folder}: the layer weights do not match {META_FILE}")
-            self.intercept_ = meta.intercept
-            self.threshold_ = meta.threshold
-            self.controversial_threshold_ = meta.controversial_threshold
-            self.category_layer_ = meta.category_layer
-            self.category_labels_ = list(meta.category_labels)
-            self.category_means_ = t["category_means"].astype(np.float64) if "category_means" in t else None
-            n_categories = 0 if self.category_means_ is None else len(self.category_means_)
-            if n_categories != len(self.category_labels_) or (
-                    self.category_means_ is not None and self.category_means_.shape != (n_categories, d)):
-                raise PrototypeFileError(f"{folder}: category means do not match the category labels")
-            self.steering_layers_ = list(meta.steering_layers)
-            self.steering_directions_ = t["steering_directions"].astype(np.float64)
-            if self.steering_directions_.shape != (len(self.steering_layers_), d):
-                raise PrototypeFileError(f"{folder}: steering directions do not match {META_FILE}")
-            self.n_samples_ = meta.n_samples
-            self.training_summary_ = dict(meta.training_summary)
-            self.provenance_ = meta.provenance
-            self.backbone_identity_ = meta.backbone.model_dump() if meta.backbone is not None else None
-        except KeyError as exc:
-            raise PrototypeFileError(f"{folder}: missing tensor {exc} (file truncated or from another tool)") from None
-        except np.linalg.LinAlgError as exc:
-            raise PrototypeFileError(f"{folder}: covariance is not usable ({exc})") from None
-        self._self_check(folder)
-        if backbone is not None:
-            self.bind(backbone)
-        return self
-
-    def _self_check(self, where: Path) -> None:
-        """Refuse prototypes whose layer combination is upside down, or whose maths gives NaN.
-
-        A file that passes the schema can still be edited (and its digests recomputed) into
-        passing everything, e.g. with a huge negative intercept. Whatever the fit, a prompt that
-        every layer calls unsafe must come out unsafe, and no less unsafe than one that every
-        layer calls safe. (A degenerate fit that calls everything unsafe is allowed: it fails closed.)
-        """
-        if not all(np.isfinite(x).all() for s in self.sets_ for x in (s.W, s.b)):
-            raise PrototypeFileError(f"{where}: the covariance gives non-finite discriminants")
-        p_safe, p_unsafe = self._combine(np.array([np.zeros_like(self.coef_), np.ones_like(self.coef_)]))
-        if not (p_unsafe >= self.threshold_ and p_unsafe >= p_safe):
-            msg = (f"{where}: the layer combination gives {p_unsafe:.3g} when every layer says unsafe and "
-                   f"{p_safe:.3g} when every layer says safe, against threshold {self.threshold_:.3g}; "
-                   "the file was edited into nonsense. Fit the prototypes again.")
-            raise PrototypeFileError(msg)
-
-    def bind(self, backbone: Any) -> Prototypes:
-        """Attach a backbone after checking that it is the one these prototypes were fitted on."""
-        check_backbone(self.backbone_identity_, backbone)
-        self.backbone_ = backbone
-        return self
+        """Load a prototypes folder (see :func:`~mlpm_guard.prototype_file.load_prototypes`)."""
+        return prototype_file.load_prototypes(path, backbone=backbone, cls=cls)
 
     def __repr__(self) -> str:
         if not hasattr(self, "sets_"):
             return super().__repr__()
         return (f"Prototypes(layers={self.layer_ids_}, sets={[s.name for s in self.sets_]}, "
                 f"prototypes={len(self.sets_[0].names)}, n={self.n_samples_})")
+
+
+def nearest_category(H: np.ndarray, labels: Sequence[str], means: np.ndarray | None,
+                     precision: np.ndarray) -> list[str | None]:
+    """The nearest category mean (Mahalanobis) of each state (n_samples, d); ``None`` without categories."""
+    if not labels or means is None:
+        return [None] * len(H)
+    d2 = _stats.mahalanobis_sq(H.astype(np.float64), means, precision)
+    return [labels[k] for k in d2.argmin(axis=1)]
+
+
+def add_category(labels: list[str], means: np.ndarray | None, cat: str,
+                 mean: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Category labels and means with ``cat`` added at ``mean``, or moved half-way to it if known."""
+    if means is None:
+        return [cat], mean[None]
+    if cat in labels:
+        means = means.copy()
+        k = labels.index(cat)
+        means[k] = 0.5 * (means[k] + mean)
+        return list(labels), means
+    return [*labels, cat], np.vstack([means, mean])
 
 
 def check_backbone(recorded: dict[str, Any] | None, backbone: Any) -> None:

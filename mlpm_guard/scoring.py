@@ -62,10 +62,11 @@ def judge(backbone: Any, prototypes: Any, items: Sequence[Any], *, content: bool
     if extra:
         rows = backbone.encode(extra)
         states = backbone.last_token_states(rows, prototypes.layer_ids_)
-        scored = prototypes.verdicts(states, [r.n_truncated for r in rows])
+        scored = prototypes.verdicts(states, n_truncated=[r.n_truncated for r in rows])
     pre: list[Verdict] = []
     if prefilled is not None:
-        pre = prototypes.verdicts(prefilled, [r.n_truncated for r in prefilled_rows] if prefilled_rows else None)
+        cut = [r.n_truncated for r in prefilled_rows] if prefilled_rows else None
+        pre = prototypes.verdicts(prefilled, n_truncated=cut)
     out = []
     for entries in plan:
         candidates = [((pre if reused else scored)[k], name) for name, k, reused in entries]

@@ -36,10 +36,32 @@ def test_fit_keeps_informative_layers_and_predicts(fitted):
     assert (p.predict(H2[:, cols]) == y2).mean() > 0.9
 
 
+def test_sklearn_conventions(fitted):
+    """predict_proba has one column per class of classes_, score is the mean accuracy."""
+    import copy
+
+    from sklearn.base import clone, is_classifier
+
+    p, H, y = fitted
+    cols = [layer - 1 for layer in p.layer_ids_]
+    proba = p.predict_proba(H[:, cols])
+    assert proba.shape == (len(y), 2) and list(p.classes_) == [0, 1]
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(p.predict(H[:, cols]), p.classes_[(proba[:, 1] >= p.threshold_).astype(int)])
+    assert p.score(H[:, cols], y) == pytest.approx((p.predict(H[:, cols]) == y).mean())
+    assert p.score(H[:, cols], ["unsafe" if v else "safe" for v in y]) == p.score(H[:, cols], y)
+    assert is_classifier(p) and clone(p).get_params() == p.get_params()
+    # The backbone is bound, not fitted: no trailing-underscore attribute, and no copy or pickle carries it.
+    bound = Prototypes().fit(H, y, backbone=_FakeBackbone(num_layers=4, hidden_size=12))
+    assert bound.backbone is not None
+    assert sorted(k for k in vars(bound) if "backbone" in k) == ["_backbone", "backbone_identity_"]
+    assert copy.deepcopy(bound).backbone is None and bound.backbone is not None
+
+
 def test_verdicts_carry_tier_category_and_layer_scores(fitted):
     p, H, y = fitted
     cols = [layer - 1 for layer in p.layer_ids_]
-    verdicts = p.score(H[:, cols])
+    verdicts = p.verdicts(H[:, cols])
     for v, label in zip(verdicts, y):
         assert 0.0 <= v.p_unsafe <= 1.0
         assert v.label == ("unsafe" if v.p_unsafe >= p.threshold_ else "safe")
@@ -61,7 +83,7 @@ def test_probability_matches_manual_computation(fitted):
         d2 = np.array([[(h - m) @ s.precision[j] @ (h - m) for m in s.means[j]] for h in H[:20, c]])
         feats.append(np.exp(-0.5 * d2[:, 1]) / np.exp(-0.5 * d2).sum(axis=1))
     z = np.stack(feats, axis=1) @ p.coef_ + p.intercept_
-    np.testing.assert_allclose(p.predict_proba(H[:20, cols]), 1 / (1 + np.exp(-z)), rtol=1e-8)
+    np.testing.assert_allclose(p.predict_proba(H[:20, cols])[:, 1], 1 / (1 + np.exp(-z)), rtol=1e-8)
 
 
 @pytest.mark.parametrize("params,message", [
@@ -107,12 +129,12 @@ def test_add_examples_moves_verdicts_near_the_examples_only(fitted):
     # A tight cluster that the prototypes call unsafe; teach that it is safe.
     centre = H[y == 1][:, cols].mean(axis=0) + 4.0
     cluster = centre + 0.05 * rng.normal(size=(6, *centre.shape))
-    before = p.predict_proba(cluster)
-    others_before = p.predict_proba(H[:, cols])
+    before = p.predict_proba(cluster)[:, 1]
+    others_before = p.predict_proba(H[:, cols])[:, 1]
     p.add_examples(cluster[:3], ["safe"] * 3)
-    after = p.predict_proba(cluster[3:])
+    after = p.predict_proba(cluster[3:])[:, 1]
     assert (before[3:] > 0.5).all() and (after < 0.5).all()
-    others_after = p.predict_proba(H[:, cols])
+    others_after = p.predict_proba(H[:, cols])[:, 1]
     assert (others_after <= others_before + 1e-12).all()  # a safe group never raises P(unsafe)
     assert np.abs(others_after - others_before).mean() < 0.05
     assert p.sets_[0].names[-1] == "custom-safe"
@@ -125,7 +147,7 @@ def test_add_examples_new_category_is_named(fitted):
     centre = H[y == 1][:, cols].mean(axis=0) - 6.0
     group = centre + 0.05 * rng.normal(size=(5, *centre.shape))
     p.add_examples(group[:3], ["unsafe"] * 3, category="election misinformation")
-    verdicts = p.score(group[3:])
+    verdicts = p.verdicts(group[3:])
     assert all(v.label == "unsafe" and v.category == "S13" for v in verdicts)
     assert "S13" in p.category_labels_
 
@@ -142,7 +164,7 @@ def test_save_load_round_trip(tmp_path, fitted):
     np.testing.assert_allclose(q.predict_proba(H[:, cols]), p.predict_proba(H[:, cols]), rtol=1e-5, atol=1e-6)
     assert q.get_params() == p.get_params()
     assert q.sets_[0].names == ["safe", "unsafe", "faq"]
-    assert [v.category for v in q.score(H[:10, cols])] == [v.category for v in p.score(H[:10, cols])]
+    assert [v.category for v in q.verdicts(H[:10, cols])] == [v.category for v in p.verdicts(H[:10, cols])]
 
 
 def test_load_errors_are_clear(tmp_path, fitted):

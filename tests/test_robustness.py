@@ -330,7 +330,7 @@ def test_non_finite_tensors_are_refused(tmp_path, tiny_guard):
 def test_prototypes_without_a_backbone_record_are_refused_on_a_backbone(tmp_path, tiny_guard):
     H = np.random.default_rng(0).normal(size=(40, 2, tiny_guard.backbone.hidden_size))
     folder = Prototypes().fit(H, [0, 1] * 20).save(tmp_path / "raw")
-    assert Prototypes.load(folder).predict_proba(H).shape == (40,)  # on raw states they still work
+    assert Prototypes.load(folder).predict_proba(H).shape == (40, 2)  # on raw states they still work
     with pytest.raises(BackboneMismatchError, match="record no backbone"):
         Guard(tiny_guard.backbone, folder)
 
@@ -562,7 +562,7 @@ def fuzz_base(tmp_path_factory):
     protos = Prototypes().fit(H, y, backbone=_Fake(), categories=cats)
     folder = protos.save(tmp_path_factory.mktemp("fuzz") / "base")
     states = H[:, [layer - 1 for layer in protos.layer_ids_]]
-    p = protos.predict_proba(states)
+    p = protos.predict_proba(states)[:, 1]
     probes = states[(y == 1) & (p > 0.95)][:20]
     # The value pool below holds small numbers (-1 .. 2) that are in range for the intercept; this
     # fit's intercept is below them, so they only raise scores. An in-range edit that lowers them is

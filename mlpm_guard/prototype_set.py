@@ -1,0 +1,97 @@
+"""One prototype set: class (and group) means with one shared covariance per layer, and the
+per-layer P(unsafe) they give. :class:`~mlpm_guard.Prototypes` holds one pooled set, and one per
+training source with ``per_source``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _stats
+
+#: The two classes, as ``parse_label`` reads labels: 0 safe, 1 unsafe. They order the columns of
+#: ``Prototypes.predict_proba`` (``classes_``) and label the two prototypes every set starts with.
+CLASSES = np.array([0, 1])
+
+
+@dataclass
+class PrototypeSet:
+    """Prototypes that share one covariance per layer (the pooled set, or one training source).
+
+    Attributes:
+        name: ``"all"`` for the pooled set, else the training source.
+        labels: (K,) 0 safe / 1 unsafe, one per prototype.
+        names: K prototype names (``"safe"``, ``"unsafe"``, or a custom group).
+        counts: (K,) samples behind each mean.
+        means: (n_layers, K, d).
+        cov: (n_layers, d, d) pooled within-prototype covariance.
+        n: samples behind ``cov``.
+    """
+
+    name: str
+    labels: np.ndarray
+    names: list[str]
+    counts: np.ndarray
+    means: np.ndarray
+    cov: np.ndarray
+    n: int
+
+    def __post_init__(self) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute the precision and the linear logits from the statistics."""
+        self.precision = np.stack([_stats.shrunk_precision(c, self.n) for c in self.cov])
+        params = [_stats.linear_params(m, p) for m, p in zip(self.means, self.precision)]
+        self.W = np.stack([w for w, _ in params])
+        self.b = np.stack([b for _, b in params])
+
+    def proba(self, H: np.ndarray) -> np.ndarray:
+        """Per-layer P(unsafe): (n_samples, n_layers) for states H of shape (n_samples, n_layers, d)."""
+        unsafe = self.labels.astype(bool)
+        return np.stack([_stats.unsafe_probability(H[:, j], self.W[j], self.b[j], unsafe)
+                         for j in range(H.shape[1])], axis=1)
+
+    @classmethod
+    def fit(cls, name: str, H: np.ndarray, y: np.ndarray) -> PrototypeSet:
+        means, covs = [], []
+        for j in range(H.shape[1]):
+            m, counts = _stats.group_means(H[:, j].astype(np.float64), y, 2)
+            means.append(m)
+            covs.append(_stats.pooled_covariance(H[:, j].astype(np.float64), y, m))
+        return cls(name, CLASSES.copy(), ["safe", "unsafe"], counts, np.stack(means), np.stack(covs), len(y))
+
+    def select_layers(self, keep: np.ndarray) -> None:
+        self.means, self.cov = self.means[keep], self.cov[keep]
+        self.refresh()
+
+    def add_group(self, H: np.ndarray, label: int, name: str) -> None:
+        """Add samples as the prototype ``(label, name)``, creating it or moving its mean."""
+        hits = [k for k, (lab, nm) in enumerate(zip(self.labels, self.names)) if lab == label and nm == name]
+        m = len(H)
+        new_mean = H.mean(axis=0)  # (n_layers, d)
+        if hits:
+            k = hits[0]
+            total = self.counts[k] + m
+            merged = (self.means[:, k] * self.counts[k] + new_mean * m) / total
+            # Chan et al.: moving an old mean adds n_old * (old - merged)^2 to the scatter.
+            shift = self.means[:, k] - merged
+            extra = np.einsum("ld,le->lde", shift, shift) * self.counts[k]
+            self.cov = (self.cov * max(self.n - 1, 1) + extra) / max(self.n - 1, 1)
+            self.means[:, k] = merged
+            self.counts[k] = total
+        else:
+            k = len(self.labels)
+            self.labels = np.append(self.labels, label)
+            self.names.append(name)
+            self.counts = np.append(self.counts, m)
+            self.means = np.concatenate([self.means, new_mean[:, None, :]], axis=1)
+        groups = np.zeros(m, dtype=np.int64)
+        covs, n = [], self.n
+        for j in range(self.means.shape[0]):
+            c, n = _stats.merge_covariance(self.cov[j], self.n, H[:, j], self.means[j, k][None], groups)
+            covs.append(c)
+        self.cov, self.n = np.stack(covs), n
+        self.refresh()
