@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from .backbone import Backbone, Encoded, output_cache
+from .backbone import Backbone
+from .encoding import Encoded
+from .forward import output_cache
 
 
 class GenerationConfig(BaseModel):

@@ -87,8 +87,7 @@ def test_steering_changes_output_and_is_removed_after(guard):
     steered = guard.invoke(prompt, policy=steer)
     assert steered.route is Route.STEER and steered.text != before
     assert guard.invoke(prompt, policy=ALL).text == before
-    assert guard.backbone._request.get() is None
-    assert guard.backbone._hooks == [] and guard.backbone._active == 0  # hooks live only inside requests
+    assert guard.backbone.hooks.idle  # hooks live only inside requests
 
 
 def test_concurrent_requests_never_share_steering(guard):
