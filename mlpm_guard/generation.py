@@ -1,27 +1,40 @@
 """Prefill and token-by-token decoding on a backbone, so the guard can score a prompt from the same
 forward pass that starts its answer and then continue from that pass's KV cache.
 
-The loop mirrors ``model.generate`` for greedy decoding (left padding, positions from the
-attention mask, ``logits_to_keep=1``), and yields each step's tokens as they come: streaming is
-real, with no background thread.
+The loop mirrors ``model.generate`` (left padding, positions from the attention mask,
+``logits_to_keep=1``) with transformers' own pieces for the choice of each token
+(:func:`logits_processors`: repetition penalty, temperature, top-k, top-p) and for stop strings
+(:class:`~transformers.generation.stopping_criteria.StopStringCriteria`), and yields each step's
+tokens as they come: streaming is real, with no background thread.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import copy
+import functools
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                          TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 
 from .backbone import Backbone
 from .encoding import Encoded
+from .errors import ConfigError
 from .forward import output_cache
 
 
 class GenerationConfig(BaseModel):
-    """Decoding settings. ``temperature=0`` is greedy decoding."""
+    """Decoding settings. ``temperature=0`` is greedy decoding.
+
+    ``stop``: strings that end the answer. Generation stops at the token that completes one, and
+    the answer's text ends just before it (as the stop sequences of chat APIs do).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -31,6 +44,25 @@ class GenerationConfig(BaseModel):
     top_k: int = Field(default=0, ge=0)
     repetition_penalty: float = Field(default=1.0, gt=0)
     seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_strings(cls, value: Any) -> Any:
+        if value is None:
+            return ()
+        if isinstance(value, str):  # one stop string, as the OpenAI API allows
+            value = (value,)
+        return tuple(s for s in value if s) if isinstance(value, (list, tuple)) else value
+
+    def updated(self, overrides: Mapping[str, Any]) -> GenerationConfig:
+        """These settings with per-call ``overrides`` (validated; an invalid one raises ConfigError)."""
+        if not overrides:
+            return self
+        try:
+            return GenerationConfig(**{**self.model_dump(), **overrides})
+        except ValidationError as exc:
+            raise ConfigError(f"invalid generation settings {dict(overrides)}:\n{exc}") from None
 
 
 @dataclass
@@ -47,16 +79,14 @@ class Prefill:
     def select(self, rows: Sequence[int]) -> Prefill:
         """The prefill of a subset of the batch (the cache rows are copied)."""
         index = torch.tensor(list(rows), device=self.logits.device)
-        cache = _copy_cache(self.cache)
+        cache = copy.deepcopy(self.cache)
         cache.batch_select_indices(index)
         return Prefill(cache, self.logits[index], self.attention_mask[index], self.positions[index],
                        self.input_ids[index], {k: v[index] for k, v in self.states.items()})
 
-
-def _copy_cache(cache: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(cache)
+    def layer_states(self, layers: Sequence[int]) -> np.ndarray:
+        """Captured last-token states of ``layers`` as a float32 array (batch, len(layers), d)."""
+        return torch.stack([self.states[layer] for layer in layers], dim=1).float().cpu().numpy()
 
 
 @torch.inference_mode()
@@ -75,24 +105,36 @@ def prefill(backbone: Backbone, rows: Sequence[Encoded], *, capture: Sequence[in
                    batch["position_ids"][:, -1], batch["input_ids"], dict(req.captured))
 
 
-def _pick(logits: torch.Tensor, config: GenerationConfig, generated: torch.Tensor | None,
-          generator: torch.Generator | None) -> torch.Tensor:
-    if config.repetition_penalty != 1.0 and generated is not None and generated.numel():
-        seen = torch.gather(logits, 1, generated)
-        seen = torch.where(seen < 0, seen * config.repetition_penalty, seen / config.repetition_penalty)
-        logits = logits.scatter(1, generated, seen)
+def logits_processors(config: GenerationConfig) -> LogitsProcessorList:
+    """What turns next-token logits into the scores a token is chosen from, in ``generate``'s order:
+    the repetition penalty, then (when sampling) temperature, top-k and top-p."""
+    processors = LogitsProcessorList()
+    if config.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.temperature > 0:
+        processors.append(TemperatureLogitsWarper(config.temperature))
+        if config.top_k:
+            processors.append(TopKLogitsWarper(config.top_k))
+        if config.top_p < 1.0:
+            processors.append(TopPLogitsWarper(config.top_p))
+    return processors
+
+
+@functools.lru_cache(maxsize=16)
+def _stop_criteria(tokenizer: Any, stop: tuple[str, ...]) -> StoppingCriteriaList:
+    # Building the criterion reads the whole vocabulary (~0.1 s): once per tokenizer and stop strings.
+    return StoppingCriteriaList([StopStringCriteria(tokenizer, list(stop))])
+
+
+def stopping_criteria(backbone: Backbone, config: GenerationConfig) -> StoppingCriteriaList | None:
+    """The stop-string criteria of ``config`` (``None`` without stop strings)."""
+    return _stop_criteria(backbone.tokenizer, config.stop) if config.stop else None
+
+
+def _choose(scores: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
     if config.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / config.temperature
-    if config.top_k:
-        kth = torch.topk(logits, min(config.top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if config.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > config.top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        return scores.argmax(dim=-1)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
 
 
 @torch.inference_mode()
@@ -100,28 +142,32 @@ def decode(backbone: Backbone, state: Prefill, config: GenerationConfig, *,
            steer: dict[int, torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, one step at a time, until all rows end or the budget is spent.
 
-    Rows that have ended keep receiving the pad token (their later tokens are to be ignored).
-    The per-request context is entered around each forward pass only, so interleaved
+    A row ends with an end-of-sequence token or with the token that completes a stop string;
+    from the next step on it receives an end-of-sequence token (its later tokens are to be
+    ignored). The per-request context is entered around each forward pass only, so interleaved
     generators (two streams on one thread) never see each other's steering.
     """
-    eos = torch.tensor(sorted(backbone.eos_token_ids), device=state.logits.device)
-    pad = backbone.tokenizer.pad_token_id
+    eos_ids = sorted(backbone.eos_token_ids)
+    eos = torch.tensor(eos_ids, device=state.logits.device)
+    ended_token = eos_ids[0] if eos_ids else backbone.tokenizer.pad_token_id
     generator = None
     if config.seed is not None and config.temperature > 0:
         generator = torch.Generator(device=state.logits.device).manual_seed(config.seed)
+    processors, stopping = logits_processors(config), stopping_criteria(backbone, config)
     cache, logits, mask, positions = state.cache, state.logits, state.attention_mask, state.positions
     done = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
-    history = state.input_ids if config.repetition_penalty != 1.0 else None
+    history = state.input_ids  # the prompt, then every token chosen (the repetition penalty reads it)
     for step in range(config.max_new_tokens):
-        token = _pick(logits, config, history, generator)
-        token = torch.where(done, torch.full_like(token, pad), token)
+        token = _choose(processors(history, logits), config, generator)
+        token = torch.where(done, torch.full_like(token, ended_token), token)
         yield token
+        history = torch.cat([history, token[:, None]], dim=1)
         done |= torch.isin(token, eos)
+        if stopping is not None:  # on the answer only: a stop string in the prompt must not end it
+            done |= stopping(history[:, state.input_ids.shape[1]:], None)
         # Stop at the budget, or before the next position would leave the model's context window.
         if done.all() or step == config.max_new_tokens - 1 or int(positions.max()) + 2 >= backbone.context_window:
             return
-        if history is not None:
-            history = torch.cat([history, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions + 1
         step_inputs = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": positions[:, None],
