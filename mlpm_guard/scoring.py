@@ -13,45 +13,66 @@ from typing import Any
 
 import numpy as np
 
+from .encoding import Encoded
 from .errors import InputError
 from .messages import clean_text, to_messages
 from .types import Verdict
 from .views import View, content_views, request_views
 
+MessagesKey = tuple[tuple[str, str], ...]
 
-def token_counter(backbone: Any) -> Callable[[list[dict[str, str]]], int]:
-    """Tokens a message list takes through the backbone's chat template (what the views budget)."""
+
+def _key(messages: Sequence[dict[str, str]]) -> MessagesKey:
+    return tuple((m["role"], m["content"]) for m in messages)
+
+
+def token_counter(backbone: Any, known: dict[MessagesKey, int] | None = None) -> Callable[[list[dict[str, str]]], int]:
+    """Tokens a message list takes through the backbone's chat template (what the views budget).
+
+    ``known`` holds counts already paid for (a request encoded for its prefill): the common
+    single-message request is then never encoded again to be counted.
+    """
+    counts = dict(known or {})
+
     def count(messages: list[dict[str, str]]) -> int:
-        return len(backbone.encode([messages])[0])
+        key = _key(messages)
+        if key not in counts:
+            counts[key] = len(backbone.encode([messages])[0])
+        return counts[key]
 
     return count
 
 
-def views_of(backbone: Any, item: Any, *, content: bool = False) -> list[View]:
-    """The readings of a request (a string or message list), or of a text judged as content."""
+def views_of(backbone: Any, item: Any, *, content: bool = False, row: Encoded | None = None) -> list[View]:
+    """The readings of a request (a string or message list), or of a text judged as content.
+
+    ``row``: the request already encoded whole (its length is reused, not computed again).
+    """
     if content:
         if not isinstance(item, str):
             raise InputError(f"content to check must be a str, got {type(item).__name__}")
         return content_views(clean_text(item), token_counter(backbone))
-    return request_views(to_messages(item), token_counter(backbone))
+    messages = to_messages(item)
+    return request_views(messages, token_counter(backbone, {_key(messages): len(row)} if row is not None else None))
 
 
 def judge(backbone: Any, prototypes: Any, items: Sequence[Any], *, content: bool = False,
-          prefilled: np.ndarray | None = None, prefilled_rows: Sequence[Any] | None = None) -> list[Verdict]:
+          rows: Sequence[Encoded] | None = None, prefilled: np.ndarray | None = None) -> list[Verdict]:
     """The strictest verdict over each item's views (``verdict.view`` names the one that decided).
 
     Args:
         items: message lists (or strings) of requests; with ``content``, texts.
+        rows: each request already encoded whole (for the views' token counts and, with
+            ``prefilled``, the truncation count).
         prefilled: states already captured for the whole of each request (the prefill that ``PASS``
             continues from); a view equal to the whole request reuses them instead of a forward pass.
-        prefilled_rows: the encoded rows of that prefill (for the truncation count).
     """
     plan: list[list[tuple[str, int, bool]]] = []
     extra: list[list[dict[str, str]]] = []
     for i, item in enumerate(items):
         whole = None if content else to_messages(item)
         entries = []
-        for view in views_of(backbone, item, content=content):
+        for view in views_of(backbone, item, content=content, row=rows[i] if rows is not None else None):
             if prefilled is not None and view.as_messages() == whole:
                 entries.append((view.name, i, True))
             else:
@@ -60,13 +81,12 @@ def judge(backbone: Any, prototypes: Any, items: Sequence[Any], *, content: bool
         plan.append(entries)
     scored: list[Verdict] = []
     if extra:
-        rows = backbone.encode(extra)
-        states = backbone.last_token_states(rows, prototypes.layer_ids_)
-        scored = prototypes.verdicts(states, n_truncated=[r.n_truncated for r in rows])
+        extra_rows = backbone.encode(extra)
+        states = backbone.last_token_states(extra_rows, prototypes.layer_ids_)
+        scored = prototypes.verdicts(states, n_truncated=[r.n_truncated for r in extra_rows])
     pre: list[Verdict] = []
     if prefilled is not None:
-        cut = [r.n_truncated for r in prefilled_rows] if prefilled_rows else None
-        pre = prototypes.verdicts(prefilled, n_truncated=cut)
+        pre = prototypes.verdicts(prefilled, n_truncated=[r.n_truncated for r in rows] if rows else None)
     out = []
     for entries in plan:
         candidates = [((pre if reused else scored)[k], name) for name, k, reused in entries]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,3 +45,18 @@ def steering_vectors(config: SteeringConfig, *, num_layers: int, prototypes: Any
             vec = prototypes.steering_directions_[prototypes.steering_layers_.index(layer)]
         out[layer] = torch.as_tensor(config.alpha * vec, dtype=dtype, device=device)
     return out
+
+
+class SteeringCache:
+    """The vectors of each steering config, computed once and shared by concurrent requests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._vectors: dict[SteeringConfig, dict[int, torch.Tensor]] = {}
+
+    def get(self, config: SteeringConfig,
+            compute: Callable[[SteeringConfig], dict[int, torch.Tensor]]) -> dict[int, torch.Tensor]:
+        with self._lock:
+            if config not in self._vectors:
+                self._vectors[config] = compute(config)
+            return self._vectors[config]

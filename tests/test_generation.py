@@ -3,9 +3,12 @@
 import pytest
 import torch
 
-from mlpm_guard import GenerationConfig
+from mlpm_guard import GenerationConfig, Guard, Route
 from mlpm_guard.errors import ConfigError
 from mlpm_guard.generation import _choose, decode, logits_processors, prefill
+
+ALL = {"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass", "allow_pass_for_unsafe": True}
+
 
 def old_pick(logits, config, generated, generator):
     """The hand-written sampling the logits processors replaced (kept here as the reference)."""
@@ -68,3 +71,21 @@ def test_stop_accepts_one_string_or_many_and_bad_overrides_are_config_errors():
     assert GenerationConfig().updated({"stop": ["x"]}).stop == ("x",)
     with pytest.raises(ConfigError, match="invalid generation settings"):
         GenerationConfig().updated({"temperature": -1})
+
+
+def test_a_stop_string_ends_generation_early_in_every_kind_of_call(backbone, small_prototypes):
+    guard = Guard(backbone, small_prototypes, ALL, generation=GenerationConfig(max_new_tokens=40))
+    prompt = "Write a short poem about the sea."
+    full = guard.invoke(prompt)
+    words = full.text.split()
+    stop = next(w for w in words[len(words) // 2:] if full.text.index(w) > 10)
+    expected = full.text[: full.text.index(stop)]
+    cut = guard.invoke(prompt, stop=[stop])
+    assert cut.route is Route.PASS and cut.text == expected and stop not in cut.text
+    # Generation itself stopped at the stop string (a non-streaming call does not run to the budget).
+    assert cut.timings.completion_tokens < full.timings.completion_tokens
+    assert len(backbone.tokenizer(full.text[: full.text.index(stop) + len(stop)])["input_ids"]) + 2 \
+        >= cut.timings.completion_tokens
+    chunks = list(guard.stream(prompt, stop=[stop]))
+    assert "".join(c.text for c in chunks) == chunks[-1].result.text == expected
+    assert guard.batch([prompt, "Hi"], stop=[stop])[0].text == expected

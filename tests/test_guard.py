@@ -7,7 +7,7 @@ import time
 import pytest
 
 from mlpm_guard import GenerationConfig, Guard, InputTypeError, Route, Tier, Verdict
-from mlpm_guard import guard as guard_module
+from mlpm_guard import pipeline
 
 ALL = {"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass", "allow_pass_for_unsafe": True}
 
@@ -57,24 +57,24 @@ def test_pass_continues_from_the_scoring_prefill_with_same_tokens(guard, backbon
     assert [guard.invoke(p, policy=ALL).text for p in prompts] == expected
     assert [r.text for r in guard.batch(prompts, policy=ALL)] == expected
     calls = []
-    real = guard_module.prefill
-    guard_module.prefill = lambda *a, **k: calls.append(1) or real(*a, **k)
+    real = pipeline.prefill
+    pipeline.prefill = lambda *a, **k: calls.append(1) or real(*a, **k)
     try:
         guard.invoke(prompts[0], policy=ALL)
     finally:
-        guard_module.prefill = real
+        pipeline.prefill = real
     assert len(calls) == 1  # one prefill both scores and starts the answer
 
 
 def test_safety_prompt_route_puts_the_system_prompt_first(guard, monkeypatch):
     seen = []
-    real = guard_module.prefill
+    real = pipeline.prefill
 
     def spy(backbone, rows, **kw):
         seen.append(backbone.tokenizer.decode(list(rows[0].ids)))
         return real(backbone, rows, **kw)
 
-    monkeypatch.setattr(guard_module, "prefill", spy)
+    monkeypatch.setattr(pipeline, "prefill", spy)
     policy = {"safe_route": "safety_prompt", "controversial_route": "safety_prompt", "safety_prompt": "SAFETY FIRST."}
     guard.invoke("Tell me about cats.", policy=policy)
     assert seen[-1].startswith("<|im_start|>system\nSAFETY FIRST.<|im_end|>") and "Tell me about cats." in seen[-1]

@@ -1,0 +1,87 @@
+"""Text that leaves the guard piece by piece: tokens turned into text, text held back for output
+moderation, and an answer cut at a stop string.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from typing import Any
+
+
+class Detokenizer:
+    """Turns a growing list of token ids into text pieces without splitting a multi-byte character."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.text = text[len(self.text):], text
+        return piece
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        piece, self.text = text[len(self.text):], text
+        return piece
+
+
+class HoldBack:
+    """Streamed pieces waiting for output moderation: a piece leaves only after a passing check
+    that also saw ``tokens`` more tokens after it (its context, which can reveal it as harmful)."""
+
+    def __init__(self, tokens: int) -> None:
+        self.tokens = tokens
+        self.pending: collections.deque[tuple[str, int]] = collections.deque()
+        self.n_pending = 0
+
+    def add(self, piece: str, tokens: int) -> None:
+        self.pending.append((piece, tokens))
+        self.n_pending += tokens
+
+    def release(self, *, everything: bool = False) -> list[str]:
+        """The pieces a passing check covering everything added so far lets out."""
+        out = []
+        while self.pending and (everything or self.n_pending - self.pending[0][1] >= self.tokens):
+            piece, tokens = self.pending.popleft()
+            self.n_pending -= tokens
+            if piece:
+                out.append(piece)
+        return ["".join(out)] if out else []
+
+
+class StopCut:
+    """Cuts streamed text just before the first stop string, holding back what could start one."""
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self.stop = [s for s in stop if s]
+        self.hold = max((len(s) for s in self.stop), default=1) - 1
+        self.buffer = ""
+        self.done = False
+
+    def push(self, piece: str) -> str:
+        """The text that can leave now; after a stop string (``done``) nothing more does."""
+        if self.done or not self.stop:
+            return "" if self.done else piece
+        self.buffer += piece
+        hits = [i for i in (self.buffer.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self.buffer, self.done = self.buffer[:min(hits)], "", True
+            return out
+        cut = max(0, len(self.buffer) - self.hold)
+        out, self.buffer = self.buffer[:cut], self.buffer[cut:]
+        return out
+
+    def flush(self) -> str:
+        """What was held back, once the text has ended without a stop string."""
+        out, self.buffer = self.buffer, ""
+        return out
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) its first stop string."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[:min(hits)] if hits else text
