@@ -1,7 +1,6 @@
 """mlpm-guard: a guardrail that reads a local LLM's own hidden states (multi-layer latent prototypes)."""
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .backbone import Backbone, BackboneConfig
 from .errors import (
     BackboneLoadError,

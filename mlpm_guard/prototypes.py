@@ -32,7 +32,7 @@ from .types import Tier, Verdict
 
 
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from .._version import __version__
 from ..errors import InputError
 from ..generation import GenerationConfig
 from ..guard import Guard
@@ -258,7 +259,7 @@ def create_app(guard: Guard, settings: ServerSettings | None = None, *, lanes: L
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="mlpm-guard", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="mlpm-guard", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.service = service
 
@@ -320,9 +321,3 @@ def create_app(guard: Guard, settings: ServerSettings | None = None, *, lanes: L
 
     app.add_middleware(_Middleware, settings=settings, metrics=metrics)
     return app
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
