@@ -2,6 +2,7 @@
 
 from ._version import __version__
 from .backbone import Backbone, BackboneConfig
+from .backbone import _resolve_dtype as resolve_dtype  # public for benchmarks: the dtype "auto" picks on a device
 from .errors import (
     BackboneLoadError,
     BackboneMismatchError,
@@ -13,9 +14,10 @@ from .errors import (
     NotFittedError,
     PrototypeFileError,
 )
+from .defaults import default_guard
 from .generation import GenerationConfig
-from .guard import Guard
-from .moderation import Moderator, PrototypeModerator
+from .guard import Guard, as_policy
+from .moderation import Moderator, PrototypeModerator, to_verdict
 from .policy import OutputModerationConfig, Policy, SteeringConfig
 from .prototypes import Prototypes
 from .types import GuardChunk, GuardResult, Route, Tier, Timings, Verdict
@@ -47,4 +49,8 @@ __all__ = [
     "Timings",
     "Verdict",
     "__version__",
+    "as_policy",
+    "default_guard",
+    "resolve_dtype",
+    "to_verdict",
 ]

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .data import Example
 from .errors import ConfigError
 from .metrics import rate
-from .policy import OutputModerationConfig, Policy
+from .policy import Policy
 from .refusals import is_refusal
 from .result_cache import ResultCache, digest
 from .types import Route
@@ -73,20 +73,6 @@ class System(Protocol):
 
 
 # ---------------------------------------------------------------------------- the core guard
-def reference_policy(policy: Policy, route: Route | str) -> Policy:
-    """``policy`` with every tier sent to ``route``, no category overrides and no output moderation.
-
-    The route's own knobs (safety prompt text, steering) are kept, so a reference row measures
-    exactly what that route does to every prompt.
-    """
-    data = policy.model_dump()
-    route = Route(route)
-    data.update(safe_route=route, controversial_route=route, unsafe_route=route, category_routes={},
-                output_moderation=OutputModerationConfig().model_dump(),
-                allow_pass_for_unsafe=route is Route.PASS)  # the "no guard" row means it
-    return Policy(**data)
-
-
 def _prototypes_digest(prototypes: Any) -> str:
     """What routing depends on in fitted prototypes, as a digest (public fitted attributes only)."""
     h = hashlib.sha256()
@@ -163,7 +149,8 @@ def guard_systems(guard: Any, *, policy: Policy | None = None, references: Seque
     policy = policy if policy is not None else guard.policy
     systems = {"guard": GuardSystem(guard, policy, name="guard", results=results)}
     for name in parse_references(references):
-        systems[name] = GuardSystem(guard, reference_policy(policy, REFERENCES[name]), name=name, results=results)
+        systems[name] = GuardSystem(guard, policy.forced(REFERENCES[name], output_moderation=False), name=name,
+                                    results=results)
     return systems
 
 

@@ -10,7 +10,7 @@ from conftest import SMALL_SAFE, SMALL_UNSAFE, write_jsonl
 from mlpm_guard import Backbone, GenerationConfig, Guard, Policy, Route, cli
 from mlpm_guard.baselines import JudgeBaseline, TfidfBaseline, parse_baselines
 from mlpm_guard.data import Example
-from mlpm_guard.endtoend import (Answer, end_to_end, guard_systems, parse_references, reference_policy,
+from mlpm_guard.endtoend import (Answer, end_to_end, guard_systems, parse_references,
                                  refusal_stats)
 from mlpm_guard.errors import ConfigError
 from mlpm_guard.evaluation import evaluate, load_eval_sets
@@ -144,7 +144,7 @@ def test_reference_policies_route_everything_the_same_way():
     base = Policy(category_routes={"S9": "refuse"}, output_moderation={"enabled": True},
                   safety_prompt="BE SAFE")
     for route in Route:
-        ref = reference_policy(base, route)
+        ref = base.forced(route, output_moderation=False)
         assert {ref.safe_route, ref.controversial_route, ref.unsafe_route} == {route}
         assert ref.category_routes == {} and not ref.output_moderation.enabled and ref.safety_prompt == "BE SAFE"
 

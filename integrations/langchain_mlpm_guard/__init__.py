@@ -19,7 +19,9 @@ from typing import Any
 
 from langchain_core.runnables import Runnable
 
-from ._common import EVENT_NAME, FLAG_KEY, GuardedText, default_guard
+from mlpm_guard import default_guard  # the core's one shared guard, re-exported
+
+from ._common import EVENT_NAME, FLAG_KEY, GuardedText
 from .chat_model import ChatMLPMGuard
 from .documents import MLPMDocumentFilter
 from .embeddings import MLPMEmbeddings

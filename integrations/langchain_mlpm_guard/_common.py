@@ -1,4 +1,4 @@
-"""What every LangChain adapter shares: the default guard, per-call policies, reading LangChain
+"""What every LangChain adapter shares: per-call policies, reading LangChain
 inputs, shaping outputs, and the decision record that goes out as an event and as metadata.
 
 Nothing here keeps per-call state: each function takes what it needs and returns a new value,
@@ -8,7 +8,6 @@ so one adapter instance can serve concurrent calls.
 from __future__ import annotations
 
 import contextlib
-import threading
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -35,8 +34,7 @@ from langchain_core.runnables.utils import AddableDict
 from langchain_core.tracers.base import BaseTracer
 from pydantic import ValidationError
 
-from mlpm_guard import ConfigError, Guard, InputError, Policy, Route, Verdict, telemetry
-from mlpm_guard.guard import as_policy
+from mlpm_guard import ConfigError, Guard, InputError, Policy, Route, Verdict, as_policy, default_guard, telemetry
 
 #: Name of the custom event every adapter dispatches (visible in ``astream_events``).
 EVENT_NAME = "mlpm_guard"
@@ -50,24 +48,7 @@ DEFAULT_INPUT_KEYS = ("input", "question", "query", "messages")
 OutputKind = Literal["str", "message", "dict"]
 PolicyLike = Policy | Mapping[str, Any] | str | None
 
-# ---------------------------------------------------------------------------- the default guard
-_default_lock = threading.Lock()
-_default_guard: Guard | None = None
-
-
-def default_guard() -> Guard:
-    """The process-wide ``mlpm_guard.Guard()`` that adapters built without a guard share.
-
-    Built on first use (not at import or construction), so two default adapters load the
-    backbone once, and building an adapter never loads a model.
-    """
-    global _default_guard
-    with _default_lock:
-        if _default_guard is None:
-            _default_guard = Guard()
-        return _default_guard
-
-
+# ---------------------------------------------------------------------------- policies
 def effective_policy(guard: Guard, policy: PolicyLike, unsafe_at: float | None,
                      controversial_at: float | None) -> Policy:
     """The policy of one call: the adapter's own (or the guard's), with run-time thresholds on top."""

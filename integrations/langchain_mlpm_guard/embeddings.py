@@ -14,9 +14,7 @@ import numpy as np
 from langchain_core.embeddings import Embeddings
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlpm_guard import Backbone, ConfigError
-
-from ._common import default_guard
+from mlpm_guard import Backbone, ConfigError, default_guard
 
 
 class MLPMEmbeddings(BaseModel, Embeddings):

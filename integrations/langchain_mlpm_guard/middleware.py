@@ -33,7 +33,7 @@ from langchain_core.runnables import RunnableLambda
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
-from mlpm_guard import Guard, Policy, Route, Verdict, telemetry
+from mlpm_guard import Guard, Policy, Route, Verdict, default_guard, telemetry
 
 from ._common import (
     CHECK_RUN_NAME,
@@ -41,7 +41,6 @@ from ._common import (
     PolicyLike,
     content_text,
     decision,
-    default_guard,
     effective_policy,
     guard_messages,
 )

@@ -1,5 +1,5 @@
-"""What the LlamaIndex pieces share: the process-wide default guard, the route a guarded engine
-hands to the guarded LLM for one request, and the metadata every piece reports.
+"""What the LlamaIndex pieces share: the route a guarded engine hands to the guarded LLM for one
+request, and the metadata every piece reports.
 
 The route travels in a :class:`contextvars.ContextVar`, never on an instance, so concurrent
 requests through one engine (threads or asyncio tasks) each see only their own route.
@@ -7,7 +7,6 @@ requests through one engine (threads or asyncio tasks) each see only their own r
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -18,27 +17,6 @@ from mlpm_guard import Guard, GuardResult, Policy, Route, Verdict
 
 #: The key under which every piece puts its guard report (response metadata, additional_kwargs).
 METADATA_KEY = "mlpm_guard"
-
-_default_lock = threading.Lock()
-_default: Guard | None = None
-
-
-def default_guard() -> Guard:
-    """The embedded-default :class:`~mlpm_guard.Guard`, built on first use and shared by the process.
-
-    Every piece built without a guard uses this one, so two default objects never load the
-    backbone twice.
-    """
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = _build_default()
-        return _default
-
-
-def _build_default() -> Guard:
-    return Guard()
-
 
 def check_guard(guard: Any, owner: str) -> Guard | None:
     """Validate a ``guard`` argument (``None`` means the shared default, resolved on first use)."""
@@ -97,22 +75,17 @@ class RouteDirective:
 _DIRECTIVE: ContextVar[RouteDirective | None] = ContextVar("mlpm_guard_llama_index_route", default=None)
 
 
-def forced_policy(policy: Policy, route: Route) -> Policy:
-    """``policy`` with every tier and category sent to ``route`` (its texts and knobs kept).
-
-    Why the bare query decides and not the LLM's own verdict on the prompt it is given: that
-    prompt is the engine's template around retrieved passages, which is not what prototypes are
-    fitted on (plain declarative passages lean unsafe under the seed prototypes), while the
-    passages themselves are the node postprocessor's job. The LLM's verdict is still reported.
-    """
-    return policy.model_copy(update={"safe_route": route, "controversial_route": route,
-                                     "unsafe_route": route, "category_routes": {}})
-
-
 @contextmanager
 def directing(route: Route, verdict: Verdict, policy: Policy) -> Iterator[RouteDirective]:
-    """Hand ``route`` to every guarded LLM call made inside the block (same thread or task)."""
-    directive = RouteDirective(route, verdict, forced_policy(policy, route))
+    """Hand ``route`` to every guarded LLM call made inside the block (same thread or task).
+
+    The LLM answers under ``policy`` forced to ``route``. Why the bare query decides and not the
+    LLM's own verdict on the prompt it is given: that prompt is the engine's template around
+    retrieved passages, which is not what prototypes are fitted on (plain declarative passages
+    lean unsafe under the seed prototypes), while the passages themselves are the node
+    postprocessor's job. The LLM's verdict is still reported.
+    """
+    directive = RouteDirective(route, verdict, policy.forced(route))
     with handing(directive):
         yield directive
 

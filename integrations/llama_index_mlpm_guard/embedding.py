@@ -17,10 +17,8 @@ import torch
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 
-from mlpm_guard import Backbone, Guard
+from mlpm_guard import Backbone, Guard, default_guard
 from mlpm_guard.backbone import Encoded
-
-from ._shared import default_guard
 
 
 class BackboneEmbedding(BaseEmbedding):

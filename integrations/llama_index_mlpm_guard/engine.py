@@ -37,9 +37,9 @@ from llama_index.core.memory import Memory
 from llama_index.core.prompts.mixin import PromptMixinType
 from llama_index.core.schema import QueryBundle
 
-from mlpm_guard import BackboneConfig, Guard, Policy, Route, Verdict
+from mlpm_guard import BackboneConfig, Guard, Policy, Route, Verdict, default_guard
 
-from ._shared import METADATA_KEY, RouteDirective, check_guard, default_guard, directing, handing, verdict_report
+from ._shared import METADATA_KEY, RouteDirective, check_guard, directing, handing, verdict_report
 from .events import GuardDecisionEvent, traced
 from .llm import MLPMGuardLLM, to_core_messages
 from .postprocessor import MLPMGuardNodePostprocessor

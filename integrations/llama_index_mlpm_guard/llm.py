@@ -32,15 +32,13 @@ from llama_index.core.instrumentation.span import active_span_id
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from mlpm_guard import GenerationConfig, Guard, GuardChunk, GuardResult, Policy, Route
+from mlpm_guard import GenerationConfig, Guard, GuardChunk, GuardResult, Policy, Route, default_guard
 
 from ._shared import (
     METADATA_KEY,
     RouteDirective,
     check_guard,
     claim_directive,
-    default_guard,
-    forced_policy,
     in_program,
     program,
     result_report,
@@ -132,7 +130,7 @@ class MLPMGuardLLM(CustomLLM):
         generation = {**self.generate_kwargs,
                       **{k: v for k, v in kwargs.items() if k in GenerationConfig.model_fields}}
         if directive is None and in_program():
-            return forced_policy(self.guard.policy, Route.PASS), generation, None
+            return self.guard.policy.forced(Route.PASS), generation, None
         return (None if directive is None else directive.policy), generation, directive
 
     # ------------------------------------------------------------------ programs

@@ -15,9 +15,9 @@ from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
-from mlpm_guard import Guard, Verdict
+from mlpm_guard import Guard, Verdict, default_guard
 
-from ._shared import check_guard, default_guard
+from ._shared import check_guard
 from .events import GuardNodesEvent
 
 dispatcher = get_dispatcher(__name__)

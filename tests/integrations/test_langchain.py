@@ -109,7 +109,7 @@ def test_core_never_imports_langchain():
 
 
 def test_default_objects_share_one_lazily_built_guard(monkeypatch):
-    from langchain_mlpm_guard import _common
+    from mlpm_guard import defaults
 
     built = []
 
@@ -117,8 +117,8 @@ def test_default_objects_share_one_lazily_built_guard(monkeypatch):
         def __init__(self) -> None:
             built.append(self)
 
-    monkeypatch.setattr(_common, "Guard", FakeGuard)
-    monkeypatch.setattr(_common, "_default_guard", None)
+    monkeypatch.setattr(defaults, "_build", FakeGuard)
+    monkeypatch.setattr(defaults, "_guard", None)
     runnable, chat, docs = MLPMGuardRunnable(), ChatMLPMGuard(), MLPMDocumentFilter()
     assert built == []  # building adapters loads nothing
     guarded = with_guard(RunnableLambda(lambda x: x))
