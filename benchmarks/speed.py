@@ -45,8 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import ARCHS, PROMPTS, add_backbone_args, device_name, emit, random_backbone, timed  # noqa: E402
 
-from mlpm_guard import Backbone, Prototypes  # noqa: E402
-from mlpm_guard.backbone import _resolve_dtype  # noqa: E402
+from mlpm_guard import Backbone, Prototypes, resolve_dtype  # noqa: E402
 from mlpm_guard.data import Example, load_examples, seed_examples  # noqa: E402
 from mlpm_guard.metrics import moderation_metrics  # noqa: E402
 from mlpm_guard.training import DEFAULT_PARAMS, default_prototypes  # noqa: E402
@@ -197,7 +196,7 @@ def cpu_report(args: argparse.Namespace) -> dict[str, Any]:
         "latency_ms_p50": float(np.percentile(single, 50)),
         "latency_ms_p95": float(np.percentile(single, 95)),
         # What `Backbone()` picks on this CPU ("auto"): the fast path users get without asking.
-        "default_dtype": str(_resolve_dtype("auto", torch.device("cpu"))).replace("torch.", ""),
+        "default_dtype": str(resolve_dtype("auto", torch.device("cpu"))).replace("torch.", ""),
         "load_s_warm": warm_load_s,
         "load_s_cold": cold,
     }

@@ -26,8 +26,7 @@ from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackMa
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
 from langchain_core.runnables.config import merge_configs
 
-from mlpm_guard import Guard, Policy, Route, Verdict
-from mlpm_guard.moderation import to_verdict
+from mlpm_guard import Guard, Policy, Route, Verdict, to_verdict
 
 from langchain_core.messages import SystemMessage
 
