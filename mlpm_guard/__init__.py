@@ -15,6 +15,7 @@ from .errors import (
     PrototypeFileError,
 )
 from .defaults import default_guard
+from .embedding import content_embeddings
 from .generation import GenerationConfig
 from .guard import Guard, as_policy
 from .moderation import Moderator, PrototypeModerator, to_verdict
@@ -50,6 +51,7 @@ __all__ = [
     "Verdict",
     "__version__",
     "as_policy",
+    "content_embeddings",
     "default_guard",
     "resolve_dtype",
     "to_verdict",

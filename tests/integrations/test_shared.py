@@ -3,6 +3,7 @@
 import threading
 import time
 
+import numpy as np
 import pytest
 
 pytest.importorskip("langchain_core")
@@ -46,3 +47,23 @@ def test_the_default_guard_is_built_once_under_concurrent_first_use(counted_defa
     for t in threads:
         t.join()
     assert len(counted_default) == 1 and len(seen) == 8 and all(g is counted_default[0] for g in seen)
+
+
+def test_both_integrations_embed_with_the_core_definition(backbone):
+    texts = ["The office opens at nine.", "", "Photosynthesis turns sunlight into sugar."]
+    core = mlpm_guard.content_embeddings(backbone, texts)
+    assert core.dtype == np.float32 and core.shape == (3, backbone.hidden_size)
+    assert np.allclose(np.linalg.norm(core, axis=1), 1.0, atol=1e-6)
+    langchain = lc.MLPMEmbeddings(backbone=backbone)
+    llama_index = li.BackboneEmbedding(backbone)
+    assert np.allclose(langchain.embed_documents(texts), core, atol=1e-6)
+    assert np.allclose(langchain.embed_query(texts[2]), core[2], atol=1e-6)
+    assert np.allclose(llama_index.get_text_embedding_batch(texts), core, atol=1e-6)
+    assert np.allclose(llama_index.get_query_embedding(texts[2]), core[2], atol=1e-6)
+    # `max_length` keeps the start of a text, as the core's `max_tokens` does
+    head = backbone.tokenizer.decode(backbone.tokenizer(texts[2], add_special_tokens=False)["input_ids"][:3])
+    cut = li.BackboneEmbedding(backbone, max_length=3).get_text_embedding(texts[2])
+    assert np.allclose(cut, mlpm_guard.content_embeddings(backbone, [head])[0], atol=1e-6)
+    assert mlpm_guard.content_embeddings(backbone, []).shape == (0, backbone.hidden_size)
+    with pytest.raises(mlpm_guard.ConfigError, match="layer"):
+        mlpm_guard.content_embeddings(backbone, texts, layer=0)
