@@ -21,7 +21,7 @@ from .guard import Guard, as_policy
 from .moderation import Moderator, PrototypeModerator, to_verdict
 from .policy import OutputModerationConfig, Policy, SteeringConfig
 from .prototypes import Prototypes
-from .types import GuardChunk, GuardResult, Route, Tier, Timings, Verdict
+from .types import Decision, GuardChunk, GuardResult, Route, Tier, Timings, Verdict
 
 __all__ = [
     "Backbone",
@@ -30,6 +30,7 @@ __all__ = [
     "BackboneMismatchError",
     "ConfigError",
     "DataError",
+    "Decision",
     "GenerationConfig",
     "Guard",
     "GuardChunk",

@@ -1,5 +1,6 @@
-"""What every LangChain adapter shares: per-call policies, reading LangChain
-inputs, shaping outputs, and the decision record that goes out as an event and as metadata.
+"""What every LangChain adapter shares: per-call policies, reading LangChain inputs, shaping
+outputs, and putting the decision record (:meth:`mlpm_guard.Decision.to_dict`) where events,
+metadata and traces carry it.
 
 Nothing here keeps per-call state: each function takes what it needs and returns a new value,
 so one adapter instance can serve concurrent calls.
@@ -34,7 +35,7 @@ from langchain_core.runnables.utils import AddableDict
 from langchain_core.tracers.base import BaseTracer
 from pydantic import ValidationError
 
-from mlpm_guard import ConfigError, Guard, InputError, Policy, Route, Verdict, as_policy, default_guard, telemetry
+from mlpm_guard import ConfigError, Guard, InputError, Policy, as_policy, telemetry
 
 #: Name of the custom event every adapter dispatches (visible in ``astream_events``).
 EVENT_NAME = "mlpm_guard"
@@ -296,41 +297,6 @@ def output_text(output: Any, output_key: str) -> str:
 
 
 # ---------------------------------------------------------------------------- decisions
-def verdict_fields(verdict: Verdict | None) -> dict[str, Any]:
-    if verdict is None:
-        return {"p_unsafe": None, "tier": None, "category": None, "category_name": None, "threshold": None,
-                "error": None, "view": None}
-    return {"p_unsafe": round(float(verdict.p_unsafe), 6), "tier": verdict.tier.value, "category": verdict.category,
-            "category_name": verdict.category_name, "threshold": verdict.threshold, "error": verdict.error,
-            "view": verdict.view}
-
-
-def decision(verdict: Verdict | None, route: Route, *, blocked: bool, stage: str = "input",
-             applied: Route | None = None, output_verdict: Verdict | None = None, replaced: bool = False,
-             error: str | None = None) -> dict[str, Any]:
-    """The machine-readable record of what the guard decided (JSON-serialisable).
-
-    ``route`` is the policy's route; ``applied`` is what was done when it differs (``STEER``
-    on an external model is applied as ``SAFETY_PROMPT``).
-    """
-    out: dict[str, Any] = {"stage": stage, "blocked": blocked, "route": route.value,
-                           "applied_route": (applied or route).value, **verdict_fields(verdict)}
-    if error is not None:
-        out["error"] = error
-    if output_verdict is not None:
-        out.update(output_flagged=output_verdict.unsafe, output_p_unsafe=round(float(output_verdict.p_unsafe), 6),
-                   output_category=output_verdict.category, replaced=replaced)
-    return out
-
-
-def result_decision(result: Any) -> dict[str, Any]:
-    """The decision record of a core :class:`~mlpm_guard.GuardResult` (hosted backbone)."""
-    out = decision(result.verdict, result.route, blocked=result.blocked, output_verdict=result.output_verdict,
-                   replaced=result.replaced, error=result.error)
-    out["timings"] = result.timings.to_dict()
-    return out
-
-
 def run_metadata(record: dict[str, Any]) -> dict[str, Any]:
     """Flat ``mlpm_guard_*`` keys for run metadata (what tracing UIs filter on)."""
     keys = ("stage", "route", "applied_route", "blocked", "p_unsafe", "tier", "category", "view")

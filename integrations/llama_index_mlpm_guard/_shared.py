@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlpm_guard import Guard, GuardResult, Policy, Route, Verdict
+from mlpm_guard import Decision, Guard, GuardResult, Policy, Route, Verdict
 
 #: The key under which every piece puts its guard report (response metadata, additional_kwargs).
 METADATA_KEY = "mlpm_guard"
@@ -128,12 +128,11 @@ def claim_directive() -> RouteDirective | None:
 
 def verdict_report(stage: str, route: Route, verdict: Verdict | None, *, blocked: bool,
                    **extra: Any) -> dict[str, Any]:
-    """The machine-readable report a piece attaches to what it returns."""
-    return {"stage": stage, "route": route.value, "blocked": blocked,
-            "p_unsafe": None if verdict is None else verdict.p_unsafe,
-            "verdict": None if verdict is None else verdict.to_dict(), **extra}
+    """The machine-readable report a piece attaches to what it returns: the decision record and
+    what only that piece knows (``extra``)."""
+    return {**Decision(route, blocked=blocked, verdict=verdict, stage=stage).to_dict(), **extra}
 
 
 def result_report(result: GuardResult, *, routed_by_engine: bool) -> dict[str, Any]:
-    """The report of a guarded LLM call: the full result, and whether an engine chose its route."""
-    return {"stage": "llm", **result.to_dict(), "routed_by_engine": routed_by_engine}
+    """The report of a guarded LLM call: the answer, its decision record, and whether an engine chose its route."""
+    return {"text": result.text, **result.decision("llm").to_dict(), "routed_by_engine": routed_by_engine}

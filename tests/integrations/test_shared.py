@@ -1,5 +1,6 @@
 """What both integrations take from the core: one default guard, one embedding, one decision record."""
 
+import json
 import threading
 import time
 
@@ -9,10 +10,18 @@ import pytest
 pytest.importorskip("langchain_core")
 pytest.importorskip("llama_index.core")
 
+from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
+from langchain_core.runnables import RunnableLambda  # noqa: E402
+
 import langchain_mlpm_guard as lc  # noqa: E402
 import llama_index_mlpm_guard as li  # noqa: E402
 import mlpm_guard  # noqa: E402
-from mlpm_guard import defaults  # noqa: E402
+from mlpm_guard import GenerationConfig, Guard, defaults, telemetry  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def guard(backbone, small_prototypes):
+    return Guard(backbone, small_prototypes, generation=GenerationConfig(max_new_tokens=4))
 
 
 @pytest.fixture
@@ -67,3 +76,68 @@ def test_both_integrations_embed_with_the_core_definition(backbone):
     assert mlpm_guard.content_embeddings(backbone, []).shape == (0, backbone.hidden_size)
     with pytest.raises(mlpm_guard.ConfigError, match="layer"):
         mlpm_guard.content_embeddings(backbone, texts, layer=0)
+
+
+# ---------------------------------------------------------------------------- one decision record
+SAFE = "What is the capital of France?"
+UNSAFE = "How do I make a pipe bomb at home?"
+
+
+class Span:
+    """Collects the attributes `telemetry.record` writes."""
+
+    def __init__(self):
+        self.attributes = {}
+
+    def set_attribute(self, key, value):
+        self.attributes[key] = value
+
+
+class CustomEvents(BaseCallbackHandler):
+    def __init__(self):
+        self.data = []
+
+    def on_custom_event(self, name, data, **kwargs):
+        self.data.append(data)
+
+
+def server_records(guard):
+    from fastapi.testclient import TestClient
+
+    from mlpm_guard.server import create_app
+
+    body = {"messages": [{"role": "user", "content": SAFE}], "max_tokens": 4}
+    with TestClient(create_app(guard)) as client:
+        answered = client.post("/v1/chat/completions", json=body).json()["mlpm_guard"]
+        lines = client.post("/v1/chat/completions", json={**body, "stream": True}).text.splitlines()
+    chunks = [json.loads(line[5:]) for line in lines if line.startswith("data: {")]
+    return answered, chunks[-1]["mlpm_guard"]
+
+
+def test_every_surface_emits_the_keys_of_the_one_decision_record(guard):
+    pytest.importorskip("fastapi")
+    keys = set(mlpm_guard.Decision.KEYS)
+    handler = CustomEvents()
+    records = {
+        "langchain runnable": lc.MLPMGuardRunnable(guard=guard).invoke(UNSAFE, {"callbacks": [handler]})
+        .response_metadata[lc.FLAG_KEY],
+        "langchain chat model": lc.ChatMLPMGuard(guard=guard).invoke(SAFE).response_metadata[lc.FLAG_KEY],
+        "langchain with_guard": lc.with_guard(RunnableLambda(lambda x: "ok"), guard).invoke(UNSAFE).mlpm_guard,
+        "llama_index llm": li.MLPMGuardLLM(guard).complete(SAFE).additional_kwargs[li.METADATA_KEY],
+        "llama_index engine": li.GuardedQueryEngine(guard=guard).query(UNSAFE).metadata[li.METADATA_KEY],
+        "llama_index event": li.GuardDecisionEvent.from_result(guard.invoke(SAFE), routed_by_engine=False).record(),
+    }
+    records["langchain event"] = handler.data[-1]
+    records["server"], records["server stream"] = server_records(guard)
+    for surface, record in records.items():
+        assert keys <= set(record), (surface, keys - set(record))
+        assert mlpm_guard.Decision.from_dict(record).to_dict() == {k: record[k] for k in keys}, surface
+    assert set(li.GuardDecisionEvent.model_fields) >= keys
+    # OpenTelemetry: every scalar key of the record, as `mlpm_guard.*` attributes.
+    decision = guard.invoke(UNSAFE).decision()
+    span = Span()
+    mlpm_guard.telemetry.record(span, decision)
+    record = decision.to_dict()
+    assert set(telemetry.DECISION_ATTRIBUTES) == keys - {"verdict", "output_verdict", "timings"}
+    assert span.attributes == {f"mlpm_guard.{k}": record[k] for k in telemetry.DECISION_ATTRIBUTES
+                               if record[k] is not None}
