@@ -201,6 +201,10 @@ class GuardedText(str):
         return obj
 
 
+#: The output kinds by the class an output is an instance of.
+_KINDS: tuple[tuple[type, OutputKind], ...] = ((str, "str"), (BaseMessage, "message"), (Mapping, "dict"))
+
+
 def _unwrap(tp: Any) -> Any:
     while typing.get_origin(tp) is typing.Annotated:
         tp = typing.get_args(tp)[0]
@@ -218,23 +222,12 @@ def type_kind(tp: Any) -> OutputKind | None:
         tp = origin
     if not isinstance(tp, type):
         return None
-    if issubclass(tp, str):
-        return "str"
-    if issubclass(tp, BaseMessage):
-        return "message"
-    if issubclass(tp, Mapping):
-        return "dict"
-    return None
+    return next((kind for cls, kind in _KINDS if issubclass(tp, cls)), None)
 
 
 def value_kind(value: Any) -> OutputKind | None:
-    if isinstance(value, str):
-        return "str"
-    if isinstance(value, BaseMessage):
-        return "message"
-    if isinstance(value, Mapping):
-        return "dict"
-    return None
+    """``"str"``, ``"message"`` or ``"dict"`` for an output value (``None``: none of them)."""
+    return next((kind for cls, kind in _KINDS if isinstance(value, cls)), None)
 
 
 def input_kind(value: Any) -> OutputKind:

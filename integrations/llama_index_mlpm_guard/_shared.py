@@ -7,16 +7,37 @@ requests through one engine (threads or asyncio tasks) each see only their own r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
-from mlpm_guard import Decision, Guard, GuardResult, Policy, Route, Verdict
+from llama_index.core.bridge.pydantic import PrivateAttr
+from llama_index.core.schema import BaseComponent
+
+from mlpm_guard import Decision, Guard, GuardResult, Policy, Route, Verdict, default_guard
 
 #: The key under which every piece puts its guard report (response metadata, additional_kwargs).
 METADATA_KEY = "mlpm_guard"
+
+
+class GuardedComponent(BaseComponent):
+    """A LlamaIndex component serving a guard: the one it was built with, or the shared default."""
+
+    _guard: Optional[Guard] = PrivateAttr(default=None)
+
+    def __init__(self, guard: Optional[Guard] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._guard = check_guard(guard, type(self).__name__)
+
+    @property
+    def guard(self) -> Guard:
+        """The guard this component serves (the shared default is built here on first use)."""
+        return self._guard if self._guard is not None else default_guard()
+
 
 def check_guard(guard: Any, owner: str) -> Guard | None:
     """Validate a ``guard`` argument (``None`` means the shared default, resolved on first use)."""
@@ -118,6 +139,24 @@ def program() -> Iterator[None]:
 
 def in_program() -> bool:
     return _PROGRAM.get()
+
+
+def as_program(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` (an LLM method, sync or async) with its LLM calls marked as a program's (:func:`program`)."""
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def run_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+            with program():
+                return await method(self, *args, **kwargs)
+
+        return run_async
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with program():
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 def claim_directive() -> RouteDirective | None:

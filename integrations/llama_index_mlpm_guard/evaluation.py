@@ -12,7 +12,7 @@ from typing import Any
 from llama_index.core.base.base_query_engine import BaseQueryEngine
 from llama_index.core.base.response.schema import StreamingResponse
 
-from mlpm_guard.endtoend import Answer, ExternalSystem
+from mlpm_guard import Answer, ExternalSystem
 
 from ._shared import METADATA_KEY
 
