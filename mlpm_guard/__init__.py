@@ -16,6 +16,7 @@ from .errors import (
 )
 from .defaults import default_guard
 from .embedding import content_embeddings
+from .endtoend import Answer, ExternalSystem
 from .generation import GenerationConfig
 from .guard import Guard, as_policy
 from .moderation import Moderator, PrototypeModerator, to_verdict
@@ -24,6 +25,7 @@ from .prototypes import Prototypes
 from .types import Decision, GuardChunk, GuardResult, Route, Tier, Timings, Verdict
 
 __all__ = [
+    "Answer",
     "Backbone",
     "BackboneConfig",
     "BackboneLoadError",
@@ -31,6 +33,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "Decision",
+    "ExternalSystem",
     "GenerationConfig",
     "Guard",
     "GuardChunk",

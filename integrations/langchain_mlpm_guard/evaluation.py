@@ -15,7 +15,7 @@ from typing import Any
 from langchain_core.messages import BaseMessage
 from langchain_core.runnables import Runnable
 
-from mlpm_guard.endtoend import Answer, ExternalSystem
+from mlpm_guard import Answer, ExternalSystem
 
 from ._common import FLAG_KEY, GuardedText, content_text
 
