@@ -1,7 +1,6 @@
 """mlpm-guard: a guardrail that reads a local LLM's own hidden states (multi-layer latent prototypes)."""
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .backbone import Backbone, BackboneConfig
 from .errors import (
     BackboneLoadError,
@@ -14,21 +13,28 @@ from .errors import (
     NotFittedError,
     PrototypeFileError,
 )
+from .defaults import default_guard
+from .embedding import content_embeddings
+from .endtoend import Answer, ExternalSystem
 from .generation import GenerationConfig
-from .guard import Guard
-from .moderation import Moderator, PrototypeModerator
+from .guard import Guard, as_policy
+from .loading import resolve_dtype  # public for benchmarks: the dtype "auto" picks on a device
+from .moderation import Moderator, PrototypeModerator, to_verdict
 from .policy import OutputModerationConfig, Policy, SteeringConfig
 from .prototypes import Prototypes
-from .types import GuardChunk, GuardResult, Route, Tier, Timings, Verdict
+from .types import Decision, GuardChunk, GuardResult, Route, Tier, Timings, Verdict
 from .verdicts import make_verdict, tier_of
 
 __all__ = [
+    "Answer",
     "Backbone",
     "BackboneConfig",
     "BackboneLoadError",
     "BackboneMismatchError",
     "ConfigError",
     "DataError",
+    "Decision",
+    "ExternalSystem",
     "GenerationConfig",
     "Guard",
     "GuardChunk",
@@ -49,6 +55,11 @@ __all__ = [
     "Timings",
     "Verdict",
     "__version__",
+    "as_policy",
+    "content_embeddings",
+    "default_guard",
+    "resolve_dtype",
+    "to_verdict",
     "make_verdict",
     "tier_of",
 ]

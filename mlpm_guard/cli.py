@@ -320,8 +320,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlpm-guard", description=__doc__)
+def _parents() -> dict[str, argparse.ArgumentParser]:
+    """The option groups several commands share (argparse parents)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--backbone", help="'embedded' (default), a Hugging Face id, a local folder or a .gguf file")
     common.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
@@ -338,9 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--ray-address", help="a running Ray cluster ('auto', 'ray://host:port'); default: start one here")
     with_protos = argparse.ArgumentParser(add_help=False)
     with_protos.add_argument("--prototypes", help="a folder written by `fit` (default: the shipped default prototypes)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    with_policy = argparse.ArgumentParser(add_help=False)
+    with_policy.add_argument("--policy", help="a policy YAML or JSON file (default: the built-in policy)")
+    with_policy.add_argument("--max-new-tokens", type=int, default=128, help="answer length budget")
+    return {"common": common, "engine": engine, "protos": with_protos, "policy": with_policy}
 
-    p = sub.add_parser("fit", parents=[common, engine], help="fit prototypes on labelled JSONL/CSV files")
+
+def _add_fit(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("fit", parents=[parents["common"], parents["engine"]],
+                       help="fit prototypes on labelled JSONL/CSV files")
     p.add_argument("data", nargs="+", help="files with `prompt` and `label` (optional `category`, `source`, `split`)")
     p.add_argument("--out", required=True, help="folder to write the prototypes into")
     p.add_argument("--max-per-source", type=int, help="cap each source at N prompts, labels balanced")
@@ -354,17 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("fit-default", parents=[common],
+    p = sub.add_parser("fit-default", parents=[parents["common"]],
                        help="refit the default prototypes with the release recipe (permissive sources + seed set)")
     p.add_argument("data", help="the folder holding the release recipe's files (e.g. ../shared/data)")
     p.add_argument("--out", help="folder to write into (default: the package's shipped prototypes)")
     p.set_defaults(func=cmd_fit_default)
 
-    p = sub.add_parser("score", parents=[common, with_protos], help="print one JSON verdict per text")
-    p.add_argument("text", nargs="+", help="texts to score ('-' reads one per line from stdin)")
-    p.set_defaults(func=cmd_score)
 
-    p = sub.add_parser("eval", parents=[common, with_protos, engine], help="moderation metrics on labelled files",
+def _add_eval(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("eval", parents=[parents["common"], parents["protos"], parents["engine"]],
+                       help="moderation metrics on labelled files",
                        description="Moderation metrics, baselines, jailbreak recall and end-to-end refusal rates "
                                    "on labelled files; writes metrics.json, report.md and PNG plots. "
                                    "Put options after the data files.")
@@ -397,20 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="report.md with tables only")
     p.set_defaults(func=cmd_eval)
 
-    with_policy = argparse.ArgumentParser(add_help=False)
-    with_policy.add_argument("--policy", help="a policy YAML or JSON file (default: the built-in policy)")
-    with_policy.add_argument("--max-new-tokens", type=int, default=128, help="answer length budget")
 
-    p = sub.add_parser("generate", parents=[common, with_protos, with_policy],
-                       help="guard and answer prompts; one JSON result per prompt")
-    p.add_argument("text", nargs="+", help="prompts ('-' reads one per line from stdin)")
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("demo", parents=[common, with_protos, with_policy],
-                       help="the main job: verdicts, routes and answers for example prompts")
-    p.set_defaults(func=cmd_demo, max_new_tokens=48)
-
-    p = sub.add_parser("serve", parents=[common, with_protos], help="serve the guard over HTTP (OpenAI-compatible)",
+def _add_serve(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", parents=[parents["common"], parents["protos"]],
+                       help="serve the guard over HTTP (OpenAI-compatible)",
                        description="An OpenAI-compatible server: /v1/chat/completions (streaming too), /v1/moderations, "
                                    "/v1/guard/check, /healthz, /metrics. With --upstream it guards another "
                                    "OpenAI-compatible server. Needs the `server` extra.")
@@ -431,6 +426,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: torch's choice); 1 holds up far better on a busy, shared CPU")
     p.set_defaults(func=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlpm-guard", description=__doc__)
+    parents = _parents()
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_fit(sub, parents)
+
+    p = sub.add_parser("score", parents=[parents["common"], parents["protos"]], help="print one JSON verdict per text")
+    p.add_argument("text", nargs="+", help="texts to score ('-' reads one per line from stdin)")
+    p.set_defaults(func=cmd_score)
+
+    _add_eval(sub, parents)
+
+    p = sub.add_parser("generate", parents=[parents["common"], parents["protos"], parents["policy"]],
+                       help="guard and answer prompts; one JSON result per prompt")
+    p.add_argument("text", nargs="+", help="prompts ('-' reads one per line from stdin)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", parents=[parents["common"], parents["protos"], parents["policy"]],
+                       help="the main job: verdicts, routes and answers for example prompts")
+    p.set_defaults(func=cmd_demo, max_new_tokens=48)
+
+    _add_serve(sub, parents)
     return parser
 
 

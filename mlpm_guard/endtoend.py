@@ -1,9 +1,12 @@
 """End-to-end evaluation: let a system answer labelled prompts and count routes and refusals.
 
-A *system* is anything that answers prompts: the core :class:`~mlpm_guard.Guard` under a policy
-(:class:`GuardSystem`, answered with ``guard.batch`` so prefill is batched, answers cached on
-disk), or, by duck typing, a LangChain Runnable (``.batch``/``.invoke``) or a LlamaIndex query
-engine (``.query``) (:class:`ExternalSystem`). This module imports neither framework.
+A *system* (:class:`System`) is anything that answers prompts: the core :class:`~mlpm_guard.Guard`
+under a policy (:class:`GuardSystem`, answered with ``guard.batch`` so prefill is batched, answers
+cached on disk), or an :class:`ExternalSystem`: a function that answers a prompt, with an adapter
+that reads its output. A plain callable returning text is one; the integrations build them for
+their frameworks (``langchain_mlpm_guard.evaluation_system`` for a runnable,
+``llama_index_mlpm_guard.evaluation_system`` for a query engine), reading the answer text and the
+guard's decision from the framework's own output types. This module reads no framework's types.
 
 A refusal is the guard's own block (``REFUSE``, or an answer replaced after output moderation)
 or an answer that opens by declining (:func:`~mlpm_guard.refusals.is_refusal`). Per dataset:
@@ -16,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -25,7 +28,7 @@ from tqdm.auto import tqdm
 from .data import Example
 from .errors import ConfigError
 from .metrics import rate
-from .policy import OutputModerationConfig, Policy
+from .policy import Policy
 from .refusals import is_refusal
 from .result_cache import ResultCache, digest
 from .types import Route
@@ -63,6 +66,21 @@ class Answer:
     tokens: int | None = None
     error: str | None = None
 
+    @classmethod
+    def of(cls, text: str, *, route: str | None = None, blocked: bool = False, tokens: int | None = None,
+           error: str | None = None) -> Answer:
+        """An answer whose ``refused`` is worked out here: the guard's block, or a text that opens by declining."""
+        return cls(text, route, blocked, blocked or is_refusal(text), tokens, error)
+
+    @classmethod
+    def from_record(cls, text: str, record: Mapping[str, Any] | None) -> Answer:
+        """An answer with the route and block of the guard's decision record that came with it
+        (a plain answer when the system reported none)."""
+        if not record or record.get("route") is None:
+            return cls.of(text)
+        route = str(record["route"])
+        return cls.of(text, route=route, blocked=bool(record.get("blocked", route == Route.REFUSE.value)))
+
 
 class System(Protocol):
     """What :func:`end_to_end` needs: a description and batched answers."""
@@ -73,20 +91,6 @@ class System(Protocol):
 
 
 # ---------------------------------------------------------------------------- the core guard
-def reference_policy(policy: Policy, route: Route | str) -> Policy:
-    """``policy`` with every tier sent to ``route``, no category overrides and no output moderation.
-
-    The route's own knobs (safety prompt text, steering) are kept, so a reference row measures
-    exactly what that route does to every prompt.
-    """
-    data = policy.model_dump()
-    route = Route(route)
-    data.update(safe_route=route, controversial_route=route, unsafe_route=route, category_routes={},
-                output_moderation=OutputModerationConfig().model_dump(),
-                allow_pass_for_unsafe=route is Route.PASS)  # the "no guard" row means it
-    return Policy(**data)
-
-
 def _prototypes_digest(prototypes: Any) -> str:
     """What routing depends on in fitted prototypes, as a digest (public fitted attributes only)."""
     h = hashlib.sha256()
@@ -149,8 +153,8 @@ class GuardSystem:
             results = self.guard.batch([prompts[i] for i in todo], policy=self.policy, max_new_tokens=max_new_tokens)
             fresh = {}
             for i, r in zip(todo, results):
-                fresh[keys[i]] = asdict(Answer(r.text, r.route.value, r.blocked, r.blocked or is_refusal(r.text),
-                                               r.timings.completion_tokens, r.error))
+                fresh[keys[i]] = asdict(Answer.of(r.text, route=r.route.value, blocked=r.blocked,
+                                                  tokens=r.timings.completion_tokens, error=r.error))
             if self.results is not None:
                 self.results.put(fresh)
             found.update(fresh)
@@ -163,7 +167,8 @@ def guard_systems(guard: Any, *, policy: Policy | None = None, references: Seque
     policy = policy if policy is not None else guard.policy
     systems = {"guard": GuardSystem(guard, policy, name="guard", results=results)}
     for name in parse_references(references):
-        systems[name] = GuardSystem(guard, reference_policy(policy, REFERENCES[name]), name=name, results=results)
+        systems[name] = GuardSystem(guard, policy.forced(REFERENCES[name], output_moderation=False), name=name,
+                                    results=results)
     return systems
 
 
@@ -189,105 +194,75 @@ def parse_references(names: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-# ---------------------------------------------------------------------------- duck-typed systems
-_TEXT_KEYS = ("output", "answer", "response", "text", "content", "result")
-
-
-def _text(out: Any) -> str:
-    """The answer text of whatever a framework returns (str, message, Response, dict)."""
-    if out is None:
-        return ""
-    if isinstance(out, str):
-        return out
-    if isinstance(out, Mapping):
-        for key in _TEXT_KEYS:
-            if key in out:
-                return _text(out[key])
-        return str(dict(out))
-    for attr in ("content", "response", "text"):  # LangChain message, LlamaIndex Response, completions
-        value = getattr(out, attr, None)
-        if isinstance(value, str):
-            return value
-    return str(out)
-
-
-def _guard_flags(out: Any) -> tuple[str | None, bool]:
-    """A route and a block flag that a guarded framework component put in its output's metadata.
-
-    Looks in a dict output, and in ``response_metadata``, ``additional_kwargs`` or ``metadata``
-    (LangChain messages, LlamaIndex responses), directly or one level down (e.g. under an
-    ``"mlpm_guard"`` key).
-    """
-    places = [out] if isinstance(out, Mapping) else []
-    places += [getattr(out, a, None) for a in ("response_metadata", "additional_kwargs", "metadata")]
-    for place in places:
-        if not isinstance(place, Mapping):
-            continue
-        for m in [place, *(v for v in place.values() if isinstance(v, Mapping))]:
-            if "route" in m and m["route"] is not None:
-                route = getattr(m["route"], "value", m["route"])
-                return str(route), bool(m.get("blocked", str(route) == Route.REFUSE.value))
-    return None, False
+# ---------------------------------------------------------------------------- other systems
+def text_answer(output: Any) -> Answer:
+    """The default reader of :class:`ExternalSystem`: the output as text (``None``: no answer)."""
+    return Answer.of("" if output is None else output if isinstance(output, str) else str(output))
 
 
 class ExternalSystem:
-    """A LangChain Runnable, a LlamaIndex query engine, or any callable, found by duck typing.
+    """A system outside the core guard: a function answering one prompt, and an adapter reading its outputs.
 
-    ``.batch(prompts)`` is used when present (a Runnable batches natively), else ``.invoke``,
-    ``.query`` or a plain call per prompt. The output may be a str, a message (``.content``), a
-    LlamaIndex ``Response`` (``.response``) or a dict. A prompt whose call raises gets an empty,
-    non-refusing answer with the error recorded, so one failure does not sink the run.
+    Args:
+        answer_one: answers one prompt.
+        read: turns one output into an :class:`Answer` (text, and the guard's route and block
+            when the system reports them); the default takes the output as text.
+        answer_many: answers a list of prompts at once (a framework's native batching), tried
+            before ``answer_one``.
+        name: how the reports call it.
+        description: the reports' line about it (default: the name and ``answer_one``'s owner).
+
+    A prompt whose call raises gets an empty, non-refusing answer with the error recorded, so one
+    failure does not sink the run; a failed ``answer_many`` falls back to one prompt at a time.
     ``max_new_tokens`` is the external system's own business and is not passed on.
     """
 
-    def __init__(self, system: Any, *, name: str = "system") -> None:
-        self.system, self.name = system, name
-        self.method = next((m for m in ("batch", "invoke", "query") if callable(getattr(system, m, None))), None)
-        if self.method is None and not callable(system):
-            msg = (f"cannot evaluate a {type(system).__name__}: a system needs `.batch`/`.invoke` (a LangChain "
-                   "Runnable), `.query` (a LlamaIndex query engine), or to be callable with a prompt string")
-            raise ConfigError(msg)
-        self.description = f"{name}: {type(system).__name__} via .{self.method or '__call__'}()"
+    def __init__(self, answer_one: Callable[[str], Any], *, read: Callable[[Any], Answer] = text_answer,
+                 answer_many: Callable[[list[str]], Sequence[Any]] | None = None, name: str = "system",
+                 description: str | None = None) -> None:
+        self.answer_one, self.read, self.answer_many, self.name = answer_one, read, answer_many, name
+        owner = getattr(answer_one, "__self__", answer_one)
+        self.description = description or f"{name}: {type(owner).__name__}"
 
-    def _one(self, prompt: str) -> Any:
-        if self.method in ("batch", "invoke"):
-            return self.system.invoke(prompt)
-        if self.method == "query":
-            return self.system.query(prompt)
-        return self.system(prompt)
+    def _outputs(self, prompts: Sequence[str]) -> list[Any]:
+        """The batched outputs, or ``[]`` when there is no batch call or it failed."""
+        if self.answer_many is None:
+            return []
+        try:
+            outs = list(self.answer_many(list(prompts)))
+        except Exception:  # noqa: BLE001 - find the failing prompt(s) one by one
+            logger.warning("%s: the batch call failed; answering one prompt at a time", self.name)
+            return []
+        if len(outs) != len(prompts):
+            raise ConfigError(f"{self.name}: the batch call returned {len(outs)} outputs for {len(prompts)} prompts")
+        return outs
 
     def answer(self, prompts: Sequence[str], *, max_new_tokens: int) -> list[Answer]:
-        outs: list[Any] = []
-        if self.method == "batch":
-            try:
-                outs = list(self.system.batch(list(prompts)))
-            except Exception:  # noqa: BLE001 - find the failing prompt(s) one by one
-                logger.warning("%s.batch failed; answering one prompt at a time", self.name)
-                outs = []
-            if outs and len(outs) != len(prompts):
-                raise ConfigError(f"{self.name}.batch returned {len(outs)} outputs for {len(prompts)} prompts")
+        outs = self._outputs(prompts)
         answers = []
         for i, prompt in enumerate(prompts):
             try:
-                out = outs[i] if outs else self._one(prompt)
+                answers.append(self.read(outs[i] if outs else self.answer_one(prompt)))
             except Exception as exc:  # noqa: BLE001 - recorded per prompt
                 answers.append(Answer("", error=f"{type(exc).__name__}: {exc}"))
-                continue
-            text = _text(out)
-            route, blocked = _guard_flags(out)
-            answers.append(Answer(text, route, blocked, blocked or is_refusal(text)))
         return answers
 
 
 def as_system(obj: Any, *, name: str = "system", results: ResultCache | None = None) -> System:
-    """A :class:`GuardSystem` for a core guard, else an :class:`ExternalSystem` by duck typing."""
+    """A :class:`GuardSystem` for a core guard; a system as it is; an :class:`ExternalSystem` for a callable."""
     from .guard import Guard
 
     if isinstance(obj, Guard):
         return GuardSystem(obj, name=name, results=results)
     if hasattr(obj, "answer") and hasattr(obj, "description"):
         return obj  # already a system
-    return ExternalSystem(obj, name=name)
+    if callable(obj):
+        return ExternalSystem(obj, name=name, description=f"{name}: {type(obj).__name__} called per prompt")
+    msg = (f"cannot evaluate a {type(obj).__name__}: give a mlpm_guard.Guard, a System (`.answer` and "
+           "`.description`) or a callable answering a prompt string; for a LangChain runnable use "
+           "langchain_mlpm_guard.evaluation_system(runnable), for a LlamaIndex query engine "
+           "llama_index_mlpm_guard.evaluation_system(engine)")
+    raise ConfigError(msg)
 
 
 # ---------------------------------------------------------------------------- statistics
@@ -337,8 +312,9 @@ def end_to_end(systems: Mapping[str, Any] | Any, datasets: Mapping[str, Sequence
     """Answer every prompt of every dataset with each system and report routes and refusals.
 
     Args:
-        systems: name to system (a :class:`~mlpm_guard.Guard`, a :class:`GuardSystem`, a
-            LangChain Runnable, a LlamaIndex query engine, or a callable), or one such system.
+        systems: name to system (a :class:`~mlpm_guard.Guard`, a :class:`GuardSystem`, an
+            :class:`ExternalSystem` such as an integration's ``evaluation_system``, or a callable
+            answering a prompt string), or one such system.
         datasets: file stem to labelled examples (as from ``load_eval_sets``).
         max_new_tokens: answer budget of guard systems.
         results: where guard answers are kept between runs (``None``: not kept).

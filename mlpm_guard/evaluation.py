@@ -202,52 +202,20 @@ def evaluate(prototypes: Prototypes, datasets: dict[str, Sequence[Example]], *,
         and ``baselines`` (name to the same keys). Keys starting with ``_`` hold per-row scores
         and labels for the report and are not written to ``metrics.json``.
     """
-    backbone = prototypes.backbone
-    if backbone is None:
-        raise ConfigError("`prototypes` have no backbone: load them with `Prototypes.load(path, backbone=...)` "
-                          "or fit them with `backbone=`")
-    if not datasets:
-        raise ConfigError("`datasets` is empty; give at least one labelled file")
-    if not 0 <= target_flag_rate < 1:
-        raise ConfigError(f"`target_flag_rate` must be in [0, 1), got {target_flag_rate}")
+    framings = _check_arguments(prototypes, datasets, target_flag_rate, jailbreaks)
     names = parse_baselines(baselines)
-    framings = list(JAILBREAK_TEMPLATES) if jailbreaks is True else list(jailbreaks or [])
-    unknown = [f for f in framings if f not in JAILBREAK_TEMPLATES]
-    if unknown:
-        raise ConfigError(f"unknown jailbreak framings {unknown}; known framings: {sorted(JAILBREAK_TEMPLATES)}")
     benign_set = _benign_source(benign, datasets) if benign is not None else None
     options = {"benign": benign_set, "target_flag_rate": target_flag_rate, "framings": framings,
                "bins": calibration_bins, "points": curve_points}
-
-    with eval_caches(backbone, cache) as (features, results):
-        layers = list(prototypes.layer_ids_)
-        # With the last-layer baseline the states are read once down to the last layer, and the
-        # baseline's own read is then a cache hit.
-        depth = sorted(set(layers) | ({backbone.num_layers} if "last_layer" in names else set()))
-        pick = [depth.index(layer) for layer in layers]
-
-        def mlpm(prompts: Sequence[str], label: str) -> np.ndarray:
-            H = extract(backbone, list(prompts), depth, cache=features, progress=progress, desc=f"eval {label}")
-            return prototypes.predict_proba(H[:, pick])[:, 1]
-
-        result, scores = _method(mlpm, prototypes.threshold_, datasets, **options)
-        result.update(layers=layers, backbone=backbone.name, num_layers=backbone.num_layers,
-                      layer_weights=layer_weights(prototypes))
-        result["_scores"] = {stem: p.tolist() for stem, p in scores.items()}
-        result["_labels"] = {stem: [e.label for e in rows] for stem, rows in datasets.items()}
-
+    with eval_caches(prototypes.backbone, cache) as (features, results):
+        result = _mlpm_block(prototypes, datasets, features, options, last_layer="last_layer" in names,
+                             progress=progress)
         if names:
             if train is None:
                 _warn_if_not_seed(prototypes)
-            examples = list(train) if train is not None else seed_examples()
-            result["baselines"], result["_baseline_scores"] = {}, {}
-            for name in names:
-                model = make_baseline(name, backbone, cache=features, results=results, progress=progress)
-                model.fit(examples)
-                block, raw = _method(lambda prompts, label, m=model: m.predict_proba(prompts), model.threshold,
-                                     datasets, **options)
-                result["baselines"][name] = {"description": model.description, **block}
-                result["_baseline_scores"][name] = {stem: p.tolist() for stem, p in raw.items()}
+            result["baselines"], result["_baseline_scores"] = _baseline_blocks(
+                names, prototypes.backbone, list(train) if train is not None else seed_examples(), datasets,
+                options, features=features, results=results, progress=progress)
     result["settings"] = {
         "baselines": names,
         "baselines_trained_on": None if not names else
@@ -255,6 +223,60 @@ def evaluate(prototypes: Prototypes, datasets: dict[str, Sequence[Example]], *,
         "benign": benign_set[0] if benign_set else None, "target_flag_rate": target_flag_rate if benign_set else None,
         "jailbreak_framings": framings, "calibration_bins": calibration_bins,
     }
+    return result
+
+
+def _check_arguments(prototypes: Prototypes, datasets: dict[str, Sequence[Example]], target_flag_rate: float,
+                     jailbreaks: bool | Sequence[str]) -> list[str]:
+    """Reject what :func:`evaluate` cannot run on, before any model work; returns the jailbreak framings."""
+    if prototypes.backbone is None:
+        raise ConfigError("`prototypes` have no backbone: load them with `Prototypes.load(path, backbone=...)` "
+                          "or fit them with `backbone=`")
+    if not datasets:
+        raise ConfigError("`datasets` is empty; give at least one labelled file")
+    if not 0 <= target_flag_rate < 1:
+        raise ConfigError(f"`target_flag_rate` must be in [0, 1), got {target_flag_rate}")
+    framings = list(JAILBREAK_TEMPLATES) if jailbreaks is True else list(jailbreaks or [])
+    unknown = [f for f in framings if f not in JAILBREAK_TEMPLATES]
+    if unknown:
+        raise ConfigError(f"unknown jailbreak framings {unknown}; known framings: {sorted(JAILBREAK_TEMPLATES)}")
+    return framings
+
+
+def _baseline_blocks(names: Sequence[str], backbone: Any, train: list[Example], datasets: dict[str, Sequence[Example]],
+                     options: dict[str, Any], *, features: FeatureCache, results: ResultCache,
+                     progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Each baseline fitted on ``train`` and scored like the prototypes: its metrics, and its per-row scores."""
+    blocks, scores = {}, {}
+    for name in names:
+        model = make_baseline(name, backbone, cache=features, results=results, progress=progress)
+        model.fit(train)
+        block, raw = _method(lambda prompts, label, m=model: m.predict_proba(prompts), model.threshold, datasets,
+                             **options)
+        blocks[name] = {"description": model.description, **block}
+        scores[name] = {stem: p.tolist() for stem, p in raw.items()}
+    return blocks, scores
+
+
+def _mlpm_block(prototypes: Prototypes, datasets: dict[str, Sequence[Example]], features: FeatureCache,
+                options: dict[str, Any], *, last_layer: bool, progress: bool) -> dict[str, Any]:
+    """The prototypes' metrics, with their per-row scores and labels for the report."""
+    backbone = prototypes.backbone
+    layers = list(prototypes.layer_ids_)
+    # With the last-layer baseline the states are read once down to the last layer, and the
+    # baseline's own read is then a cache hit.
+    depth = sorted(set(layers) | ({backbone.num_layers} if last_layer else set()))
+    pick = [depth.index(layer) for layer in layers]
+
+    def mlpm(prompts: Sequence[str], label: str) -> np.ndarray:
+        H = extract(backbone, list(prompts), depth, cache=features, progress=progress, desc=f"eval {label}")
+        return prototypes.predict_proba(H[:, pick])[:, 1]
+
+    result, scores = _method(mlpm, prototypes.threshold_, datasets, **options)
+    result.update(layers=layers, backbone=backbone.name, num_layers=backbone.num_layers,
+                  layer_weights=layer_weights(prototypes))
+    result["_scores"] = {stem: p.tolist() for stem, p in scores.items()}
+    result["_labels"] = {stem: [e.label for e in rows] for stem, rows in datasets.items()}
     return result
 
 

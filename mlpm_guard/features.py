@@ -8,9 +8,7 @@ layers 1..depth; a request for shallower layers is served from a deeper entry.
 from __future__ import annotations
 
 import hashlib
-import sqlite3
 from collections.abc import Sequence
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +16,20 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ._io import cache_home
+from ._sqlite import SqliteStore
 
-_SCHEMA = "CREATE TABLE IF NOT EXISTS states (key TEXT PRIMARY KEY, depth INTEGER, dtype TEXT, data BLOB)"
 _CHUNK = 256  # prompts per forward-and-store round, so an interrupted run keeps what it did
 
 
-class FeatureCache:
+class FeatureCache(SqliteStore):
     """Last-token states on disk for one backbone.
 
     Args:
         path: the SQLite file; by default ``<cache home>/features/<fingerprint>-<dtype>.sqlite``.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db:
-            db.execute(_SCHEMA)
-            db.commit()
+    table = "states"
+    schema = "CREATE TABLE IF NOT EXISTS states (key TEXT PRIMARY KEY, depth INTEGER, dtype TEXT, data BLOB)"
 
     @classmethod
     def for_backbone(cls, backbone: Any, root: str | Path | None = None) -> FeatureCache:
@@ -43,27 +37,15 @@ class FeatureCache:
         root = Path(root) if root is not None else cache_home() / "features"
         return cls(root / f"{backbone.fingerprint}-{dtype}.sqlite")
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=60)
-        db.execute("PRAGMA journal_mode=WAL")
-        return db
-
     @staticmethod
     def key(ids: Sequence[int]) -> str:
         return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
     def get(self, keys: Sequence[str], depth: int) -> dict[str, np.ndarray]:
         """Entries that hold at least ``depth`` layers, as arrays of shape (depth, d)."""
-        found: dict[str, np.ndarray] = {}
-        with closing(self._connect()) as db:
-            for start in range(0, len(keys), 500):
-                part = list(keys[start:start + 500])
-                marks = ",".join("?" * len(part))
-                rows = db.execute(f"SELECT key, depth, dtype, data FROM states WHERE key IN ({marks}) AND depth >= ?",
-                                  [*part, depth])
-                for key, stored, dtype, blob in rows:
-                    found[key] = np.frombuffer(blob, dtype=dtype).reshape(stored, -1)[:depth].astype(np.float32)
-        return found
+        rows = self.select_keys(keys, "key, depth, dtype, data", where="depth >= ?", params=[depth])
+        return {key: np.frombuffer(blob, dtype=dtype).reshape(stored, -1)[:depth].astype(np.float32)
+                for key, stored, dtype, blob in rows}
 
     def put(self, items: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Store arrays of shape (depth, d) (layers 1..depth); a deeper entry is never replaced by a shallower one.
@@ -76,16 +58,10 @@ class FeatureCache:
             data = arr.astype(np.float16 if small else np.float32)
             rows.append((key, int(arr.shape[0]), str(data.dtype), data.tobytes()))
             stored[key] = data.astype(np.float32)
-        with closing(self._connect()) as db:
-            db.executemany("INSERT INTO states VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
-                           "depth=excluded.depth, dtype=excluded.dtype, data=excluded.data "
-                           "WHERE excluded.depth > states.depth", rows)
-            db.commit()
+        self.write("INSERT INTO states VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+                   "depth=excluded.depth, dtype=excluded.dtype, data=excluded.data "
+                   "WHERE excluded.depth > states.depth", rows)
         return stored
-
-    def __len__(self) -> int:
-        with closing(self._connect()) as db:
-            return int(db.execute("SELECT COUNT(*) FROM states").fetchone()[0])
 
 
 def extract(backbone: Any, prompts: Sequence[Any], layers: Sequence[int], *,

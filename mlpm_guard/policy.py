@@ -161,6 +161,28 @@ class Policy(BaseModel):
             return self.category_routes[verdict.category]
         return self.controversial_route if tier is Tier.CONTROVERSIAL else self.unsafe_route
 
+    def forced(self, route: Route | str, *, output_moderation: bool = True) -> Policy:
+        """A copy that sends every tier and every category to ``route``, its texts and knobs kept.
+
+        For when the route was decided elsewhere (a guarded engine that judged the bare query
+        hands its route to the LLM) or is fixed on purpose (the reference rows of an end-to-end
+        evaluation). A forced ``pass`` says in as many words that unsafe verdicts pass
+        (``allow_pass_for_unsafe``); a verdict that could not be computed is still refused.
+
+        Args:
+            route: the route of every verdict.
+            output_moderation: keep this policy's output moderation; ``False`` switches it off
+                (a reference row measures the route alone).
+        """
+        route = Route(route)
+        update: dict[str, Any] = {"safe_route": route, "controversial_route": route, "unsafe_route": route,
+                                  "category_routes": {},
+                                  "allow_pass_for_unsafe": self.allow_pass_for_unsafe or route is Route.PASS}
+        if not output_moderation:
+            update["output_moderation"] = OutputModerationConfig()
+        # Validated, not `model_copy`: the copy must be a policy that also loads back from a file.
+        return Policy.model_validate({**self.model_dump(), **update})
+
     # ------------------------------------------------------------------ calibration
     def calibrated(self, benign_scores: Sequence[float], *, max_flag_rate: float,
                    max_controversial_rate: float | None = None) -> Policy:

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_bytes, save as save_bytes
 
 from ._io import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+from ._version import __version__
 from .errors import ConfigError, PrototypeFileError
 from .prototype_set import CLASSES, PrototypeSet
 
@@ -262,8 +263,6 @@ def _tensors(p: Prototypes) -> dict[str, np.ndarray]:
 
 
 def _metadata(p: Prototypes) -> dict[str, Any]:
-    from . import __version__
-
     params = p.get_params()
     params["layers"] = [int(x) for x in params["layers"]] if params["layers"] is not None else None
     return {

@@ -32,6 +32,7 @@ from .prototype_set import CLASSES, PrototypeSet
 from .types import Verdict
 from .verdicts import failed_verdict, make_verdict, tier_of
 
+
 def as_states(X: Any, layers: Sequence[int], backbone: Any) -> np.ndarray:
     """Hidden states (n_samples, len(layers), d): given as such, or read from prompts on ``backbone``."""
     if isinstance(X, np.ndarray):

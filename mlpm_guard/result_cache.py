@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from collections.abc import Iterable
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from ._io import cache_home
-
-_SCHEMA = "CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT)"
+from ._sqlite import SqliteStore
 
 
 def digest(*parts: Any) -> str:
@@ -27,38 +24,19 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-class ResultCache:
+class ResultCache(SqliteStore):
     """JSON values by key in one SQLite file (default ``<cache home>/eval/results.sqlite``)."""
 
-    def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path is not None else cache_home() / "eval" / "results.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as db:
-            db.execute(_SCHEMA)
-            db.commit()
+    table = "results"
+    schema = "CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT)"
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=60)
-        db.execute("PRAGMA journal_mode=WAL")
-        return db
+    def __init__(self, path: str | Path | None = None) -> None:
+        super().__init__(path if path is not None else cache_home() / "eval" / "results.sqlite")
 
     def get(self, keys: Iterable[str]) -> dict[str, Any]:
         keys = list(dict.fromkeys(keys))
-        found: dict[str, Any] = {}
-        with closing(self._connect()) as db:
-            for start in range(0, len(keys), 500):
-                part = keys[start:start + 500]
-                marks = ",".join("?" * len(part))
-                for key, value in db.execute(f"SELECT key, value FROM results WHERE key IN ({marks})", part):
-                    found[key] = json.loads(value)
-        return found
+        return {key: json.loads(value) for key, value in self.select_keys(keys, "key, value")}
 
     def put(self, items: dict[str, Any]) -> None:
-        rows = [(k, json.dumps(v, ensure_ascii=False)) for k, v in items.items()]
-        with closing(self._connect()) as db:
-            db.executemany("INSERT OR REPLACE INTO results VALUES (?, ?)", rows)
-            db.commit()
-
-    def __len__(self) -> int:
-        with closing(self._connect()) as db:
-            return int(db.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+        self.write("INSERT OR REPLACE INTO results VALUES (?, ?)",
+                   [(k, json.dumps(v, ensure_ascii=False)) for k, v in items.items()])

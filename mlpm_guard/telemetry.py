@@ -12,22 +12,24 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from .types import Decision
+
 try:
     from opentelemetry import trace as _trace
 except ImportError:  # the optional extra is not installed
     _trace = None
 
-#: The attribute keys of a decision on a span.
-DECISION_ATTRIBUTES = ("stage", "route", "applied_route", "blocked", "p_unsafe", "tier", "category", "view",
-                       "output_flagged", "replaced", "error")
+#: The keys of a decision record written on a span: every key of :class:`~mlpm_guard.Decision`
+#: whose value is a scalar (the nested verdicts and timings stay in the record).
+DECISION_ATTRIBUTES = tuple(k for k in Decision.KEYS if k not in ("verdict", "output_verdict", "timings"))
 
 
 def enabled() -> bool:
     return _trace is not None
 
 
-def decision_span(stage: str, decision: Mapping[str, Any], *, start_ns: int | None = None, model: str | None = None,
-                  framework: str | None = None) -> None:
+def decision_span(stage: str, decision: Decision | Mapping[str, Any], *, start_ns: int | None = None,
+                  model: str | None = None, framework: str | None = None) -> None:
     """One finished span for a decision already taken (``start_ns``: when its check began)."""
     if _trace is None:
         return
@@ -55,10 +57,12 @@ def guard_span(stage: str, *, model: str | None = None, framework: str | None = 
         yield span
 
 
-def record(span: Any, decision: Mapping[str, Any]) -> None:
-    """Write a decision record's fields onto a span as ``mlpm_guard.*`` attributes."""
+def record(span: Any, decision: Decision | Mapping[str, Any]) -> None:
+    """Write a decision record's scalar fields onto a span as ``mlpm_guard.*`` attributes."""
     if span is None:
         return
+    if isinstance(decision, Decision):
+        decision = decision.to_dict()
     for key in DECISION_ATTRIBUTES:
         value = decision.get(key)
         if isinstance(value, (str, bool, int, float)):

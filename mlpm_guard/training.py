@@ -192,7 +192,7 @@ def default_prototypes(backbone: Any, *, progress: bool = True) -> Prototypes:
     time with :func:`fit_release`): nothing is fitted on first use. Any other backbone gets
     prototypes fitted on the built-in seed set, once, then cached.
     """
-    from . import __version__
+    from ._version import __version__
     from .prototype_file import FORMAT_VERSION
 
     shipped = shipped_prototypes_dir()

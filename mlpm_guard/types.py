@@ -1,10 +1,10 @@
-"""The small result vocabulary shared by every stage: tiers, routes, verdicts."""
+"""The small result vocabulary shared by every stage: tiers, routes, verdicts, decisions."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 
 class Tier(str, enum.Enum):
@@ -76,6 +76,20 @@ class Verdict:
         out["layer_scores"] = {str(k): v for k, v in self.layer_scores.items()}
         return out
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Verdict:
+        """The verdict :meth:`to_dict` wrote."""
+        return cls(float(data["p_unsafe"]), data["label"], Tier(data["tier"]), data.get("category"),
+                   data.get("category_name"), {int(k): float(v) for k, v in (data.get("layer_scores") or {}).items()},
+                   float(data.get("threshold", 0.5)), int(data.get("n_truncated_tokens", 0)), data.get("error"),
+                   data.get("view"))
+
+    def summary(self) -> dict[str, Any]:
+        """The headline fields, flat (no per-layer scores): what traces and metadata show of a verdict."""
+        return {"p_unsafe": float(self.p_unsafe), "tier": self.tier.value, "category": self.category,
+                "category_name": self.category_name, "threshold": self.threshold, "view": self.view,
+                "error": self.error}
+
 
 @dataclass(frozen=True)
 class Timings:
@@ -93,6 +107,109 @@ class Timings:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "total_ms": self.total_ms}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Timings:
+        """The timings :meth:`to_dict` wrote (``total_ms`` is derived, so it is not read)."""
+        return cls(**{k: data[k] for k in ("scoring_ms", "generation_ms", "moderation_ms", "prompt_tokens",
+                                           "completion_tokens") if k in data})
+
+
+_NO_VERDICT = dict.fromkeys(("p_unsafe", "tier", "category", "category_name", "threshold", "view", "error"))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the guard decided on one request at one stage: the record every surface reports.
+
+    :meth:`to_dict` is what users see wherever a decision goes out: LangChain message metadata,
+    custom events and traces, LlamaIndex response metadata and instrumentation events,
+    OpenTelemetry span attributes, the HTTP server's ``mlpm_guard`` field and
+    :meth:`GuardResult.to_dict`. A surface may add keys only it knows (``docs/decisions.md``
+    lists them); it never renames or drops these.
+
+    Attributes:
+        route: the policy's route for the input verdict.
+        blocked: the caller got no generated answer (refused, or replaced after output moderation).
+        verdict: the input verdict (``None`` when there is none: scoring failed, or the stage
+            judged an answer alone).
+        stage: where the decision was taken: ``"input"``, ``"output"`` and ``"tool"`` (LangChain),
+            ``"query"``, ``"chat"`` and ``"llm"`` (LlamaIndex).
+        applied_route: what was done, when it differs from ``route`` (``STEER`` on an external
+            model is applied as ``SAFETY_PROMPT``); defaults to ``route``.
+        output_verdict: the output moderation verdict, when it ran.
+        replaced: the flagged answer was replaced by the refusal message.
+        error: what went wrong, if anything (the guard then failed closed, or open if the policy
+            says so); defaults to the input verdict's error.
+        timings: where the time went, when the guard itself answered.
+    """
+
+    #: The keys of :meth:`to_dict`, in order.
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "stage", "route", "applied_route", "blocked", "p_unsafe", "tier", "category", "category_name", "threshold",
+        "view", "error", "verdict", "output_flagged", "output_p_unsafe", "output_category", "output_verdict",
+        "replaced", "timings")
+
+    route: Route
+    blocked: bool
+    verdict: Verdict | None = None
+    stage: str = "input"
+    applied_route: Route | None = None
+    output_verdict: Verdict | None = None
+    replaced: bool = False
+    error: str | None = None
+    timings: Timings | None = None
+
+    def __post_init__(self) -> None:
+        # Defaults filled in here, so a record read back with `from_dict` equals the original.
+        object.__setattr__(self, "route", Route(self.route))
+        object.__setattr__(self, "applied_route", Route(self.applied_route or self.route))
+        if self.error is None and self.verdict is not None:
+            object.__setattr__(self, "error", self.verdict.error)
+
+    @property
+    def output_flagged(self) -> bool:
+        return self.output_verdict is not None and self.output_verdict.unsafe
+
+    def to_dict(self, *, redact_errors: bool = False) -> dict[str, Any]:
+        """The record as plain JSON-ready values, keys :attr:`KEYS`.
+
+        Args:
+            redact_errors: cut error texts to their kind (``"ScoringError: ..."`` -> ``"ScoringError"``),
+                for records that leave the process (the HTTP server): the text may quote internals.
+        """
+        v, o = self.verdict, self.output_verdict
+        flat = v.summary() if v is not None else dict(_NO_VERDICT)
+        flat["error"] = self.error  # the request's error (the verdict's, unless something later failed)
+        applied = self.applied_route or self.route
+        out = {"stage": self.stage, "route": self.route.value, "applied_route": applied.value,
+               "blocked": self.blocked, **flat, "verdict": v.to_dict() if v is not None else None,
+               "output_flagged": self.output_flagged,
+               "output_p_unsafe": float(o.p_unsafe) if o is not None else None,
+               "output_category": o.category if o is not None else None,
+               "output_verdict": o.to_dict() if o is not None else None, "replaced": self.replaced,
+               "timings": self.timings.to_dict() if self.timings is not None else None}
+        if redact_errors:
+            out["error"] = _error_kind(out["error"])
+            for key in ("verdict", "output_verdict"):
+                if out[key] is not None:
+                    out[key]["error"] = _error_kind(out[key]["error"])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Decision:
+        """The decision a :meth:`to_dict` record describes (keys a surface added are ignored)."""
+        def verdict(key: str) -> Verdict | None:
+            return Verdict.from_dict(data[key]) if data.get(key) else None
+
+        return cls(Route(data["route"]), bool(data["blocked"]), verdict("verdict"), data.get("stage", "input"),
+                   Route(data.get("applied_route") or data["route"]), verdict("output_verdict"),
+                   bool(data.get("replaced", False)), data.get("error"),
+                   Timings.from_dict(data["timings"]) if data.get("timings") else None)
+
+
+def _error_kind(error: str | None) -> str | None:
+    return None if error is None else error.split(":", 1)[0].strip() or "error"
 
 
 @dataclass(frozen=True)
@@ -128,19 +245,15 @@ class GuardResult:
         """True when the caller did not get a generated answer: refused, or replaced after output moderation."""
         return self.route is Route.REFUSE or self.replaced
 
+    def decision(self, stage: str = "input") -> Decision:
+        """The decision record of this result."""
+        return Decision(self.route, blocked=self.blocked, verdict=self.verdict, stage=stage,
+                        output_verdict=self.output_verdict, replaced=self.replaced, error=self.error,
+                        timings=self.timings)
+
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "text": self.text,
-            "route": self.route.value,
-            "p_unsafe": self.p_unsafe,
-            "verdict": self.verdict.to_dict() if self.verdict else None,
-            "output_flagged": self.output_flagged,
-            "replaced": self.replaced,
-            "blocked": self.blocked,
-            "output_verdict": self.output_verdict.to_dict() if self.output_verdict else None,
-            "timings": self.timings.to_dict(),
-            "error": self.error,
-        }
+        """The answer ``text`` and the :class:`Decision` record's keys."""
+        return {"text": self.text, **self.decision().to_dict()}
 
 
 @dataclass(frozen=True)

@@ -80,3 +80,21 @@ def test_policy_file_errors_and_unknown_keys(tmp_path):
         assert Policy.from_file(newer).unsafe_at == 0.6
     with pytest.raises(ConfigError, match="cannot read"):
         Policy.from_file(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("route", list(Route))
+def test_forced_sends_every_verdict_to_one_route_and_keeps_the_rest(route, tmp_path):
+    base = Policy(controversial_at=0.2, unsafe_at=0.6, category_routes={"S9": "refuse"}, safety_prompt="BE SAFE",
+                  output_moderation={"enabled": True, "on_flag": "flag"}, steering={"alpha": 0.5})
+    forced = base.forced(route)
+    for p, category in ((0.01, None), (0.3, "S9"), (0.9, "S9"), (0.9, None)):
+        assert forced.route(verdict(p, category=category)) is route
+    assert forced.category_routes == {} and forced.safety_prompt == "BE SAFE" and forced.steering.alpha == 0.5
+    assert forced.output_moderation == base.output_moderation
+    assert (forced.controversial_at, forced.unsafe_at) == (0.2, 0.6)
+    assert forced.allow_pass_for_unsafe is (route is Route.PASS)  # a forced pass says so in as many words
+    assert Policy.from_file(forced.to_file(tmp_path / "forced.yaml")) == forced  # a valid policy, not a raw copy
+    assert not base.forced(route, output_moderation=False).output_moderation.enabled
+    failed = Verdict(1.0, "unsafe", Tier.UNSAFE, error="ScoringError: boom")
+    assert base.forced(Route.PASS).route(failed) is Route.REFUSE  # fail closed whatever the route
+    assert base.forced(route.value) == forced  # the route's name works too

@@ -3,7 +3,9 @@
 Public names: :class:`MLPMGuardMiddleware` (the guard inside a ``create_agent`` agent),
 :class:`MLPMGuardRunnable` (the guarded hosted backbone as a runnable),
 :class:`ChatMLPMGuard` (the same as a chat model), :func:`with_guard` (guard any runnable whose
-own LLM answers) and :class:`MLPMDocumentFilter` (drop or flag unsafe retrieved documents).
+own LLM answers), :class:`MLPMDocumentFilter` (drop or flag unsafe retrieved documents),
+:class:`MLPMEmbeddings` (embeddings from the backbone) and :func:`evaluation_system` (a runnable
+as a system of the end-to-end evaluation).
 
 Importing this package registers ``Runnable.with_guard``, so ``chain.with_guard(guard, ...)``
 is ``with_guard(chain, guard, ...)``. The method is added to
@@ -19,10 +21,13 @@ from typing import Any
 
 from langchain_core.runnables import Runnable
 
-from ._common import EVENT_NAME, FLAG_KEY, GuardedText, default_guard
+from mlpm_guard import default_guard  # the core's one shared guard, re-exported
+
+from ._common import EVENT_NAME, FLAG_KEY, GuardedText
 from .chat_model import ChatMLPMGuard
 from .documents import MLPMDocumentFilter
 from .embeddings import MLPMEmbeddings
+from .evaluation import evaluation_system
 from .guarded import GuardedRunnable, with_guard
 from .runnable import MLPMGuardRunnable
 
@@ -49,6 +54,7 @@ __all__ = [
     "MLPMGuardMiddleware",
     "MLPMGuardRunnable",
     "default_guard",
+    "evaluation_system",
     "register_with_guard",
     "with_guard",
 ]

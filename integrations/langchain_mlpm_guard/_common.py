@@ -1,5 +1,6 @@
-"""What every LangChain adapter shares: the default guard, per-call policies, reading LangChain
-inputs, shaping outputs, and the decision record that goes out as an event and as metadata.
+"""What every LangChain adapter shares: per-call policies, reading LangChain inputs, shaping
+outputs, and putting the decision record (:meth:`mlpm_guard.Decision.to_dict`) where events,
+metadata and traces carry it.
 
 Nothing here keeps per-call state: each function takes what it needs and returns a new value,
 so one adapter instance can serve concurrent calls.
@@ -8,7 +9,6 @@ so one adapter instance can serve concurrent calls.
 from __future__ import annotations
 
 import contextlib
-import threading
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -35,8 +35,7 @@ from langchain_core.runnables.utils import AddableDict
 from langchain_core.tracers.base import BaseTracer
 from pydantic import ValidationError
 
-from mlpm_guard import ConfigError, Guard, InputError, Policy, Route, Verdict, telemetry
-from mlpm_guard.guard import as_policy
+from mlpm_guard import ConfigError, Guard, InputError, Policy, as_policy, telemetry
 
 #: Name of the custom event every adapter dispatches (visible in ``astream_events``).
 EVENT_NAME = "mlpm_guard"
@@ -50,24 +49,7 @@ DEFAULT_INPUT_KEYS = ("input", "question", "query", "messages")
 OutputKind = Literal["str", "message", "dict"]
 PolicyLike = Policy | Mapping[str, Any] | str | None
 
-# ---------------------------------------------------------------------------- the default guard
-_default_lock = threading.Lock()
-_default_guard: Guard | None = None
-
-
-def default_guard() -> Guard:
-    """The process-wide ``mlpm_guard.Guard()`` that adapters built without a guard share.
-
-    Built on first use (not at import or construction), so two default adapters load the
-    backbone once, and building an adapter never loads a model.
-    """
-    global _default_guard
-    with _default_lock:
-        if _default_guard is None:
-            _default_guard = Guard()
-        return _default_guard
-
-
+# ---------------------------------------------------------------------------- policies
 def effective_policy(guard: Guard, policy: PolicyLike, unsafe_at: float | None,
                      controversial_at: float | None) -> Policy:
     """The policy of one call: the adapter's own (or the guard's), with run-time thresholds on top."""
@@ -219,6 +201,10 @@ class GuardedText(str):
         return obj
 
 
+#: The output kinds by the class an output is an instance of.
+_KINDS: tuple[tuple[type, OutputKind], ...] = ((str, "str"), (BaseMessage, "message"), (Mapping, "dict"))
+
+
 def _unwrap(tp: Any) -> Any:
     while typing.get_origin(tp) is typing.Annotated:
         tp = typing.get_args(tp)[0]
@@ -236,23 +222,12 @@ def type_kind(tp: Any) -> OutputKind | None:
         tp = origin
     if not isinstance(tp, type):
         return None
-    if issubclass(tp, str):
-        return "str"
-    if issubclass(tp, BaseMessage):
-        return "message"
-    if issubclass(tp, Mapping):
-        return "dict"
-    return None
+    return next((kind for cls, kind in _KINDS if issubclass(tp, cls)), None)
 
 
 def value_kind(value: Any) -> OutputKind | None:
-    if isinstance(value, str):
-        return "str"
-    if isinstance(value, BaseMessage):
-        return "message"
-    if isinstance(value, Mapping):
-        return "dict"
-    return None
+    """``"str"``, ``"message"`` or ``"dict"`` for an output value (``None``: none of them)."""
+    return next((kind for cls, kind in _KINDS if isinstance(value, cls)), None)
 
 
 def input_kind(value: Any) -> OutputKind:
@@ -315,41 +290,6 @@ def output_text(output: Any, output_key: str) -> str:
 
 
 # ---------------------------------------------------------------------------- decisions
-def verdict_fields(verdict: Verdict | None) -> dict[str, Any]:
-    if verdict is None:
-        return {"p_unsafe": None, "tier": None, "category": None, "category_name": None, "threshold": None,
-                "error": None, "view": None}
-    return {"p_unsafe": round(float(verdict.p_unsafe), 6), "tier": verdict.tier.value, "category": verdict.category,
-            "category_name": verdict.category_name, "threshold": verdict.threshold, "error": verdict.error,
-            "view": verdict.view}
-
-
-def decision(verdict: Verdict | None, route: Route, *, blocked: bool, stage: str = "input",
-             applied: Route | None = None, output_verdict: Verdict | None = None, replaced: bool = False,
-             error: str | None = None) -> dict[str, Any]:
-    """The machine-readable record of what the guard decided (JSON-serialisable).
-
-    ``route`` is the policy's route; ``applied`` is what was done when it differs (``STEER``
-    on an external model is applied as ``SAFETY_PROMPT``).
-    """
-    out: dict[str, Any] = {"stage": stage, "blocked": blocked, "route": route.value,
-                           "applied_route": (applied or route).value, **verdict_fields(verdict)}
-    if error is not None:
-        out["error"] = error
-    if output_verdict is not None:
-        out.update(output_flagged=output_verdict.unsafe, output_p_unsafe=round(float(output_verdict.p_unsafe), 6),
-                   output_category=output_verdict.category, replaced=replaced)
-    return out
-
-
-def result_decision(result: Any) -> dict[str, Any]:
-    """The decision record of a core :class:`~mlpm_guard.GuardResult` (hosted backbone)."""
-    out = decision(result.verdict, result.route, blocked=result.blocked, output_verdict=result.output_verdict,
-                   replaced=result.replaced, error=result.error)
-    out["timings"] = result.timings.to_dict()
-    return out
-
-
 def run_metadata(record: dict[str, Any]) -> dict[str, Any]:
     """Flat ``mlpm_guard_*`` keys for run metadata (what tracing UIs filter on)."""
     keys = ("stage", "route", "applied_route", "blocked", "p_unsafe", "tier", "category", "view")

@@ -7,10 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mlpm_guard import Guard, Policy
-from mlpm_guard.guard import as_policy
+from mlpm_guard import Guard, Policy, as_policy, default_guard
 
-from ._common import default_guard, effective_policy
+from ._common import effective_policy
 
 
 class GuardSettings(BaseModel):

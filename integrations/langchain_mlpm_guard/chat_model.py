@@ -22,7 +22,7 @@ from pydantic import Field
 
 from mlpm_guard import GuardResult
 
-from ._common import FLAG_KEY, aemit_llm, areport, emit_llm, guard_messages, report, result_decision
+from ._common import FLAG_KEY, aemit_llm, areport, emit_llm, guard_messages, report
 from ._settings import GuardSettings
 from .runnable import usage
 
@@ -133,7 +133,7 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
 
     def _message(self, result: GuardResult, text: str, *, chunk: bool = False) -> AIMessage:
         cls = AIMessageChunk if chunk else AIMessage
-        return cls(content=text, response_metadata={FLAG_KEY: result_decision(result),
+        return cls(content=text, response_metadata={FLAG_KEY: result.decision().to_dict(),
                                                     "model_name": self.resolved_guard().backbone.name},
                    usage_metadata=usage(result))
 
@@ -148,8 +148,8 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
             result = queue.popleft()
         else:
             result = guard.invoke(prompt, policy=self.call_policy(guard), **self._generation(kwargs))
-        emit_llm(result_decision(result), run_manager)
-        report(run_manager, {"messages": prompt}, result_decision(result), model=guard.backbone.name)
+        emit_llm(result.decision().to_dict(), run_manager)
+        report(run_manager, {"messages": prompt}, result.decision().to_dict(), model=guard.backbone.name)
         return self._result(result, stop)
 
     def _result(self, result: GuardResult, stop: list[str] | None) -> ChatResult:
@@ -167,8 +167,8 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
             result = queue.popleft()
         else:
             result = await guard.ainvoke(prompt, policy=self.call_policy(guard), **self._generation(kwargs))
-        await aemit_llm(result_decision(result), run_manager)
-        await areport(run_manager, {"messages": prompt}, result_decision(result), model=guard.backbone.name)
+        await aemit_llm(result.decision().to_dict(), run_manager)
+        await areport(run_manager, {"messages": prompt}, result.decision().to_dict(), model=guard.backbone.name)
         return self._result(result, stop)
 
     # ------------------------------------------------------------------ many conversations, one prefill
@@ -227,8 +227,9 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
         with closing(stream):  # leaving early (a stop sequence, a consumer's break) stops decoding
             for chunk in stream:
                 if chunk.result is not None:
-                    emit_llm(result_decision(chunk.result), run_manager)
-                    report(run_manager, {"messages": prompt}, result_decision(chunk.result), model=guard.backbone.name)
+                    emit_llm(chunk.result.decision().to_dict(), run_manager)
+                    report(run_manager, {"messages": prompt}, chunk.result.decision().to_dict(),
+                           model=guard.backbone.name)
                     yield from self._tail(chunk.result, cutter)
                     return
                 piece = cutter.push(chunk.text)
@@ -255,8 +256,8 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
         async with aclosing(stream):
             async for chunk in stream:
                 if chunk.result is not None:
-                    await aemit_llm(result_decision(chunk.result), run_manager)
-                    await areport(run_manager, {"messages": prompt}, result_decision(chunk.result),
+                    await aemit_llm(chunk.result.decision().to_dict(), run_manager)
+                    await areport(run_manager, {"messages": prompt}, chunk.result.decision().to_dict(),
                                   model=guard.backbone.name)
                     for out in self._tail(chunk.result, cutter):
                         yield out

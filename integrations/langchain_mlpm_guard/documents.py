@@ -23,7 +23,7 @@ from pydantic import Field
 
 from mlpm_guard import Policy, Verdict
 
-from ._common import FLAG_KEY, aemit, emit, verdict_fields
+from ._common import FLAG_KEY, aemit, emit
 from ._settings import GuardSettings
 
 class MLPMDocumentFilter(GuardSettings, BaseDocumentTransformer, RunnableSerializable[Sequence[Document],
@@ -82,7 +82,7 @@ class MLPMDocumentFilter(GuardSettings, BaseDocumentTransformer, RunnableSeriali
                 unsafe_at.append(i)
                 if self.action == "drop":
                     continue
-            record = {"unsafe": unsafe, **verdict_fields(verdict)}
+            record = {"unsafe": unsafe, **verdict.summary()}
             if self.threshold is not None:
                 record["threshold"] = self.threshold
             kept.append(doc.model_copy(update={"metadata": {**doc.metadata, self.metadata_key: record}}))

@@ -1,22 +1,15 @@
 """``MLPMEmbeddings``: the backbone's own hidden states as LangChain embeddings.
 
-A RAG app guarded by mlpm-guard already hosts the backbone, so retrieval can reuse it: each text
-goes through the chat template as a user turn, and its embedding is the last token's state at
-one layer (the last by default), L2-normalised. The last token of a templated turn is where the
-model has read the whole request; on a small probe (12 short documents and paraphrased
-questions, SmolLM2-135M) the final layer's state retrieved 12/12, while mean-pooled states
-collapsed onto one document (every vector shares a few large components).
+The embedding is :func:`mlpm_guard.embedding.content_embeddings` (the last token's state of the
+text as a chat-templated user turn, L2-normalised), the same as LlamaIndex's ``BackboneEmbedding``.
 """
 
 from __future__ import annotations
 
-import numpy as np
 from langchain_core.embeddings import Embeddings
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlpm_guard import Backbone, ConfigError
-
-from ._common import default_guard
+from mlpm_guard import Backbone, content_embeddings, default_guard
 
 
 class MLPMEmbeddings(BaseModel, Embeddings):
@@ -48,16 +41,7 @@ class MLPMEmbeddings(BaseModel, Embeddings):
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         if not texts:
             return []
-        backbone = self._backbone()
-        layer = self.layer or backbone.num_layers
-        if layer > backbone.num_layers:
-            msg = f"`layer` is {layer} but the backbone has layers 1..{backbone.num_layers}; pick one of them"
-            raise ConfigError(msg)
-        # An empty text would render to the template alone; embed a space like the moderator does.
-        states = backbone.hidden_states([t if t.strip() else " " for t in texts], [layer],
-                                        batch_size=self.batch_size)[:, 0, :].astype(np.float64)
-        states /= np.maximum(np.linalg.norm(states, axis=1, keepdims=True), 1e-12)
-        return states.tolist()
+        return content_embeddings(self._backbone(), texts, layer=self.layer, batch_size=self.batch_size).tolist()
 
     def embed_query(self, text: str) -> list[float]:
         return self.embed_documents([text])[0]

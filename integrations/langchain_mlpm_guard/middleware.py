@@ -33,15 +33,13 @@ from langchain_core.runnables import RunnableLambda
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
-from mlpm_guard import Guard, Policy, Route, Verdict, telemetry
+from mlpm_guard import Decision, Guard, Policy, Route, Verdict, default_guard, telemetry
 
 from ._common import (
     CHECK_RUN_NAME,
     FLAG_KEY,
     PolicyLike,
     content_text,
-    decision,
-    default_guard,
     effective_policy,
     guard_messages,
 )
@@ -112,7 +110,8 @@ class MLPMGuardMiddleware(AgentMiddleware[GuardState, Any]):
                       model: str) -> dict[str, Any]:
         route = policy.route(verdict)
         applied = Route.SAFETY_PROMPT if route is Route.STEER else route
-        record = {**decision(verdict, route, applied=applied, blocked=applied is Route.REFUSE), "turn": turn.id}
+        decision = Decision(route, blocked=applied is Route.REFUSE, verdict=verdict, applied_route=applied)
+        record = {**decision.to_dict(), "turn": turn.id}
         telemetry.decision_span("input", record, start_ns=start_ns, model=model, framework="langchain")
         if applied is Route.REFUSE:
             refusal = AIMessage(content=policy.refusal_message, response_metadata={FLAG_KEY: record})
@@ -174,7 +173,7 @@ class MLPMGuardMiddleware(AgentMiddleware[GuardState, Any]):
     def _replace(response: Any, verdict: Verdict, policy: Policy, route: Route) -> Any:
         """The response with its AI message replaced by the refusal when the answer was flagged."""
         replace = verdict.unsafe and policy.output_moderation.on_flag == "replace"
-        record = decision(None, route, blocked=replace, stage="output", output_verdict=verdict, replaced=replace)
+        record = Decision(route, blocked=replace, stage="output", output_verdict=verdict, replaced=replace).to_dict()
         telemetry.decision_span("output", record, framework="langchain")
         messages = response.result if isinstance(response, ModelResponse) else [response]
         out = []
@@ -220,7 +219,7 @@ class MLPMGuardMiddleware(AgentMiddleware[GuardState, Any]):
     # ------------------------------------------------------------------ tool results
     @staticmethod
     def _withheld(result: ToolMessage, verdict: Verdict) -> ToolMessage:
-        record = decision(verdict, Route.REFUSE, blocked=True, stage="tool")
+        record = Decision(Route.REFUSE, blocked=True, verdict=verdict, stage="tool").to_dict()
         telemetry.decision_span("tool", record, framework="langchain")
         return ToolMessage(content=WITHHELD, tool_call_id=result.tool_call_id, name=result.name, id=result.id,
                            status="error", response_metadata={FLAG_KEY: record})

@@ -27,7 +27,6 @@ from ._common import (
     emit,
     prompt_messages,
     report,
-    result_decision,
 )
 from ._settings import GuardSettings
 from ._plumbing import LCELPlumbing
@@ -80,7 +79,7 @@ class MLPMGuardRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, A
                 if v is not None}
 
     def _shape(self, result: GuardResult) -> Any:
-        record = result_decision(result)
+        record = result.decision().to_dict()
         if self.output == "str":
             return GuardedText(result.text, record)
         return AIMessage(content=result.text, response_metadata={FLAG_KEY: record}, usage_metadata=usage(result))
@@ -94,8 +93,8 @@ class MLPMGuardRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, A
         guard = self.resolved_guard()
         prompt = prompt_messages(input, self.input_key)
         result = guard.invoke(prompt, policy=self.call_policy(guard), **{**self._generation(), **kwargs})
-        emit(result_decision(result), config)
-        report(run_manager, {"messages": prompt}, result_decision(result), model=guard.backbone.name)
+        emit(result.decision().to_dict(), config)
+        report(run_manager, {"messages": prompt}, result.decision().to_dict(), model=guard.backbone.name)
         return self._shape(result)
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Any:
@@ -106,8 +105,8 @@ class MLPMGuardRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, A
         guard = self.resolved_guard()
         prompt = prompt_messages(input, self.input_key)
         result = await guard.ainvoke(prompt, policy=self.call_policy(guard), **{**self._generation(), **kwargs})
-        await aemit(result_decision(result), config)
-        await areport(run_manager, {"messages": prompt}, result_decision(result), model=guard.backbone.name)
+        await aemit(result.decision().to_dict(), config)
+        await areport(run_manager, {"messages": prompt}, result.decision().to_dict(), model=guard.backbone.name)
         return self._shape(result)
 
     # ------------------------------------------------------------------ many prompts, one batched prefill
@@ -131,8 +130,9 @@ class MLPMGuardRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, A
                               **{**self._generation(), **kwargs})
         out: list[Any] = list(prompts)
         for i, result in zip(ok, results):
-            emit(result_decision(result), config[i])
-            report(run_manager[i], {"messages": prompts[i]}, result_decision(result), model=guard.backbone.name)
+            emit(result.decision().to_dict(), config[i])
+            report(run_manager[i], {"messages": prompts[i]}, result.decision().to_dict(),
+                   model=guard.backbone.name)
             out[i] = self._shape(result)
         return out
 
@@ -144,8 +144,8 @@ class MLPMGuardRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, A
                                      **{**self._generation(), **kwargs})
         out: list[Any] = list(prompts)
         for i, result in zip(ok, results):
-            await aemit(result_decision(result), config[i])
-            await areport(run_manager[i], {"messages": prompts[i]}, result_decision(result),
+            await aemit(result.decision().to_dict(), config[i])
+            await areport(run_manager[i], {"messages": prompts[i]}, result.decision().to_dict(),
                           model=guard.backbone.name)
             out[i] = self._shape(result)
         return out
@@ -155,7 +155,7 @@ class MLPMGuardRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, A
         return text if self.output == "str" else AIMessageChunk(content=text)
 
     def _last(self, result: GuardResult) -> Any:
-        record = result_decision(result)
+        record = result.decision().to_dict()
         if self.output == "str":
             return GuardedText("", record)
         return AIMessageChunk(content="", response_metadata={FLAG_KEY: record}, usage_metadata=usage(result),
@@ -171,8 +171,9 @@ class MLPMGuardRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, A
                 if chunk.text:
                     yield self._piece(chunk.text)
                 if chunk.result is not None:
-                    emit(result_decision(chunk.result), config)
-                    report(run_manager, {"messages": prompt}, result_decision(chunk.result), model=guard.backbone.name)
+                    emit(chunk.result.decision().to_dict(), config)
+                    report(run_manager, {"messages": prompt}, chunk.result.decision().to_dict(),
+                           model=guard.backbone.name)
                     yield self._last(chunk.result)
 
     async def _atransform(self, input: AsyncIterator[Any], run_manager: AsyncCallbackManagerForChainRun,
@@ -185,7 +186,7 @@ class MLPMGuardRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, A
                 if chunk.text:
                     yield self._piece(chunk.text)
                 if chunk.result is not None:
-                    await aemit(result_decision(chunk.result), config)
-                    await areport(run_manager, {"messages": prompt}, result_decision(chunk.result),
+                    await aemit(chunk.result.decision().to_dict(), config)
+                    await areport(run_manager, {"messages": prompt}, chunk.result.decision().to_dict(),
                                   model=guard.backbone.name)
                     yield self._last(chunk.result)

@@ -6,14 +6,19 @@
   and hand its route to the guarded LLM.
 - :class:`BackboneEmbedding`: embeddings from the same backbone (no second model to download).
 - :class:`GuardDecisionEvent` / :class:`GuardNodesEvent`: the instrumentation events they dispatch.
+- :func:`evaluation_system`: a query engine as a system of the end-to-end evaluation.
 
-Every piece takes a :class:`mlpm_guard.Guard`, or none for the embedded default, which is built
-on first use and shared by the whole process.
+Every piece takes a :class:`mlpm_guard.Guard`, or none for the embedded default
+(:func:`mlpm_guard.default_guard`), which is built on first use and shared by the whole process,
+the LangChain integration included.
 """
 
-from ._shared import METADATA_KEY, default_guard
+from mlpm_guard import default_guard  # the core's one shared guard, re-exported
+
+from ._shared import METADATA_KEY
 from .embedding import BackboneEmbedding
 from .engine import GuardedChatEngine, GuardedQueryEngine
+from .evaluation import evaluation_system
 from .events import GuardDecisionEvent, GuardNodesEvent
 from .llm import MLPMGuardLLM
 from .postprocessor import MLPMGuardNodePostprocessor
@@ -28,4 +33,5 @@ __all__ = [
     "MLPMGuardLLM",
     "MLPMGuardNodePostprocessor",
     "default_guard",
+    "evaluation_system",
 ]

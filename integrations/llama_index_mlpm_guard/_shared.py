@@ -1,5 +1,5 @@
-"""What the LlamaIndex pieces share: the process-wide default guard, the route a guarded engine
-hands to the guarded LLM for one request, and the metadata every piece reports.
+"""What the LlamaIndex pieces share: the route a guarded engine hands to the guarded LLM for one
+request, and the metadata every piece reports.
 
 The route travels in a :class:`contextvars.ContextVar`, never on an instance, so concurrent
 requests through one engine (threads or asyncio tasks) each see only their own route.
@@ -7,37 +7,36 @@ requests through one engine (threads or asyncio tasks) each see only their own r
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
+import functools
+import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
-from mlpm_guard import Guard, GuardResult, Policy, Route, Verdict
+from llama_index.core.bridge.pydantic import PrivateAttr
+from llama_index.core.schema import BaseComponent
+
+from mlpm_guard import Decision, Guard, GuardResult, Policy, Route, Verdict, default_guard
 
 #: The key under which every piece puts its guard report (response metadata, additional_kwargs).
 METADATA_KEY = "mlpm_guard"
 
-_default_lock = threading.Lock()
-_default: Guard | None = None
 
+class GuardedComponent(BaseComponent):
+    """A LlamaIndex component serving a guard: the one it was built with, or the shared default."""
 
-def default_guard() -> Guard:
-    """The embedded-default :class:`~mlpm_guard.Guard`, built on first use and shared by the process.
+    _guard: Optional[Guard] = PrivateAttr(default=None)
 
-    Every piece built without a guard uses this one, so two default objects never load the
-    backbone twice.
-    """
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = _build_default()
-        return _default
+    def __init__(self, guard: Optional[Guard] = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._guard = check_guard(guard, type(self).__name__)
 
-
-def _build_default() -> Guard:
-    return Guard()
+    @property
+    def guard(self) -> Guard:
+        """The guard this component serves (the shared default is built here on first use)."""
+        return self._guard if self._guard is not None else default_guard()
 
 
 def check_guard(guard: Any, owner: str) -> Guard | None:
@@ -97,22 +96,17 @@ class RouteDirective:
 _DIRECTIVE: ContextVar[RouteDirective | None] = ContextVar("mlpm_guard_llama_index_route", default=None)
 
 
-def forced_policy(policy: Policy, route: Route) -> Policy:
-    """``policy`` with every tier and category sent to ``route`` (its texts and knobs kept).
-
-    Why the bare query decides and not the LLM's own verdict on the prompt it is given: that
-    prompt is the engine's template around retrieved passages, which is not what prototypes are
-    fitted on (plain declarative passages lean unsafe under the seed prototypes), while the
-    passages themselves are the node postprocessor's job. The LLM's verdict is still reported.
-    """
-    return policy.model_copy(update={"safe_route": route, "controversial_route": route,
-                                     "unsafe_route": route, "category_routes": {}})
-
-
 @contextmanager
 def directing(route: Route, verdict: Verdict, policy: Policy) -> Iterator[RouteDirective]:
-    """Hand ``route`` to every guarded LLM call made inside the block (same thread or task)."""
-    directive = RouteDirective(route, verdict, forced_policy(policy, route))
+    """Hand ``route`` to every guarded LLM call made inside the block (same thread or task).
+
+    The LLM answers under ``policy`` forced to ``route``. Why the bare query decides and not the
+    LLM's own verdict on the prompt it is given: that prompt is the engine's template around
+    retrieved passages, which is not what prototypes are fitted on (plain declarative passages
+    lean unsafe under the seed prototypes), while the passages themselves are the node
+    postprocessor's job. The LLM's verdict is still reported.
+    """
+    directive = RouteDirective(route, verdict, policy.forced(route))
     with handing(directive):
         yield directive
 
@@ -147,6 +141,24 @@ def in_program() -> bool:
     return _PROGRAM.get()
 
 
+def as_program(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` (an LLM method, sync or async) with its LLM calls marked as a program's (:func:`program`)."""
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def run_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+            with program():
+                return await method(self, *args, **kwargs)
+
+        return run_async
+
+    @functools.wraps(method)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with program():
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 def claim_directive() -> RouteDirective | None:
     """The current request's directive, marked as applied (``None`` outside a guarded engine)."""
     directive = _DIRECTIVE.get()
@@ -155,12 +167,11 @@ def claim_directive() -> RouteDirective | None:
 
 def verdict_report(stage: str, route: Route, verdict: Verdict | None, *, blocked: bool,
                    **extra: Any) -> dict[str, Any]:
-    """The machine-readable report a piece attaches to what it returns."""
-    return {"stage": stage, "route": route.value, "blocked": blocked,
-            "p_unsafe": None if verdict is None else verdict.p_unsafe,
-            "verdict": None if verdict is None else verdict.to_dict(), **extra}
+    """The machine-readable report a piece attaches to what it returns: the decision record and
+    what only that piece knows (``extra``)."""
+    return {**Decision(route, blocked=blocked, verdict=verdict, stage=stage).to_dict(), **extra}
 
 
 def result_report(result: GuardResult, *, routed_by_engine: bool) -> dict[str, Any]:
-    """The report of a guarded LLM call: the full result, and whether an engine chose its route."""
-    return {"stage": "llm", **result.to_dict(), "routed_by_engine": routed_by_engine}
+    """The report of a guarded LLM call: the answer, its decision record, and whether an engine chose its route."""
+    return {"text": result.text, **result.decision("llm").to_dict(), "routed_by_engine": routed_by_engine}

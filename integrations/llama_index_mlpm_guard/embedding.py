@@ -1,26 +1,19 @@
 """``BackboneEmbedding``: text embeddings from the guard's own backbone, so a RAG app needs no
 second model and nothing downloaded.
 
-A text is run through the decoder as plain text (no chat template) and its final-layer states
-are mean-pooled over the real tokens, leaving out the first one: decoder LMs park a very large
-activation on the first position (an "attention sink"), which would otherwise dominate every
-mean and make all texts look alike. Vectors are L2-normalised. This is a small, general model's
-embedding: good enough to pick the right passage among a modest number of documents, not a
-replacement for a trained retrieval embedder on a large corpus.
+The embedding is :func:`mlpm_guard.embedding.content_embeddings` (the last token's state of the
+text as a chat-templated user turn, L2-normalised), the same as LangChain's ``MLPMEmbeddings``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, List, Optional
 
-import torch
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 
-from mlpm_guard import Backbone, Guard
-from mlpm_guard.backbone import Encoded
-
-from ._shared import default_guard
+from mlpm_guard import Backbone, Guard, content_embeddings, default_guard
 
 
 class BackboneEmbedding(BaseEmbedding):
@@ -32,7 +25,7 @@ class BackboneEmbedding(BaseEmbedding):
         max_length: texts are cut to this many tokens (the start is kept).
     """
 
-    max_length: int = Field(default=512, ge=2, description="tokens kept per text (from the start)")
+    max_length: int = Field(default=512, ge=1, description="tokens kept per text (from the start)")
 
     _backbone: Optional[Backbone] = PrivateAttr(default=None)
 
@@ -55,23 +48,8 @@ class BackboneEmbedding(BaseEmbedding):
     def backbone(self) -> Backbone:
         return self._backbone if self._backbone is not None else default_guard().backbone
 
-    @torch.inference_mode()
     def _embed(self, texts: List[str]) -> List[Embedding]:
-        backbone = self.backbone
-        ids = backbone.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-        rows = [Encoded(tuple(row[: self.max_length] or [backbone.tokenizer.pad_token_id])) for row in ids]
-        batch = backbone.collate(rows)
-        states = backbone.model.base_model(**batch, use_cache=False).last_hidden_state.float()
-        mask = batch["attention_mask"].clone()
-        # Left padding: each row's first real token sits at width - length. Keep it only in a
-        # one-token text, which has nothing else to pool.
-        width = mask.shape[1]
-        for j, row in enumerate(rows):
-            if len(row) > 1:
-                mask[j, width - len(row)] = 0
-        weights = mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * weights).sum(1) / weights.sum(1)
-        return torch.nn.functional.normalize(pooled, dim=-1).cpu().tolist()
+        return content_embeddings(self.backbone, texts, max_tokens=self.max_length).tolist()
 
     def _get_text_embeddings(self, texts: List[str]) -> List[Embedding]:
         return self._embed(texts)
@@ -83,11 +61,7 @@ class BackboneEmbedding(BaseEmbedding):
         return self._embed([query])[0]
 
     async def _aget_query_embedding(self, query: str) -> Embedding:
-        import asyncio
-
         return await asyncio.to_thread(self._get_query_embedding, query)
 
     async def _aget_text_embedding(self, text: str) -> Embedding:
-        import asyncio
-
         return await asyncio.to_thread(self._get_text_embedding, text)

@@ -37,9 +37,9 @@ from llama_index.core.memory import Memory
 from llama_index.core.prompts.mixin import PromptMixinType
 from llama_index.core.schema import QueryBundle
 
-from mlpm_guard import BackboneConfig, Guard, Policy, Route, Verdict
+from mlpm_guard import BackboneConfig, Guard, Policy, Route, Verdict, default_guard
 
-from ._shared import METADATA_KEY, RouteDirective, check_guard, default_guard, directing, handing, verdict_report
+from ._shared import METADATA_KEY, RouteDirective, check_guard, directing, handing, verdict_report
 from .events import GuardDecisionEvent, traced
 from .llm import MLPMGuardLLM, to_core_messages
 from .postprocessor import MLPMGuardNodePostprocessor
@@ -361,10 +361,12 @@ class GuardedChatEngine(BaseChatEngine):
         """
         return isinstance(self._chat_engine, SimpleChatEngine)
 
+    def _decide(self, verdict: Verdict) -> tuple[Route, Verdict, Policy]:
+        route, policy = _decide("chat", self.guard, verdict)
+        return route, verdict, policy
+
     def chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None) -> AGENT_CHAT_RESPONSE_TYPE:
-        guard = self.guard
-        verdict = guard.check(self._conversation(message, chat_history))
-        route, policy = _decide("chat", guard, verdict)
+        route, verdict, policy = self._decide(self.guard.check(self._conversation(message, chat_history)))
         if route is Route.REFUSE:
             return self._refusal(route, verdict, policy, stream=None)
         with directing(route, verdict, policy) as directive:
@@ -374,9 +376,7 @@ class GuardedChatEngine(BaseChatEngine):
 
     def stream_chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None
                     ) -> StreamingAgentChatResponse:
-        guard = self.guard
-        verdict = guard.check(self._conversation(message, chat_history))
-        route, policy = _decide("chat", guard, verdict)
+        route, verdict, policy = self._decide(self.guard.check(self._conversation(message, chat_history)))
         if route is Route.REFUSE:
             return self._refusal(route, verdict, policy, stream="sync")  # type: ignore[return-value]
         with directing(route, verdict, policy) as directive:
@@ -393,26 +393,24 @@ class GuardedChatEngine(BaseChatEngine):
 
     async def achat(self, message: str, chat_history: Optional[List[ChatMessage]] = None
                     ) -> AGENT_CHAT_RESPONSE_TYPE:
-        guard = self.guard
-        verdict = await guard.acheck(self._conversation(message, chat_history))
-        route, policy = _decide("chat", guard, verdict)
-        if route is Route.REFUSE:
-            return self._refusal(route, verdict, policy, stream=None)
-        with directing(route, verdict, policy) as directive:
-            response = await self._chat_engine.achat(message, chat_history)
-        _warn_unapplied(route, directive)
-        return self._finish(response, route, verdict, directive)
+        return await self._aguarded(self._chat_engine.achat, message, chat_history, stream=None)
 
     async def astream_chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None
                            ) -> StreamingAgentChatResponse:
-        guard = self.guard
-        verdict = await guard.acheck(self._conversation(message, chat_history))
-        route, policy = _decide("chat", guard, verdict)
-        if route is Route.REFUSE:
-            return self._refusal(route, verdict, policy, stream="async")  # type: ignore[return-value]
         # The engine's writer task is created here and copies this context, directive included,
         # so the LLM call it makes later still takes the route (the report's `route_applied`
         # turns true then; no warning is possible at this point).
+        return await self._aguarded(self._chat_engine.astream_chat, message, chat_history,
+                                    stream="async")  # type: ignore[return-value]
+
+    async def _aguarded(self, call: Callable[..., Any], message: str, chat_history: Optional[List[ChatMessage]],
+                        *, stream: Optional[Literal["async"]]) -> Any:
+        """``call`` (the wrapped engine's ``achat`` or ``astream_chat``) under the route of this turn."""
+        route, verdict, policy = self._decide(await self.guard.acheck(self._conversation(message, chat_history)))
+        if route is Route.REFUSE:
+            return self._refusal(route, verdict, policy, stream=stream)
         with directing(route, verdict, policy) as directive:
-            response = await self._chat_engine.astream_chat(message, chat_history)
+            response = await call(message, chat_history)
+        if stream is None:  # a stream's LLM call comes later, when its writer task runs
+            _warn_unapplied(route, directive)
         return self._finish(response, route, verdict, directive)

@@ -13,7 +13,7 @@ instructions included) itself.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Generator, Mapping, Sequence
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -26,23 +26,21 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
+from llama_index.core.bridge.pydantic import Field, field_validator
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.span import active_span_id
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
-from mlpm_guard import GenerationConfig, Guard, GuardChunk, GuardResult, Policy, Route
+from mlpm_guard import GenerationConfig, GuardChunk, GuardResult, Policy, Route
 
 from ._shared import (
     METADATA_KEY,
+    GuardedComponent,
     RouteDirective,
-    check_guard,
+    as_program,
     claim_directive,
-    default_guard,
-    forced_policy,
     in_program,
-    program,
     result_report,
 )
 from .events import GuardDecisionEvent, traced
@@ -61,7 +59,7 @@ def to_core_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
     return [{"role": role(m), "content": m.content or ""} for m in messages]
 
 
-class MLPMGuardLLM(CustomLLM):
+class MLPMGuardLLM(GuardedComponent, CustomLLM):
     """A LlamaIndex LLM answering with the guarded backbone.
 
     Args:
@@ -85,12 +83,6 @@ class MLPMGuardLLM(CustomLLM):
     generate_kwargs: Dict[str, Any] = Field(
         default_factory=dict, description="GenerationConfig fields overriding the guard's decoding defaults.")
 
-    _guard: Optional[Guard] = PrivateAttr(default=None)
-
-    def __init__(self, guard: Optional[Guard] = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._guard = check_guard(guard, "MLPMGuardLLM")
-
     @field_validator("generate_kwargs")
     @classmethod
     def _known_generation_fields(cls, value: Dict[str, Any]) -> Dict[str, Any]:
@@ -104,11 +96,6 @@ class MLPMGuardLLM(CustomLLM):
     @classmethod
     def class_name(cls) -> str:
         return "MLPMGuardLLM"
-
-    @property
-    def guard(self) -> Guard:
-        """The guard this LLM serves (the shared default is built here on first use)."""
-        return self._guard if self._guard is not None else default_guard()
 
     @property
     def metadata(self) -> LLMMetadata:
@@ -132,7 +119,7 @@ class MLPMGuardLLM(CustomLLM):
         generation = {**self.generate_kwargs,
                       **{k: v for k, v in kwargs.items() if k in GenerationConfig.model_fields}}
         if directive is None and in_program():
-            return forced_policy(self.guard.policy, Route.PASS), generation, None
+            return self.guard.policy.forced(Route.PASS), generation, None
         return (None if directive is None else directive.policy), generation, directive
 
     # ------------------------------------------------------------------ programs
@@ -140,21 +127,10 @@ class MLPMGuardLLM(CustomLLM):
     # LlamaIndex's templates around pipeline values: judged as if they were the user's words they
     # were refused (p 0.51 for a plain extraction). The user's request is judged where it enters,
     # by GuardedQueryEngine / GuardedChatEngine; here the answer is still moderated as the policy says.
-    def structured_predict(self, *args: Any, **kwargs: Any) -> Any:
-        with program():
-            return super().structured_predict(*args, **kwargs)
-
-    async def astructured_predict(self, *args: Any, **kwargs: Any) -> Any:
-        with program():
-            return await super().astructured_predict(*args, **kwargs)
-
-    def predict(self, *args: Any, **kwargs: Any) -> str:
-        with program():
-            return super().predict(*args, **kwargs)
-
-    async def apredict(self, *args: Any, **kwargs: Any) -> str:
-        with program():
-            return await super().apredict(*args, **kwargs)
+    structured_predict = as_program(CustomLLM.structured_predict)
+    astructured_predict = as_program(CustomLLM.astructured_predict)
+    predict = as_program(CustomLLM.predict)
+    apredict = as_program(CustomLLM.apredict)
 
     def _completion_prompt(self, prompt: str, formatted: bool) -> str | list[dict[str, str]]:
         if not formatted:

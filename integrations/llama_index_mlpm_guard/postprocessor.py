@@ -8,16 +8,16 @@ scored is judged unsafe (the guard fails closed unless its policy fails open).
 
 from __future__ import annotations
 
-from typing import Any, List, Literal, Optional
+from typing import List, Literal, Optional
 
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
-from mlpm_guard import Guard, Verdict
+from mlpm_guard import Verdict
 
-from ._shared import check_guard, default_guard
+from ._shared import GuardedComponent
 from .events import GuardNodesEvent
 
 dispatcher = get_dispatcher(__name__)
@@ -26,7 +26,7 @@ dispatcher = get_dispatcher(__name__)
 FLAG_KEYS = ("mlpm_guard_unsafe", "mlpm_guard_p_unsafe", "mlpm_guard_tier", "mlpm_guard_category")
 
 
-class MLPMGuardNodePostprocessor(BaseNodePostprocessor):
+class MLPMGuardNodePostprocessor(GuardedComponent, BaseNodePostprocessor):
     """Drop, or flag in metadata, the retrieved nodes the guard judges unsafe.
 
     Args:
@@ -52,19 +52,9 @@ class MLPMGuardNodePostprocessor(BaseNodePostprocessor):
     threshold: Optional[float] = Field(default=None, gt=0, lt=1, description="None: the verdict's label")
     metadata_mode: MetadataMode = Field(default=MetadataMode.NONE, description="the node text that is scored")
 
-    _guard: Optional[Guard] = PrivateAttr(default=None)
-
-    def __init__(self, guard: Optional[Guard] = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._guard = check_guard(guard, "MLPMGuardNodePostprocessor")
-
     @classmethod
     def class_name(cls) -> str:
         return "MLPMGuardNodePostprocessor"
-
-    @property
-    def guard(self) -> Guard:
-        return self._guard if self._guard is not None else default_guard()
 
     def _texts(self, nodes: List[NodeWithScore]) -> list[str]:
         return [n.node.get_content(metadata_mode=self.metadata_mode) for n in nodes]

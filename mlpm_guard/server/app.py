@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from .._version import __version__
 from ..errors import InputError
 from ..generation import GenerationConfig
 from ..guard import Guard
@@ -186,8 +187,8 @@ class GuardService:
         finish = "content_filter" if result.blocked else "length" if t.completion_tokens >= config.max_new_tokens \
             else "stop"
         return schemas.chat_completion(result.text, model=model, finish_reason=finish,
-                                       decision=schemas.decision_of(result), prompt_tokens=t.prompt_tokens,
-                                       completion_tokens=t.completion_tokens)
+                                       decision=schemas.decision_body(result.decision()),
+                                       prompt_tokens=t.prompt_tokens, completion_tokens=t.completion_tokens)
 
     async def stream_local(self, messages: Messages, config: GenerationConfig, model: str) -> AsyncIterator[bytes]:
         """The guard's own answer as OpenAI chunks; the last chunk carries the decision."""
@@ -214,7 +215,7 @@ class GuardService:
         n = result.timings.completion_tokens
         finish = "content_filter" if result.blocked else "length" if n >= config.max_new_tokens else "stop"
         yield schemas.sse(schemas.chat_chunk(cid, model, created, finish_reason=finish,
-                                             decision=schemas.decision_of(result)))
+                                             decision=schemas.decision_body(result.decision())))
         yield schemas.SSE_DONE
 
 
@@ -258,7 +259,7 @@ def create_app(guard: Guard, settings: ServerSettings | None = None, *, lanes: L
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="mlpm-guard", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = FastAPI(title="mlpm-guard", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.service = service
 
@@ -266,14 +267,24 @@ def create_app(guard: Guard, settings: ServerSettings | None = None, *, lanes: L
     async def _http_error(_: Request, exc: HTTPError) -> JSONResponse:
         return exc.response()
 
+    _add_info_routes(app, service)
+    _add_guard_routes(app, service)
+    app.add_middleware(_Middleware, settings=settings, metrics=metrics)
+    return app
+
+
+def _add_info_routes(app: FastAPI, service: GuardService) -> None:
+    """``/healthz``, ``/metrics`` and ``/v1/models``: what the server is, never touching the model."""
+    settings = service.settings
+
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "backbone": guard.backbone.name, "batching": settings.batching,
+        return {"status": "ok", "backbone": service.guard.backbone.name, "batching": settings.batching,
                 "max_batch_size": settings.effective_batch_size, "upstream": settings.upstream is not None}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        body, content_type = metrics.render()
+        body, content_type = service.metrics.render()
         return Response(body, media_type=content_type)
 
     @app.get("/v1/models")
@@ -281,15 +292,19 @@ def create_app(guard: Guard, settings: ServerSettings | None = None, *, lanes: L
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
                                             "owned_by": "mlpm-guard"}]}
 
+
+def _add_guard_routes(app: FastAPI, service: GuardService) -> None:
+    """The routes that score or answer: moderations, the batch check and chat completions."""
+    settings, guard = service.settings, service.guard
+
     @app.post("/v1/moderations")
     async def moderations(request: Request) -> dict[str, Any]:
         req = await read_json(request, schemas.ModerationRequest, settings.max_request_bytes)
         texts = req.inputs()
         if not texts or len(texts) > settings.max_batch_items:
             raise HTTPError(400, f"`input` must hold 1 to {settings.max_batch_items} texts, got {len(texts)}")
-        prompts = [service.check_input(t) for t in texts]
-        verdicts = await service.score_many(prompts)
-        metrics.flags.labels("input").inc(sum(v.unsafe for v in verdicts))
+        verdicts = await service.score_many([service.check_input(t) for t in texts])
+        service.metrics.flags.labels("input").inc(sum(v.unsafe for v in verdicts))
         return {"id": f"modr-{uuid.uuid4().hex}", "model": req.model or settings.model_name,
                 "results": [schemas.moderation_result(v) for v in verdicts]}
 
@@ -313,16 +328,7 @@ def create_app(guard: Guard, settings: ServerSettings | None = None, *, lanes: L
         config = service.generation(req)
         if service.proxy is not None:
             return await service.proxy.chat(req, messages, config)
-        model = settings.model_name
         if req.stream:
-            return StreamingResponse(service.stream_local(messages, config, model), media_type="text/event-stream")
-        return service.completion(await service.answer(messages, config), config, model)
-
-    app.add_middleware(_Middleware, settings=settings, metrics=metrics)
-    return app
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
+            return StreamingResponse(service.stream_local(messages, config, settings.model_name),
+                                     media_type="text/event-stream")
+        return service.completion(await service.answer(messages, config), config, settings.model_name)

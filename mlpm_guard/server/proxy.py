@@ -14,6 +14,7 @@ a flagged stream stops before the flagged text reaches the caller.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..generation import GenerationConfig
 from ..moderation import to_verdict
-from ..types import Route, Verdict
+from ..types import Decision, Route, Verdict
 from . import schemas
 from .schemas import SSE_DONE, sse
 from .batching import Messages
@@ -66,38 +67,48 @@ class UpstreamProxy:
         service, policy = self.service, self.service.guard.policy
         verdict = await service.score(messages)
         route = policy.route(verdict)
-        decision = schemas.GuardDecision(route=route, blocked=route is Route.REFUSE, input=schemas.VerdictInfo.of(verdict),
-                                         upstream=route is not Route.REFUSE)
+        # STEER needs the local model's activations: upstream it is applied as the safety prompt.
+        applied = Route.SAFETY_PROMPT if route is Route.STEER else route
+        decision = Decision(route, blocked=route is Route.REFUSE, verdict=verdict, applied_route=applied)
         if route is Route.REFUSE:
             service.record(route, verdict)
             return self._local(req, policy.refusal_message, decision)
         body = req.model_dump(exclude_none=True)
         body["max_tokens"] = config.max_new_tokens
         body.pop("max_completion_tokens", None)
-        if route in (Route.SAFETY_PROMPT, Route.STEER):
+        if applied is Route.SAFETY_PROMPT:
             body["messages"] = with_system(body["messages"], policy.safety_prompt)
         if req.stream:
-            return await self._stream(body, messages, verdict, decision)
-        return await self._complete(body, messages, verdict, decision)
+            return await self._stream(body, messages, decision)
+        return await self._complete(body, messages, decision)
 
-    def _local(self, req: schemas.ChatCompletionRequest, text: str, decision: schemas.GuardDecision) -> Any:
+    def _local(self, req: schemas.ChatCompletionRequest, text: str, decision: Decision) -> Any:
         model = req.model or self.service.settings.model_name
+        body = schemas.decision_body(decision)
         if not req.stream:
-            return schemas.chat_completion(text, model=model, finish_reason="content_filter", decision=decision)
+            return schemas.chat_completion(text, model=model, finish_reason="content_filter", decision=body)
 
         async def events() -> AsyncIterator[bytes]:
             cid, created = schemas.completion_id(), int(time.time())
             yield sse(schemas.chat_chunk(cid, model, created, role="assistant", content=text))
-            yield sse(schemas.chat_chunk(cid, model, created, finish_reason="content_filter", decision=decision))
+            yield sse(schemas.chat_chunk(cid, model, created, finish_reason="content_filter", decision=body))
             yield SSE_DONE
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def _moderate(self, messages: Messages, text: str) -> Verdict:
+    async def moderate(self, messages: Messages, text: str) -> Verdict:
         """The answer scored as content (as the guard's prototype moderator does), on the scoring lane."""
         config = self.service.guard.policy.output_moderation
         verdict = await self.service.score([{"role": "user", "content": text if text.strip() else " "}])
         return to_verdict(verdict, config.threshold)
+
+    def moderated(self, decision: Decision, output: Verdict | None, *, broken: bool = False) -> Decision:
+        """``decision`` once the answer was judged (``output``) or its stream broke, which ends as a refusal."""
+        replaced = broken or (output is not None and output.unsafe
+                              and self.service.guard.policy.output_moderation.on_flag == "replace")
+        self.service.record(decision.route, decision.verdict, output)
+        return dataclasses.replace(decision, output_verdict=output, replaced=replaced,
+                                   blocked=decision.blocked or replaced)
 
     @staticmethod
     def _upstream_error(exc: Exception | None = None, status: int = 502) -> JSONResponse:
@@ -106,9 +117,8 @@ class UpstreamProxy:
         return JSONResponse(schemas.error_body("the upstream model server failed to answer", "upstream_error"),
                             status_code=status)
 
-    async def _complete(self, body: dict[str, Any], messages: Messages, verdict: Verdict,
-                        decision: schemas.GuardDecision) -> Any:
-        service, policy = self.service, self.service.guard.policy
+    async def _complete(self, body: dict[str, Any], messages: Messages, decision: Decision) -> Any:
+        policy = self.service.guard.policy
         try:
             response = await self.client.post(self.url, json=body)
         except httpx.HTTPError as exc:
@@ -123,18 +133,15 @@ class UpstreamProxy:
             return self._upstream_error(exc)
         output = None
         if policy.output_moderation.enabled:
-            output = await self._moderate(messages, message.get("content") or "")
-            decision.output = schemas.VerdictInfo.of(output)
-            if output.unsafe and policy.output_moderation.on_flag == "replace":
-                message["content"] = policy.refusal_message
-                data["choices"][0]["finish_reason"] = "content_filter"
-                decision.replaced = decision.blocked = True
-        service.record(decision.route, verdict, output)
-        data[schemas.EXTENSION] = decision.model_dump(mode="json")
+            output = await self.moderate(messages, message.get("content") or "")
+        decision = self.moderated(decision, output)
+        if decision.replaced:
+            message["content"] = policy.refusal_message
+            data["choices"][0]["finish_reason"] = "content_filter"
+        data[schemas.EXTENSION] = schemas.decision_body(decision, upstream=True)
         return data
 
-    async def _stream(self, body: dict[str, Any], messages: Messages, verdict: Verdict,
-                      decision: schemas.GuardDecision) -> Any:
+    async def _stream(self, body: dict[str, Any], messages: Messages, decision: Decision) -> Any:
         request = self.client.build_request("POST", self.url, json=body)
         try:
             response = await self.client.send(request, stream=True)
@@ -145,60 +152,79 @@ class UpstreamProxy:
             await response.aclose()
             logger.warning("upstream answered %s: %s", response.status_code, text[:500])
             return self._upstream_error(status=502 if response.status_code >= 500 else response.status_code)
-        return StreamingResponse(self._held_back(response, messages, verdict, decision),
+        return StreamingResponse(self._held_back(response, _HeldBack(self, messages), decision),
                                  media_type="text/event-stream")
 
-    async def _held_back(self, response: httpx.Response, messages: Messages, verdict: Verdict,
-                         decision: schemas.GuardDecision) -> AsyncIterator[bytes]:
-        policy = self.service.guard.policy
-        moderation = policy.output_moderation
-        pending: list[dict[str, Any]] = []  # upstream chunks not yet covered by a passed check
-        text, since_check = "", 0
-        output: Verdict | None = None
+    async def _held_back(self, response: httpx.Response, held: _HeldBack, decision: Decision) -> AsyncIterator[bytes]:
         last: dict[str, Any] = {}
         broken = False
         try:
             async for event in _events(response):
                 last = event
-                pending.append(event)
-                piece = _delta_text(event)
-                text += piece
-                since_check += bool(piece)
-                if not moderation.enabled:
-                    yield sse(pending.pop())
-                    continue
-                if since_check >= moderation.check_every:
-                    since_check = 0
-                    output = await self._moderate(messages, text)
-                    if output.unsafe:
-                        break
-                    for held in pending:
-                        yield sse(held)
-                    pending.clear()
+                for released in await held.add(event):
+                    yield sse(released)
+                if held.flagged:
+                    break
             else:
-                if moderation.enabled and (output is None or pending):
-                    output = await self._moderate(messages, text)
+                await held.finish()
         except Exception as exc:  # noqa: BLE001 - a broken stream releases nothing more and ends as a refusal
             logger.error("upstream stream failed: %s: %s", type(exc).__name__, exc)
             broken = True
         finally:
             await response.aclose()
-        if output is not None:
-            decision.output = schemas.VerdictInfo.of(output)
+        decision = self.moderated(decision, held.verdict, broken=broken)
         cid, model = last.get("id") or schemas.completion_id(), last.get("model") or ""
         created = last.get("created") or int(time.time())
-        if broken or (output is not None and output.unsafe and moderation.on_flag == "replace"):
-            decision.replaced = decision.blocked = True
-            yield sse(schemas.chat_chunk(cid, model, created, content=policy.refusal_message,
+        if decision.replaced:
+            yield sse(schemas.chat_chunk(cid, model, created, content=self.service.guard.policy.refusal_message,
                                          finish_reason="content_filter"))
         else:
-            for held in pending:
-                yield sse(held)
-        self.service.record(decision.route, verdict, output)
-        final = schemas.chat_chunk(cid, model, created, decision=decision)
+            for released in held.release():
+                yield sse(released)
+        final = schemas.chat_chunk(cid, model, created, decision=schemas.decision_body(decision, upstream=True))
         final["choices"] = []
         yield sse(final)
         yield SSE_DONE
+
+
+class _HeldBack:
+    """Output moderation of one upstream stream: its chunks go to the caller only after a check
+    that covers their text passed (every ``check_every`` content chunks, and once at the end).
+    With output moderation off every chunk goes out as it comes."""
+
+    def __init__(self, proxy: UpstreamProxy, messages: Messages) -> None:
+        self.proxy, self.messages = proxy, messages
+        self.moderation = proxy.service.guard.policy.output_moderation
+        self.pending: list[dict[str, Any]] = []  # upstream chunks not yet covered by a passed check
+        self.text, self.since_check = "", 0
+        self.verdict: Verdict | None = None
+
+    @property
+    def flagged(self) -> bool:
+        return self.verdict is not None and self.verdict.unsafe
+
+    async def add(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """Take an upstream chunk; returns the chunks that may go to the caller now."""
+        self.pending.append(event)
+        piece = _delta_text(event)
+        self.text += piece
+        self.since_check += bool(piece)
+        if not self.moderation.enabled:
+            return self.release()
+        if self.since_check < self.moderation.check_every:
+            return []
+        self.since_check = 0
+        self.verdict = await self.proxy.moderate(self.messages, self.text)
+        return [] if self.flagged else self.release()
+
+    async def finish(self) -> None:
+        """The check at the end of the stream, unless the last one already covered all of it."""
+        if self.moderation.enabled and (self.verdict is None or self.pending):
+            self.verdict = await self.proxy.moderate(self.messages, self.text)
+
+    def release(self) -> list[dict[str, Any]]:
+        out, self.pending = self.pending, []
+        return out
 
 
 async def _events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:

@@ -1,9 +1,9 @@
 """The wire formats: OpenAI-style requests, and the guard decision carried in every response.
 
 Requests accept the OpenAI fields the guard can honour and ignore the rest (``n``, ``tools``...),
-so the official ``openai`` client works unchanged. The guard's decision travels under the
-``mlpm_guard`` key of a chat completion (of the last chunk when streaming) and of each moderation
-result.
+so the official ``openai`` client works unchanged. The guard's decision record travels under
+the ``mlpm_guard`` key of a chat completion (of the last chunk when streaming); each moderation
+result carries its verdict there.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..categories import HAZARDS
 from ..errors import InputError
-from ..types import GuardResult, Route, Verdict
+from ..types import Decision, Verdict
 
 EXTENSION = "mlpm_guard"
 
@@ -124,31 +124,19 @@ class VerdictInfo(BaseModel):
                    category_name=v.category_name, error=v.error is not None)
 
 
-class GuardDecision(BaseModel):
-    """The ``mlpm_guard`` extension of a chat completion.
+def decision_body(decision: Decision, *, upstream: bool = False) -> dict[str, Any]:
+    """The ``mlpm_guard`` field of a chat completion: the guard's decision record.
 
-    Attributes:
-        route: what the guard did with the request (``pass``, ``safety_prompt``, ``steer``, ``refuse``).
-        blocked: the caller got no generated answer (refused, or the answer was replaced).
-        input: the verdict on the prompt.
-        output: the verdict on the answer, when output moderation ran.
-        replaced: the answer was flagged and replaced by the refusal message.
-        upstream: the answer came from the upstream server (proxy mode).
+    The keys of :meth:`mlpm_guard.Decision.to_dict` (error texts cut to their kind: the text
+    stays in the server log), plus the wire's own: ``input`` and ``output``, the input and output
+    verdicts as :class:`VerdictInfo` (the moderation endpoint's form), and ``upstream``, true when
+    the answer came from the upstream server (proxy mode).
     """
-
-    route: Route
-    blocked: bool
-    input: VerdictInfo | None
-    output: VerdictInfo | None = None
-    replaced: bool = False
-    upstream: bool = False
-
-
-def decision_of(result: GuardResult) -> GuardDecision:
-    return GuardDecision(route=result.route, blocked=result.blocked,
-                         input=VerdictInfo.of(result.verdict) if result.verdict else None,
-                         output=VerdictInfo.of(result.output_verdict) if result.output_verdict else None,
-                         replaced=result.replaced)
+    v, o = decision.verdict, decision.output_verdict
+    return {**decision.to_dict(redact_errors=True),
+            "input": VerdictInfo.of(v).model_dump() if v is not None else None,
+            "output": VerdictInfo.of(o).model_dump() if o is not None else None,
+            "upstream": upstream}
 
 
 # ---------------------------------------------------------------------- responses
@@ -156,7 +144,7 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def chat_completion(text: str, *, model: str, finish_reason: str, decision: GuardDecision, prompt_tokens: int = 0,
+def chat_completion(text: str, *, model: str, finish_reason: str, decision: dict[str, Any], prompt_tokens: int = 0,
                     completion_tokens: int = 0) -> dict[str, Any]:
     return {
         "id": completion_id(), "object": "chat.completion", "created": int(time.time()), "model": model,
@@ -164,12 +152,12 @@ def chat_completion(text: str, *, model: str, finish_reason: str, decision: Guar
                      "logprobs": None}],
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                   "total_tokens": prompt_tokens + completion_tokens},
-        EXTENSION: decision.model_dump(mode="json"),
+        EXTENSION: decision,
     }
 
 
 def chat_chunk(cid: str, model: str, created: int, *, content: str | None = None, role: str | None = None,
-               finish_reason: str | None = None, decision: GuardDecision | None = None) -> dict[str, Any]:
+               finish_reason: str | None = None, decision: dict[str, Any] | None = None) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if role is not None:
         delta["role"] = role
@@ -178,7 +166,7 @@ def chat_chunk(cid: str, model: str, created: int, *, content: str | None = None
     chunk: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                              "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
     if decision is not None:
-        chunk[EXTENSION] = decision.model_dump(mode="json")
+        chunk[EXTENSION] = decision
     return chunk
 
 

@@ -109,7 +109,7 @@ def test_core_never_imports_langchain():
 
 
 def test_default_objects_share_one_lazily_built_guard(monkeypatch):
-    from langchain_mlpm_guard import _common
+    from mlpm_guard import defaults
 
     built = []
 
@@ -117,8 +117,8 @@ def test_default_objects_share_one_lazily_built_guard(monkeypatch):
         def __init__(self) -> None:
             built.append(self)
 
-    monkeypatch.setattr(_common, "Guard", FakeGuard)
-    monkeypatch.setattr(_common, "_default_guard", None)
+    monkeypatch.setattr(defaults, "_build", FakeGuard)
+    monkeypatch.setattr(defaults, "_guard", None)
     runnable, chat, docs = MLPMGuardRunnable(), ChatMLPMGuard(), MLPMDocumentFilter()
     assert built == []  # building adapters loads nothing
     guarded = with_guard(RunnableLambda(lambda x: x))
@@ -417,6 +417,37 @@ def test_backbone_embeddings_retrieve_from_an_in_memory_store(backbone):
     assert store.similarity_search("My wifi router is stuck, how do I reset it?", k=1)[0].page_content == texts[2]
     with pytest.raises(ConfigError, match="layer"):
         MLPMEmbeddings(backbone=backbone, layer=backbone.num_layers + 1).embed_query("x")
+
+
+# ---------------------------------------------------------------------------- end-to-end evaluation
+def test_evaluation_system_reads_each_langchain_output_shape(guard, refusal):
+    from mlpm_guard.data import Example
+    from mlpm_guard.endtoend import end_to_end
+
+    from langchain_mlpm_guard import FLAG_KEY, evaluation_system
+
+    def answer(prompt: str) -> Any:
+        record = {"route": "refuse", "blocked": True}
+        if "dict" in prompt:
+            return {"answer": "Sure, here it is.", FLAG_KEY: {"route": "pass", "blocked": False}}
+        if "agent" in prompt:
+            return {"messages": [HumanMessage(prompt), AIMessage(refusal, response_metadata={FLAG_KEY: record})]}
+        if "text" in prompt:
+            return GuardedText(refusal, record)
+        return AIMessage("Paris.")
+
+    unsafe = ["a dict prompt", "an agent prompt", "a text prompt"]
+    data = {"mix": [Example(p, 1) for p in unsafe] + [Example("What is the capital of France?", 0)]}
+    systems = {"lambda": evaluation_system(RunnableLambda(answer), name="lambda"),
+               "guarded": evaluation_system(with_guard(RunnableLambda(lambda x: "Paris."), guard))}
+    out = end_to_end(systems, {**data, "harm": [Example(UNSAFE, 1)]}, progress=False)
+    mix = out["systems"]["lambda"]["datasets"]["mix"]
+    assert mix["routes"] == {"pass": 1, "refuse": 2, "unknown": 1} and mix["blocked_by_guard"] == 0.5
+    assert mix["attack_success_rate"] == pytest.approx(1 / 3) and mix["over_refusal"] == 0.0
+    assert out["systems"]["guarded"]["datasets"]["harm"]["routes"] == {"refuse": 1}  # with_guard's own refusal
+    assert "via .batch()" in out["systems"]["lambda"]["description"]
+    with pytest.raises(TypeError, match="Runnable"):
+        evaluation_system(answer)
 
 
 # ---------------------------------------------------------------------------- examples
