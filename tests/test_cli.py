@@ -29,7 +29,10 @@ def test_fit_adds_the_seed_set_unless_told_not_to(fitted_dir, capsys):
     folder, data = fitted_dir
     assert cli.main(["fit", str(data), "--out", str(folder / "with"), "--max-per-source", "20", "-q"]) == 0
     summary = _json_lines(capsys.readouterr().out)[-1]
-    assert summary["training"] == {"mine/safe": 10, "mine/unsafe": 10, "seed/safe": 10, "seed/unsafe": 10}
+    training = summary["training"]
+    assert {k: v for k, v in training.items() if k != "seed/safe"} == {"mine/safe": 10, "mine/unsafe": 10, "seed/unsafe": 10}
+    # Ten capped benign seed prompts, plus up to two sentence readings of each multi-sentence one.
+    assert 10 <= training["seed/safe"] <= 30
     assert cli.main(["fit", str(data), "--out", str(folder / "without"), "--no-seed-set", "-q"]) == 0
     summary = _json_lines(capsys.readouterr().out)[-1]
     # The test-split row is held out of the fit; nothing from the seed set joins.
