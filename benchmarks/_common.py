@@ -105,8 +105,9 @@ def prototypes_for(backbone: Any, n_per_label: int = 64) -> Any:
     """Default (seed-fitted) prototypes for the embedded backbone; for a random model, prototypes
     fitted on a slice of the seed set (their values are meaningless, their cost is the real one)."""
     from mlpm_guard import Prototypes
-    from mlpm_guard.data import seed_examples
-    from mlpm_guard.training import DEFAULT_PARAMS, default_prototypes
+    from mlpm_guard.shipped import default_prototypes
+    from mlpm_guard.toolkit.data import seed_examples
+    from mlpm_guard.toolkit.training import DEFAULT_PARAMS
 
     if not backbone.name.startswith("random-"):
         return default_prototypes(backbone, progress=False)

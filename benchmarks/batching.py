@@ -14,7 +14,7 @@ import random
 import time
 
 from mlpm_guard import Guard
-from mlpm_guard.data import load_examples
+from mlpm_guard.toolkit.data import load_examples
 
 ALL_PASS = {"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass", "allow_pass_for_unsafe": True}
 

@@ -3,7 +3,7 @@
 A benign split that shares its source with the fit says nothing about what users will see, so every
 number here comes from a family held out of the fit as a whole:
 
-- a family whose source is in the release recipe (``mlpm_guard.training.RELEASE_SOURCES``) is
+- a family whose source is in the release recipe (``mlpm_guard.toolkit.training.RELEASE_SOURCES``) is
   scored by prototypes refitted with the release recipe *without that source*;
 - a family that is never in the release fit (Alpaca, ToxicChat, LLM-Safeguard, MaliciousInstruct:
   their licences keep them out, and the project's probe sets in ``mlpm_guard/resources/probes``,
@@ -35,10 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from mlpm_guard.data import Example, load_examples
-from mlpm_guard.features import extract
-from mlpm_guard.training import RELEASE_PARAMS, RELEASE_SOURCES, fit_examples, release_examples
 from mlpm_guard.scoring import views_of
+from mlpm_guard.toolkit.data import Example, load_examples
+from mlpm_guard.toolkit.features import extract
+from mlpm_guard.toolkit.training import (
+    RELEASE_PARAMS,
+    RELEASE_SOURCES,
+    fit_examples,
+    release_examples,
+)
 
 LANGS = ("fr", "de", "es", "it", "pt", "pl", "nl", "ru", "zh", "tr")
 PADDINGS: dict[str, Callable[[str], Any]] = {

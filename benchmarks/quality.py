@@ -38,10 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from mlpm_guard.data import Example, load_examples, seed_examples
-from mlpm_guard.features import extract
-from mlpm_guard.metrics import moderation_metrics
-from mlpm_guard.training import DEFAULT_PARAMS, HELD_OUT_SPLITS, fit_examples, training_mix
+from mlpm_guard.toolkit.data import Example, load_examples, seed_examples
+from mlpm_guard.toolkit.features import extract
+from mlpm_guard.toolkit.metrics import moderation_metrics
+from mlpm_guard.toolkit.training import (
+    DEFAULT_PARAMS,
+    HELD_OUT_SPLITS,
+    fit_examples,
+    training_mix,
+)
 
 # Which kind each evaluated set stands in for. Sets without unsafe rows only give a flag rate.
 KINDS: dict[str, str] = {

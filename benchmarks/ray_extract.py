@@ -25,7 +25,7 @@ import time
 import torch
 
 from mlpm_guard import Backbone, ray_engine
-from mlpm_guard.data import load_examples, seed_examples
+from mlpm_guard.toolkit.data import load_examples, seed_examples
 
 
 def main() -> None:

@@ -43,13 +43,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ARCHS, PROMPTS, add_backbone_args, device_name, emit, random_backbone, timed  # noqa: E402
+from _common import (  # noqa: E402
+    ARCHS,
+    PROMPTS,
+    add_backbone_args,
+    device_name,
+    emit,
+    random_backbone,
+    timed,
+)
 
 from mlpm_guard import Backbone, Prototypes, resolve_dtype  # noqa: E402
-from mlpm_guard.data import Example, load_examples, seed_examples  # noqa: E402
 from mlpm_guard.forward import PrefixCache  # noqa: E402
-from mlpm_guard.metrics import moderation_metrics  # noqa: E402
-from mlpm_guard.training import DEFAULT_PARAMS, default_prototypes  # noqa: E402
+from mlpm_guard.shipped import default_prototypes  # noqa: E402
+from mlpm_guard.toolkit.data import Example, load_examples, seed_examples  # noqa: E402
+from mlpm_guard.toolkit.metrics import moderation_metrics  # noqa: E402
+from mlpm_guard.toolkit.training import DEFAULT_PARAMS  # noqa: E402
 
 
 # ---------------------------------------------------------------------- CPU variants

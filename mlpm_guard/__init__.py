@@ -2,6 +2,8 @@
 
 from ._version import __version__
 from .backbone import Backbone, BackboneConfig
+from .defaults import default_guard
+from .embedding import content_embeddings
 from .errors import (
     BackboneLoadError,
     BackboneMismatchError,
@@ -13,15 +15,13 @@ from .errors import (
     NotFittedError,
     PrototypeFileError,
 )
-from .defaults import default_guard
-from .embedding import content_embeddings
-from .endtoend import Answer, ExternalSystem
 from .generation import GenerationConfig
 from .guard import Guard, as_policy
 from .loading import resolve_dtype  # public for benchmarks: the dtype "auto" picks on a device
 from .moderation import Moderator, PrototypeModerator, to_verdict
 from .policy import OutputModerationConfig, Policy, SteeringConfig
 from .prototypes import Prototypes
+from .toolkit.endtoend import Answer, ExternalSystem
 from .types import Decision, GuardChunk, GuardResult, Route, Tier, Timings, Verdict
 from .verdicts import make_verdict, tier_of
 

@@ -54,7 +54,7 @@ def _load_prototypes(args: argparse.Namespace) -> Any:
     fitted on another backbone are refused with a message naming it.
     """
     from .prototypes import Prototypes
-    from .training import default_prototypes
+    from .shipped import default_prototypes
 
     backbone = _backbone(args.backbone, args)
     if args.prototypes:
@@ -63,7 +63,7 @@ def _load_prototypes(args: argparse.Namespace) -> Any:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .training import fit_examples, load_training_examples
+    from .toolkit.training import fit_examples, load_training_examples
 
     examples = load_training_examples(args.data, max_per_source=args.max_per_source, seed=args.seed,
                                       with_seed_set=not args.no_seed_set)
@@ -87,7 +87,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_default(args: argparse.Namespace) -> int:
-    from .training import fit_release, shipped_prototypes_dir
+    from .shipped import shipped_prototypes_dir
+    from .toolkit.training import fit_release
 
     prototypes = fit_release(_backbone(args.backbone, args), args.data, progress=not args.quiet)
     out = prototypes.save(args.out or shipped_prototypes_dir())
@@ -97,7 +98,7 @@ def cmd_fit_default(args: argparse.Namespace) -> int:
 
 
 def _ray_options(args: argparse.Namespace) -> Any:
-    from .ray_engine import RayOptions
+    from .toolkit.ray_engine import RayOptions
 
     if args.ray_actors < 1:
         raise ConfigError(f"--ray-actors must be at least 1, got {args.ray_actors}")
@@ -111,7 +112,7 @@ def _ray_fit_states(backbone: Any, prompts: list[str], layers: list[int] | None,
     with ``--no-cache`` they are handed to the fit directly.
     """
     from . import ray_engine
-    from .features import FeatureCache
+    from .toolkit.features import FeatureCache
 
     layers = layers or list(range(1, backbone.num_layers + 1))
     if args.no_cache:
@@ -136,8 +137,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import eval_caches, evaluate, load_eval_sets, write_metrics
-    from .report import write_report
+    from .toolkit.evaluation import eval_caches, evaluate, load_eval_sets, write_metrics
+    from .toolkit.report import write_report
 
     if args.policy and not args.generate:
         raise ConfigError("--policy only applies to --generate (the end-to-end mode); add --generate or drop it")
@@ -146,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     datasets = load_eval_sets(args.data, split=args.split, sample=args.sample, seed=args.seed)
     train = None
     if args.train:
-        from .training import load_training_examples
+        from .toolkit.training import load_training_examples
 
         train = load_training_examples(args.train, max_per_source=args.max_per_source, seed=args.seed)
     elif args.max_per_source is not None:
@@ -160,9 +161,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           baselines=args.baselines or (), train=train, benign=args.benign,
                           target_flag_rate=args.target_flag_rate, jailbreaks=_framings(args.jailbreaks))
     if args.generate:
-        from .endtoend import end_to_end, guard_systems
         from .generation import GenerationConfig
         from .guard import Guard
+        from .toolkit.endtoend import end_to_end, guard_systems
 
         guard = Guard(prototypes.backbone, prototypes, args.policy,
                       generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
@@ -184,8 +185,8 @@ def _ray_eval_cache(prototypes: Any, datasets: dict[str, Any], args: argparse.Na
     import tempfile
 
     from . import ray_engine
-    from .baselines import parse_baselines
-    from .features import FeatureCache
+    from .toolkit.baselines import parse_baselines
+    from .toolkit.features import FeatureCache
 
     backbone = prototypes.backbone
     root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mlpm-guard-eval-"))) if args.no_cache else None
@@ -296,9 +297,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .generation import GenerationConfig
 
     try:
-        from . import server
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
+
+        from . import server
     except ImportError:
         raise ConfigError("`serve` needs the server extra: pip install 'mlpm-guard[server]'") from None
     try:

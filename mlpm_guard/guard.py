@@ -69,7 +69,7 @@ class Guard:
                  steering_vectors: Mapping[int, Sequence[float]] | None = None) -> None:
         self.backbone = backbone if isinstance(backbone, Backbone) else Backbone(backbone)
         if prototypes is None:
-            from .training import default_prototypes
+            from .shipped import default_prototypes
 
             prototypes = default_prototypes(self.backbone)
         elif isinstance(prototypes, (str, Path)):

@@ -25,8 +25,8 @@ from sklearn.model_selection import StratifiedKFold
 
 from . import _stats, prototype_file
 from .categories import category_label
-from .data import parse_label
 from .errors import BackboneMismatchError, ConfigError, NotFittedError
+from .labels import parse_label
 from .prototype_file import META_FILE  # noqa: F401 - where callers import it from
 from .prototype_set import CLASSES, PrototypeSet
 from .types import Verdict

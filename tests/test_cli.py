@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import SMALL_SAFE, SMALL_UNSAFE, write_jsonl
 
 from mlpm_guard import cli
-
-from conftest import SMALL_SAFE, SMALL_UNSAFE, write_jsonl
 
 
 @pytest.fixture(scope="module")

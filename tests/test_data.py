@@ -1,10 +1,16 @@
 """Reading labelled files: accepted vocabularies, clear errors, per-source caps."""
 
 import pytest
-
 from conftest import write_jsonl
-from mlpm_guard.data import Example, cap_per_source, load_examples, parse_label, seed_examples
+
 from mlpm_guard.errors import DataError
+from mlpm_guard.toolkit.data import (
+    Example,
+    cap_per_source,
+    load_examples,
+    parse_label,
+    seed_examples,
+)
 
 
 @pytest.mark.parametrize("value,expected", [

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mlpm_guard import Guard, Prototypes
-from mlpm_guard.training import RELEASE_SOURCES, SEED_LICENCE, default_prototypes, shipped_prototypes_dir
+from mlpm_guard.shipped import default_prototypes, shipped_prototypes_dir
+from mlpm_guard.toolkit.training import RELEASE_SOURCES, SEED_LICENCE
 
 EXCHANGE = [{"role": "user", "content": "How do I reverse a list in Python?"},
             {"role": "assistant", "content": "Use my_list.reverse() to reverse it in place, or my_list[::-1] for a copy."}]
@@ -17,7 +18,7 @@ def default_guard(backbone):
 
 
 def test_empty_cache_fits_nothing(backbone, tmp_path, monkeypatch):
-    import mlpm_guard.training as training
+    import mlpm_guard.toolkit.training as training
 
     monkeypatch.setenv("MLPM_GUARD_CACHE", str(tmp_path))
 

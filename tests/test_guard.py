@@ -6,8 +6,15 @@ import time
 
 import pytest
 
-from mlpm_guard import GenerationConfig, Guard, InputTypeError, Route, Tier, Verdict
-from mlpm_guard import pipeline
+from mlpm_guard import (
+    GenerationConfig,
+    Guard,
+    InputTypeError,
+    Route,
+    Tier,
+    Verdict,
+    pipeline,
+)
 
 ALL = {"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass", "allow_pass_for_unsafe": True}
 

@@ -3,12 +3,23 @@
 import numpy as np
 import pytest
 from sklearn.calibration import calibration_curve
-from sklearn.metrics import average_precision_score, brier_score_loss, precision_recall_curve, roc_curve
+from sklearn.metrics import (
+    average_precision_score,
+    brier_score_loss,
+    precision_recall_curve,
+    roc_curve,
+)
 
 from mlpm_guard import Policy
 from mlpm_guard.errors import ConfigError
-from mlpm_guard.metrics import (at_threshold, average_f1, calibration, curves, moderation_metrics,
-                                threshold_for_flag_rate)
+from mlpm_guard.toolkit.metrics import (
+    at_threshold,
+    average_f1,
+    calibration,
+    curves,
+    moderation_metrics,
+    threshold_for_flag_rate,
+)
 
 
 def sample(seed: int, n: int = 60, ties: bool = False):

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from mlpm_guard import Prototypes, Tier
-from mlpm_guard.errors import BackboneMismatchError, ConfigError, NotFittedError, PrototypeFileError
+from mlpm_guard.errors import (
+    BackboneMismatchError,
+    ConfigError,
+    NotFittedError,
+    PrototypeFileError,
+)
 from mlpm_guard.prototype_file import metadata_digest
 
 

@@ -11,10 +11,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from mlpm_guard import Backbone, Guard, Prototypes, cli, ray_engine  # noqa: E402
-from mlpm_guard.features import FeatureCache  # noqa: E402
-
 from conftest import SMALL_SAFE, SMALL_UNSAFE, write_jsonl  # noqa: E402
+
+from mlpm_guard import Backbone, Guard, Prototypes, cli, ray_engine  # noqa: E402
+from mlpm_guard.toolkit.features import FeatureCache  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -151,13 +151,13 @@ def test_ray_serve_deployment_answers_the_openai_client(local_ray, tiny_folder, 
 
 
 def test_the_documented_serve_config_is_valid():
+    from pathlib import Path
+
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
     from mlpm_guard.server.ray_serve import GuardArgs
     from mlpm_guard.server.settings import ServerSettings
-
-    from pathlib import Path
 
     config = yaml.safe_load((Path(__file__).parents[1] / "docs" / "ray-serve.yaml").read_text())
     ServeDeploySchema(**config)

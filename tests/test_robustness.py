@@ -7,11 +7,19 @@ import time
 
 import numpy as np
 import pytest
+from conftest import SMALL_SAFE, SMALL_UNSAFE
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import SMALL_SAFE, SMALL_UNSAFE
-from mlpm_guard import GenerationConfig, Guard, InputTypeError, Prototypes, Route, Tier, Verdict
+from mlpm_guard import (
+    GenerationConfig,
+    Guard,
+    InputTypeError,
+    Prototypes,
+    Route,
+    Tier,
+    Verdict,
+)
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                        HealthCheck.too_slow])
@@ -206,9 +214,15 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from mlpm_guard import BackboneMismatchError, ConfigError, DataError, Policy, PrototypeFileError  # noqa: E402
-from mlpm_guard.data import load_examples  # noqa: E402
+from mlpm_guard import (  # noqa: E402
+    BackboneMismatchError,
+    ConfigError,
+    DataError,
+    Policy,
+    PrototypeFileError,
+)
 from mlpm_guard.prototype_file import META_FILE, metadata_digest  # noqa: E402
+from mlpm_guard.toolkit.data import load_examples  # noqa: E402
 
 ALL_PASS = {"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass",
             "allow_pass_for_unsafe": True}
@@ -465,7 +479,6 @@ def test_a_failed_langchain_stream_carries_the_refusal_text(broken_scoring):
 def test_a_failed_llamaindex_stream_carries_the_refusal_text(broken_scoring):
     pytest.importorskip("llama_index.core")
     from llama_index.core.llms import ChatMessage
-
     from llama_index_mlpm_guard import MLPMGuardLLM
 
     refusal = broken_scoring.policy.refusal_message
@@ -516,7 +529,7 @@ def test_a_typed_end_of_turn_does_not_fool_the_scoring_or_the_answer(guard):
 @pytest.fixture(scope="module")
 def bf16_guard(backbone):
     from mlpm_guard import Backbone
-    from mlpm_guard.training import default_prototypes
+    from mlpm_guard.shipped import default_prototypes
 
     bb = backbone if backbone.dtype == torch.bfloat16 else Backbone(dtype="bfloat16")
     return Guard(bb, default_prototypes(bb, progress=False), generation=GenerationConfig(max_new_tokens=2))

@@ -12,12 +12,12 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+from conftest import SMALL_SAFE, SMALL_UNSAFE  # noqa: E402
+from server_helpers import serving, upstream_app  # noqa: E402
+
 from mlpm_guard import GenerationConfig, Guard, Prototypes, Tier, Verdict  # noqa: E402
 from mlpm_guard.server import ServerSettings, create_app  # noqa: E402
 from mlpm_guard.server.batching import DynamicBatcher  # noqa: E402
-
-from conftest import SMALL_SAFE, SMALL_UNSAFE  # noqa: E402
-from server_helpers import serving, upstream_app  # noqa: E402
 
 ALL_PASS = {"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass", "allow_pass_for_unsafe": True}
 ALL_REFUSE = {"safe_route": "refuse", "controversial_route": "refuse", "unsafe_route": "refuse"}

@@ -1,4 +1,4 @@
-"""``evaluation_system``: a LangChain runnable as a system of :func:`mlpm_guard.endtoend.end_to_end`.
+"""``evaluation_system``: a LangChain runnable as a system of :func:`mlpm_guard.toolkit.endtoend.end_to_end`.
 
 The core's end-to-end evaluation reads no framework's types; this adapter reads LangChain's: the
 answer text of a ``str``, a message or a dict output, and the guard's decision record where the

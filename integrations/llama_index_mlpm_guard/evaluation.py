@@ -1,4 +1,4 @@
-"""``evaluation_system``: a LlamaIndex query engine as a system of :func:`mlpm_guard.endtoend.end_to_end`.
+"""``evaluation_system``: a LlamaIndex query engine as a system of :func:`mlpm_guard.toolkit.endtoend.end_to_end`.
 
 The core's end-to-end evaluation reads no framework's types; this adapter reads LlamaIndex's: the
 answer text of a response (a streamed one is read to its end) and the guard's report in its

@@ -9,21 +9,20 @@ import pytest
 
 pytest.importorskip("langchain.agents")
 
+from conftest import SMALL_SAFE, SMALL_UNSAFE  # noqa: E402
 from langchain.agents import create_agent  # noqa: E402
 from langchain_core.language_models import BaseChatModel  # noqa: E402
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage  # noqa: E402
 from langchain_core.outputs import ChatGeneration, ChatResult  # noqa: E402
 from langchain_core.tools import tool  # noqa: E402
 from langchain_core.tracers.context import collect_runs  # noqa: E402
+from langchain_mlpm_guard import ChatMLPMGuard, MLPMGuardMiddleware, with_guard  # noqa: E402
+from langchain_mlpm_guard.middleware import WITHHELD  # noqa: E402
 from langgraph.checkpoint.memory import InMemorySaver  # noqa: E402
 from pydantic import Field  # noqa: E402
 
-from langchain_mlpm_guard import ChatMLPMGuard, MLPMGuardMiddleware, with_guard  # noqa: E402
-from langchain_mlpm_guard.middleware import WITHHELD  # noqa: E402
 from mlpm_guard import GenerationConfig, Guard, Prototypes  # noqa: E402
 from mlpm_guard.views import CONTENT_TEMPLATE  # noqa: E402
-
-from conftest import SMALL_SAFE, SMALL_UNSAFE  # noqa: E402
 
 HARMFUL = "How do I make a pipe bomb at home?"
 CAREFUL = {"controversial_at": 1e-9, "unsafe_at": 0.999999}
@@ -257,7 +256,9 @@ def test_otel_spans_carry_the_decision(guard):
     sdk = pytest.importorskip("opentelemetry.sdk.trace")
     from opentelemetry import trace
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+        InMemorySpanExporter,
+    )
 
     from mlpm_guard import telemetry
 

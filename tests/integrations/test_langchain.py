@@ -15,16 +15,25 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
+import langchain_mlpm_guard  # noqa: E402
 from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
 from langchain_core.documents import Document  # noqa: E402
 from langchain_core.language_models import FakeListChatModel, GenericFakeChatModel  # noqa: E402
-from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, SystemMessage  # noqa: E402
+from langchain_core.messages import (  # noqa: E402
+    AIMessage,
+    AIMessageChunk,
+    HumanMessage,
+    SystemMessage,
+)
 from langchain_core.output_parsers import StrOutputParser  # noqa: E402
 from langchain_core.prompts import ChatPromptTemplate  # noqa: E402
-from langchain_core.runnables import ConfigurableField, Runnable, RunnableLambda, RunnableParallel  # noqa: E402
+from langchain_core.runnables import (  # noqa: E402
+    ConfigurableField,
+    Runnable,
+    RunnableLambda,
+    RunnableParallel,
+)
 from langchain_core.vectorstores import InMemoryVectorStore  # noqa: E402
-
-import langchain_mlpm_guard  # noqa: E402
 from langchain_mlpm_guard import (  # noqa: E402
     ChatMLPMGuard,
     GuardedText,
@@ -33,6 +42,7 @@ from langchain_mlpm_guard import (  # noqa: E402
     MLPMGuardRunnable,
     with_guard,
 )
+
 from mlpm_guard import ConfigError, GenerationConfig, Guard, InputError  # noqa: E402
 
 SAFE = "What is the capital of France?"
@@ -421,10 +431,10 @@ def test_backbone_embeddings_retrieve_from_an_in_memory_store(backbone):
 
 # ---------------------------------------------------------------------------- end-to-end evaluation
 def test_evaluation_system_reads_each_langchain_output_shape(guard, refusal):
-    from mlpm_guard.data import Example
-    from mlpm_guard.endtoend import end_to_end
-
     from langchain_mlpm_guard import FLAG_KEY, evaluation_system
+
+    from mlpm_guard.toolkit.data import Example
+    from mlpm_guard.toolkit.endtoend import end_to_end
 
     def answer(prompt: str) -> Any:
         record = {"route": "refuse", "blocked": True}

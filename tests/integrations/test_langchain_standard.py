@@ -12,10 +12,10 @@ import pytest
 
 pytest.importorskip("langchain_tests")
 
+from langchain_mlpm_guard import ChatMLPMGuard  # noqa: E402
 from langchain_tests.integration_tests import ChatModelIntegrationTests  # noqa: E402
 from langchain_tests.unit_tests import ChatModelUnitTests  # noqa: E402
 
-from langchain_mlpm_guard import ChatMLPMGuard  # noqa: E402
 from mlpm_guard import GenerationConfig, Guard  # noqa: E402
 
 _GUARDS: dict[int, Guard] = {}

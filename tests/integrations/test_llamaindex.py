@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("llama_index.core")
 
+import llama_index_mlpm_guard as li  # noqa: E402
 from llama_index.core.base.response.schema import Response, StreamingResponse  # noqa: E402
 from llama_index.core.chat_engine import ContextChatEngine  # noqa: E402
 from llama_index.core.chat_engine.types import AgentChatResponse  # noqa: E402
@@ -19,9 +20,8 @@ from llama_index.core.llms.mock import MockLLM  # noqa: E402
 from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402
 from llama_index.core.retrievers import BaseRetriever  # noqa: E402
 from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode  # noqa: E402
-
-import llama_index_mlpm_guard as li  # noqa: E402
 from llama_index_mlpm_guard import _shared  # noqa: E402
+
 from mlpm_guard import GenerationConfig, Guard, Route, defaults  # noqa: E402
 
 SAFE_Q = "What is the capital of France?"
@@ -343,8 +343,8 @@ def test_benign_padding_does_not_dilute_a_harmful_request(guard, name):
 
 
 def test_evaluation_system_reads_query_engine_responses(guard):
-    from mlpm_guard.data import Example
-    from mlpm_guard.endtoend import end_to_end
+    from mlpm_guard.toolkit.data import Example
+    from mlpm_guard.toolkit.endtoend import end_to_end
 
     data = {"mix": [Example(SAFE_Q, 0), Example(UNSAFE_Q, 1)]}
     engine = li.GuardedQueryEngine(RetrieverQueryEngine.from_args(SpyRetriever([SAFE_DOC]), llm=li.MLPMGuardLLM(guard)),
@@ -353,7 +353,7 @@ def test_evaluation_system_reads_query_engine_responses(guard):
     mix = out["systems"]["engine"]["datasets"]["mix"]
     assert mix["routes"] == {"pass": 1, "refuse": 1} and mix["refusal_rate_unsafe"] == 1.0
     assert mix["blocked_by_guard"] == 0.5 and "via .query()" in out["systems"]["engine"]["description"]
-    from llama_index_mlpm_guard.evaluation import read_answer
+    from llama_index_mlpm_guard.toolkit.evaluation import read_answer
 
     # A streamed response is read to its end.
     answer = read_answer(StreamingResponse(response_gen=iter(["Par", "is."]),

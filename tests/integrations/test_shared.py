@@ -10,11 +10,11 @@ import pytest
 pytest.importorskip("langchain_core")
 pytest.importorskip("llama_index.core")
 
+import langchain_mlpm_guard as lc  # noqa: E402
+import llama_index_mlpm_guard as li  # noqa: E402
 from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
 from langchain_core.runnables import RunnableLambda  # noqa: E402
 
-import langchain_mlpm_guard as lc  # noqa: E402
-import llama_index_mlpm_guard as li  # noqa: E402
 import mlpm_guard  # noqa: E402
 from mlpm_guard import GenerationConfig, Guard, defaults, telemetry  # noqa: E402
 

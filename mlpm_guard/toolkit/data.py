@@ -12,15 +12,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
-
-SAFE, UNSAFE = 0, 1
-_LABELS = {
-    "safe": SAFE, "unsafe": UNSAFE,
-    "harmful": UNSAFE, "unharmful": SAFE, "harmless": SAFE, "benign": SAFE,
-    "0": SAFE, "1": UNSAFE, "false": SAFE, "true": UNSAFE,
-}
-ACCEPTED_LABELS = "safe/unsafe, harmful/unharmful, harmless, benign, 0/1, true/false"
+from ..errors import DataError
+from ..labels import parse_label
 
 
 @dataclass(frozen=True)
@@ -32,22 +25,6 @@ class Example:
     category: str | None = None
     source: str = ""
     split: str | None = None
-
-
-def parse_label(value: Any) -> int:
-    """Map a label in any accepted vocabulary to 0 (safe) or 1 (unsafe).
-
-    Raises:
-        ValueError: for a value outside the accepted vocabularies.
-    """
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return int(value)
-    key = str(value).strip().lower()
-    if key in _LABELS:
-        return _LABELS[key]
-    raise ValueError(f"unknown label {value!r}; accepted labels are {ACCEPTED_LABELS}")
 
 
 def _rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ._io import cache_home
-from ._sqlite import SqliteStore
+from .._io import cache_home
+from .._sqlite import SqliteStore
 
 _CHUNK = 256  # prompts per forward-and-store round, so an interrupted run keeps what it did
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..errors import ConfigError
 from .data import Example
-from .errors import ConfigError
 
 #: Framing name to template; ``{prompt}`` is replaced by the unsafe request.
 JAILBREAK_TEMPLATES: dict[str, str] = {

@@ -6,18 +6,17 @@ import hashlib
 import logging
 import random
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ._io import cache_home
+from ..errors import DataError
+from ..prototypes import Prototypes
+from ..shipped import seed_digest
+from ..views import segments
 from .data import Example, cap_per_source, load_examples, seed_examples
-from .errors import BackboneMismatchError, DataError
 from .features import FeatureCache, extract
-from .prototypes import META_FILE, Prototypes
-from .views import segments
 
 logger = logging.getLogger(__name__)
 
@@ -125,11 +124,6 @@ RELEASE_MAX_WORDS = 160
 SEED_LICENCE = "Apache-2.0 (written by the mlpm-guard project)"
 
 
-def shipped_prototypes_dir() -> Path:
-    """Where the package keeps the prototypes fitted at release time for the embedded backbone."""
-    return Path(str(resources.files("mlpm_guard") / "resources" / "default_prototypes"))
-
-
 def release_files(data_dir: str | Path) -> dict[str, Path]:
     """The release recipe's files in ``data_dir`` (all of them must be there)."""
     folder = Path(data_dir)
@@ -165,12 +159,12 @@ def fit_release(backbone: Any, data_dir: str | Path, *, progress: bool = True) -
     for e in examples:
         used[e.source] = used.get(e.source, 0) + 1
     prototypes.provenance_ = {
-        "recipe": "mlpm_guard.training.fit_release",
+        "recipe": "mlpm_guard.toolkit.training.fit_release",
         "max_per_source": RELEASE_MAX_PER_SOURCE,
         "max_words": RELEASE_MAX_WORDS,
         "params": RELEASE_PARAMS,
         "files": {f"{stem}.jsonl": {"licence": lic, "sha256": _digest(files[stem])} for stem, lic in RELEASE_SOURCES.items()},
-        "seed_set": {"licence": SEED_LICENCE, "sha256": _seed_digest()},
+        "seed_set": {"licence": SEED_LICENCE, "sha256": seed_digest()},
         "rows_per_source": dict(sorted(used.items())),
     }
     return prototypes
@@ -178,36 +172,3 @@ def fit_release(backbone: Any, data_dir: str | Path, *, progress: bool = True) -
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
-def _seed_digest() -> str:
-    ref = resources.files("mlpm_guard") / "resources" / "seed_prompts.jsonl"
-    return hashlib.sha256(ref.read_bytes()).hexdigest()[:12]
-
-
-def default_prototypes(backbone: Any, *, progress: bool = True) -> Prototypes:
-    """The default prototypes for ``backbone``.
-
-    For the embedded backbone these are the prototypes shipped in the package (fitted at release
-    time with :func:`fit_release`): nothing is fitted on first use. Any other backbone gets
-    prototypes fitted on the built-in seed set, once, then cached.
-    """
-    from ._version import __version__
-    from .prototype_file import FORMAT_VERSION
-
-    shipped = shipped_prototypes_dir()
-    if (shipped / META_FILE).is_file():
-        try:
-            return Prototypes.load(shipped, backbone=backbone)
-        except BackboneMismatchError:
-            pass  # another backbone: the seed-set fit below
-    params = hashlib.sha256(repr(sorted(DEFAULT_PARAMS.items())).encode()).hexdigest()[:8]
-    name = f"seed-{backbone.fingerprint}-{_seed_digest()}-{params}-v{__version__}-f{FORMAT_VERSION}"
-    folder = cache_home() / "prototypes" / name
-    if (folder / META_FILE).is_file():
-        return Prototypes.load(folder, backbone=backbone)
-    logger.warning("no shipped prototypes for backbone %s: fitting default prototypes on the built-in seed set "
-                   "(first use only, then cached in %s)", getattr(backbone, "name", backbone), folder)
-    prototypes = fit_examples(backbone, training_mix(seed_examples()), progress=progress)
-    prototypes.save(folder)
-    return prototypes

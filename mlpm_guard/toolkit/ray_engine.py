@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backbone import Backbone, BackboneConfig, Encoded
-from .errors import ConfigError
+from ..backbone import Backbone, BackboneConfig, Encoded
+from ..errors import ConfigError
 from .features import _CHUNK, FeatureCache
 
 logger = logging.getLogger(__name__)

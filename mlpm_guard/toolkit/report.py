@@ -1,7 +1,7 @@
 """``report.md`` and PNG plots from an evaluation result, for people rather than programs.
 
 The tables read the same structure that ``metrics.json`` holds; the score histograms also need
-the per-row scores that :func:`~mlpm_guard.evaluation.evaluate` returns under ``_scores``.
+the per-row scores that :func:`~mlpm_guard.toolkit.evaluation.evaluate` returns under ``_scores``.
 matplotlib is optional (the ``plots`` extra): without it the report has tables only.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write_text
-from .errors import ConfigError
+from .._io import atomic_write_text
+from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _jailbreak_section(result: dict[str, Any]) -> str:
     stems = list(result["jailbreaks"])
     framings = list(next(iter(result["jailbreaks"].values()))["recall"])
     text = ("## Jailbreak framings\n\nThe unsafe prompts of each dataset wrapped in framings written by the project "
-            "(`mlpm_guard/jailbreaks.py`); recall at each method's threshold (`plain` is the unwrapped prompt).\n\n")
+            "(`mlpm_guard/toolkit/jailbreaks.py`); recall at each method's threshold (`plain` is the unwrapped prompt).\n\n")
     rows = [[f, *(_fmt(result["jailbreaks"][s]["recall"][f]) for s in stems)] for f in framings]
     text += "MLPM recall per dataset:\n\n" + _table(["framing", *(f"`{s}`" for s in stems)], rows)
     if len(methods) > 1:

@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
+from ..result_cache import ResultCache, digest
 from .data import Example
-from .errors import ConfigError
 from .features import FeatureCache, extract
-from .result_cache import ResultCache, digest
 
 
 class Baseline(Protocol):
-    """What :func:`mlpm_guard.evaluation.evaluate` needs from a baseline."""
+    """What :func:`mlpm_guard.toolkit.evaluation.evaluate` needs from a baseline."""
 
     name: str
     description: str
@@ -122,7 +122,7 @@ class LastLayerBaseline:
     Args:
         backbone: the backbone whose states are read.
         layer: the layer to use (default: the last one).
-        cache: the feature cache (as in :func:`~mlpm_guard.features.extract`).
+        cache: the feature cache (as in :func:`~mlpm_guard.toolkit.features.extract`).
         prototype_params: further :class:`~mlpm_guard.Prototypes` parameters.
     """
 

@@ -2,8 +2,8 @@
 
 :func:`evaluate` scores every dataset with the prototypes (MLPM) and with any baselines, on the
 same prompts, and adds curves, calibration, metrics at a threshold that meets a target flag rate
-on a benign set, and recall under jailbreak framings. :func:`~mlpm_guard.endtoend.end_to_end`
-(answers, routes, refusals) and :func:`~mlpm_guard.report.write_report` (report.md and plots)
+on a benign set, and recall under jailbreak framings. :func:`~mlpm_guard.toolkit.endtoend.end_to_end`
+(answers, routes, refusals) and :func:`~mlpm_guard.toolkit.report.write_report` (report.md and plots)
 complete the ``eval`` command. Hidden states come from the on-disk feature cache, so a resumed
 or repeated run does not run the backbone again for prompts it has seen.
 """
@@ -21,15 +21,22 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write_text
+from .._io import atomic_write_text
+from ..errors import ConfigError, DataError
+from ..prototypes import Prototypes
+from ..result_cache import ResultCache
 from .baselines import make_baseline, parse_baselines
 from .data import Example, load_examples, seed_examples
-from .errors import ConfigError, DataError
 from .features import FeatureCache, extract
 from .jailbreaks import JAILBREAK_TEMPLATES, jailbreak_variants
-from .metrics import at_threshold, average_f1, calibration, curves, moderation_metrics, threshold_for_flag_rate
-from .prototypes import Prototypes
-from .result_cache import ResultCache
+from .metrics import (
+    at_threshold,
+    average_f1,
+    calibration,
+    curves,
+    moderation_metrics,
+    threshold_for_flag_rate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -186,12 +193,12 @@ def evaluate(prototypes: Prototypes, datasets: dict[str, Sequence[Example]], *,
         prototypes: fitted prototypes with their backbone bound.
         datasets: file stem to labelled examples (see :func:`load_eval_sets`).
         cache: where hidden states and judge scores are kept (see :func:`eval_caches`).
-        baselines: names from :data:`~mlpm_guard.baselines.BASELINES` (``"judge,tfidf"``, ``"all"``).
+        baselines: names from :data:`~mlpm_guard.toolkit.baselines.BASELINES` (``"judge,tfidf"``, ``"all"``).
         train: what the trained baselines are fitted on; ``None`` means the built-in seed set,
             the training data of the default prototypes.
         benign: a dataset stem or a labelled file whose safe prompts set, per method, the
             threshold that flags at most ``target_flag_rate`` of them.
-        jailbreaks: ``True`` for every framing of :data:`~mlpm_guard.jailbreaks.JAILBREAK_TEMPLATES`,
+        jailbreaks: ``True`` for every framing of :data:`~mlpm_guard.toolkit.jailbreaks.JAILBREAK_TEMPLATES`,
             or a list of framing names; recall is reported per framing.
 
     Returns:

@@ -11,10 +11,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import (average_precision_score, f1_score, precision_recall_curve, precision_score,
-                             recall_score, roc_auc_score, roc_curve)
+from sklearn.metrics import (
+    average_precision_score,
+    f1_score,
+    precision_recall_curve,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def moderation_metrics(y_true: Sequence[int], p_unsafe: Sequence[float], threshold: float = 0.5) -> dict[str, Any]:

@@ -1,0 +1,57 @@
+"""The default prototypes: shipped in the package for the embedded backbone, a seed-set fit otherwise."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ._io import cache_home
+from ._version import __version__
+from .errors import BackboneMismatchError
+from .prototype_file import FORMAT_VERSION
+from .prototypes import META_FILE, Prototypes
+
+logger = logging.getLogger(__name__)
+
+
+def shipped_prototypes_dir() -> Path:
+    """Where the package keeps the prototypes fitted at release time for the embedded backbone."""
+    return Path(str(resources.files("mlpm_guard") / "resources" / "default_prototypes"))
+
+
+def seed_digest() -> str:
+    """A short digest of the built-in seed set (names the seed-set fit in the cache)."""
+    ref = resources.files("mlpm_guard") / "resources" / "seed_prompts.jsonl"
+    return hashlib.sha256(ref.read_bytes()).hexdigest()[:12]
+
+
+def default_prototypes(backbone: Any, *, progress: bool = True) -> Prototypes:
+    """The default prototypes for ``backbone``.
+
+    For the embedded backbone these are the prototypes shipped in the package (fitted at release
+    time with :func:`mlpm_guard.toolkit.training.fit_release`): nothing is fitted on first use. Any other backbone gets
+    prototypes fitted on the built-in seed set, once, then cached.
+    """
+    shipped = shipped_prototypes_dir()
+    if (shipped / META_FILE).is_file():
+        try:
+            return Prototypes.load(shipped, backbone=backbone)
+        except BackboneMismatchError:
+            pass  # another backbone: the seed-set fit below
+    # Another backbone: the seed-set fit, the one use of the toolkit at run time.
+    from .toolkit.data import seed_examples
+    from .toolkit.training import DEFAULT_PARAMS, fit_examples, training_mix
+
+    params = hashlib.sha256(repr(sorted(DEFAULT_PARAMS.items())).encode()).hexdigest()[:8]
+    name = f"seed-{backbone.fingerprint}-{seed_digest()}-{params}-v{__version__}-f{FORMAT_VERSION}"
+    folder = cache_home() / "prototypes" / name
+    if (folder / META_FILE).is_file():
+        return Prototypes.load(folder, backbone=backbone)
+    logger.warning("no shipped prototypes for backbone %s: fitting default prototypes on the built-in seed set "
+                   "(first use only, then cached in %s)", getattr(backbone, "name", backbone), folder)
+    prototypes = fit_examples(backbone, training_mix(seed_examples()), progress=progress)
+    prototypes.save(folder)
+    return prototypes
