@@ -21,6 +21,7 @@ from langchain_core.runnables import RunnableConfig
 from pydantic import Field
 
 from mlpm_guard import GuardResult
+from mlpm_guard.streaming import StopCut, cut_at_stop
 
 from ._common import FLAG_KEY, aemit_llm, areport, emit_llm, guard_messages, report
 from ._settings import GuardSettings
@@ -35,37 +36,6 @@ _PREPARED: contextvars.ContextVar[dict[tuple, deque[GuardResult]] | None] = cont
 
 def _key(messages: Sequence[dict[str, str]]) -> tuple:
     return tuple((m["role"], m["content"]) for m in messages)
-
-
-class _StopCut:
-    """Cuts a streamed text at the first stop sequence, holding back what could start one."""
-
-    def __init__(self, stop: Sequence[str] | None) -> None:
-        self.stop = [s for s in (stop or []) if s]
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.buffer = ""
-        self.done = False
-
-    def push(self, piece: str) -> str:
-        if not self.stop:
-            return piece
-        self.buffer += piece
-        hits = [i for i in (self.buffer.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            out, self.buffer, self.done = self.buffer[:min(hits)], "", True
-            return out
-        cut = max(0, len(self.buffer) - self.hold)
-        out, self.buffer = self.buffer[:cut], self.buffer[cut:]
-        return out
-
-    def flush(self) -> str:
-        out, self.buffer = self.buffer, ""
-        return out
-
-
-def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
-    cutter = _StopCut(stop)
-    return cutter.push(text) + ("" if cutter.done else cutter.flush())
 
 
 class ChatMLPMGuard(GuardSettings, BaseChatModel):
@@ -153,7 +123,7 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
         return self._result(result, stop)
 
     def _result(self, result: GuardResult, stop: list[str] | None) -> ChatResult:
-        message = self._message(result, cut_at_stop(result.text, stop))
+        message = self._message(result, cut_at_stop(result.text, stop or []))
         return ChatResult(generations=[ChatGeneration(message=message)],
                           llm_output={FLAG_KEY: message.response_metadata[FLAG_KEY]})
 
@@ -221,7 +191,7 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         guard = self.resolved_guard()
-        cutter = _StopCut(stop)
+        cutter = StopCut(stop or [])
         prompt = guard_messages(messages)
         stream = guard.stream(prompt, policy=self.call_policy(guard), **self._generation(kwargs))
         with closing(stream):  # leaving early (a stop sequence, a consumer's break) stops decoding
@@ -238,7 +208,7 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
                 if cutter.done:
                     return
 
-    def _tail(self, result: GuardResult, cutter: _StopCut) -> Iterator[ChatGenerationChunk]:
+    def _tail(self, result: GuardResult, cutter: StopCut) -> Iterator[ChatGenerationChunk]:
         rest = cutter.flush()
         if rest:
             yield ChatGenerationChunk(message=AIMessageChunk(content=rest))
@@ -250,7 +220,7 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         guard = self.resolved_guard()
-        cutter = _StopCut(stop)
+        cutter = StopCut(stop or [])
         prompt = guard_messages(messages)
         stream = guard.astream(prompt, policy=self.call_policy(guard), **self._generation(kwargs))
         async with aclosing(stream):
