@@ -97,7 +97,10 @@ def build(guard: Guard, max_new_tokens: int) -> Any:
     """The guarded RAG chain: question -> [query check] -> retrieve -> [document filter] -> answer."""
     store = InMemoryVectorStore.from_documents(DOCUMENTS, MLPMEmbeddings(backbone=guard.backbone))
     retriever = store.as_retriever(search_kwargs={"k": 2})
-    doc_filter = MLPMDocumentFilter(guard=guard)  # action="flag" would keep them, marked in metadata
+    # The line is set from pages the shop wrote itself (known clean): the default line is the
+    # unsafe tier (0.8), and the poisoned page, a plain statement, scores about 0.66 as content.
+    # action="flag" would keep flagged pages, marked in metadata.
+    doc_filter = MLPMDocumentFilter(guard=guard).calibrated(DOCUMENTS[:-1], max_flag_rate=0.01)
     rag = ({"context": retriever | doc_filter | format_docs, "question": RunnablePassthrough()}
            | PROMPT | local_llm(guard.backbone, max_new_tokens) | StrOutputParser())
     return with_guard(rag, guard)  # the query filter: checked before anything is retrieved

@@ -161,7 +161,8 @@ def test_chat_model_batch_is_one_batched_call_with_a_run_per_input(guard, monkey
     out = chain.batch([{"input": p} for p in prompts], config={"callbacks": [events]})
     assert out == expected
     assert calls == {"batch": 1, "invoke": 0}
-    assert events.chat_starts == 3 and [d["route"] for _, d in events.custom] == ["pass", "refuse", "pass"]
+    # One event per input; they arrive as each input's run ends, in no set order.
+    assert events.chat_starts == 3 and sorted(d["route"] for _, d in events.custom) == ["pass", "pass", "refuse"]
 
 
 def test_chat_model_streams_token_by_token(guard):
