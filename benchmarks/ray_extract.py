@@ -24,7 +24,8 @@ import time
 
 import torch
 
-from mlpm_guard import Backbone, ray_engine
+from mlpm_guard import Backbone
+from mlpm_guard.toolkit import ray_engine
 from mlpm_guard.toolkit.data import load_examples, seed_examples
 
 

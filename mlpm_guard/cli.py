@@ -111,7 +111,7 @@ def _ray_fit_states(backbone: Any, prompts: list[str], layers: list[int] | None,
     With the cache on they are put in the feature cache (the local fit then reads them there);
     with ``--no-cache`` they are handed to the fit directly.
     """
-    from . import ray_engine
+    from .toolkit import ray_engine
     from .toolkit.features import FeatureCache
 
     layers = layers or list(range(1, backbone.num_layers + 1))
@@ -184,7 +184,7 @@ def _ray_eval_cache(prototypes: Any, datasets: dict[str, Any], args: argparse.Na
     the judge baseline and a ``--benign`` file outside the datasets still run locally."""
     import tempfile
 
-    from . import ray_engine
+    from .toolkit import ray_engine
     from .toolkit.baselines import parse_baselines
     from .toolkit.features import FeatureCache
 

@@ -13,7 +13,8 @@ ray = pytest.importorskip("ray")
 
 from conftest import SMALL_SAFE, SMALL_UNSAFE, write_jsonl  # noqa: E402
 
-from mlpm_guard import Backbone, Guard, Prototypes, cli, ray_engine  # noqa: E402
+from mlpm_guard import Backbone, Guard, Prototypes, cli  # noqa: E402
+from mlpm_guard.toolkit import ray_engine  # noqa: E402
 from mlpm_guard.toolkit.features import FeatureCache  # noqa: E402
 
 pytestmark = pytest.mark.ray

@@ -353,7 +353,7 @@ def test_evaluation_system_reads_query_engine_responses(guard):
     mix = out["systems"]["engine"]["datasets"]["mix"]
     assert mix["routes"] == {"pass": 1, "refuse": 1} and mix["refusal_rate_unsafe"] == 1.0
     assert mix["blocked_by_guard"] == 0.5 and "via .query()" in out["systems"]["engine"]["description"]
-    from llama_index_mlpm_guard.toolkit.evaluation import read_answer
+    from llama_index_mlpm_guard.evaluation import read_answer
 
     # A streamed response is read to its end.
     answer = read_answer(StreamingResponse(response_gen=iter(["Par", "is."]),
