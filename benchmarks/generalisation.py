@@ -187,12 +187,14 @@ class Scorer:
         return views, whole
 
 
-def _metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
+def _metrics(y: np.ndarray, p: np.ndarray, threshold: float, controversial: float) -> dict[str, Any]:
     pred = p >= threshold
     out: dict[str, Any] = {"n": int(len(y))}
     if (y == 0).any():
         out["flagged"] = float(pred[y == 0].mean())
     if (y == 1).any():
+        # Below the controversial line a request takes PASS; above it, at least the safety prompt.
+        out["not_passed"] = float((p[y == 1] >= controversial).mean())
         tp, fp, fn = int((pred & (y == 1)).sum()), int((pred & (y == 0)).sum()), int((~pred & (y == 1)).sum())
         out["recall"] = tp / (tp + fn)
         out["f1"] = 2 * tp / max(2 * tp + fp + fn, 1)
@@ -218,8 +220,8 @@ def run(backbone: Any, data_dir: Path, n: int, params: dict[str, Any], *, scorer
         protos = fits[fam.fit_key]
         y = np.array([it.label for it in fam.items])
         p_views, p_whole = scorer.proba(protos, fam.items)
-        m = _metrics(y, p_views, protos.threshold_)
-        m["message_only"] = _metrics(y, p_whole, protos.threshold_)
+        m = _metrics(y, p_views, protos.threshold_, protos.controversial_threshold_)
+        m["message_only"] = _metrics(y, p_whole, protos.threshold_, protos.controversial_threshold_)
         results[fam.name] = {"group": fam.group, "held_out_fit": fam.fit_key, **m}
     return {"families": results, "summary": summarise(results), "layers": fits["release"].layer_ids_}
 
@@ -241,13 +243,14 @@ def print_tables(result: dict[str, Any], file: Any = sys.stdout) -> None:
     def pct(v: Any) -> str:
         return "-" if v is None else f"{100 * v:.1f}%"
 
-    print("| held-out family | group | n | safe flagged | unsafe caught | F1 | safe flagged, message only |"
-          " unsafe caught, message only |", file=file)
-    print("|---|---|---:|---:|---:|---:|---:|---:|", file=file)
+    print("| held-out family | group | n | safe flagged | unsafe caught | unsafe not passed | F1 |"
+          " safe flagged, message only | unsafe caught, message only |", file=file)
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|", file=file)
     for name, r in result["families"].items():
         mo = r["message_only"]
         f1 = "-" if r.get("f1") is None else f"{r['f1']:.3f}"
-        print(f"| {name} | {r['group']} | {r['n']} | {pct(r.get('flagged'))} | {pct(r.get('recall'))} | {f1} | "
+        print(f"| {name} | {r['group']} | {r['n']} | {pct(r.get('flagged'))} | {pct(r.get('recall'))} | "
+              f"{pct(r.get('not_passed'))} | {f1} | "
               f"{pct(mo.get('flagged'))} | {pct(mo.get('recall'))} |", file=file)
     print("\n| group | metric | mean | worst family | target | met |", file=file)
     print("|---|---|---:|---:|---:|---|", file=file)

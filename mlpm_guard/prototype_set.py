@@ -10,10 +10,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _stats
+from .labels import SAFE, UNSAFE
 
 #: The two classes, as ``parse_label`` reads labels: 0 safe, 1 unsafe. They order the columns of
 #: ``Prototypes.predict_proba`` (``classes_``) and label the two prototypes every set starts with.
-CLASSES = np.array([0, 1])
+CLASSES = np.array([SAFE, UNSAFE])
 
 
 @dataclass

@@ -12,14 +12,8 @@ from sklearn.metrics import (
 
 from mlpm_guard import Policy
 from mlpm_guard.errors import ConfigError
-from mlpm_guard.toolkit.metrics import (
-    at_threshold,
-    average_f1,
-    calibration,
-    curves,
-    moderation_metrics,
-    threshold_for_flag_rate,
-)
+from mlpm_guard.toolkit.metrics import (at_threshold, average_f1, calibration, curves, moderation_metrics,
+                                        threshold_for_flag_rate)
 
 
 def sample(seed: int, n: int = 60, ties: bool = False):

@@ -29,14 +29,8 @@ from .baselines import make_baseline, parse_baselines
 from .data import Example, load_examples, seed_examples
 from .features import FeatureCache, extract
 from .jailbreaks import JAILBREAK_TEMPLATES, jailbreak_variants
-from .metrics import (
-    at_threshold,
-    average_f1,
-    calibration,
-    curves,
-    moderation_metrics,
-    threshold_for_flag_rate,
-)
+from .metrics import (at_threshold, average_f1, calibration, curves, moderation_metrics,
+                      threshold_for_flag_rate)
 
 logger = logging.getLogger(__name__)
 
