@@ -11,7 +11,7 @@ number here comes from a family held out of the fit as a whole:
 - each language of the multilingual probes is scored by a fit without that language's seed rows.
 
 Every prompt is scored the way ``Guard.check`` scores it (its views: the conversation, the latest
-user turn alone, each sentence; the strictest wins) and passages the way ``Guard.check_content``
+user turn alone, each sentence; ``mlpm_guard.scoring.strictest`` decides) and passages the way ``Guard.check_content``
 does; the ``message only`` column reads the whole prompt once, as before views existed.
 
     python benchmarks/generalisation.py --data ../shared/data [--n 300] [--json]
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from mlpm_guard.scoring import views_of
+from mlpm_guard.scoring import strictest, views_of
 from mlpm_guard.toolkit.data import Example, load_examples
 from mlpm_guard.toolkit.features import extract
 from mlpm_guard.toolkit.training import (
@@ -162,26 +162,28 @@ class Scorer:
     def __init__(self, backbone: Any, fams: Sequence[Family]) -> None:
         self.backbone = backbone
 
-        self.views: dict[int, list[Any]] = {}
+        self.views: dict[int, list[tuple[str, str]]] = {}  # (view name, text key) per item
         texts: dict[str, Any] = {}
         for fam in fams:
             for item in fam.items:
                 views = views_of(backbone, item.prompt, content=item.content)
-                self.views[id(item)] = [json.dumps(v.as_messages()) for v in views]
+                self.views[id(item)] = [(v.name, json.dumps(v.as_messages())) for v in views]
                 whole = json.dumps([{"role": "user", "content": item.prompt}] if isinstance(item.prompt, str)
                                    else item.prompt)
                 texts[whole] = json.loads(whole)
-                texts.update({k: json.loads(k) for k in self.views[id(item)]})
+                texts.update({k: json.loads(k) for _, k in self.views[id(item)]})
         self.keys = list(texts)
         self.index = {k: i for i, k in enumerate(self.keys)}
         layers = list(range(1, backbone.num_layers + 1))
         self.H = extract(backbone, [texts[k] for k in self.keys], layers, desc="generalisation: hidden states")
 
     def proba(self, prototypes: Any, items: Sequence[Item]) -> tuple[np.ndarray, np.ndarray]:
-        """P(unsafe) per item, with views (the strictest) and from the whole prompt alone."""
+        """P(unsafe) per item, with views (as ``Guard.check`` decides) and from the whole prompt alone."""
         cols = [layer - 1 for layer in prototypes.layer_ids_]
         p_all = prototypes.predict_proba(self.H[:, cols])[:, 1]
-        views = np.array([max(p_all[self.index[k]] for k in self.views[id(it)]) for it in items])
+        limits = {"threshold": prototypes.threshold_, "controversial": prototypes.controversial_threshold_}
+        views = np.array([strictest([(name, p_all[self.index[k]]) for name, k in self.views[id(it)]], **limits)[1]
+                          for it in items])
         whole = np.array([p_all[self.index[json.dumps([{"role": "user", "content": it.prompt}]
                                                        if isinstance(it.prompt, str) else it.prompt)]] for it in items])
         return views, whole
@@ -189,7 +191,7 @@ class Scorer:
 
 def _metrics(y: np.ndarray, p: np.ndarray, threshold: float, controversial: float) -> dict[str, Any]:
     pred = p >= threshold
-    out: dict[str, Any] = {"n": int(len(y))}
+    out: dict[str, Any] = {"n": len(y)}
     if (y == 0).any():
         out["flagged"] = float(pred[y == 0].mean())
     if (y == 1).any():

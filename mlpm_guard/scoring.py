@@ -8,6 +8,7 @@ moderator (answers, as content) both score here, so there is one way to judge te
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,7 +18,8 @@ from .encoding import Encoded
 from .errors import InputError
 from .messages import clean_text, to_messages
 from .types import Verdict
-from .views import View, content_views, request_views
+from .verdicts import make_verdict, tier_of
+from .views import SENTENCE_VIEW, View, content_views, request_views
 
 MessagesKey = tuple[tuple[str, str], ...]
 
@@ -56,6 +58,51 @@ def views_of(backbone: Any, item: Any, *, content: bool = False, row: Encoded | 
     return request_views(messages, token_counter(backbone, {_key(messages): len(row)} if row is not None else None))
 
 
+def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, controversial: float) -> tuple[int, float]:
+    """Which reading of a request decides, and the P(unsafe) it counts with.
+
+    The strictest reading wins, with one exception. The last sentence of a message is usually its
+    request; an earlier sentence is its context (a problem statement, background, a pasted log),
+    and read alone, out of its message, it is weak evidence. Unless a whole reading (the message,
+    the conversation, the latest turn) is already at least controversial, or there is none, such a
+    sentence's log-odds are lowered so that it reaches ``threshold`` only at ``(1 + threshold) / 2``
+    (0.9 for the shipped 0.8); below that it can still send the request to the safety-prompt
+    route. Held out of the fit, benign security questions were refused 11% of the time (mostly by
+    one such sentence) and 5% with this rule, with no change for harmful requests behind a
+    friendly or unrelated opening (benchmarks/generalisation.py).
+
+    Args:
+        readings: ``(view name, P(unsafe))`` of each reading (names as :mod:`.views` gives them).
+
+    Returns:
+        the index of the deciding reading and its P(unsafe) as counted.
+    """
+    whole = [p for name, p in readings if not name.startswith(SENTENCE_VIEW)]
+    numbers = [_sentence_number(name) for name, _ in readings]
+    last = max(numbers)
+    # A turn too long to read whole has only its sentences: they are all the evidence there is.
+    discount = _logit((1.0 + threshold) / 2) - _logit(threshold) if whole and max(whole) < controversial else 0.0
+    counted = [_sigmoid(_logit(p) - discount) if discount and 0 < k < last else p
+               for (_, p), k in zip(readings, numbers)]
+    best = max(range(len(readings)), key=counted.__getitem__)
+    return best, counted[best]
+
+
+def _sentence_number(name: str) -> int:
+    """N of a "sentence N" reading, 0 for any other reading."""
+    head, _, number = name.partition(" ")
+    return int(number) if head == SENTENCE_VIEW and number.isdigit() else 0
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-12), 1.0 - 1e-12)
+    return math.log(p / (1.0 - p))
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z))
+
+
 def judge(backbone: Any, prototypes: Any, items: Sequence[Any], *, content: bool = False,
           rows: Sequence[Encoded] | None = None, prefilled: np.ndarray | None = None) -> list[Verdict]:
     """The strictest verdict over each item's views (``verdict.view`` names the one that decided).
@@ -90,6 +137,12 @@ def judge(backbone: Any, prototypes: Any, items: Sequence[Any], *, content: bool
     out = []
     for entries in plan:
         candidates = [((pre if reused else scored)[k], name) for name, k, reused in entries]
-        verdict, name = max(candidates, key=lambda c: c[0].p_unsafe)
+        best, p = strictest([(name, v.p_unsafe) for v, name in candidates], threshold=prototypes.threshold_,
+                            controversial=prototypes.controversial_threshold_)
+        verdict, name = candidates[best]
+        if p != verdict.p_unsafe and verdict.error is None:  # a failed reading keeps its fail-closed verdict
+            tier = tier_of(p, prototypes.threshold_, prototypes.controversial_threshold_)
+            verdict = make_verdict(p, tier, threshold=verdict.threshold, category=verdict.category,
+                                   layer_scores=verdict.layer_scores, n_truncated_tokens=verdict.n_truncated_tokens)
         out.append(dataclasses.replace(verdict, view=name))
     return out

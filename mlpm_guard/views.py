@@ -11,6 +11,8 @@ strictest reading wins:
 - the latest user turn alone (so no amount of benign history dilutes it);
 - each sentence of the latest user turn alone, when it has several (so no opening or padding in
   the same message dilutes it, and a long text is judged piece by piece, never by its length).
+  A sentence before the last one counts at a discount unless the whole message agrees
+  (:func:`mlpm_guard.scoring.strictest`): read alone, a context sentence is weak evidence.
 
 Content (a retrieved passage, a tool result, an answer) is not a request: it is put inside one
 (:data:`CONTENT_TEMPLATE`), the form the prototypes know, and judged as a whole and in windows
@@ -42,6 +44,8 @@ CONTENT_TEMPLATE = "Summarize this text:\n\n{text}"
 # A sentence ends at . ! ? (or their CJK forms) before whitespace and an upper-case letter, a
 # digit, a quote or a CJK character, or at a blank line. Single newlines stay inside a segment, so
 # code and lists are not cut into meaningless lines.
+#: The name every single-sentence reading of a request starts with ("sentence 1", "sentence 2", ...).
+SENTENCE_VIEW = "sentence"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9\u00C0-\u024F\u0400-\u04FF])|(?<=[。！？])|\n\s*\n")
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -124,7 +128,7 @@ def request_views(messages: Sequence[Message], count_tokens: Callable[[list[dict
             views.append(View(alone, "latest user turn"))
         pieces = segments(text)
         if len(pieces) > 1 or (pieces and not any(v.messages == alone for v in views)):
-            views.extend(View((("user", p),), f"sentence {k + 1}") for k, p in enumerate(pieces))
+            views.extend(View((("user", p),), f"{SENTENCE_VIEW} {k + 1}") for k, p in enumerate(pieces))
     return _unique(views) or [View(tuple(msgs[-1:]), "message")]
 
 

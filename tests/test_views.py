@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlpm_guard import Guard
+from mlpm_guard.scoring import strictest
 from mlpm_guard.views import (
     CONTENT_TEMPLATE,
     content_views,
@@ -118,3 +119,26 @@ def test_verdict_names_the_view_that_decided(guard):
     verdict = guard.check(f"Hi! Hope you're having a nice day. {BOMB}")
     assert verdict.view is not None and verdict.view.startswith(("sentence", "message"))
     assert guard.check_content("The museum opens at nine.").view == "content"
+
+
+# ---------------------------------------------------------------- which reading decides (no model)
+LIMITS = {"threshold": 0.8, "controversial": 0.35}
+
+
+def test_the_strictest_whole_reading_decides_with_its_own_score():
+    assert strictest([("message", 0.2), ("latest user turn", 0.9), ("sentence 1", 0.5)], **LIMITS) == (1, 0.9)
+
+
+def test_a_context_sentence_refuses_alone_only_when_confidently_unsafe():
+    # The message reads as safe: an earlier sentence at 0.85 reaches the safety-prompt tier, at 0.95 it refuses.
+    readings = [("message", 0.05), ("sentence 1", 0.85), ("sentence 2", 0.1)]
+    best, p = strictest(readings, **LIMITS)
+    assert best == 1 and LIMITS["controversial"] <= p < LIMITS["threshold"]
+    assert strictest([("message", 0.05), ("sentence 1", 0.9), ("sentence 2", 0.1)], **LIMITS)[1] == pytest.approx(0.8)
+    assert strictest([("message", 0.05), ("sentence 1", 0.95), ("sentence 2", 0.1)], **LIMITS)[1] >= 0.8
+
+
+def test_the_last_sentence_counts_in_full_and_so_does_any_when_the_message_agrees_or_is_too_long():
+    assert strictest([("message", 0.05), ("sentence 1", 0.1), ("sentence 2", 0.85)], **LIMITS) == (2, 0.85)
+    assert strictest([("message", 0.4), ("sentence 1", 0.85), ("sentence 2", 0.1)], **LIMITS) == (1, 0.85)
+    assert strictest([("sentence 1", 0.85), ("sentence 2", 0.1)], **LIMITS) == (0, 0.85)
