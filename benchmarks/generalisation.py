@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from mlpm_guard.scoring import strictest, views_of
+from mlpm_guard.scoring import refusal_line, strictest, views_of
 from mlpm_guard.toolkit.data import Example, load_examples
 from mlpm_guard.toolkit.features import extract
 from mlpm_guard.toolkit.training import (
@@ -177,19 +177,21 @@ class Scorer:
         layers = list(range(1, backbone.num_layers + 1))
         self.H = extract(backbone, [texts[k] for k in self.keys], layers, desc="generalisation: hidden states")
 
-    def proba(self, prototypes: Any, items: Sequence[Item]) -> tuple[np.ndarray, np.ndarray]:
-        """P(unsafe) per item, with views (as ``Guard.check`` decides) and from the whole prompt alone."""
+    def proba(self, prototypes: Any, items: Sequence[Item]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """P(unsafe) per item, with views (as ``Guard.check`` decides) and from the whole prompt alone,
+        and the line each item is refused from (``scoring.refusal_line``)."""
         cols = [layer - 1 for layer in prototypes.layer_ids_]
         p_all = prototypes.predict_proba(self.H[:, cols])[:, 1]
-        limits = {"threshold": prototypes.threshold_, "controversial": prototypes.controversial_threshold_}
-        views = np.array([strictest([(name, p_all[self.index[k]]) for name, k in self.views[id(it)]], **limits)[1]
-                          for it in items])
+        lines = np.array([refusal_line(prototypes, it.prompt, content=it.content) for it in items])
+        views = np.array([strictest([(name, p_all[self.index[k]]) for name, k in self.views[id(it)]],
+                                    threshold=line, controversial=prototypes.controversial_threshold_)[1]
+                          for it, line in zip(items, lines)])
         whole = np.array([p_all[self.index[json.dumps([{"role": "user", "content": it.prompt}]
                                                        if isinstance(it.prompt, str) else it.prompt)]] for it in items])
-        return views, whole
+        return views, whole, lines
 
 
-def _metrics(y: np.ndarray, p: np.ndarray, threshold: float, controversial: float) -> dict[str, Any]:
+def _metrics(y: np.ndarray, p: np.ndarray, threshold: float | np.ndarray, controversial: float) -> dict[str, Any]:
     pred = p >= threshold
     out: dict[str, Any] = {"n": len(y)}
     if (y == 0).any():
@@ -221,9 +223,9 @@ def run(backbone: Any, data_dir: Path, n: int, params: dict[str, Any], *, scorer
                                              progress=False, **params)
         protos = fits[fam.fit_key]
         y = np.array([it.label for it in fam.items])
-        p_views, p_whole = scorer.proba(protos, fam.items)
-        m = _metrics(y, p_views, protos.threshold_, protos.controversial_threshold_)
-        m["message_only"] = _metrics(y, p_whole, protos.threshold_, protos.controversial_threshold_)
+        p_views, p_whole, lines = scorer.proba(protos, fam.items)
+        m = _metrics(y, p_views, lines, protos.controversial_threshold_)
+        m["message_only"] = _metrics(y, p_whole, lines, protos.controversial_threshold_)
         results[fam.name] = {"group": fam.group, "held_out_fit": fam.fit_key, **m}
     return {"families": results, "summary": summarise(results), "layers": fits["release"].layer_ids_}
 

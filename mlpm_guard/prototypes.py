@@ -169,11 +169,15 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         threshold: P(unsafe) at or above which a verdict is ``unsafe``.
         controversial_threshold: P(unsafe) at or above which a verdict's tier is at least
             ``controversial``.
+        other_language_threshold: where the guard refuses a text in another language than English
+            (:mod:`.language`) instead of ``threshold``; ``None`` uses ``threshold`` for every
+            text. For a backbone that reads other languages less sharply than English.
         categories: fit per-category means so verdicts name the nearest hazard category.
         random_state: seed of the cross-fitting folds.
 
     Fitted attributes end in ``_``: ``classes_`` (``[0, 1]``: safe, unsafe), ``layer_ids_``,
-    ``sets_``, ``coef_``, ``intercept_``, ``threshold_``, ``category_labels_``, ``category_means_``,
+    ``sets_``, ``coef_``, ``intercept_``, ``threshold_`` (and ``controversial_threshold_``,
+    ``other_language_threshold_``), ``category_labels_``, ``category_means_``,
     ``category_layer_``, ``steering_layers_``/``steering_directions_`` (unsafe-minus-safe mean
     difference of every candidate layer) and ``backbone_identity_``. The backbone itself is no
     fitted state: :meth:`bind` attaches it (``fit``/``load`` with ``backbone=`` do too) so that
@@ -182,7 +186,8 @@ class Prototypes(ClassifierMixin, BaseEstimator):
 
     def __init__(self, *, layers: Sequence[int] | None = None, C: float = 1.0, per_source: bool = False,
                  min_source_count: int = 20, cv: int | None = None, threshold: float = 0.5,
-                 controversial_threshold: float = 0.25, categories: bool = True, random_state: int = 0) -> None:
+                 controversial_threshold: float = 0.25, other_language_threshold: float | None = None,
+                 categories: bool = True, random_state: int = 0) -> None:
         self.layers = layers
         self.C = C
         self.per_source = per_source
@@ -190,6 +195,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         self.cv = cv
         self.threshold = threshold
         self.controversial_threshold = controversial_threshold
+        self.other_language_threshold = other_language_threshold
         self.categories = categories
         self.random_state = random_state
 
@@ -202,6 +208,11 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         if not 0 < self.controversial_threshold <= self.threshold:
             msg = (f"`controversial_threshold` must be in (0, threshold={self.threshold}], "
                    f"got {self.controversial_threshold!r}")
+            raise ConfigError(msg)
+        t = self.other_language_threshold
+        if t is not None and not self.controversial_threshold <= t <= self.threshold:
+            msg = (f"`other_language_threshold` must be None or in [controversial_threshold="
+                   f"{self.controversial_threshold}, threshold={self.threshold}], got {t!r}")
             raise ConfigError(msg)
         if self.cv is not None and (not isinstance(self.cv, int) or self.cv < 2):
             raise ConfigError(f"`cv` must be None or an int >= 2, got {self.cv!r}")
@@ -267,6 +278,8 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         self.coef_ = coef[:, keep].reshape(-1)
         self.threshold_ = float(self.threshold)
         self.controversial_threshold_ = float(self.controversial_threshold)
+        t = self.other_language_threshold
+        self.other_language_threshold_ = float(t) if t is not None else None
         self.category_labels_, self.category_means_, self.category_layer_ = [], None, None
         if self.categories and categories is not None:
             self.category_labels_, self.category_means_, j = fit_categories(H[:, keep], y, categories,

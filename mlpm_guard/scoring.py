@@ -16,6 +16,7 @@ import numpy as np
 
 from .encoding import Encoded
 from .errors import InputError
+from .language import is_other_language
 from .messages import clean_text, to_messages
 from .types import Verdict
 from .verdicts import make_verdict, tier_of
@@ -88,6 +89,26 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
     return best, counted[best]
 
 
+def refusal_line(prototypes: Any, item: Any, *, content: bool = False) -> float:
+    """The P(unsafe) from which ``item`` is refused: the prototypes' ``threshold_``, or their
+    ``other_language_threshold_`` when the text judged (the content, or a request's latest user
+    turn) is in another language than English (:mod:`.language`).
+
+    Held out of the fit one language at a time, the shipped default's harmful requests in ten
+    languages were refused 40.5% of the time at 0.8 and 56% at 0.7, benign ones 4.0% and 4.5%
+    (benchmarks/generalisation.py); English texts keep 0.8.
+    """
+    other = getattr(prototypes, "other_language_threshold_", None)
+    if other is None:
+        return float(prototypes.threshold_)
+    if content:
+        text = item if isinstance(item, str) else ""
+    else:
+        users = [m["content"] for m in to_messages(item) if m["role"] == "user"]
+        text = users[-1] if users else ""
+    return float(other) if is_other_language(text) else float(prototypes.threshold_)
+
+
 def _sentence_number(name: str) -> int:
     """N of a "sentence N" reading, 0 for any other reading."""
     head, _, number = name.partition(" ")
@@ -135,14 +156,16 @@ def judge(backbone: Any, prototypes: Any, items: Sequence[Any], *, content: bool
     if prefilled is not None:
         pre = prototypes.verdicts(prefilled, n_truncated=[r.n_truncated for r in rows] if rows else None)
     out = []
-    for entries in plan:
+    for item, entries in zip(items, plan):
         candidates = [((pre if reused else scored)[k], name) for name, k, reused in entries]
-        best, p = strictest([(name, v.p_unsafe) for v, name in candidates], threshold=prototypes.threshold_,
+        line = refusal_line(prototypes, item, content=content)
+        best, p = strictest([(name, v.p_unsafe) for v, name in candidates], threshold=line,
                             controversial=prototypes.controversial_threshold_)
         verdict, name = candidates[best]
-        if p != verdict.p_unsafe and verdict.error is None:  # a failed reading keeps its fail-closed verdict
-            tier = tier_of(p, prototypes.threshold_, prototypes.controversial_threshold_)
-            verdict = make_verdict(p, tier, threshold=verdict.threshold, category=verdict.category,
+        # A failed reading keeps its fail-closed verdict.
+        if (p != verdict.p_unsafe or line != verdict.threshold) and verdict.error is None:
+            tier = tier_of(p, line, prototypes.controversial_threshold_)
+            verdict = make_verdict(p, tier, threshold=line, category=verdict.category,
                                    layer_scores=verdict.layer_scores, n_truncated_tokens=verdict.n_truncated_tokens)
         out.append(dataclasses.replace(verdict, view=name))
     return out

@@ -96,6 +96,8 @@ def test_probability_matches_manual_computation(fitted):
     ({"threshold": 1.5}, "`threshold` must be in"),
     ({"controversial_threshold": 0.9}, "`controversial_threshold` must be in"),
     ({"cv": 1}, "`cv` must be None or an int"),
+    ({"other_language_threshold": 0.9}, "`other_language_threshold` must be None or in"),
+    ({"other_language_threshold": 0.1}, "`other_language_threshold` must be None or in"),
 ])
 def test_invalid_params_fail_at_fit(params, message):
     H, y = make_states(n=40)
@@ -168,8 +170,17 @@ def test_save_load_round_trip(tmp_path, fitted):
     q = Prototypes.load(tmp_path / "protos")
     np.testing.assert_allclose(q.predict_proba(H[:, cols]), p.predict_proba(H[:, cols]), rtol=1e-5, atol=1e-6)
     assert q.get_params() == p.get_params()
+    assert q.other_language_threshold_ is None
     assert q.sets_[0].names == ["safe", "unsafe", "faq"]
     assert [v.category for v in q.verdicts(H[:10, cols])] == [v.category for v in p.verdicts(H[:10, cols])]
+
+
+def test_the_other_language_line_is_saved_with_the_prototypes(tmp_path):
+    H, y = make_states()
+    p = Prototypes(threshold=0.8, controversial_threshold=0.35, other_language_threshold=0.7).fit(H, y)
+    assert p.other_language_threshold_ == 0.7
+    q = Prototypes.load(p.save(tmp_path / "protos"))
+    assert q.other_language_threshold_ == 0.7 and q.get_params()["other_language_threshold"] == 0.7
 
 
 def test_load_errors_are_clear(tmp_path, fitted):

@@ -1,0 +1,40 @@
+"""Which texts are in another language than English, for the prototypes' other-language refusal line.
+
+A small backbone reads other languages less sharply than English: held out of the fit, harmful
+requests in French, Russian or Chinese land between the safety-prompt and refusal lines far more
+often than English ones, while benign requests in those languages stay low. Prototypes fitted with
+``other_language_threshold`` refuse such texts from that line instead (:func:`.scoring.refusal_line`).
+
+The identifier is py3langid (langid.py's model, 97 languages, numpy only): about 0.1 ms a text.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+#: Texts shorter than this many UTF-8 bytes keep the English line: "Continue." or "ok go on" look
+#: like no language in particular (about seven CJK characters are enough).
+MIN_BYTES = 20
+#: A text is another language when the identifier gives English less than this probability.
+#: Held-out requests in ten languages all scored below 0.05; ordinary English prompts of at least
+#: MIN_BYTES rarely do ("Are bananas radioactive?" is one that does).
+MAX_ENGLISH_PROBABILITY = 0.05
+
+
+@cache
+def _identifier() -> Any:
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+
+
+def english_probability(text: str) -> float:
+    """The identifier's probability that ``text`` is English."""
+    return float(dict(_identifier().rank(text)).get("en", 0.0))
+
+
+def is_other_language(text: str) -> bool:
+    """Whether ``text`` is long enough to tell and, by the identifier, not English."""
+    text = text.strip()
+    return len(text.encode("utf-8")) >= MIN_BYTES and english_probability(text) < MAX_ENGLISH_PROBABILITY
