@@ -8,7 +8,9 @@ number here comes from a family held out of the fit as a whole:
 - a family that is never in the release fit (Alpaca, ToxicChat, LLM-Safeguard, MaliciousInstruct:
   their licences keep them out, and the project's probe sets in ``mlpm_guard/resources/probes``,
   written apart from the seed set) is scored by the release fit itself;
-- each language of the multilingual probes is scored by a fit without that language's seed rows.
+- each language of the multilingual probes is scored by a fit without that language's seed rows
+  (what a language with no seed rows gets), and all ten by the release fit (what users of those
+  languages get).
 
 Every prompt is scored the way ``Guard.check`` scores it (its views: the conversation, the latest
 user turn alone, each sentence; ``mlpm_guard.scoring.strictest`` decides) and passages the way ``Guard.check_content``
@@ -153,6 +155,10 @@ def families(data_dir: Path, n: int) -> list[Family]:
         out.append(Family(f"language held out: {lang}", "languages",
                           [Item(r["prompt"], int(r["label"] == "unsafe")) for r in multilingual if r["lang"] == lang],
                           lambda e, h=held: e.source == "seed" and e.prompt in h, f"lang:{lang}"))
+    # What users of those ten languages get: the shipped fit, whose seed set has rows in each of them
+    # (the probes themselves are never fitted).
+    out.append(Family("ten seed languages, shipped fit", "languages_in_fit",
+                      [Item(r["prompt"], int(r["label"] == "unsafe")) for r in multilingual], None, "release"))
     return out
 
 
