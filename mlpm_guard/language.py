@@ -1,9 +1,10 @@
 """Which texts are in another language than English, for the prototypes' other-language refusal line.
 
-A small backbone reads other languages less sharply than English: held out of the fit, harmful
-requests in French, Russian or Chinese land between the safety-prompt and refusal lines far more
-often than English ones, while benign requests in those languages stay low. Prototypes fitted with
-``other_language_threshold`` refuse such texts from that line instead (:func:`.scoring.refusal_line`).
+A small backbone reads other languages less surely than English: harmful requests in French,
+Russian or Chinese land between the safety-prompt and refusal lines far more often than English
+ones. Prototypes with ``other_language_threshold`` set refuse such texts from that line instead
+(:func:`.scoring.refusal_line`); the shipped default leaves it off, because on this backbone its
+ordinary requests in other languages score high too (docs/quality.md).
 
 The identifier is py3langid (langid.py's model, 97 languages, numpy only): about 0.1 ms a text.
 """

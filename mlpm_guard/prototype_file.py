@@ -337,7 +337,6 @@ def _restore(p: Prototypes, meta: PrototypeMeta, t: dict[str, np.ndarray], folde
     if p.coef_.shape != (len(p.sets_) * k,):
         raise PrototypeFileError(f"{folder}: the layer weights do not match {META_FILE}")
     p.intercept_, p.threshold_, p.controversial_threshold_ = meta.intercept, meta.threshold, meta.controversial_threshold
-    p.other_language_threshold_ = meta.params.other_language_threshold
     p.category_layer_, p.category_labels_ = meta.category_layer, list(meta.category_labels)
     p.category_means_ = t["category_means"].astype(np.float64) if "category_means" in t else None
     n_categories = 0 if p.category_means_ is None else len(p.category_means_)

@@ -171,13 +171,15 @@ class Prototypes(ClassifierMixin, BaseEstimator):
             ``controversial``.
         other_language_threshold: where the guard refuses a text in another language than English
             (:mod:`.language`) instead of ``threshold``; ``None`` uses ``threshold`` for every
-            text. For a backbone that reads other languages less sharply than English.
+            text. For a backbone that reads other languages less surely than English. Read when
+            scoring, so ``set_params`` switches it on for fitted prototypes too (the shipped
+            default leaves it off; docs/quality.md has what it trades).
         categories: fit per-category means so verdicts name the nearest hazard category.
         random_state: seed of the cross-fitting folds.
 
     Fitted attributes end in ``_``: ``classes_`` (``[0, 1]``: safe, unsafe), ``layer_ids_``,
-    ``sets_``, ``coef_``, ``intercept_``, ``threshold_`` (and ``controversial_threshold_``,
-    ``other_language_threshold_``), ``category_labels_``, ``category_means_``,
+    ``sets_``, ``coef_``, ``intercept_``, ``threshold_`` (and ``controversial_threshold_``),
+    ``category_labels_``, ``category_means_``,
     ``category_layer_``, ``steering_layers_``/``steering_directions_`` (unsafe-minus-safe mean
     difference of every candidate layer) and ``backbone_identity_``. The backbone itself is no
     fitted state: :meth:`bind` attaches it (``fit``/``load`` with ``backbone=`` do too) so that
@@ -278,8 +280,6 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         self.coef_ = coef[:, keep].reshape(-1)
         self.threshold_ = float(self.threshold)
         self.controversial_threshold_ = float(self.controversial_threshold)
-        t = self.other_language_threshold
-        self.other_language_threshold_ = float(t) if t is not None else None
         self.category_labels_, self.category_means_, self.category_layer_ = [], None, None
         if self.categories and categories is not None:
             self.category_labels_, self.category_means_, j = fit_categories(H[:, keep], y, categories,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .encoding import Encoded
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .language import is_other_language
 from .messages import clean_text, to_messages
 from .types import Verdict
@@ -91,16 +91,19 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
 
 def refusal_line(prototypes: Any, item: Any, *, content: bool = False) -> float:
     """The P(unsafe) from which ``item`` is refused: the prototypes' ``threshold_``, or their
-    ``other_language_threshold_`` when the text judged (the content, or a request's latest user
-    turn) is in another language than English (:mod:`.language`).
+    ``other_language_threshold`` when it is set and the text judged (the content, or a request's
+    latest user turn) is in another language than English (:mod:`.language`).
 
-    Held out of the fit one language at a time, the shipped default's harmful requests in ten
-    languages were refused 40.5% of the time at 0.8 and 56% at 0.7, benign ones 4.0% and 4.5%
-    (benchmarks/generalisation.py); English texts keep 0.8.
+    Raises:
+        ConfigError: the other-language line is outside [controversial line, refusal line].
     """
-    other = getattr(prototypes, "other_language_threshold_", None)
+    other = getattr(prototypes, "other_language_threshold", None)
     if other is None:
         return float(prototypes.threshold_)
+    if not prototypes.controversial_threshold_ <= other <= prototypes.threshold_:
+        msg = (f"`other_language_threshold` must be in [{prototypes.controversial_threshold_}, "
+               f"{prototypes.threshold_}] (the controversial and refusal lines), got {other!r}")
+        raise ConfigError(msg)
     if content:
         text = item if isinstance(item, str) else ""
     else:

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from mlpm_guard.errors import ConfigError
 from mlpm_guard.language import is_other_language
 from mlpm_guard.scoring import refusal_line, strictest
 
@@ -29,7 +30,7 @@ def test_english_and_too_short_texts_keep_the_english_line(text):
 
 
 def protos(other):
-    return SimpleNamespace(threshold_=0.8, controversial_threshold_=0.35, other_language_threshold_=other)
+    return SimpleNamespace(threshold_=0.8, controversial_threshold_=0.35, other_language_threshold=other)
 
 
 def test_the_line_follows_the_latest_user_turn_and_the_content():
@@ -51,3 +52,8 @@ def test_a_context_sentence_discount_follows_the_line_in_use():
     assert strictest(readings, threshold=0.8, controversial=0.35)[1] < 0.8
     # From 0.7 a context sentence refuses alone from (1 + 0.7) / 2 = 0.85.
     assert strictest(readings, threshold=0.7, controversial=0.35)[1] == pytest.approx(0.7)
+
+
+def test_an_other_language_line_outside_the_tiers_is_refused_when_scoring():
+    with pytest.raises(ConfigError, match="other_language_threshold"):
+        refusal_line(protos(0.9), FRENCH_BOMB)

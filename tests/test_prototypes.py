@@ -170,7 +170,7 @@ def test_save_load_round_trip(tmp_path, fitted):
     q = Prototypes.load(tmp_path / "protos")
     np.testing.assert_allclose(q.predict_proba(H[:, cols]), p.predict_proba(H[:, cols]), rtol=1e-5, atol=1e-6)
     assert q.get_params() == p.get_params()
-    assert q.other_language_threshold_ is None
+    assert q.other_language_threshold is None
     assert q.sets_[0].names == ["safe", "unsafe", "faq"]
     assert [v.category for v in q.verdicts(H[:10, cols])] == [v.category for v in p.verdicts(H[:10, cols])]
 
@@ -178,9 +178,8 @@ def test_save_load_round_trip(tmp_path, fitted):
 def test_the_other_language_line_is_saved_with_the_prototypes(tmp_path):
     H, y = make_states()
     p = Prototypes(threshold=0.8, controversial_threshold=0.35, other_language_threshold=0.7).fit(H, y)
-    assert p.other_language_threshold_ == 0.7
     q = Prototypes.load(p.save(tmp_path / "protos"))
-    assert q.other_language_threshold_ == 0.7 and q.get_params()["other_language_threshold"] == 0.7
+    assert q.get_params()["other_language_threshold"] == 0.7
 
 
 def test_load_errors_are_clear(tmp_path, fitted):

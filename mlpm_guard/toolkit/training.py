@@ -116,11 +116,11 @@ RELEASE_MAX_PER_SOURCE = 400
 #: Chosen on the held-out families of ``benchmarks/generalisation.py``: refusing from 0.5 flagged
 #: one Alpaca instruction in eight, from 0.8 one in twenty-six, while held-out direct requests
 #: lost 0-4 points of recall; the wide controversial band keeps borderline harmful requests (a
-#: bomb request in French scored 0.46) off the plain ``PASS`` route. Text in another language than
-#: English is refused from 0.7: chosen for each held-out language on the other nine (the lowest line
-#: whose mean benign flag rate stays <= 5%), it came out 0.7 for all ten.
-RELEASE_PARAMS: dict[str, Any] = {**DEFAULT_PARAMS, "threshold": 0.8, "controversial_threshold": 0.35,
-                                  "other_language_threshold": 0.7}
+#: bomb request in French scored 0.46) off the plain ``PASS`` route. No separate line for other
+#: languages (``other_language_threshold``): from 0.7, held-out-language harmful requests were
+#: refused 56% of the time instead of 40.5%, but the shipped fit then refused 16.8% of ordinary
+#: requests in its ten seed languages instead of 8.8% (docs/quality.md).
+RELEASE_PARAMS: dict[str, Any] = {**DEFAULT_PARAMS, "threshold": 0.8, "controversial_threshold": 0.35}
 #: Longer prompts stay out of the fit: the guard never scores a reading longer than the views'
 #: context budget (longer text is read sentence by sentence), so they would teach nothing it uses.
 RELEASE_MAX_WORDS = 160
