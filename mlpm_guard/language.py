@@ -6,7 +6,7 @@ ones. Prototypes with ``other_language_threshold`` set refuse such texts from th
 (:func:`.scoring.refusal_line`); the shipped default leaves it off, because on this backbone its
 ordinary requests in other languages score high too (docs/quality.md).
 
-The identifier is py3langid (langid.py's model, 97 languages, numpy only): about 0.1 ms a text.
+The identifier is py3langid (langid.py's model, 97 languages, numpy only), loaded on first use.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 #: like no language in particular (about seven CJK characters are enough).
 MIN_BYTES = 20
 #: A text is another language when the identifier gives English less than this probability.
-#: Held-out requests in ten languages all scored below 0.05; ordinary English prompts of at least
-#: MIN_BYTES rarely do ("Are bananas radioactive?" is one that does).
+#: All 450 multilingual probe prompts score below it; of the 350 English instruction, question and
+#: passage probes only "Are bananas radioactive?" does (tests/test_language.py).
 MAX_ENGLISH_PROBABILITY = 0.05
 
 

@@ -211,11 +211,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
             msg = (f"`controversial_threshold` must be in (0, threshold={self.threshold}], "
                    f"got {self.controversial_threshold!r}")
             raise ConfigError(msg)
-        t = self.other_language_threshold
-        if t is not None and not self.controversial_threshold <= t <= self.threshold:
-            msg = (f"`other_language_threshold` must be None or in [controversial_threshold="
-                   f"{self.controversial_threshold}, threshold={self.threshold}], got {t!r}")
-            raise ConfigError(msg)
+        check_other_language_threshold(self.other_language_threshold, self.controversial_threshold, self.threshold)
         if self.cv is not None and (not isinstance(self.cv, int) or self.cv < 2):
             raise ConfigError(f"`cv` must be None or an int >= 2, got {self.cv!r}")
 
@@ -427,6 +423,14 @@ def add_category(labels: list[str], means: np.ndarray | None, cat: str,
         means[k] = 0.5 * (means[k] + mean)
         return list(labels), means
     return [*labels, cat], np.vstack([means, mean])
+
+
+def check_other_language_threshold(line: float | None, controversial: float, threshold: float) -> None:
+    """``other_language_threshold`` is None or lies between the controversial and refusal lines."""
+    if line is not None and not controversial <= line <= threshold:
+        msg = (f"`other_language_threshold` must be None or in [controversial_threshold={controversial}, "
+               f"threshold={threshold}], got {line!r}")
+        raise ConfigError(msg)
 
 
 def check_backbone(recorded: dict[str, Any] | None, backbone: Any) -> None:

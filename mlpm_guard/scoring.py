@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from .encoding import Encoded
-from .errors import ConfigError, InputError
+from .errors import InputError
 from .language import is_other_language
 from .messages import clean_text, to_messages
+from .prototypes import check_other_language_threshold
 from .types import Verdict
 from .verdicts import make_verdict, tier_of
 from .views import SENTENCE_VIEW, View, content_views, request_views
@@ -100,10 +101,8 @@ def refusal_line(prototypes: Any, item: Any, *, content: bool = False) -> float:
     other = getattr(prototypes, "other_language_threshold", None)
     if other is None:
         return float(prototypes.threshold_)
-    if not prototypes.controversial_threshold_ <= other <= prototypes.threshold_:
-        msg = (f"`other_language_threshold` must be in [{prototypes.controversial_threshold_}, "
-               f"{prototypes.threshold_}] (the controversial and refusal lines), got {other!r}")
-        raise ConfigError(msg)
+    # set_params on fitted prototypes skips the fit-time check
+    check_other_language_threshold(other, prototypes.controversial_threshold_, prototypes.threshold_)
     if content:
         text = item if isinstance(item, str) else ""
     else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from importlib import resources
 from types import SimpleNamespace
 
 import pytest
@@ -57,3 +59,17 @@ def test_a_context_sentence_discount_follows_the_line_in_use():
 def test_an_other_language_line_outside_the_tiers_is_refused_when_scoring():
     with pytest.raises(ConfigError, match="other_language_threshold"):
         refusal_line(protos(0.9), FRENCH_BOMB)
+
+
+def _probe(name):
+    ref = resources.files("mlpm_guard") / "resources" / "probes" / f"{name}.jsonl"
+    return [json.loads(line) for line in ref.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_the_shipped_probes_fall_on_the_side_they_are_written_in():
+    # What MAX_ENGLISH_PROBABILITY was chosen on: every multilingual probe is another language, and
+    # the English instruction, question and passage probes keep the English line but for one.
+    assert all(is_other_language(r["prompt"]) for r in _probe("multilingual"))
+    english = [r["prompt"] for n in ("instructions", "questions") for r in _probe(n)]
+    english += [r["text"] for r in _probe("passages")]
+    assert [t for t in english if is_other_language(t)] == ["Are bananas radioactive?"]
