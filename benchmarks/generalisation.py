@@ -83,6 +83,11 @@ def _sample(rows: Sequence[Any], n: int, key: str) -> list[Any]:
     return random.Random(key).sample(rows, n) if len(rows) > n else rows
 
 
+def _per_label(rows: Sequence[Example], n: int, key: str) -> list[Example]:
+    """Up to ``n`` rows of each label (a seeded sample)."""
+    return [e for label in (0, 1) for e in _sample([e for e in rows if e.label == label], n, f"{key}:{label}")]
+
+
 def _probe(name: str) -> list[dict[str, Any]]:
     ref = resources.files("mlpm_guard") / "resources" / "probes" / f"{name}.jsonl"
     return [json.loads(line) for line in ref.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -101,8 +106,8 @@ def families(data_dir: Path, n: int) -> list[Family]:
     """Every held-out family: public sets from ``data_dir`` and the project's probe sets."""
     out: list[Family] = []
 
-    def public(name: str, group: str, rows: Sequence[Example], source: str | None) -> None:
-        items = [Item(e.prompt, e.label) for e in _sample(rows, n, name)]
+    def public(name: str, group: str, rows: Sequence[Example], source: str | None, limit: int = n) -> None:
+        items = [Item(e.prompt, e.label) for e in _sample(rows, limit, name)]
         exclude = (lambda e, s=source: e.source == s) if source else None
         out.append(Family(name, group, items, exclude, source or "release"))
 
@@ -124,8 +129,12 @@ def families(data_dir: Path, n: int) -> list[Family]:
     for stem in ("advbench", "harmbench_val", "strongreject", "tdc2023", "do_not_answer", "maliciousinstruct"):
         rows = load(stem)
         public(stem, "harmful", rows, rows[0].source if rows[0].source in in_fit else None)
-    public("toxicchat (test split, never fitted)", "moderation", [e for e in load("toxicchat") if e.split == "test"], None)
-    public("llm-safeguard pairs (never fitted)", "moderation", load("llm_safeguard_custom"), None)
+    # Moderation sets are mostly benign (ToxicChat: 12% toxic), so n drawn from each label: a sample
+    # of n alone would hold about 8 toxic prompts, too few to say anything about recall.
+    public("toxicchat (test split, never fitted)", "moderation",
+           _per_label([e for e in load("toxicchat") if e.split == "test"], n, "toxicchat"), None, 2 * n)
+    public("llm-safeguard pairs (never fitted)", "moderation", _per_label(load("llm_safeguard_custom"), n, "pairs"),
+           None, 2 * n)
 
     advbench = _sample(load("advbench"), max(n // 5, 20), "padded")
     for pad, make in PADDINGS.items():
