@@ -2,20 +2,25 @@
 ``model.generate`` and through the guard's PASS route, side by side in one run.
 
 The guard scores each prompt from the prefill that starts its answer and continues from that
-prefill's KV cache, so the only extra work is the prototype maths. Runs are interleaved (the order
+prefill's KV cache, so for a one-sentence prompt the only extra work is the prototype maths. A
+longer request is also read in parts (its latest turn alone, each sentence: :mod:`mlpm_guard.views`),
+one more forward pass per reading; ``--prompts-from`` times real prompts that have them. Runs are interleaved (the order
 alternates per prompt and repeat) so that drift in machine speed hits both sides alike.
 
     python benchmarks/overhead.py --json                     # CPU, embedded SmolLM2-135M
+    python benchmarks/overhead.py --prompts-from ../shared/data/chat_prompts.jsonl --json  # real chat prompts
     python benchmarks/overhead.py --arch llama-3.1-8b --json # GPU, random-initialised 8B in bf16
 
 The last line with ``--json`` is one JSON object: ``ratio`` (guarded PASS time / plain generate
 time), ``ratio_same_loop`` (against the guard's own decoding loop without scoring), ``device``,
-``backbone``, ``n_prompts``, ``max_new_tokens`` and the raw timings.
+``backbone``, ``n_prompts``, ``readings_per_prompt`` (mean), ``max_new_tokens`` and the raw timings.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import sys
 import warnings
 from pathlib import Path
@@ -28,6 +33,7 @@ from _common import PROMPTS, add_backbone_args, build_backbone, device_name, emi
 
 from mlpm_guard import GenerationConfig, Guard, Policy  # noqa: E402
 from mlpm_guard.generation import decode, prefill  # noqa: E402
+from mlpm_guard.scoring import views_of  # noqa: E402
 
 ALWAYS_PASS = Policy(safe_route="pass", controversial_route="pass", unsafe_route="pass", allow_pass_for_unsafe=True)
 
@@ -55,19 +61,34 @@ def same_loop(backbone, prompt: str, config: GenerationConfig) -> int:
     return n
 
 
+def real_prompts(path: str, n: int, max_words: int = 160) -> list[str]:
+    """A seeded sample of ``n`` safe prompts of at most ``max_words`` words from a JSONL file."""
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    pool = [r["prompt"] for r in rows if r.get("label", "safe") in ("safe", 0)
+            and isinstance(r.get("prompt"), str) and len(r["prompt"].split()) <= max_words]
+    return random.Random(0).sample(pool, min(n, len(pool)))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_backbone_args(parser)
     parser.add_argument("--n-prompts", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--prompts-from", metavar="JSONL",
+                        help="time a seeded sample of --n-prompts safe prompts from this file instead of the built-in ones")
     args = parser.parse_args(argv)
 
     backbone = build_backbone(args)
     guard = Guard(backbone, prototypes_for(backbone), ALWAYS_PASS,
                   generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
     config = guard.generation
-    prompts = (PROMPTS * (args.n_prompts // len(PROMPTS) + 1))[: args.n_prompts]
+    if args.prompts_from:
+        prompts = real_prompts(args.prompts_from, args.n_prompts)
+    else:
+        prompts = (PROMPTS * (args.n_prompts // len(PROMPTS) + 1))[: args.n_prompts]
+    readings = [len(views_of(backbone, p)) for p in prompts]
     dev = backbone.device
 
     runs = {
@@ -105,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
         "backbone": backbone.name,
         "dtype": str(backbone.dtype).replace("torch.", ""),
         "n_prompts": len(prompts),
+        "prompts_from": args.prompts_from,
+        "readings_per_prompt": sum(readings) / len(readings),
         "repeats": args.repeats,
         "max_new_tokens": args.max_new_tokens,
         "prototype_layers": guard.prototypes.layer_ids_,
@@ -113,7 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
         "runs_with_different_token_counts": mismatched,
     }
     print(f"device {result['device']}, backbone {result['backbone']} ({result['dtype']}), "
-          f"{len(prompts)} prompts x {args.repeats} repeats, max_new_tokens {args.max_new_tokens}")
+          f"{len(prompts)} prompts x {args.repeats} repeats, max_new_tokens {args.max_new_tokens}, "
+          f"{result['readings_per_prompt']:.2f} readings per prompt")
     for name in runs:
         ms_tok = 1000 * seconds[name] / max(tokens[name], 1)
         print(f"  {name:10s} {seconds[name]:8.2f} s  {tokens[name]:6d} tokens  {ms_tok:7.2f} ms/token")

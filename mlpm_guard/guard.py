@@ -1,7 +1,8 @@
 """The guard: score a prompt from the backbone's own prefill, route it, answer, moderate the answer.
 
-``PASS`` continues from the scoring prefill's KV cache, so guarding adds only the prototype
-maths (a few matrix-vector products) to plain generation. Every stage can be swapped: the
+``PASS`` continues from the scoring prefill's KV cache, so guarding a one-sentence prompt adds
+only the prototype maths (a few matrix-vector products) to plain generation; a longer request
+also pays one short forward pass per extra reading (:mod:`.views`). Every stage can be swapped: the
 backbone, the prototypes, the policy, the output moderator, and the generator of any route.
 Errors fail closed (a refusal with the error recorded) unless the policy says ``fail_open``.
 

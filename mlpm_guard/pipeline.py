@@ -3,7 +3,8 @@
 Each stage is a method of :class:`Stages`, which holds the parts of one guard:
 
 - **score**: one prefill of the requests scores them all and is kept, so that ``PASS`` continues
-  from it (guarding then adds only the prototype maths to plain generation);
+  from it (for a one-sentence prompt guarding then adds only the prototype maths to plain
+  generation; other readings of a longer request take their own short forward passes);
 - **route**: the policy's route for each verdict;
 - **answer**: the route's answer: a route handler, the refusal, or the backbone decoding from the
   right prefill (the scoring one, one with the safety prompt first, or a steered one);
