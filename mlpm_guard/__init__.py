@@ -1,6 +1,7 @@
 """mlpm-guard: a guardrail that reads a local LLM's own hidden states (multi-layer latent prototypes)."""
 
 from ._version import __version__
+from .answers import Answer, ExternalSystem
 from .backbone import Backbone, BackboneConfig
 from .defaults import default_guard
 from .embedding import content_embeddings
@@ -21,7 +22,6 @@ from .loading import resolve_dtype  # public for benchmarks: the dtype "auto" pi
 from .moderation import Moderator, PrototypeModerator, to_verdict
 from .policy import OutputModerationConfig, Policy, SteeringConfig
 from .prototypes import Prototypes
-from .toolkit.endtoend import Answer, ExternalSystem
 from .types import Decision, GuardChunk, GuardResult, Route, Tier, Timings, Verdict
 from .verdicts import make_verdict, tier_of
 

@@ -6,14 +6,22 @@ import numpy as np
 import pytest
 from conftest import SMALL_SAFE, SMALL_UNSAFE, write_jsonl
 
-from mlpm_guard import Backbone, GenerationConfig, Guard, Policy, Route, cli
+from mlpm_guard import (
+    Answer,
+    Backbone,
+    ExternalSystem,
+    GenerationConfig,
+    Guard,
+    Policy,
+    Route,
+    cli,
+)
 from mlpm_guard.errors import ConfigError
+from mlpm_guard.refusals import is_refusal
 from mlpm_guard.result_cache import ResultCache
 from mlpm_guard.toolkit.baselines import JudgeBaseline, TfidfBaseline, parse_baselines
 from mlpm_guard.toolkit.data import Example
 from mlpm_guard.toolkit.endtoend import (
-    Answer,
-    ExternalSystem,
     end_to_end,
     guard_systems,
     parse_references,
@@ -21,7 +29,6 @@ from mlpm_guard.toolkit.endtoend import (
 )
 from mlpm_guard.toolkit.evaluation import evaluate, load_eval_sets
 from mlpm_guard.toolkit.jailbreaks import JAILBREAK_TEMPLATES, jailbreak_variants, wrap
-from mlpm_guard.toolkit.refusals import is_refusal
 
 CONTRACT = {"n", "n_unsafe", "f1", "precision", "recall", "flag_rate_safe", "auroc"}
 

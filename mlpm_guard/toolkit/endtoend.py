@@ -9,7 +9,7 @@ their frameworks (``langchain_mlpm_guard.evaluation_system`` for a runnable,
 guard's decision from the framework's own output types. This module reads no framework's types.
 
 A refusal is the guard's own block (``REFUSE``, or an answer replaced after output moderation)
-or an answer that opens by declining (:func:`~mlpm_guard.toolkit.refusals.is_refusal`). Per dataset:
+or an answer that opens by declining (:func:`~mlpm_guard.refusals.is_refusal`). Per dataset:
 refusal rate on unsafe prompts, attack success rate (unsafe prompts answered without a refusal),
 over-refusal (refusal rate on safe prompts), the route distribution, and all of it per route.
 """
@@ -19,19 +19,19 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..answers import Answer, ExternalSystem, System
 from ..errors import ConfigError
 from ..policy import Policy
 from ..result_cache import ResultCache, digest
 from ..types import Route
 from .data import Example
 from .metrics import rate
-from .refusals import is_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -44,50 +44,6 @@ REFERENCES: dict[str, Route] = {
 DEFAULT_REFERENCES = ("no_guard", "always_safety_prompt")
 UNKNOWN_ROUTE = "unknown"
 _ANSWER_VERSION = "1"  # bump when what is stored per answer changes
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One system answer, reduced to what the statistics need.
-
-    Attributes:
-        text: the answer text.
-        route: the guard's route, or ``None`` when the system does not say.
-        blocked: the guard itself refused (``REFUSE``, or replaced after output moderation).
-        refused: ``blocked``, or the text opens by declining.
-        tokens: generated tokens, when known.
-        error: an error the system recorded or raised for this prompt.
-    """
-
-    text: str
-    route: str | None = None
-    blocked: bool = False
-    refused: bool = False
-    tokens: int | None = None
-    error: str | None = None
-
-    @classmethod
-    def of(cls, text: str, *, route: str | None = None, blocked: bool = False, tokens: int | None = None,
-           error: str | None = None) -> Answer:
-        """An answer whose ``refused`` is worked out here: the guard's block, or a text that opens by declining."""
-        return cls(text, route, blocked, blocked or is_refusal(text), tokens, error)
-
-    @classmethod
-    def from_record(cls, text: str, record: Mapping[str, Any] | None) -> Answer:
-        """An answer with the route and block of the guard's decision record that came with it
-        (a plain answer when the system reported none)."""
-        if not record or record.get("route") is None:
-            return cls.of(text)
-        route = str(record["route"])
-        return cls.of(text, route=route, blocked=bool(record.get("blocked", route == Route.REFUSE.value)))
-
-
-class System(Protocol):
-    """What :func:`end_to_end` needs: a description and batched answers."""
-
-    description: str
-
-    def answer(self, prompts: Sequence[str], *, max_new_tokens: int) -> list[Answer]: ...
 
 
 # ---------------------------------------------------------------------------- the core guard
@@ -196,59 +152,6 @@ def parse_references(names: str | Sequence[str] | None) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- other systems
-def text_answer(output: Any) -> Answer:
-    """The default reader of :class:`ExternalSystem`: the output as text (``None``: no answer)."""
-    return Answer.of("" if output is None else output if isinstance(output, str) else str(output))
-
-
-class ExternalSystem:
-    """A system outside the core guard: a function answering one prompt, and an adapter reading its outputs.
-
-    Args:
-        answer_one: answers one prompt.
-        read: turns one output into an :class:`Answer` (text, and the guard's route and block
-            when the system reports them); the default takes the output as text.
-        answer_many: answers a list of prompts at once (a framework's native batching), tried
-            before ``answer_one``.
-        name: how the reports call it.
-        description: the reports' line about it (default: the name and ``answer_one``'s owner).
-
-    A prompt whose call raises gets an empty, non-refusing answer with the error recorded, so one
-    failure does not sink the run; a failed ``answer_many`` falls back to one prompt at a time.
-    ``max_new_tokens`` is the external system's own business and is not passed on.
-    """
-
-    def __init__(self, answer_one: Callable[[str], Any], *, read: Callable[[Any], Answer] = text_answer,
-                 answer_many: Callable[[list[str]], Sequence[Any]] | None = None, name: str = "system",
-                 description: str | None = None) -> None:
-        self.answer_one, self.read, self.answer_many, self.name = answer_one, read, answer_many, name
-        owner = getattr(answer_one, "__self__", answer_one)
-        self.description = description or f"{name}: {type(owner).__name__}"
-
-    def _outputs(self, prompts: Sequence[str]) -> list[Any]:
-        """The batched outputs, or ``[]`` when there is no batch call or it failed."""
-        if self.answer_many is None:
-            return []
-        try:
-            outs = list(self.answer_many(list(prompts)))
-        except Exception:  # noqa: BLE001 - find the failing prompt(s) one by one
-            logger.warning("%s: the batch call failed; answering one prompt at a time", self.name)
-            return []
-        if len(outs) != len(prompts):
-            raise ConfigError(f"{self.name}: the batch call returned {len(outs)} outputs for {len(prompts)} prompts")
-        return outs
-
-    def answer(self, prompts: Sequence[str], *, max_new_tokens: int) -> list[Answer]:
-        outs = self._outputs(prompts)
-        answers = []
-        for i, prompt in enumerate(prompts):
-            try:
-                answers.append(self.read(outs[i] if outs else self.answer_one(prompt)))
-            except Exception as exc:  # noqa: BLE001 - recorded per prompt
-                answers.append(Answer("", error=f"{type(exc).__name__}: {exc}"))
-        return answers
-
-
 def as_system(obj: Any, *, name: str = "system", results: ResultCache | None = None) -> System:
     """A :class:`GuardSystem` for a core guard; a system as it is; an :class:`ExternalSystem` for a callable."""
     from ..guard import Guard
@@ -335,7 +238,7 @@ def end_to_end(systems: Mapping[str, Any] | Any, datasets: Mapping[str, Sequence
     prompts.sort(key=len)  # chunks of similar length pad (and decode) less
     out: dict[str, Any] = {"max_new_tokens": max_new_tokens,
                            "refusal_detector": "guard block, or an answer opening with a refusal phrase "
-                                               "(mlpm_guard.toolkit.refusals)", "systems": {}}
+                                               "(mlpm_guard.refusals)", "systems": {}}
     for name, obj in systems.items():
         system = as_system(obj, name=name, results=results)
         answers: dict[str, Answer] = {}
