@@ -19,7 +19,6 @@ time), ``ratio_same_loop`` (against the guard's own decoding loop without scorin
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import warnings
@@ -34,6 +33,7 @@ from _common import PROMPTS, add_backbone_args, build_backbone, device_name, emi
 from mlpm_guard import GenerationConfig, Guard, Policy  # noqa: E402
 from mlpm_guard.generation import decode, prefill  # noqa: E402
 from mlpm_guard.scoring import views_of  # noqa: E402
+from mlpm_guard.toolkit.data import load_examples  # noqa: E402
 
 ALWAYS_PASS = Policy(safe_route="pass", controversial_route="pass", unsafe_route="pass", allow_pass_for_unsafe=True)
 
@@ -62,11 +62,9 @@ def same_loop(backbone, prompt: str, config: GenerationConfig) -> int:
 
 
 def real_prompts(path: str, n: int, max_words: int = 160) -> list[str]:
-    """A seeded sample of ``n`` safe prompts of at most ``max_words`` words from a JSONL file."""
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    pool = [r["prompt"] for r in rows if r.get("label", "safe") in ("safe", 0)
-            and isinstance(r.get("prompt"), str) and len(r["prompt"].split()) <= max_words]
+    """A seeded sample of ``n`` safe prompts of at most ``max_words`` words from a labelled file."""
+    pool = [e.prompt for e in load_examples(path)
+            if e.label == 0 and isinstance(e.prompt, str) and len(e.prompt.split()) <= max_words]
     return random.Random(0).sample(pool, min(n, len(pool)))
 
 
@@ -77,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--prompts-from", metavar="JSONL",
-                        help="time a seeded sample of --n-prompts safe prompts from this file instead of the built-in ones")
+                        help="time a seeded sample of --n-prompts safe prompts from this labelled file (JSONL/CSV) instead of the built-in ones")
     args = parser.parse_args(argv)
 
     backbone = build_backbone(args)

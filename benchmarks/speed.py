@@ -54,16 +54,11 @@ from _common import (  # noqa: E402
 )
 
 from mlpm_guard import Backbone, Prototypes, resolve_dtype  # noqa: E402
-from mlpm_guard.forward import PrefixCache, plan_batches  # noqa: E402
+from mlpm_guard.forward import PrefixCache  # noqa: E402
 from mlpm_guard.shipped import default_prototypes  # noqa: E402
 from mlpm_guard.toolkit.data import Example, load_examples, seed_examples  # noqa: E402
 from mlpm_guard.toolkit.metrics import moderation_metrics  # noqa: E402
 from mlpm_guard.toolkit.training import DEFAULT_PARAMS  # noqa: E402
-
-
-def batches(backbone: Backbone, rows) -> list[list[int]]:
-    """The row batches the backbone itself would form (length-sorted, within its batch limits)."""
-    return plan_batches([len(r) for r in rows], backbone.config.batch_size, backbone.config.max_batch_tokens)
 
 
 # ---------------------------------------------------------------------- CPU variants
@@ -71,7 +66,7 @@ def naive_states(backbone: Backbone, rows, layers) -> np.ndarray:
     """The straightforward way: the full causal LM with output_hidden_states, fp32."""
     out = np.empty((len(rows), len(layers), backbone.hidden_size), dtype=np.float32)
     with torch.inference_mode():
-        for idx in batches(backbone, rows):
+        for idx in backbone.batches([len(r) for r in rows]):
             batch = backbone.collate([rows[i] for i in idx])
             hs = backbone.model(**batch, output_hidden_states=True).hidden_states
             out[idx] = torch.stack([hs[layer][:, -1] for layer in layers], dim=1).float().numpy()
@@ -273,7 +268,7 @@ def gpu_report(args: argparse.Namespace) -> dict[str, Any]:
 
         def prefill_all(bb=other, rs=other_rows) -> None:
             with torch.inference_mode():
-                for idx in batches(bb, rs):
+                for idx in bb.batches([len(r) for r in rs]):
                     bb.model(**bb.collate([rs[i] for i in idx]), logits_to_keep=1)
 
         prefill_all()

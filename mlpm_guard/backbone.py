@@ -196,7 +196,7 @@ class Backbone:
     # ------------------------------------------------------------------ forward
     padded_length = staticmethod(forward.padded_length)
 
-    def _batches(self, lengths: Sequence[int], batch_size: int | None = None) -> list[list[int]]:
+    def batches(self, lengths: Sequence[int], batch_size: int | None = None) -> list[list[int]]:
         """Indices grouped into batches of one padded length, longest first, within the token budget."""
         return forward.plan_batches(lengths, batch_size or self.config.batch_size, self.config.max_batch_tokens)
 

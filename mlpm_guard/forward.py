@@ -248,7 +248,7 @@ def last_token_states(backbone: Backbone, rows: Sequence[Encoded], layers: Seque
         raise ConfigError(f"prompts {empty[:5]} encode to no tokens; the backbone needs at least one token")
     bar = tqdm(total=len(rows), desc="hidden states", unit="prompt", disable=not progress, leave=False)
     with bar:
-        for idx in backbone._batches([len(r) for r in rows], batch_size):
+        for idx in backbone.batches([len(r) for r in rows], batch_size):
             batch = model_inputs(backbone, [rows[i] for i in idx])
             with backbone.request(capture=frozenset(layers), stop_at=max(layers)) as req:
                 try:

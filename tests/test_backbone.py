@@ -84,7 +84,7 @@ def test_truncation_keeps_template_end_and_reports(backbone):
 
 def test_batches_respect_token_budget(backbone):
     lengths = [10, 300, 20, 300, 5, 7]
-    batches = backbone._batches(lengths, batch_size=4)
+    batches = backbone.batches(lengths, batch_size=4)
     assert sorted(i for b in batches for i in b) == list(range(6))
     for b in batches:
         assert max(lengths[i] for i in b) * len(b) <= backbone.config.max_batch_tokens

@@ -94,7 +94,7 @@ def _plan(backbone: Backbone, rows: Sequence[Encoded], chunk: int | None) -> lis
         [list(range(s, min(s + chunk, len(rows)))) for s in range(0, len(rows), chunk)]
     plan = []
     for group in groups:
-        for batch in backbone._batches([len(rows[i]) for i in group]):
+        for batch in backbone.batches([len(rows[i]) for i in group]):
             plan.append([group[j] for j in batch])
     return plan
 
