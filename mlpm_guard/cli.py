@@ -63,20 +63,23 @@ def _load_prototypes(args: argparse.Namespace) -> Any:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .toolkit.training import fit_examples, load_training_examples
+    from .readings import poolings_of
+    from .toolkit.training import DEFAULT_PARAMS, fit_examples, load_training_examples
 
     examples = load_training_examples(args.data, max_per_source=args.max_per_source, seed=args.seed,
                                       with_seed_set=not args.no_seed_set)
     backbone = _backbone(args.backbone, args)
     params: dict[str, Any] = {"per_source": args.per_source, "random_state": args.seed}
-    for key in ("C", "cv"):
+    for key in ("C", "cv", "pooling"):
         if getattr(args, key) is not None:
             params[key] = getattr(args, key)
     if layers := _parse_layers(args.layers):
         params["layers"] = backbone.check_layers(layers)
     states = None
     if args.engine == "ray":
-        states = _ray_fit_states(backbone, [e.prompt for e in examples], params.get("layers"), args)
+        pooling = params.get("pooling", DEFAULT_PARAMS.get("pooling", "last"))
+        states = _ray_fit_states(backbone, [e.prompt for e in examples], params.get("layers"), poolings_of(pooling),
+                                 args)
     prototypes = fit_examples(backbone, examples, states=states, cache=not args.no_cache, progress=not args.quiet,
                               **params)
     prototypes.save(args.out)
@@ -105,7 +108,8 @@ def _ray_options(args: argparse.Namespace) -> Any:
     return RayOptions(actors=args.ray_actors, address=args.ray_address, threads=args.ray_threads)
 
 
-def _ray_fit_states(backbone: Any, prompts: list[str], layers: list[int] | None, args: argparse.Namespace) -> Any:
+def _ray_fit_states(backbone: Any, prompts: list[str], layers: list[int] | None, poolings: tuple[str, ...],
+                    args: argparse.Namespace) -> Any:
     """``fit --engine ray``: the states the local fit would extract, computed on Ray actors.
 
     With the cache on they are put in the feature cache (the local fit then reads them there);
@@ -116,9 +120,10 @@ def _ray_fit_states(backbone: Any, prompts: list[str], layers: list[int] | None,
 
     layers = layers or list(range(1, backbone.num_layers + 1))
     if args.no_cache:
-        return ray_engine.extract(backbone, prompts, layers, _ray_options(args), progress=not args.quiet)[0]
+        return ray_engine.extract(backbone, prompts, layers, _ray_options(args), poolings=poolings,
+                                  progress=not args.quiet)[0]
     ray_engine.warm_cache(backbone, [prompts], max(layers), FeatureCache.for_backbone(backbone), _ray_options(args),
-                          progress=not args.quiet)
+                          poolings=poolings, progress=not args.quiet)
     return None
 
 
@@ -195,7 +200,7 @@ def _ray_eval_cache(prototypes: Any, datasets: dict[str, Any], args: argparse.Na
     if "last_layer" in parse_baselines(args.baselines or ()):
         depth = backbone.num_layers
     ray_engine.warm_cache(backbone, [[e.prompt for e in rows] for rows in datasets.values()], depth, cache,
-                          _ray_options(args), progress=not args.quiet)
+                          _ray_options(args), poolings=prototypes.poolings_, progress=not args.quiet)
     return cache if args.no_cache else True
 
 
@@ -356,6 +361,9 @@ def _add_fit(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--layers", help="candidate layers, e.g. '1-15' (prefer shallow layers for early exit)")
     p.add_argument("--C", type=float, help="inverse L1 strength of the layer combination")
     p.add_argument("--cv", type=int, help="cross-fit the per-layer scores with this many folds")
+    p.add_argument("--pooling", choices=["last", "last+mean"],
+                   help="read each layer at the last token (default), or there and mean-pooled over the "
+                        "request, as the shipped default does")
     p.add_argument("--seed", type=int, default=0, help="seed of the --max-per-source draw and the folds")
     p.add_argument("--no-seed-set", action="store_true",
                    help="fit on DATA alone (by default the built-in seed set joins as one more source)")

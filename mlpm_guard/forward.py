@@ -1,5 +1,6 @@
 """Forward passes over encoded prompts: padding and batching, per-request layer hooks (capture,
-early exit, steering), the cached KV of the chat template's opening, and last-token states.
+early exit, steering), the cached KV of the chat template's opening, and the states of layers at
+the last token and mean-pooled over the request (:mod:`.readings`).
 
 Scoring never runs the ``lm_head`` and stops the forward pass after the deepest layer it needs.
 Layer ids follow Hugging Face's ``output_hidden_states`` numbering: layer ``l`` (1..L) is the
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .encoding import Encoded
 from .errors import ConfigError
+from .readings import POOLINGS
 
 if TYPE_CHECKING:
     from .backbone import Backbone
@@ -97,7 +99,9 @@ class LayerRequest:
     capture: frozenset[int] = frozenset()
     stop_at: int | None = None
     steer: dict[int, torch.Tensor] = field(default_factory=dict)
+    pool: torch.Tensor | None = None  # (batch, input width) weights of the mean-pooled states
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    pooled: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class LayerHooks:
@@ -164,6 +168,8 @@ class LayerHooks:
                 output = (hidden, *output[1:]) if isinstance(output, tuple) else hidden
             if layer_id in state.capture:
                 state.captured[layer_id] = hidden[:, -1, :].detach()
+                if state.pool is not None:
+                    state.pooled[layer_id] = torch.einsum("bs,bsd->bd", state.pool, hidden.detach().float())
             if state.stop_at == layer_id:
                 raise _EarlyExit
             return output if vector is not None else None
@@ -230,17 +236,55 @@ def model_inputs(backbone: Backbone, rows: Sequence[Encoded], *, reuse_prefix: b
             backbone.cache_kw: cache}
 
 
+def pool_weights(backbone: Backbone, rows: Sequence[Encoded], inputs: dict[str, Any]) -> torch.Tensor:
+    """Weights over the input positions of :func:`model_inputs` that average each row's tokens
+    after the chat template's shared opening (all of them for a template without one).
+
+    The opening (system prompt, user header) is the same for every prompt, so it would only pull
+    every mean towards one point. A row's pooled tokens are always the last ones of its input:
+    the shared prefix, when cached, is not in the input at all.
+    """
+    prefix = backbone.prefix.ids(backbone)
+    width = inputs["input_ids"].shape[1]
+    weights = torch.zeros((len(rows), width), dtype=torch.float32)
+    for j, r in enumerate(rows):
+        start = 0
+        while start < min(len(r), len(prefix)) and r.ids[start] == prefix[start]:
+            start += 1
+        n = len(r) - min(start, len(r) - 1)
+        weights[j, width - n:] = 1.0 / n
+    return weights.to(inputs["input_ids"].device)
+
+
+def check_poolings(poolings: Sequence[str]) -> tuple[str, ...]:
+    """Poolings as a tuple of known names, in the order given, each once."""
+    out = tuple(poolings)
+    if not out or len(set(out)) != len(out) or not set(out) <= set(POOLINGS):
+        raise ConfigError(f"`poolings` must be distinct names from {POOLINGS}, got {list(out)}")
+    return out
+
+
+def stack_states(captured: dict[int, torch.Tensor], pooled: dict[int, torch.Tensor], layers: Sequence[int],
+                 poolings: Sequence[str]) -> torch.Tensor:
+    """Captured states as one (batch, len(poolings) * len(layers), d) tensor, pooling-major."""
+    source = {"last": captured, "mean": pooled}
+    return torch.stack([source[p][layer].float() for p in poolings for layer in layers], dim=1)
+
+
 @torch.inference_mode()
-def last_token_states(backbone: Backbone, rows: Sequence[Encoded], layers: Sequence[int], *,
-                      batch_size: int | None = None, progress: bool = False) -> np.ndarray:
-    """Last-token hidden states of ``layers`` for encoded prompts, each forward pass stopped after
-    the deepest of them.
+def layer_states(backbone: Backbone, rows: Sequence[Encoded], layers: Sequence[int], *,
+                 poolings: Sequence[str] = ("last",), batch_size: int | None = None,
+                 progress: bool = False) -> np.ndarray:
+    """Hidden states of ``layers`` at ``poolings`` for encoded prompts, from one forward pass per
+    batch stopped after the deepest layer.
 
     Returns:
-        float32 array of shape ``(len(rows), len(layers), hidden_size)``.
+        float32 array of shape ``(len(rows), len(poolings) * len(layers), hidden_size)``,
+        pooling-major (:mod:`.readings`).
     """
     layers = backbone.check_layers(layers)
-    out = np.empty((len(rows), len(layers), backbone.hidden_size), dtype=np.float32)
+    poolings = check_poolings(poolings)
+    out = np.empty((len(rows), len(poolings) * len(layers), backbone.hidden_size), dtype=np.float32)
     if not rows:
         return out
     empty = [i for i, r in enumerate(rows) if len(r) == 0]
@@ -249,13 +293,14 @@ def last_token_states(backbone: Backbone, rows: Sequence[Encoded], layers: Seque
     bar = tqdm(total=len(rows), desc="hidden states", unit="prompt", disable=not progress, leave=False)
     with bar:
         for idx in backbone.batches([len(r) for r in rows], batch_size):
-            batch = model_inputs(backbone, [rows[i] for i in idx])
-            with backbone.request(capture=frozenset(layers), stop_at=max(layers)) as req:
+            part = [rows[i] for i in idx]
+            batch = model_inputs(backbone, part)
+            pool = pool_weights(backbone, part, batch) if "mean" in poolings else None
+            with backbone.request(capture=frozenset(layers), stop_at=max(layers), pool=pool) as req:
                 try:
                     backbone.base(**batch, use_cache=True)
                 except _EarlyExit:
                     pass
-            states = torch.stack([req.captured[layer] for layer in layers], dim=1)
-            out[idx] = states.float().cpu().numpy()
+            out[idx] = stack_states(req.captured, req.pooled, layers, poolings).cpu().numpy()
             bar.update(len(idx))
     return out

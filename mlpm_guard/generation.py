@@ -11,6 +11,7 @@ tokens as they come: streaming is real, with no background thread.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList, Stop
 from .backbone import Backbone
 from .encoding import Encoded
 from .errors import ConfigError
-from .forward import output_cache
+from .forward import output_cache, pool_weights, stack_states
 
 
 class GenerationConfig(BaseModel):
@@ -75,6 +76,7 @@ class Prefill:
     positions: torch.Tensor  # (batch,) position id of each row's last token
     input_ids: torch.Tensor
     states: dict[int, torch.Tensor]  # captured last-token states per layer id
+    pooled: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # mean-pooled, when asked for
 
     def select(self, rows: Sequence[int]) -> Prefill:
         """The prefill of a subset of the batch (the cache rows are copied)."""
@@ -82,27 +84,30 @@ class Prefill:
         cache = copy.deepcopy(self.cache)
         cache.batch_select_indices(index)
         return Prefill(cache, self.logits[index], self.attention_mask[index], self.positions[index],
-                       self.input_ids[index], {k: v[index] for k, v in self.states.items()})
+                       self.input_ids[index], {k: v[index] for k, v in self.states.items()},
+                       {k: v[index] for k, v in self.pooled.items()})
 
-    def layer_states(self, layers: Sequence[int]) -> np.ndarray:
-        """Captured last-token states of ``layers`` as a float32 array (batch, len(layers), d)."""
-        return torch.stack([self.states[layer] for layer in layers], dim=1).float().cpu().numpy()
+    def layer_states(self, layers: Sequence[int], poolings: Sequence[str] = ("last",)) -> np.ndarray:
+        """Captured states of ``layers`` at ``poolings`` as a float32 array
+        (batch, len(poolings) * len(layers), d), pooling-major as ``Backbone.layer_states`` gives them."""
+        return stack_states(self.states, self.pooled, layers, poolings).cpu().numpy()
 
 
 @torch.inference_mode()
-def prefill(backbone: Backbone, rows: Sequence[Encoded], *, capture: Sequence[int] = (),
+def prefill(backbone: Backbone, rows: Sequence[Encoded], *, capture: Sequence[int] = (), pool: bool = False,
             steer: dict[int, torch.Tensor] | None = None) -> Prefill:
     """Run the prompts once through every layer, keeping the KV cache and the last-token logits.
 
-    ``capture`` lists layer ids whose last-token states are kept (for scoring); ``steer`` adds
-    per-layer vectors to every position.
+    ``capture`` lists layer ids whose last-token states are kept (for scoring), with ``pool``
+    their mean-pooled states too; ``steer`` adds per-layer vectors to every position.
     """
     # Steering acts on every token, so a steered prompt cannot reuse the unsteered prefix cache.
     batch = backbone.model_inputs(rows, reuse_prefix=not steer)
-    with backbone.request(capture=frozenset(capture), steer=steer or {}) as req:
+    weights = pool_weights(backbone, rows, batch) if pool and capture else None
+    with backbone.request(capture=frozenset(capture), steer=steer or {}, pool=weights) as req:
         out = backbone.model(**batch, use_cache=True, logits_to_keep=1)
     return Prefill(output_cache(out), out.logits[:, -1, :].float(), batch["attention_mask"],
-                   batch["position_ids"][:, -1], batch["input_ids"], dict(req.captured))
+                   batch["position_ids"][:, -1], batch["input_ids"], dict(req.captured), dict(req.pooled))
 
 
 def logits_processors(config: GenerationConfig) -> LogitsProcessorList:

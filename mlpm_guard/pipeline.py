@@ -100,9 +100,10 @@ class Stages:
         if Route.PASS in self.handlers:
             verdicts = judge(self.backbone, self.prototypes, messages, rows=rows)
         else:
-            layers = self.prototypes.layer_ids_
-            state = prefill(self.backbone, rows, capture=layers)
-            verdicts = judge(self.backbone, self.prototypes, messages, rows=rows, prefilled=state.layer_states(layers))
+            layers, poolings = self.prototypes.layer_ids_, self.prototypes.poolings_
+            state = prefill(self.backbone, rows, capture=layers, pool="mean" in poolings)
+            verdicts = judge(self.backbone, self.prototypes, messages, rows=rows,
+                             prefilled=state.layer_states(layers, poolings))
         spent = _ms(start) / len(requests)
         for request, row, verdict in zip(requests, rows, verdicts):
             request.row, request.verdict, request.scoring_ms = row, under_policy(verdict, policy), spent

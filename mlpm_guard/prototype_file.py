@@ -28,13 +28,15 @@ from ._io import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from ._version import __version__
 from .errors import ConfigError, PrototypeFileError
 from .prototype_set import CLASSES, PrototypeSet
+from .readings import Reading, poolings_of
 
 if TYPE_CHECKING:
     from .prototypes import Prototypes
 
 FORMAT = "mlpm-guard-prototypes"
 #: 2: digest-named tensors file, metadata digest, strict schema (1 had a fixed tensors file name).
-FORMAT_VERSION = 2
+#: 3: ``readings`` (layer and pooling of each input; a version-2 file reads last tokens only).
+FORMAT_VERSION = 3
 META_FILE = "prototypes.json"
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
 _SHA256 = r"^[0-9a-f]{64}$"
@@ -75,6 +77,7 @@ class FitParams(BaseModel):
     cv: int | None = Field(ge=2)
     threshold: float = Field(gt=0, lt=1)
     controversial_threshold: float = Field(gt=0, lt=1)
+    pooling: Literal["last", "last+mean"] = "last"
     other_language_threshold: float | None = Field(default=None, gt=0, lt=1)
     categories: bool
     random_state: int | None
@@ -88,18 +91,28 @@ class SetRecord(BaseModel):
     prototypes: list[str] = Field(min_length=2)
 
 
+class ReadingRecord(BaseModel):
+    """One input of the prototypes (:class:`~mlpm_guard.readings.Reading`)."""
+
+    model_config = _STRICT
+
+    layer: int = Field(ge=1)
+    pooling: Literal["last", "mean"]
+
+
 class PrototypeMeta(BaseModel):
     """The schema of ``prototypes.json``."""
 
     model_config = _STRICT
 
     format: Literal["mlpm-guard-prototypes"]
-    format_version: Literal[2]
+    format_version: Literal[2, 3]
     mlpm_guard_version: str
     created: str
     backbone: BackboneRecord | None
     hidden_size: int = Field(ge=1)
     layer_ids: list[int] = Field(min_length=1)
+    readings: list[ReadingRecord] | None = None  # None (version 2): the last token of each layer
     params: FitParams
     intercept: float
     threshold: float = Field(gt=0, lt=1)
@@ -131,6 +144,13 @@ class PrototypeMeta(BaseModel):
             raise ValueError("category_labels are given but category_layer is null")
         if not set(self.layer_ids) <= set(self.steering_layers):
             raise ValueError("layer_ids must be a subset of steering_layers (the candidate layers of the fit)")
+        readings = self.reading_list()
+        if len(set(readings)) != len(readings) or sorted({layer for layer, _ in readings}) != self.layer_ids:
+            raise ValueError(f"readings {readings} must be distinct and read exactly layer_ids {self.layer_ids}")
+        if any(pooling not in poolings_of(self.params.pooling) for _, pooling in readings):
+            raise ValueError(f"readings {readings} use a pooling that params.pooling={self.params.pooling!r} does not read")
+        if self.category_layer is not None and Reading(self.category_layer, "last") not in readings:
+            raise ValueError(f"category_layer {self.category_layer} has no last-token reading")
         if self.backbone is not None:
             if self.backbone.hidden_size != self.hidden_size:
                 raise ValueError(f"hidden_size {self.hidden_size} differs from the backbone's "
@@ -138,6 +158,13 @@ class PrototypeMeta(BaseModel):
             if self.steering_layers[-1] > self.backbone.num_layers:
                 raise ValueError(f"layer ids go beyond the backbone's {self.backbone.num_layers} layers")
         return self
+
+
+    def reading_list(self) -> list[Reading]:
+        """The prototypes' inputs in the order of their statistics (last tokens of ``layer_ids`` in version 2)."""
+        if self.readings is None:
+            return [Reading(layer, "last") for layer in self.layer_ids]
+        return [Reading(r.layer, r.pooling) for r in self.readings]
 
 
 def _canonical(meta: dict[str, Any]) -> bytes:
@@ -191,7 +218,7 @@ def read_folder(folder: Path) -> tuple[PrototypeMeta, bytes]:
     if version > FORMAT_VERSION:
         raise PrototypeFileError(f"{meta_path} has format version {version}, newer than this mlpm-guard "
                                  f"understands ({FORMAT_VERSION}); upgrade mlpm-guard")
-    if version < FORMAT_VERSION:
+    if version < 2:
         raise PrototypeFileError(f"{meta_path} has format version {version}, from an older mlpm-guard without "
                                  "digests over the metadata; fit the prototypes again (`mlpm-guard fit ... --out DIR`)")
     try:
@@ -274,6 +301,7 @@ def _metadata(p: Prototypes) -> dict[str, Any]:
         "backbone": p.backbone_identity_,
         "hidden_size": int(p.sets_[0].means.shape[-1]),
         "layer_ids": [int(x) for x in p.layer_ids_],
+        "readings": [{"layer": int(r.layer), "pooling": r.pooling} for r in p.readings_],
         "params": params,
         "intercept": float(p.intercept_),
         "threshold": float(p.threshold_),
@@ -325,7 +353,8 @@ def load_prototypes(path: str | Path, backbone: Any = None, *, cls: type[Prototy
 
 def _restore(p: Prototypes, meta: PrototypeMeta, t: dict[str, np.ndarray], folder: Path) -> None:
     """Set the fitted attributes from checked metadata and tensors, every shape checked against the metadata."""
-    k, d = len(meta.layer_ids), meta.hidden_size
+    p.readings_ = meta.reading_list()
+    k, d = len(p.readings_), meta.hidden_size
     p.classes_ = CLASSES.copy()
     p.layer_ids_ = [int(x) for x in t["layer_ids"]]
     if p.layer_ids_ != meta.layer_ids:

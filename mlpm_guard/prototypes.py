@@ -29,31 +29,35 @@ from .errors import BackboneMismatchError, ConfigError, NotFittedError
 from .labels import parse_label
 from .prototype_file import META_FILE  # noqa: F401 - where callers import it from
 from .prototype_set import CLASSES, PrototypeSet
+from .readings import Reading, columns, layout, poolings_of
 from .types import Verdict
 from .verdicts import failed_verdict, make_verdict, tier_of
 
 
-def as_states(X: Any, layers: Sequence[int], backbone: Any) -> np.ndarray:
-    """Hidden states (n_samples, len(layers), d): given as such, or read from prompts on ``backbone``."""
+def as_states(X: Any, layers: Sequence[int], backbone: Any, poolings: Sequence[str] = ("last",)) -> np.ndarray:
+    """Hidden states (n_samples, len(poolings) * len(layers), d), pooling-major (:mod:`.readings`):
+    given as such, or read from prompts on ``backbone``."""
     if isinstance(X, np.ndarray):
-        if X.ndim != 3 or X.shape[1] != len(layers):
-            msg = (f"hidden states must have shape (n_samples, {len(layers)}, hidden_size) for layers "
-                   f"{list(layers)}, got {X.shape}")
+        width = len(poolings) * len(layers)
+        if X.ndim != 3 or X.shape[1] != width:
+            at = "" if tuple(poolings) == ("last",) else f" at poolings {list(poolings)} (pooling-major)"
+            msg = (f"hidden states must have shape (n_samples, {width}, hidden_size) for layers "
+                   f"{list(layers)}{at}, got {X.shape}")
             raise ConfigError(msg)
         return X
     if isinstance(X, str):
         raise ConfigError("pass a list of prompts, not a single string (e.g. `verdicts([text])`)")
     if backbone is None:
         raise ConfigError("texts need a backbone: pass `backbone=` to fit/load, or pass hidden states")
-    return backbone.hidden_states(list(X), layers)
+    return backbone.hidden_states(list(X), layers, poolings=poolings)
 
 
-def candidate_layers(layers: Sequence[int] | None, X: Any, backbone: Any) -> list[int]:
+def candidate_layers(layers: Sequence[int] | None, X: Any, backbone: Any, n_poolings: int = 1) -> list[int]:
     """The layer ids a fit starts from: ``layers``, else every layer of the states or of the backbone."""
     if layers is not None:
         out = sorted({int(x) for x in layers})
     elif isinstance(X, np.ndarray):
-        out = list(range(1, X.shape[1] + 1))
+        out = list(range(1, X.shape[1] // n_poolings + 1))
     else:
         return list(range(1, backbone.num_layers + 1)) if backbone else []
     if not out or min(out) < 1:
@@ -169,6 +173,9 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         threshold: P(unsafe) at or above which a verdict is ``unsafe``.
         controversial_threshold: P(unsafe) at or above which a verdict's tier is at least
             ``controversial``.
+        pooling: what is read of each candidate layer (:mod:`.readings`): ``"last"``, the state of
+            the last token, or ``"last+mean"``, that and the mean state over the request's own
+            tokens, each a candidate of its own for the L1 combination.
         other_language_threshold: where the guard refuses a text in another language than English
             (:mod:`.language`) instead of ``threshold``; ``None`` uses ``threshold`` for every
             text. For a backbone that reads other languages less surely than English. Read when
@@ -177,8 +184,9 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         categories: fit per-category means so verdicts name the nearest hazard category.
         random_state: seed of the cross-fitting folds.
 
-    Fitted attributes end in ``_``: ``classes_`` (``[0, 1]``: safe, unsafe), ``layer_ids_``,
-    ``sets_``, ``coef_``, ``intercept_``, ``threshold_`` (and ``controversial_threshold_``),
+    Fitted attributes end in ``_``: ``classes_`` (``[0, 1]``: safe, unsafe), ``readings_`` (the
+    kept :class:`~mlpm_guard.readings.Reading` inputs, in the order of the sets' statistics),
+    ``layer_ids_`` (the layers they read, ascending), ``sets_``, ``coef_``, ``intercept_``, ``threshold_`` (and ``controversial_threshold_``),
     ``category_labels_``, ``category_means_``,
     ``category_layer_``, ``steering_layers_``/``steering_directions_`` (unsafe-minus-safe mean
     difference of every candidate layer) and ``backbone_identity_``. The backbone itself is no
@@ -188,8 +196,9 @@ class Prototypes(ClassifierMixin, BaseEstimator):
 
     def __init__(self, *, layers: Sequence[int] | None = None, C: float = 1.0, per_source: bool = False,
                  min_source_count: int = 20, cv: int | None = None, threshold: float = 0.5,
-                 controversial_threshold: float = 0.25, other_language_threshold: float | None = None,
-                 categories: bool = True, random_state: int = 0) -> None:
+                 controversial_threshold: float = 0.25, pooling: str = "last",
+                 other_language_threshold: float | None = None, categories: bool = True,
+                 random_state: int = 0) -> None:
         self.layers = layers
         self.C = C
         self.per_source = per_source
@@ -197,6 +206,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         self.cv = cv
         self.threshold = threshold
         self.controversial_threshold = controversial_threshold
+        self.pooling = pooling
         self.other_language_threshold = other_language_threshold
         self.categories = categories
         self.random_state = random_state
@@ -212,6 +222,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
                    f"got {self.controversial_threshold!r}")
             raise ConfigError(msg)
         check_other_language_threshold(self.other_language_threshold, self.controversial_threshold, self.threshold)
+        poolings_of(self.pooling)
         if self.cv is not None and (not isinstance(self.cv, int) or self.cv < 2):
             raise ConfigError(f"`cv` must be None or an int >= 2, got {self.cv!r}")
 
@@ -239,6 +250,16 @@ class Prototypes(ClassifierMixin, BaseEstimator):
     def _features(self, H: np.ndarray) -> np.ndarray:
         return np.concatenate([s.proba(H) for s in self.sets_], axis=1)
 
+    @property
+    def poolings_(self) -> tuple[str, ...]:
+        """The poolings the fitted prototypes read (what to ask the backbone for, with ``layer_ids_``)."""
+        return poolings_of(self.pooling)
+
+    def _states(self, X: Any) -> np.ndarray:
+        """The kept readings, in ``readings_`` order, of prompts or of states of ``layer_ids_`` at ``poolings_``."""
+        H = as_states(X, self.layer_ids_, self.backbone, self.poolings_)
+        return H[:, columns(self.readings_, self.layer_ids_, self.poolings_)]
+
     # ------------------------------------------------------------------ fit
     def fit(self, X: Any, y: Sequence[Any], *, backbone: Any = None, sources: Sequence[str] | None = None,
             categories: Sequence[str | None] | None = None) -> Prototypes:
@@ -246,7 +267,8 @@ class Prototypes(ClassifierMixin, BaseEstimator):
 
         Args:
             X: prompts (str or message lists; needs ``backbone``), or hidden states of shape
-                (n_samples, n_layers, d) for the candidate ``layers``.
+                (n_samples, n_poolings * n_layers, d) for the candidate ``layers`` at the
+                ``pooling``'s poolings, pooling-major (:mod:`.readings`).
             y: labels, 0/1 or any accepted vocabulary (``safe``/``unsafe``, ...).
             backbone: the :class:`~mlpm_guard.Backbone` the states come from; recorded so that
                 loading against another backbone fails, and bound.
@@ -259,28 +281,34 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         self._check_params()
         if backbone is not None:
             self._backbone = backbone
-        candidates = candidate_layers(self.layers, X, self.backbone)
-        H = as_states(X, candidates, self.backbone)
+        poolings = poolings_of(self.pooling)
+        candidates = candidate_layers(self.layers, X, self.backbone, len(poolings))
+        H = as_states(X, candidates, self.backbone, poolings)
         y = fit_labels(y, len(H))
         sources = np.array(sources if sources is not None else ["all"] * len(y), dtype=object)
         self.classes_ = CLASSES.copy()
         self.sets_ = fit_sets(H, y, sources, per_source=self.per_source, min_source_count=self.min_source_count)
         F = stacking_features(self.sets_, H, y, sources, cv=self.cv, random_state=self.random_state)
         coef, self.intercept_, keep = fit_combination(F, y, len(self.sets_), C=self.C, random_state=self.random_state)
-        # The unsafe-minus-safe mean difference of every candidate layer, kept for activation steering.
+        # The unsafe-minus-safe mean difference of every candidate layer at its last token (steering
+        # adds it to the states the model answers from), kept for activation steering.
         self.steering_layers_ = list(candidates)
-        self.steering_directions_ = self.sets_[0].means[:, 1] - self.sets_[0].means[:, 0]
+        last = slice(0, len(candidates))  # pooling-major: the last-token readings come first
+        self.steering_directions_ = self.sets_[0].means[last, 1] - self.sets_[0].means[last, 0]
         for s in self.sets_:
             s.select_layers(keep)
-        self.layer_ids_ = [layer for layer, k in zip(candidates, keep) if k]
+        self.readings_ = [r for r, k in zip(layout(candidates, poolings), keep) if k]
+        self.layer_ids_ = sorted({r.layer for r in self.readings_})
         self.coef_ = coef[:, keep].reshape(-1)
         self.threshold_ = float(self.threshold)
         self.controversial_threshold_ = float(self.controversial_threshold)
         self.category_labels_, self.category_means_, self.category_layer_ = [], None, None
-        if self.categories and categories is not None:
-            self.category_labels_, self.category_means_, j = fit_categories(H[:, keep], y, categories,
-                                                                            self.sets_[0].precision)
-            self.category_layer_ = self.layer_ids_[j] if j is not None else None
+        # Categories are told apart at one kept last-token reading.
+        at = [j for j, r in enumerate(self.readings_) if r.pooling == "last"]
+        if self.categories and categories is not None and at:
+            self.category_labels_, self.category_means_, j = fit_categories(
+                H[:, keep][:, at], y, categories, self.sets_[0].precision[at])
+            self.category_layer_ = self.readings_[at[j]].layer if j is not None else None
         self.n_samples_ = int(len(y))
         self.training_summary_ = {f"{src}/{'unsafe' if lab else 'safe'}": int(n)
                                   for (src, lab), n in sorted(Counter(zip(sources, y)).items())}
@@ -291,7 +319,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities: shape (n_samples, 2), columns in ``classes_`` order (P(safe), P(unsafe))."""
         self._check_fitted()
-        p = self._combine(self._features(as_states(X, self.layer_ids_, self.backbone)))
+        p = self._combine(self._features(self._states(X)))
         return np.stack([1.0 - p, p], axis=1)
 
     def _combine(self, F: np.ndarray) -> np.ndarray:
@@ -313,23 +341,23 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         """Verdicts for prompts (needs a bound backbone) or for hidden states of ``layer_ids_``.
 
         Args:
-            X: prompts, or states of shape (n_samples, len(layer_ids_), d).
+            X: prompts, or states of ``layer_ids_`` at ``poolings_``: shape
+                (n_samples, len(poolings_) * len(layer_ids_), d), pooling-major.
             n_truncated: tokens cut from each prompt the states come from (prompts count their own).
         """
         self._check_fitted()
         if n_truncated is None and not isinstance(X, np.ndarray) and self.backbone is not None:
             rows = self.backbone.encode(list(X))
             n_truncated = [r.n_truncated for r in rows]
-            H = self.backbone.last_token_states(rows, self.layer_ids_)
-        else:
-            H = as_states(X, self.layer_ids_, self.backbone)
+            X = self.backbone.layer_states(rows, self.layer_ids_, poolings=self.poolings_)
+        H = self._states(X)
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows fail closed just below
             F = self._features(H)
         p = self._combine(F)
-        per_layer = F[:, : len(self.layer_ids_)]
+        per_layer = F[:, : len(self.readings_)]
         # NaN compares false with every threshold and would land in the safe tier: such a row fails closed.
         broken = ~np.isfinite(H).all(axis=(1, 2)) | ~np.isfinite(p)
-        j = self.layer_ids_.index(self.category_layer_) if self.category_layer_ else 0
+        j = self._category_column()
         nearest = nearest_category(np.where(broken[:, None], 0.0, H[:, j]), self.category_labels_,
                                    self.category_means_, self.sets_[0].precision[j])
         cut = list(n_truncated) if n_truncated else [0] * len(p)
@@ -339,7 +367,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
                 out.append(failed_verdict("ScoringError: the backbone gave non-finite hidden states (NaN or inf)",
                                           threshold=self.threshold_, n_truncated_tokens=int(cut[i])))
                 continue
-            scores = {layer: float(v) for layer, v in zip(self.layer_ids_, per_layer[i])}
+            scores = {r.key: float(v) for r, v in zip(self.readings_, per_layer[i])}
             out.append(make_verdict(pi, tier_of(pi, self.threshold_, self.controversial_threshold_),
                                     threshold=self.threshold_, category=nearest[i], layer_scores=scores,
                                     n_truncated_tokens=int(cut[i])))
@@ -357,7 +385,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         category's mean, so new categories can be named.
 
         Args:
-            X: prompts (needs the bound backbone) or hidden states of ``layer_ids_``.
+            X: prompts (needs the bound backbone) or hidden states of ``layer_ids_`` at ``poolings_``.
             labels: one label per example.
             category: hazard code or category name of the unsafe examples.
             name: group name (defaults to ``category`` or ``"custom-safe"``/``"custom-unsafe"``).
@@ -366,7 +394,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
             self
         """
         self._check_fitted()
-        H = as_states(X, self.layer_ids_, self.backbone)
+        H = self._states(X)
         y = np.array([parse_label(v) for v in labels], dtype=np.int64)
         if len(y) != len(H) or len(y) == 0:
             raise ConfigError(f"add_examples needs one label per example, got {len(H)} examples and {len(y)} labels")
@@ -380,11 +408,19 @@ class Prototypes(ClassifierMixin, BaseEstimator):
                 s.add_group(H[rows].astype(np.float64), label, group)
         cat = category_label(category)
         if cat is not None and (y == 1).any():
-            j = self.layer_ids_.index(self.category_layer_) if self.category_layer_ else len(self.layer_ids_) // 2
-            self.category_layer_ = self.layer_ids_[j]
+            j = self._category_column()
+            self.category_layer_ = self.readings_[j].layer
             self.category_labels_, self.category_means_ = add_category(
                 self.category_labels_, self.category_means_, cat, H[y == 1, j].astype(np.float64).mean(axis=0))
         return self
+
+    def _category_column(self) -> int:
+        """Where the category means live in ``readings_``: the last-token reading of ``category_layer_``,
+        else (no categories yet) the middle last-token reading, else the middle reading."""
+        if self.category_layer_ is not None:
+            return self.readings_.index(Reading(self.category_layer_, "last"))
+        at = [j for j, r in enumerate(self.readings_) if r.pooling == "last"] or list(range(len(self.readings_)))
+        return at[len(at) // 2]
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
@@ -399,7 +435,10 @@ class Prototypes(ClassifierMixin, BaseEstimator):
     def __repr__(self) -> str:
         if not hasattr(self, "sets_"):
             return super().__repr__()
-        return (f"Prototypes(layers={self.layer_ids_}, sets={[s.name for s in self.sets_]}, "
+        last = [r.layer for r in self.readings_ if r.pooling == "last"]
+        pooled = [r.layer for r in self.readings_ if r.pooling != "last"]
+        mean = f", mean={pooled}" if pooled else ""
+        return (f"Prototypes(layers={last}{mean}, sets={[s.name for s in self.sets_]}, "
                 f"prototypes={len(self.sets_[0].names)}, n={self.n_samples_})")
 
 

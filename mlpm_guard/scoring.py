@@ -152,7 +152,7 @@ def judge(backbone: Any, prototypes: Any, items: Sequence[Any], *, content: bool
     scored: list[Verdict] = []
     if extra:
         extra_rows = backbone.encode(extra)
-        states = backbone.last_token_states(extra_rows, prototypes.layer_ids_)
+        states = backbone.layer_states(extra_rows, prototypes.layer_ids_, poolings=prototypes.poolings_)
         scored = prototypes.verdicts(states, n_truncated=[r.n_truncated for r in extra_rows])
     pre: list[Verdict] = []
     if prefilled is not None:

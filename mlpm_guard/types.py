@@ -46,7 +46,8 @@ class Verdict:
             dataset's own category name when it does not map; ``None`` when the text is safe
             or no category prototypes were fitted.
         category_name: readable name of ``category``.
-        layer_scores: per-layer P(unsafe) of the layers the combination uses, keyed by layer id.
+        layer_scores: P(unsafe) of each reading the combination uses, keyed by layer id for a
+            last-token reading and ``"mean <layer>"`` for a mean-pooled one (:mod:`mlpm_guard.readings`).
         threshold: decision threshold that produced ``label``.
         n_truncated_tokens: tokens dropped from the middle of an over-long prompt (0 if none).
         error: set when the text could not be scored; the verdict is then unsafe (fail closed).
@@ -60,7 +61,7 @@ class Verdict:
     tier: Tier
     category: str | None = None
     category_name: str | None = None
-    layer_scores: Mapping[int, float] = field(default_factory=dict)
+    layer_scores: Mapping[int | str, float] = field(default_factory=dict)
     threshold: float = 0.5
     n_truncated_tokens: int = 0
     error: str | None = None
@@ -80,7 +81,7 @@ class Verdict:
     def from_dict(cls, data: Mapping[str, Any]) -> Verdict:
         """The verdict :meth:`to_dict` wrote."""
         return cls(float(data["p_unsafe"]), data["label"], Tier(data["tier"]), data.get("category"),
-                   data.get("category_name"), {int(k): float(v) for k, v in (data.get("layer_scores") or {}).items()},
+                   data.get("category_name"), {_reading_key(k): float(v) for k, v in (data.get("layer_scores") or {}).items()},
                    float(data.get("threshold", 0.5)), int(data.get("n_truncated_tokens", 0)), data.get("error"),
                    data.get("view"))
 
@@ -262,3 +263,8 @@ class GuardChunk:
 
     text: str
     result: GuardResult | None = None
+
+
+def _reading_key(key: str) -> int | str:
+    """A ``layer_scores`` key as :meth:`Verdict.to_dict` wrote it: a layer id, or ``"mean <layer>"``."""
+    return int(key) if str(key).isdigit() else str(key)

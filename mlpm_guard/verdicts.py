@@ -33,7 +33,7 @@ def tier_of(p_unsafe: float, unsafe_at: float, controversial_at: float) -> Tier:
 
 
 def make_verdict(p_unsafe: float, tier: Tier, *, threshold: float, category: str | None = None,
-                 layer_scores: Mapping[int, float] | None = None, n_truncated_tokens: int = 0,
+                 layer_scores: Mapping[int | str, float] | None = None, n_truncated_tokens: int = 0,
                  error: str | None = None, view: str | None = None) -> Verdict:
     """A verdict whose label follows ``tier`` and whose ``category`` is dropped in the safe tier."""
     category = category if tier is not Tier.SAFE else None

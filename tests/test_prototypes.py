@@ -211,6 +211,10 @@ def test_load_errors_are_clear(tmp_path, fitted):
         Prototypes.load(folder)
     forged = {**meta, "layer_ids": [1, 2, 3]}
     (folder / "prototypes.json").write_text(json.dumps({**forged, "metadata_sha256": metadata_digest(forged)}))
+    with pytest.raises(PrototypeFileError, match="read exactly layer_ids"):
+        Prototypes.load(folder)
+    forged = {**meta, "layer_ids": [1, 2, 3], "readings": None}  # a version-2 file reads each layer's last token
+    (folder / "prototypes.json").write_text(json.dumps({**forged, "metadata_sha256": metadata_digest(forged)}))
     with pytest.raises(PrototypeFileError, match="disagree"):
         Prototypes.load(folder)
     with pytest.raises(PrototypeFileError, match="is not a prototypes folder"):

@@ -24,6 +24,7 @@ import numpy as np
 from .._io import atomic_write_text
 from ..errors import ConfigError, DataError
 from ..prototypes import Prototypes
+from ..readings import select
 from ..result_cache import ResultCache
 from .baselines import make_baseline, parse_baselines
 from .data import Example, load_examples, seed_examples
@@ -161,9 +162,9 @@ def _method(score: Scorer, threshold: float, datasets: dict[str, Sequence[Exampl
 
 
 def layer_weights(prototypes: Prototypes) -> dict[str, dict[str, float]]:
-    """The layer combination's weight per prototype set and layer (0 for layers the L1 penalty dropped)."""
-    coef = np.asarray(prototypes.coef_).reshape(len(prototypes.sets_), len(prototypes.layer_ids_))
-    return {s.name: {str(layer): float(w) for layer, w in zip(prototypes.layer_ids_, row)}
+    """The layer combination's weight per prototype set and reading (layer id, or ``"mean <layer>"``)."""
+    coef = np.asarray(prototypes.coef_).reshape(len(prototypes.sets_), len(prototypes.readings_))
+    return {s.name: {str(r.key): float(w) for r, w in zip(prototypes.readings_, row)}
             for s, row in zip(prototypes.sets_, coef)}
 
 
@@ -267,11 +268,12 @@ def _mlpm_block(prototypes: Prototypes, datasets: dict[str, Sequence[Example]], 
     # With the last-layer baseline the states are read once down to the last layer, and the
     # baseline's own read is then a cache hit.
     depth = sorted(set(layers) | ({backbone.num_layers} if last_layer else set()))
-    pick = [depth.index(layer) for layer in layers]
+    poolings = prototypes.poolings_
 
     def mlpm(prompts: Sequence[str], label: str) -> np.ndarray:
-        H = extract(backbone, list(prompts), depth, cache=features, progress=progress, desc=f"eval {label}")
-        return prototypes.predict_proba(H[:, pick])[:, 1]
+        H = extract(backbone, list(prompts), depth, poolings=poolings, cache=features, progress=progress,
+                    desc=f"eval {label}")
+        return prototypes.predict_proba(select(H, depth, layers, poolings))[:, 1]
 
     result, scores = _method(mlpm, prototypes.threshold_, datasets, **options)
     result.update(layers=layers, backbone=backbone.name, num_layers=backbone.num_layers,

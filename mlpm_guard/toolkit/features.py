@@ -1,8 +1,9 @@
 """Hidden-state extraction with an on-disk cache, so re-fitting or re-evaluating never re-runs the model.
 
 The cache is one SQLite file per backbone (fingerprint and dtype), keyed by the exact token ids the
-model saw (after the chat template and any truncation). Each entry holds the last-token states of
-layers 1..depth; a request for shallower layers is served from a deeper entry.
+model saw (after the chat template and any truncation) and the pooling (:mod:`mlpm_guard.readings`).
+Each entry holds the states of layers 1..depth at one pooling; a request for shallower layers is
+served from a deeper entry.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ _CHUNK = 256  # prompts per forward-and-store round, so an interrupted run keeps
 
 
 class FeatureCache(SqliteStore):
-    """Last-token states on disk for one backbone.
+    """Hidden states on disk for one backbone.
 
     Args:
         path: the SQLite file; by default ``<cache home>/features/<fingerprint>-<dtype>.sqlite``.
@@ -38,8 +39,10 @@ class FeatureCache(SqliteStore):
         return cls(root / f"{backbone.fingerprint}-{dtype}.sqlite")
 
     @staticmethod
-    def key(ids: Sequence[int]) -> str:
-        return hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
+    def key(ids: Sequence[int], pooling: str = "last") -> str:
+        """The entry of a prompt's token ids at a pooling (last-token entries keep their older plain key)."""
+        digest = hashlib.sha256(np.asarray(ids, dtype=np.int64).tobytes()).hexdigest()
+        return digest if pooling == "last" else f"{digest}:{pooling}"
 
     def get(self, keys: Sequence[str], depth: int) -> dict[str, np.ndarray]:
         """Entries that hold at least ``depth`` layers, as arrays of shape (depth, d)."""
@@ -65,38 +68,42 @@ class FeatureCache(SqliteStore):
 
 
 def extract(backbone: Any, prompts: Sequence[Any], layers: Sequence[int], *,
-            cache: FeatureCache | bool | None = True, progress: bool = True,
-            desc: str = "hidden states") -> np.ndarray:
-    """Last-token states of ``layers`` for ``prompts``, served from the cache where possible.
+            poolings: Sequence[str] = ("last",), cache: FeatureCache | bool | None = True,
+            progress: bool = True, desc: str = "hidden states") -> np.ndarray:
+    """States of ``layers`` at ``poolings`` for ``prompts``, served from the cache where possible.
 
     Args:
+        poolings: ``"last"`` and/or ``"mean"`` (:mod:`mlpm_guard.readings`); a prompt missing
+            any of them is run once for all.
         cache: a :class:`FeatureCache`, ``True`` for the backbone's default cache, or
             ``False``/``None`` to always run the model.
 
     Returns:
-        float32 array of shape (len(prompts), len(layers), hidden_size).
+        float32 array of shape (len(prompts), len(poolings) * len(layers), hidden_size), pooling-major.
     """
     layers = backbone.check_layers(layers)
+    poolings = tuple(poolings)
     rows = backbone.encode(list(prompts))
     if cache is True:
         cache = FeatureCache.for_backbone(backbone)
     if cache is None or cache is False:  # an empty FeatureCache is falsy (len 0) but still a cache
-        return backbone.last_token_states(rows, layers, progress=progress)
+        return backbone.layer_states(rows, layers, poolings=poolings, progress=progress)
 
     depth = max(layers)
     all_layers = list(range(1, depth + 1))
-    keys = [FeatureCache.key(r.ids) for r in rows]
-    found = cache.get(sorted(set(keys)), depth)
-    todo = sorted({k: i for i, k in enumerate(keys) if k not in found}.values())
+    keys = [[FeatureCache.key(r.ids, pooling) for pooling in poolings] for r in rows]
+    found = cache.get(sorted({k for row in keys for k in row}), depth)
+    todo = sorted({tuple(ks): i for i, ks in enumerate(keys) if any(k not in found for k in ks)}.values())
     bar = tqdm(total=len(todo), desc=desc, unit="prompt", disable=not progress or not todo)
     with bar:
         for start in range(0, len(todo), _CHUNK):
             part = todo[start:start + _CHUNK]
-            states = backbone.last_token_states([rows[i] for i in part], all_layers)
-            found.update(cache.put({keys[i]: states[j] for j, i in enumerate(part)}))
+            states = backbone.layer_states([rows[i] for i in part], all_layers, poolings=poolings)
+            found.update(cache.put({keys[i][p]: states[j, p * depth:(p + 1) * depth]
+                                    for j, i in enumerate(part) for p in range(len(poolings))}))
             bar.update(len(part))
     index = [layer - 1 for layer in layers]
-    out = np.empty((len(rows), len(layers), backbone.hidden_size), dtype=np.float32)
-    for i, k in enumerate(keys):
-        out[i] = found[k][index]
+    out = np.empty((len(rows), len(poolings) * len(layers), backbone.hidden_size), dtype=np.float32)
+    for i, ks in enumerate(keys):
+        out[i] = np.concatenate([found[k][index] for k in ks])
     return out

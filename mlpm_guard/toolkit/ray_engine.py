@@ -23,6 +23,7 @@ import torch
 
 from ..backbone import Backbone, BackboneConfig, Encoded
 from ..errors import ConfigError
+from ..readings import select
 from .features import _CHUNK, FeatureCache
 
 logger = logging.getLogger(__name__)
@@ -62,9 +63,10 @@ class RayStats:
 
 
 class StatesActor:
-    """One backbone per actor; turns planned forward batches into last-token states of layers 1..depth."""
+    """One backbone per actor; turns planned forward batches into states of layers 1..depth at ``poolings``."""
 
-    def __init__(self, config: dict[str, Any], fingerprint: str, depth: int, threads: int) -> None:
+    def __init__(self, config: dict[str, Any], fingerprint: str, depth: int, threads: int,
+                 poolings: Sequence[str] = ("last",)) -> None:
         import torch
 
         torch.set_num_threads(threads)
@@ -73,12 +75,13 @@ class StatesActor:
             raise ConfigError(f"the actor loaded {self.backbone!r}, not the driver's backbone "
                               "(is the model the same on every node?)")
         self.layers = list(range(1, depth + 1))
+        self.poolings = tuple(poolings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         out: dict[str, list[Any]] = {"batch": [], "states": [], "shape": []}
         for index, ids in zip(batch["batch"], batch["ids"]):
             rows = [Encoded(tuple(r)) for r in json.loads(ids)]
-            states = self.backbone.last_token_states(rows, self.layers)
+            states = self.backbone.layer_states(rows, self.layers, poolings=self.poolings)
             out["batch"].append(int(index))
             out["states"].append(states.tobytes())
             out["shape"].append(list(states.shape))
@@ -114,18 +117,20 @@ def _ensure_ray(options: RayOptions) -> Any:
 
 
 def run_batches(backbone: Backbone, rows: Sequence[Encoded], plan: Sequence[Sequence[int]], depth: int,
-                options: RayOptions, *, progress: bool = False) -> tuple[np.ndarray, RayStats]:
-    """States of layers 1..depth for the rows named in ``plan``, one planned batch per actor call.
+                options: RayOptions, *, poolings: Sequence[str] = ("last",),
+                progress: bool = False) -> tuple[np.ndarray, RayStats]:
+    """States of layers 1..depth at ``poolings`` for the rows named in ``plan``, one planned batch per actor call.
 
     Returns:
-        float32 array (len(rows), depth, hidden_size); rows not in the plan are left as zeros.
+        float32 array (len(rows), len(poolings) * depth, hidden_size), pooling-major; rows not in
+        the plan are left as zeros.
     """
     ray = _ensure_ray(options)
     start = time.perf_counter()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     gpus_per_actor = 1 if gpus else 0
     actors = min(options.actors, gpus) if gpus else options.actors
-    out = np.zeros((len(rows), depth, backbone.hidden_size), dtype=np.float32)
+    out = np.zeros((len(rows), len(poolings) * depth, backbone.hidden_size), dtype=np.float32)
     if not plan:
         return out, RayStats(0, 0, actors, gpus_per_actor, 0.0)
     context = ray.data.DataContext.get_current()
@@ -140,7 +145,7 @@ def run_batches(backbone: Backbone, rows: Sequence[Encoded], plan: Sequence[Sequ
                         num_cpus=options.cpus_per_actor,
                         num_gpus=gpus_per_actor,
                         fn_constructor_kwargs={"config": config, "fingerprint": backbone.fingerprint,
-                                               "depth": depth, "threads": threads})
+                                               "depth": depth, "threads": threads, "poolings": tuple(poolings)})
     for row in ds.iter_rows():
         batch = plan[int(row["batch"])]
         out[batch] = np.frombuffer(row["states"], dtype=np.float32).reshape(row["shape"])
@@ -151,17 +156,18 @@ def run_batches(backbone: Backbone, rows: Sequence[Encoded], plan: Sequence[Sequ
 
 
 def extract(backbone: Backbone, prompts: Sequence[Any], layers: Sequence[int], options: RayOptions, *,
-            progress: bool = False) -> tuple[np.ndarray, RayStats]:
-    """Ray twin of ``features.extract(..., cache=False)``: states of ``layers`` for ``prompts``."""
+            poolings: Sequence[str] = ("last",), progress: bool = False) -> tuple[np.ndarray, RayStats]:
+    """Ray twin of ``features.extract(..., cache=False)``: states of ``layers`` at ``poolings`` for ``prompts``."""
     layers = backbone.check_layers(layers)
     rows = backbone.encode(list(prompts))
     depth = max(layers)
-    states, stats = run_batches(backbone, rows, _plan(backbone, rows, None), depth, options, progress=progress)
-    return states[:, [layer - 1 for layer in layers]], stats
+    states, stats = run_batches(backbone, rows, _plan(backbone, rows, None), depth, options, poolings=poolings,
+                                progress=progress)
+    return select(states, list(range(1, depth + 1)), layers, poolings), stats
 
 
 def warm_cache(backbone: Backbone, prompt_sets: Iterable[Sequence[Any]], depth: int, cache: FeatureCache,
-               options: RayOptions, *, progress: bool = False) -> RayStats:
+               options: RayOptions, *, poolings: Sequence[str] = ("last",), progress: bool = False) -> RayStats:
     """Fill ``cache`` with what ``features.extract`` would compute for each prompt set in turn.
 
     Each set stands for one ``extract`` call of the local engine (a fit, or one evaluated file):
@@ -173,15 +179,17 @@ def warm_cache(backbone: Backbone, prompt_sets: Iterable[Sequence[Any]], depth: 
     plan: list[list[int]] = []
     for prompts in prompt_sets:
         encoded = backbone.encode(list(prompts))
-        keys = [FeatureCache.key(r.ids) for r in encoded]
-        found = set(cache.get(sorted(set(keys) - known), depth)) | known
-        todo = sorted({k: i for i, k in enumerate(keys) if k not in found}.values())
-        known |= set(keys)
+        keys = [tuple(FeatureCache.key(r.ids, p) for p in poolings) for r in encoded]
+        flat = {k for ks in keys for k in ks}
+        found = set(cache.get(sorted(flat - known), depth)) | known
+        todo = sorted({ks: i for i, ks in enumerate(keys) if not set(ks) <= found}.values())
+        known |= flat
         todo_rows = [encoded[i] for i in todo]
         offset = len(rows)
         rows.extend(todo_rows)
         plan.extend([[offset + i for i in batch] for batch in _plan(backbone, todo_rows, _CHUNK)])
-    states, stats = run_batches(backbone, rows, plan, depth, options, progress=progress)
+    states, stats = run_batches(backbone, rows, plan, depth, options, poolings=poolings, progress=progress)
     if rows:
-        cache.put({FeatureCache.key(r.ids): states[i] for i, r in enumerate(rows)})
+        cache.put({FeatureCache.key(r.ids, p): states[i, k * depth:(k + 1) * depth]
+                   for i, r in enumerate(rows) for k, p in enumerate(poolings)})
     return stats

@@ -268,19 +268,26 @@ def _layer_weights(plt: Any, result: dict[str, Any], path: Path) -> Path | None:
     weights = result.get("layer_weights")
     if not weights:
         return None
-    n_layers = result.get("num_layers") or max(int(k) for w in weights.values() for k in w)
+    # One bar series per prototype set and pooling; a reading's key is "16" or "mean 16".
+    series: dict[str, dict[int, float]] = {}
+    for set_name, w in weights.items():
+        for key, value in w.items():
+            pooling, _, layer = key.rpartition(" ")
+            name = f"{set_name} ({pooling})" if pooling else set_name
+            series.setdefault(name, {})[int(layer)] = value
+    n_layers = result.get("num_layers") or max(layer for w in series.values() for layer in w)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * n_layers + 2), 3.5))
-    width = 0.8 / len(weights)
-    for k, (set_name, w) in enumerate(weights.items()):
-        xs = np.array([int(layer) for layer in w]) + (k - (len(weights) - 1) / 2) * width
-        ax.bar(xs, list(w.values()), width, label=set_name)
+    width = 0.8 / len(series)
+    for k, (name, w) in enumerate(series.items()):
+        xs = np.array(list(w)) + (k - (len(series) - 1) / 2) * width
+        ax.bar(xs, list(w.values()), width, label=name)
     ax.set_xticks(range(1, n_layers + 1), [str(i) for i in range(1, n_layers + 1)], fontsize=7)
     ax.set_xlim(0.4, n_layers + 0.6)
     ax.axhline(0, color="black", lw=0.6)
     ax.set(title="Layer combination: weight of each layer's P(unsafe) (no bar: dropped by the L1 penalty)",
            xlabel="layer", ylabel="weight")
     ax.title.set_fontsize(9)
-    if len(weights) > 1:
+    if len(series) > 1:
         ax.legend(fontsize=7)
     return _save(plt, fig, path)
 

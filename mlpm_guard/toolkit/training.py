@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..prototypes import Prototypes
+from ..readings import poolings_of
 from ..shipped import seed_digest
 from ..views import segments
 from .data import Example, cap_per_source, load_examples, seed_examples
@@ -87,15 +88,17 @@ def fit_examples(backbone: Any, examples: Sequence[Example], *, states: np.ndarr
     """Extract (cached) states for ``examples`` and fit :class:`Prototypes` on them.
 
     Args:
-        states: the examples' states for the candidate layers, if already at hand (shape
-            (len(examples), n_layers, hidden_size)); otherwise they are extracted.
+        states: the examples' states for the candidate layers at the ``pooling``'s poolings, if
+            already at hand (shape (len(examples), n_poolings * n_layers, hidden_size),
+            pooling-major); otherwise they are extracted.
         params: :class:`Prototypes` parameters over :data:`DEFAULT_PARAMS`.
     """
     merged = {**DEFAULT_PARAMS, **params}
     layers = list(merged.get("layers") or range(1, backbone.num_layers + 1))
     if states is None:
-        states = extract(backbone, [e.prompt for e in examples], layers, cache=cache, progress=progress,
-                         desc="fit: hidden states")
+        poolings = poolings_of(merged.get("pooling", "last"))
+        states = extract(backbone, [e.prompt for e in examples], layers, poolings=poolings, cache=cache,
+                         progress=progress, desc="fit: hidden states")
     merged["layers"] = layers
     return Prototypes(**merged).fit(states, [e.label for e in examples], backbone=backbone,
                                     sources=[e.source for e in examples],
