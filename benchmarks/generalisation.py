@@ -245,7 +245,8 @@ def run(backbone: Any, data_dir: Path, n: int, params: dict[str, Any], *, scorer
         m = _metrics(y, p_views, lines, protos.controversial_threshold_)
         m["message_only"] = _metrics(y, p_whole, lines, protos.controversial_threshold_)
         results[fam.name] = {"group": fam.group, "held_out_fit": fam.fit_key, **m}
-    return {"families": results, "summary": summarise(results), "layers": fits["release"].layer_ids_}
+    return {"families": results, "summary": summarise(results),
+            "layers": [r.key for r in fits["release"].readings_]}
 
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         params[key] = json.loads(value)
     result = run(Backbone(args.backbone), Path(args.data), args.n, params)
     print_tables(result)
-    print(f"\n({time.perf_counter() - start:.0f} s; layers of the release fit: {result['layers']})")
+    print(f"\n({time.perf_counter() - start:.0f} s; readings of the release fit: {result['layers']})")
     if args.json:
         print(json.dumps({"params": params, "n": args.n, **result}))
     return 0

@@ -84,6 +84,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                               **params)
     prototypes.save(args.out)
     summary = {"out": str(args.out), "n_samples": prototypes.n_samples_, "layers": prototypes.layer_ids_,
+               "readings": [r.key for r in prototypes.readings_],
                "sets": [s.name for s in prototypes.sets_], "training": prototypes.training_summary_}
     print(json.dumps(summary))
     return 0
@@ -96,6 +97,7 @@ def cmd_fit_default(args: argparse.Namespace) -> int:
     prototypes = fit_release(_backbone(args.backbone, args), args.data, progress=not args.quiet)
     out = prototypes.save(args.out or shipped_prototypes_dir())
     print(json.dumps({"out": str(out), "n_samples": prototypes.n_samples_, "layers": prototypes.layer_ids_,
+                      "readings": [r.key for r in prototypes.readings_],
                       "rows_per_source": prototypes.provenance_["rows_per_source"]}))
     return 0
 

@@ -6,7 +6,7 @@ import pytest
 
 from mlpm_guard import Guard, Prototypes
 from mlpm_guard.shipped import default_prototypes, shipped_prototypes_dir
-from mlpm_guard.toolkit.training import RELEASE_SOURCES, SEED_LICENCE
+from mlpm_guard.toolkit.training import RELEASE_PARAMS, RELEASE_SOURCES, SEED_LICENCE
 
 EXCHANGE = [{"role": "user", "content": "How do I reverse a list in Python?"},
             {"role": "assistant", "content": "Use my_list.reverse() to reverse it in place, or my_list[::-1] for a copy."}]
@@ -38,6 +38,9 @@ def test_shipped_prototypes_record_a_permissive_training_mix():
     assert set(provenance["files"]) == {f"{stem}.jsonl" for stem in RELEASE_SOURCES}
     assert provenance["seed_set"]["licence"] == SEED_LICENCE
     assert prototypes.backbone_identity_["name"] == "SmolLM2-135M-Instruct"
+    # The shipped file is the release recipe's fit, not a stale one (e.g. from before pooled readings).
+    params = prototypes.get_params()
+    assert {key: params[key] for key in RELEASE_PARAMS} == RELEASE_PARAMS
 
 
 def test_benign_follow_ups_pass_in_context(default_guard):

@@ -123,7 +123,10 @@ RELEASE_MAX_PER_SOURCE = 400
 #: languages (``other_language_threshold``): from 0.7, held-out-language harmful requests were
 #: refused 56% of the time instead of 40.5%, but the shipped fit then refused 16.8% of ordinary
 #: requests in its ten seed languages instead of 8.8% (docs/quality.md).
-RELEASE_PARAMS: dict[str, Any] = {**DEFAULT_PARAMS, "threshold": 0.8, "controversial_threshold": 0.35}
+#: Mean-pooled readings next to the last token: held out of the fit, harmful follow-ups caught 65 -> 85%,
+#: held-out languages 40.5 -> 50%, ordinary ToxicChat prompts refused 12.5 -> 11.2% (docs/quality.md).
+RELEASE_PARAMS: dict[str, Any] = {**DEFAULT_PARAMS, "threshold": 0.8, "controversial_threshold": 0.35,
+                                  "pooling": "last+mean"}
 #: Longer prompts stay out of the fit: the guard never scores a reading longer than the views'
 #: context budget (longer text is read sentence by sentence), so they would teach nothing it uses.
 RELEASE_MAX_WORDS = 160
