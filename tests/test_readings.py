@@ -45,7 +45,7 @@ def test_mean_pools_the_request_after_the_shared_opening(backbone_fp32):
     np.testing.assert_allclose(both[:, :2], backbone.last_token_states(rows, [2, 12]), rtol=1e-4, atol=1e-4)
     for i, row in enumerate(rows):
         for j, layer in enumerate([2, 12]):
-            ref, start = _reference_mean(backbone, row, layer)
+            ref, _ = _reference_mean(backbone, row, layer)
             np.testing.assert_allclose(both[i, 2 + j], ref, rtol=1e-3, atol=1e-3)
     # A single-turn prompt pools its own text and the generation prompt, not the template's opening.
     assert backbone.tokenizer.decode(rows[0].ids[_reference_mean(backbone, rows[0], 2)[1]:]).strip().startswith("hi")
