@@ -186,10 +186,11 @@ class Prototypes(ClassifierMixin, BaseEstimator):
 
     Fitted attributes end in ``_``: ``classes_`` (``[0, 1]``: safe, unsafe), ``readings_`` (the
     kept :class:`~mlpm_guard.readings.Reading` inputs, in the order of the sets' statistics),
-    ``layer_ids_`` (the layers they read, ascending), ``sets_``, ``coef_``, ``intercept_``, ``threshold_`` (and ``controversial_threshold_``),
-    ``category_labels_``, ``category_means_``,
-    ``category_layer_``, ``steering_layers_``/``steering_directions_`` (unsafe-minus-safe mean
-    difference of every candidate layer) and ``backbone_identity_``. The backbone itself is no
+    ``layer_ids_`` (the layers they read, ascending), ``sets_``, ``coef_``, ``intercept_``,
+    ``threshold_`` (and ``controversial_threshold_``), ``category_labels_``, ``category_means_``,
+    ``category_layer_`` (a layer with a kept last-token reading), ``steering_layers_``/
+    ``steering_directions_`` (unsafe-minus-safe last-token mean difference of every candidate
+    layer) and ``backbone_identity_``; ``poolings_`` says what to ask the backbone for. The backbone itself is no
     fitted state: :meth:`bind` attaches it (``fit``/``load`` with ``backbone=`` do too) so that
     prompts can be passed instead of states, and it is neither pickled nor saved.
     """
