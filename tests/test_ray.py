@@ -82,15 +82,18 @@ def _cli(args, cache_root, monkeypatch):
     assert cli.main(args) == 0
 
 
-def test_fit_and_eval_with_ray_match_the_local_engine(local_ray, tiny_folder, files, tmp_path, monkeypatch, spy):
+@pytest.mark.parametrize("pooling", ["last", "last+mean"])
+def test_fit_and_eval_with_ray_match_the_local_engine(local_ray, tiny_folder, files, tmp_path, monkeypatch, spy,
+                                                      pooling):
     """fit without the cache (states straight to the fit), eval with it (states through a fresh cache),
-    with the last-layer baseline so the cached depth reaches the last layer."""
+    with the last-layer baseline so the cached depth reaches the last layer; pooled readings too."""
     root, train, first, second = files
     results = {}
     for engine in ("local", "ray"):
         out, cache = tmp_path / engine, tmp_path / f"{engine}-cache"
         flags = ["--backbone", tiny_folder, "--dtype", "float32", "-q", "--engine", engine, "--ray-actors", "2"]
-        _cli(["fit", train, "--out", str(out / "protos"), "--no-seed-set", "--no-cache", *flags], cache, monkeypatch)
+        _cli(["fit", train, "--out", str(out / "protos"), "--no-seed-set", "--no-cache", "--pooling", pooling, *flags],
+             cache, monkeypatch)
         _cli(["eval", first, second, "--prototypes", str(out / "protos"), "--out", str(out / "eval"), "--no-plots",
               "--baselines", "last_layer", *flags], cache, monkeypatch)
         results[engine] = (json.loads((out / "protos" / "prototypes.json").read_text()),
@@ -98,7 +101,7 @@ def test_fit_and_eval_with_ray_match_the_local_engine(local_ray, tiny_folder, fi
         assert len(spy) == (0 if engine == "local" else 2)
     assert all(s.actors == 2 and s.prompts > 0 for s in spy)
     (lp, lm), (rp, rm) = results["local"], results["ray"]
-    assert rp["tensors_sha256"] == lp["tensors_sha256"]
+    assert rp["tensors_sha256"] == lp["tensors_sha256"] and rp["params"]["pooling"] == pooling
     assert (rp["threshold"], rp["intercept"], rp["n_samples"]) == (lp["threshold"], lp["intercept"], lp["n_samples"])
     assert rm == lm
     # Ray filled the cache with what the local engine stores there, entry for entry.
