@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from mlpm_guard.readings import poolings_of, select
+from mlpm_guard.readings import select
 from mlpm_guard.scoring import refusal_line, strictest, views_of
 from mlpm_guard.toolkit.data import Example, load_examples
 from mlpm_guard.toolkit.features import extract
@@ -45,6 +45,7 @@ from mlpm_guard.toolkit.training import (
     RELEASE_PARAMS,
     RELEASE_SOURCES,
     fit_examples,
+    recipe_poolings,
     release_examples,
 )
 
@@ -224,7 +225,7 @@ def _metrics(y: np.ndarray, p: np.ndarray, threshold: float | np.ndarray, contro
 
 def run(backbone: Any, data_dir: Path, n: int, params: dict[str, Any], *, scorer: Scorer | None = None) -> dict[str, Any]:
     fams = families(data_dir, n)
-    poolings = poolings_of(params.get("pooling", "last"))
+    poolings = recipe_poolings(params)
     scorer = scorer or Scorer(backbone, fams, poolings)
     layers = list(range(1, backbone.num_layers + 1))
     # Every held-out fit draws a subset of the full release mix (caps are drawn per source), so the

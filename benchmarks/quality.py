@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from mlpm_guard.readings import poolings_of, select
+from mlpm_guard.readings import select
 from mlpm_guard.toolkit.data import Example, load_examples, seed_examples
 from mlpm_guard.toolkit.features import extract
 from mlpm_guard.toolkit.metrics import moderation_metrics
@@ -46,6 +46,7 @@ from mlpm_guard.toolkit.training import (
     DEFAULT_PARAMS,
     HELD_OUT_SPLITS,
     fit_examples,
+    recipe_poolings,
     training_mix,
 )
 
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         needed.update({e.prompt: e for e in s.rows})
     needed.update({e.prompt: e for e in seed_rows})
     layers = list(params.get("layers") or range(1, backbone.num_layers + 1))
-    table = StateTable(backbone, list(needed.values()), layers, poolings_of(params.get("pooling", "last")))
+    table = StateTable(backbone, list(needed.values()), layers, recipe_poolings(params))
     result = run(backbone, data, table, params, max_per_source=args.max_per_source, seed=args.seed,
                  protocols=protocols, seed_rows=seed_rows, score_seed=args.no_seed_set)
     print(f"recipe: {json.dumps(params)}; max_per_source={args.max_per_source}; seed={args.seed}; "

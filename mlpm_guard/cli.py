@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, MlpmGuardError
+from .readings import POOLING_SETTINGS
 
 DEMO_PROMPTS = [
     "What are three tips for staying healthy?",
@@ -63,8 +64,7 @@ def _load_prototypes(args: argparse.Namespace) -> Any:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .readings import poolings_of
-    from .toolkit.training import DEFAULT_PARAMS, fit_examples, load_training_examples
+    from .toolkit.training import fit_examples, load_training_examples, recipe_poolings
 
     examples = load_training_examples(args.data, max_per_source=args.max_per_source, seed=args.seed,
                                       with_seed_set=not args.no_seed_set)
@@ -77,9 +77,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         params["layers"] = backbone.check_layers(layers)
     states = None
     if args.engine == "ray":
-        pooling = params.get("pooling", DEFAULT_PARAMS.get("pooling", "last"))
-        states = _ray_fit_states(backbone, [e.prompt for e in examples], params.get("layers"), poolings_of(pooling),
-                                 args)
+        states = _ray_fit_states(backbone, [e.prompt for e in examples], params.get("layers"),
+                                 recipe_poolings(params), args)
     prototypes = fit_examples(backbone, examples, states=states, cache=not args.no_cache, progress=not args.quiet,
                               **params)
     prototypes.save(args.out)
@@ -363,7 +362,7 @@ def _add_fit(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--layers", help="candidate layers, e.g. '1-15' (prefer shallow layers for early exit)")
     p.add_argument("--C", type=float, help="inverse L1 strength of the layer combination")
     p.add_argument("--cv", type=int, help="cross-fit the per-layer scores with this many folds")
-    p.add_argument("--pooling", choices=["last", "last+mean"],
+    p.add_argument("--pooling", choices=sorted(POOLING_SETTINGS),
                    help="read each layer at the last token (default), or there and mean-pooled over the "
                         "request, as the shipped default does")
     p.add_argument("--seed", type=int, default=0, help="seed of the --max-per-source draw and the folds")

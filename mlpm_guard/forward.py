@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .encoding import Encoded
 from .errors import ConfigError
-from .readings import POOLINGS
+from .readings import check_poolings
 
 if TYPE_CHECKING:
     from .backbone import Backbone
@@ -178,6 +178,14 @@ class LayerHooks:
 
 
 # ---------------------------------------------------------------------- the template's opening
+def common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading token ids ``a`` and ``b`` share."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 class PrefixCache:
     """The token ids every single-turn prompt starts with (the template's opening) and their KV
     cache, each computed once per backbone."""
@@ -192,10 +200,7 @@ class PrefixCache:
         merges with the text."""
         if self._ids is None:
             a, b = (backbone.encode([text])[0].ids for text in ("a", "Zebra 1"))
-            n = 0
-            while n < min(len(a), len(b)) and a[n] == b[n]:
-                n += 1
-            self._ids = tuple(a[: max(n - 1, 0)])
+            self._ids = tuple(a[: max(common_length(a, b) - 1, 0)])
         return self._ids
 
     @torch.inference_mode()
@@ -248,20 +253,9 @@ def pool_weights(backbone: Backbone, rows: Sequence[Encoded], inputs: dict[str, 
     width = inputs["input_ids"].shape[1]
     weights = torch.zeros((len(rows), width), dtype=torch.float32)
     for j, r in enumerate(rows):
-        start = 0
-        while start < min(len(r), len(prefix)) and r.ids[start] == prefix[start]:
-            start += 1
-        n = len(r) - min(start, len(r) - 1)
+        n = len(r) - min(common_length(r.ids, prefix), len(r) - 1)
         weights[j, width - n:] = 1.0 / n
     return weights.to(inputs["input_ids"].device)
-
-
-def check_poolings(poolings: Sequence[str]) -> tuple[str, ...]:
-    """Poolings as a tuple of known names, in the order given, each once."""
-    out = tuple(poolings)
-    if not out or len(set(out)) != len(out) or not set(out) <= set(POOLINGS):
-        raise ConfigError(f"`poolings` must be distinct names from {POOLINGS}, got {list(out)}")
-    return out
 
 
 def stack_states(captured: dict[int, torch.Tensor], pooled: dict[int, torch.Tensor], layers: Sequence[int],

@@ -11,10 +11,9 @@ tokens as they come: streaming is real, with no background thread.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -76,7 +75,7 @@ class Prefill:
     positions: torch.Tensor  # (batch,) position id of each row's last token
     input_ids: torch.Tensor
     states: dict[int, torch.Tensor]  # captured last-token states per layer id
-    pooled: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # mean-pooled, when asked for
+    pooled: dict[int, torch.Tensor] = field(default_factory=dict)  # mean-pooled, when asked for
 
     def select(self, rows: Sequence[int]) -> Prefill:
         """The prefill of a subset of the batch (the cache rows are copied)."""

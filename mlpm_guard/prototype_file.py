@@ -159,7 +159,6 @@ class PrototypeMeta(BaseModel):
                 raise ValueError(f"layer ids go beyond the backbone's {self.backbone.num_layers} layers")
         return self
 
-
     def reading_list(self) -> list[Reading]:
         """The prototypes' inputs in the order of their statistics (last tokens of ``layer_ids`` in version 2)."""
         if self.readings is None:

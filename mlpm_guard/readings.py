@@ -48,6 +48,14 @@ def poolings_of(setting: str) -> tuple[str, ...]:
         raise ConfigError(f"`pooling` must be one of {sorted(POOLING_SETTINGS)}, got {setting!r}") from None
 
 
+def check_poolings(poolings: Sequence[str]) -> tuple[str, ...]:
+    """Poolings as a tuple of known names (:data:`POOLINGS`), in the order given, each once."""
+    out = tuple(poolings)
+    if not out or len(set(out)) != len(out) or not set(out) <= set(POOLINGS):
+        raise ConfigError(f"`poolings` must be distinct names from {POOLINGS}, got {list(out)}")
+    return out
+
+
 def layout(layers: Sequence[int], poolings: Sequence[str]) -> list[Reading]:
     """The readings behind the columns of an array of states of ``layers`` at ``poolings``."""
     return [Reading(int(layer), pooling) for pooling in poolings for layer in layers]

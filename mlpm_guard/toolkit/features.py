@@ -99,8 +99,8 @@ def extract(backbone: Any, prompts: Sequence[Any], layers: Sequence[int], *,
         for start in range(0, len(todo), _CHUNK):
             part = todo[start:start + _CHUNK]
             states = backbone.layer_states([rows[i] for i in part], all_layers, poolings=poolings)
-            found.update(cache.put({keys[i][p]: states[j, p * depth:(p + 1) * depth]
-                                    for j, i in enumerate(part) for p in range(len(poolings))}))
+            blocks = np.split(states, len(poolings), axis=1)  # pooling-major: one (n, depth, d) block each
+            found.update(cache.put({keys[i][p]: block[j] for p, block in enumerate(blocks) for j, i in enumerate(part)}))
             bar.update(len(part))
     index = [layer - 1 for layer in layers]
     out = np.empty((len(rows), len(poolings) * len(layers), backbone.hidden_size), dtype=np.float32)

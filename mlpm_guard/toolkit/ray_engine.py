@@ -190,6 +190,7 @@ def warm_cache(backbone: Backbone, prompt_sets: Iterable[Sequence[Any]], depth: 
         plan.extend([[offset + i for i in batch] for batch in _plan(backbone, todo_rows, _CHUNK)])
     states, stats = run_batches(backbone, rows, plan, depth, options, poolings=poolings, progress=progress)
     if rows:
-        cache.put({FeatureCache.key(r.ids, p): states[i, k * depth:(k + 1) * depth]
-                   for i, r in enumerate(rows) for k, p in enumerate(poolings)})
+        blocks = np.split(states, len(poolings), axis=1)  # pooling-major: one (n, depth, d) block each
+        cache.put({FeatureCache.key(r.ids, p): block[i] for p, block in zip(poolings, blocks)
+                   for i, r in enumerate(rows)})
     return stats

@@ -13,7 +13,6 @@ import numpy as np
 
 from ..errors import DataError
 from ..prototypes import Prototypes
-from ..readings import poolings_of
 from ..shipped import seed_digest
 from ..views import segments
 from .data import Example, cap_per_source, load_examples, seed_examples
@@ -83,6 +82,12 @@ def with_sentence_views(examples: Sequence[Example], *, per_prompt: int = SENTEN
     return out
 
 
+def recipe_poolings(params: dict[str, Any]) -> tuple[str, ...]:
+    """The poolings prototypes fitted with ``params`` (over :data:`DEFAULT_PARAMS`) read, so their
+    states can be extracted before the fit."""
+    return Prototypes(**{**DEFAULT_PARAMS, **params}).poolings_
+
+
 def fit_examples(backbone: Any, examples: Sequence[Example], *, states: np.ndarray | None = None,
                  cache: FeatureCache | bool = True, progress: bool = True, **params: Any) -> Prototypes:
     """Extract (cached) states for ``examples`` and fit :class:`Prototypes` on them.
@@ -96,8 +101,7 @@ def fit_examples(backbone: Any, examples: Sequence[Example], *, states: np.ndarr
     merged = {**DEFAULT_PARAMS, **params}
     layers = list(merged.get("layers") or range(1, backbone.num_layers + 1))
     if states is None:
-        poolings = poolings_of(merged.get("pooling", "last"))
-        states = extract(backbone, [e.prompt for e in examples], layers, poolings=poolings, cache=cache,
+        states = extract(backbone, [e.prompt for e in examples], layers, poolings=recipe_poolings(merged), cache=cache,
                          progress=progress, desc="fit: hidden states")
     merged["layers"] = layers
     return Prototypes(**merged).fit(states, [e.label for e in examples], backbone=backbone,
