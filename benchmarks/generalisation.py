@@ -223,10 +223,10 @@ def _metrics(y: np.ndarray, p: np.ndarray, threshold: float | np.ndarray, contro
     return out
 
 
-def run(backbone: Any, data_dir: Path, n: int, params: dict[str, Any], *, scorer: Scorer | None = None) -> dict[str, Any]:
+def run(backbone: Any, data_dir: Path, n: int, params: dict[str, Any]) -> dict[str, Any]:
     fams = families(data_dir, n)
     poolings = recipe_poolings(params)
-    scorer = scorer or Scorer(backbone, fams, poolings)
+    scorer = Scorer(backbone, fams, poolings)
     layers = list(range(1, backbone.num_layers + 1))
     # Every held-out fit draws a subset of the full release mix (caps are drawn per source), so the
     # states are read once.

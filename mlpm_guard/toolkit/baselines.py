@@ -83,8 +83,7 @@ class JudgeBaseline:
         todo = [i for i, k in enumerate(keys) if k not in found]
         bar = tqdm(total=len(todo), desc="judge baseline", unit="prompt", disable=not self.progress or not todo)
         with bar:
-            for chunk in _batches([len(rows[i]) for i in todo], self.backbone.config.batch_size,
-                                  self.backbone.config.max_batch_tokens):
+            for chunk in self.backbone.batches([len(rows[i]) for i in todo]):
                 index = [todo[j] for j in chunk]
                 scores = self._score([rows[i] for i in index])
                 fresh = {keys[i]: float(s) for i, s in zip(index, scores)}
@@ -102,18 +101,6 @@ class JudgeBaseline:
         yes = logp[:, self.yes_ids].logsumexp(-1)
         no = logp[:, self.no_ids].logsumexp(-1)
         return torch.sigmoid(yes - no).cpu().numpy()
-
-
-def _batches(lengths: Sequence[int], size: int, max_tokens: int) -> list[list[int]]:
-    """Positions into ``lengths`` grouped longest first, at most ``size`` rows and ``max_tokens`` padded tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    out: list[list[int]] = []
-    for i in order:
-        if out and len(out[-1]) < size and lengths[out[-1][0]] * (len(out[-1]) + 1) <= max_tokens:
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return out
 
 
 class LastLayerBaseline:
