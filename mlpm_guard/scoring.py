@@ -25,6 +25,10 @@ from .views import SENTENCE_VIEW, View, content_views, request_views
 
 MessagesKey = tuple[tuple[str, str], ...]
 
+#: Below this, a whole reading of a request is confidently safe: no single sentence then refuses it
+#: (:func:`strictest`).
+WHOLE_SAFE = 0.2
+
 
 def _key(messages: Sequence[dict[str, str]]) -> MessagesKey:
     return tuple((m["role"], m["content"]) for m in messages)
@@ -63,15 +67,25 @@ def views_of(backbone: Any, item: Any, *, content: bool = False, row: Encoded | 
 def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, controversial: float) -> tuple[int, float]:
     """Which reading of a request decides, and the P(unsafe) it counts with.
 
-    The strictest reading wins, with one exception. The last sentence of a message is usually its
-    request; an earlier sentence is its context (a problem statement, background, a pasted log),
-    and read alone, out of its message, it is weak evidence. Unless a whole reading (the message,
-    the conversation, the latest turn) is already at least controversial, or there is none, such a
-    sentence's log-odds are lowered so that it reaches ``threshold`` only at ``(1 + threshold) / 2``
-    (0.9 for the shipped 0.8); below that it can still send the request to the safety-prompt
-    route. Held out of the fit, benign security questions were refused 11% of the time (mostly by
-    one such sentence) and 5% with this rule, with no change for harmful requests behind a
-    friendly or unrelated opening (benchmarks/generalisation.py).
+    The strictest reading wins, with two exceptions, both for sentences read alone, out of their
+    message, when a whole reading (the message, the conversation, the latest turn) disagrees:
+
+    - The last sentence of a message is usually its request; an earlier sentence is its context (a
+      problem statement, background, a pasted log) and is weak evidence. Unless a whole reading is
+      already at least controversial, such a sentence's log-odds are lowered so that it reaches
+      ``threshold`` only at ``(1 + threshold) / 2`` (0.9 for the shipped 0.8). Held out of the fit,
+      benign security questions were refused 11% of the time (mostly by one such sentence) and 5%
+      with this rule, with no change for harmful requests behind a friendly or unrelated opening.
+    - When every whole reading is confidently safe (below :data:`WHOLE_SAFE`), no sentence refuses:
+      it is counted just under ``threshold``, so it can still send the request to the safety-prompt
+      route. A maths problem's last question read alone ("How much does he need to pay for his
+      ticket?": 0.92, the whole problem 0.51 under one held-out fit) refused gsm8k prompts. Held out
+      of the fit, flagged gsm8k prompts fell from 8.8% to 3.8% with no change for harmful requests,
+      padded ones included; from 0.35 instead of 0.2, harmful requests behind an unrelated opening
+      slipped from 85% to 75% caught.
+
+    With no whole reading (a turn too long to read whole) the sentences are all the evidence there
+    is and count in full. Figures: ``benchmarks/generalisation.py``.
 
     Args:
         readings: ``(view name, P(unsafe))`` of each reading (names as :mod:`.views` gives them).
@@ -82,10 +96,17 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
     whole = [p for name, p in readings if not name.startswith(SENTENCE_VIEW)]
     numbers = [_sentence_number(name) for name, _ in readings]
     last = max(numbers)
-    # A turn too long to read whole has only its sentences: they are all the evidence there is.
     discount = _logit((1.0 + threshold) / 2) - _logit(threshold) if whole and max(whole) < controversial else 0.0
-    counted = [_sigmoid(_logit(p) - discount) if discount and 0 < k < last else p
-               for (_, p), k in zip(readings, numbers)]
+    cap = math.nextafter(threshold, 0.0) if whole and max(whole) < WHOLE_SAFE else 1.0
+
+    def counted_as(p: float, k: int) -> float:
+        if not k:  # a whole reading counts as it is
+            return p
+        if discount and k < last:
+            p = _sigmoid(_logit(p) - discount)
+        return min(p, cap)
+
+    counted = [counted_as(p, k) for (_, p), k in zip(readings, numbers)]
     best = max(range(len(readings)), key=counted.__getitem__)
     return best, counted[best]
 

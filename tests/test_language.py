@@ -50,7 +50,7 @@ def test_the_line_follows_the_latest_user_turn_and_the_content():
 
 
 def test_a_context_sentence_discount_follows_the_line_in_use():
-    readings = [("message", 0.05), ("sentence 1", 0.85), ("sentence 2", 0.1)]
+    readings = [("message", 0.25), ("sentence 1", 0.85), ("sentence 2", 0.1)]
     assert strictest(readings, threshold=0.8, controversial=0.35)[1] < 0.8
     # From 0.7 a context sentence refuses alone from (1 + 0.7) / 2 = 0.85.
     assert strictest(readings, threshold=0.7, controversial=0.35)[1] == pytest.approx(0.7)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlpm_guard import Guard
-from mlpm_guard.scoring import strictest
+from mlpm_guard.scoring import WHOLE_SAFE, strictest
 from mlpm_guard.views import (
     CONTENT_TEMPLATE,
     content_views,
@@ -130,15 +130,27 @@ def test_the_strictest_whole_reading_decides_with_its_own_score():
 
 
 def test_a_context_sentence_refuses_alone_only_when_confidently_unsafe():
-    # The message reads as safe: an earlier sentence at 0.85 reaches the safety-prompt tier, at 0.95 it refuses.
-    readings = [("message", 0.05), ("sentence 1", 0.85), ("sentence 2", 0.1)]
+    # The message reads as safe, if not confidently: a sentence before the last at 0.85 takes the
+    # safety-prompt route, at 0.95 it refuses.
+    readings = [("message", 0.25), ("sentence 1", 0.85), ("sentence 2", 0.1)]
     best, p = strictest(readings, **LIMITS)
     assert best == 1 and LIMITS["controversial"] <= p < LIMITS["threshold"]
-    assert strictest([("message", 0.05), ("sentence 1", 0.9), ("sentence 2", 0.1)], **LIMITS)[1] == pytest.approx(0.8)
-    assert strictest([("message", 0.05), ("sentence 1", 0.95), ("sentence 2", 0.1)], **LIMITS)[1] >= 0.8
+    assert strictest([("message", 0.25), ("sentence 1", 0.9), ("sentence 2", 0.1)], **LIMITS)[1] == pytest.approx(0.8)
+    assert strictest([("message", 0.25), ("sentence 1", 0.95), ("sentence 2", 0.1)], **LIMITS)[1] >= 0.8
 
 
 def test_the_last_sentence_counts_in_full_and_so_does_any_when_the_message_agrees_or_is_too_long():
-    assert strictest([("message", 0.05), ("sentence 1", 0.1), ("sentence 2", 0.85)], **LIMITS) == (2, 0.85)
+    assert strictest([("message", 0.25), ("sentence 1", 0.1), ("sentence 2", 0.85)], **LIMITS) == (2, 0.85)
     assert strictest([("message", 0.4), ("sentence 1", 0.85), ("sentence 2", 0.1)], **LIMITS) == (1, 0.85)
     assert strictest([("sentence 1", 0.85), ("sentence 2", 0.1)], **LIMITS) == (0, 0.85)
+
+
+def test_no_sentence_refuses_a_message_whose_whole_reading_is_confidently_safe():
+    # A word problem's last question alone looks like a request for something; the whole problem does not.
+    best, p = strictest([("message", 0.1), ("sentence 1", 0.2), ("sentence 2", 0.97)], **LIMITS)
+    assert best == 2 and LIMITS["controversial"] <= p < LIMITS["threshold"]  # safety-prompt route, not refusal
+    # From WHOLE_SAFE up the last sentence counts in full again; so does every sentence of a turn too long to read whole.
+    assert strictest([("message", WHOLE_SAFE), ("sentence 1", 0.2), ("sentence 2", 0.97)], **LIMITS) == (2, 0.97)
+    assert strictest([("sentence 1", 0.2), ("sentence 2", 0.97)], **LIMITS) == (1, 0.97)
+    # One whole reading that is not confidently safe (the latest turn of a benign chat) lifts the cap.
+    assert strictest([("conversation", 0.1), ("latest user turn", 0.5), ("sentence 1", 0.97)], **LIMITS) == (2, 0.97)
