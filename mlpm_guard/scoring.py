@@ -78,11 +78,11 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
       with this rule, with no change for harmful requests behind a friendly or unrelated opening.
     - When every whole reading is confidently safe (below :data:`WHOLE_SAFE`), no sentence refuses:
       it is counted just under ``threshold``, so it can still send the request to the safety-prompt
-      route. A maths problem's last question read alone ("How much does he need to pay for his
-      ticket?": 0.92, the whole problem 0.51 under one held-out fit) refused gsm8k prompts. Held out
-      of the fit, flagged gsm8k prompts fell from 8.8% to 3.8% with no change for harmful requests,
-      padded ones included; from 0.35 instead of 0.2, harmful requests behind an unrelated opening
-      slipped from 85% to 75% caught.
+      route. A maths problem's last question read alone ("How much will Bill spend for health
+      insurance in a year?": 0.83, the whole problem 0.10 under one held-out fit) refused gsm8k
+      prompts. Held out of the fit, flagged gsm8k prompts fell from 8.8% to 3.8% with no change for
+      harmful requests, padded ones included; from 0.35 instead of 0.2, harmful requests behind an
+      unrelated opening slipped from 85% to 75% caught.
 
     With no whole reading (a turn too long to read whole) the sentences are all the evidence there
     is and count in full. Figures: ``benchmarks/generalisation.py``.
