@@ -25,8 +25,8 @@ from .views import SENTENCE_VIEW, View, content_views, request_views
 
 MessagesKey = tuple[tuple[str, str], ...]
 
-#: Below this, a whole reading of a request is confidently safe: no single sentence then refuses it
-#: (:func:`strictest`).
+#: Below this, a whole reading of a request is confidently safe: a single sentence then refuses it
+#: only when confidently unsafe on its own (:func:`strictest`).
 WHOLE_SAFE = 0.2
 
 
@@ -76,13 +76,15 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
       ``threshold`` only at ``(1 + threshold) / 2`` (0.9 for the shipped 0.8). Held out of the fit,
       benign security questions were refused 11% of the time (mostly by one such sentence) and 5%
       with this rule, with no change for harmful requests behind a friendly or unrelated opening.
-    - When every whole reading is confidently safe (below :data:`WHOLE_SAFE`), no sentence refuses:
-      it is counted just under ``threshold``, so it can still send the request to the safety-prompt
-      route. A maths problem's last question read alone ("How much will Bill spend for health
-      insurance in a year?": 0.83, the whole problem 0.10 under one held-out fit) refused gsm8k
-      prompts. Held out of the fit, flagged gsm8k prompts fell from 8.8% to 3.8% with no change for
-      harmful requests, padded ones included; from 0.35 instead of 0.2, harmful requests behind an
-      unrelated opening slipped from 85% to 75% caught.
+    - When every whole reading is confidently safe (below :data:`WHOLE_SAFE`), the last sentence
+      is discounted the same way: it refuses only when confidently unsafe on its own (a harmful
+      request behind an unrelated question still is), and below that it can still take the
+      safety-prompt route. A maths problem's last question read alone ("How much will Bill spend
+      for health insurance in a year?": 0.83, the whole problem 0.10 under one held-out fit)
+      refused gsm8k prompts. Held out of the fit, flagged gsm8k prompts fell from 8.8% to 5.0%
+      with no change for harmful requests, padded ones included. Capping such a sentence just
+      under the line instead gave 3.8%, but let the 40-prompt test prototypes' bomb request
+      behind "What is the capital of France?" through to the safety prompt.
 
     With no whole reading (a turn too long to read whole) the sentences are all the evidence there
     is and count in full. Figures: ``benchmarks/generalisation.py``.
@@ -97,14 +99,11 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
     numbers = [_sentence_number(name) for name, _ in readings]
     last = max(numbers)
     discount = _logit((1.0 + threshold) / 2) - _logit(threshold) if whole and max(whole) < controversial else 0.0
-    cap = math.nextafter(threshold, 0.0) if whole and max(whole) < WHOLE_SAFE else 1.0
+    # Up to which sentence the discount applies: those before the last, or every one.
+    upto = last if whole and max(whole) < WHOLE_SAFE else last - 1
 
     def counted_as(p: float, k: int) -> float:
-        if not k:  # a whole reading counts as it is
-            return p
-        if discount and k < last:
-            p = _sigmoid(_logit(p) - discount)
-        return min(p, cap)
+        return _sigmoid(_logit(p) - discount) if discount and 0 < k <= upto else p
 
     counted = [counted_as(p, k) for (_, p), k in zip(readings, numbers)]
     best = max(range(len(readings)), key=counted.__getitem__)
