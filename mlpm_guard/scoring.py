@@ -83,8 +83,9 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
       for health insurance in a year?": 0.83, the whole problem 0.10 under one held-out fit)
       refused gsm8k prompts. Held out of the fit, flagged gsm8k prompts fell from 8.8% to 5.0%
       (replayed over the benchmark's recorded readings) with no change for harmful requests,
-      padded ones included. Capping such a sentence just under the line instead gave 3.8%, but let the 40-prompt test prototypes' bomb request
-      behind "What is the capital of France?" through to the safety prompt.
+      padded ones included. Capping such a sentence just under the line instead gave 3.8%, but
+      let the 40-prompt test prototypes' bomb request behind "What is the capital of France?"
+      through to the safety prompt.
 
     With no whole reading (a turn too long to read whole) the sentences are all the evidence there
     is and count in full. Figures: ``benchmarks/generalisation.py``.
