@@ -99,9 +99,10 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
     whole = [p for name, p in readings if not name.startswith(SENTENCE_VIEW)]
     numbers = [_sentence_number(name) for name, _ in readings]
     last = max(numbers)
-    discount = _logit((1.0 + threshold) / 2) - _logit(threshold) if whole and max(whole) < controversial else 0.0
+    top = max(whole, default=1.0)  # no whole reading: the sentences count in full
+    discount = _logit((1.0 + threshold) / 2) - _logit(threshold) if top < controversial else 0.0
     # Up to which sentence the discount applies: those before the last, or every one.
-    upto = last if whole and max(whole) < WHOLE_SAFE else last - 1
+    upto = last if top < WHOLE_SAFE else last - 1
 
     def counted_as(p: float, k: int) -> float:
         return _sigmoid(_logit(p) - discount) if discount and 0 < k <= upto else p
