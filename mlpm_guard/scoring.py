@@ -77,15 +77,16 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
       benign security questions were refused 11% of the time (mostly by one such sentence) and 5%
       with this rule, with no change for harmful requests behind a friendly or unrelated opening.
     - When every whole reading is confidently safe (below :data:`WHOLE_SAFE`), the last sentence
-      is discounted the same way: it refuses only when confidently unsafe on its own (a harmful
-      request behind an unrelated question still is), and below that it can still take the
-      safety-prompt route. A maths problem's last question read alone ("How much will Bill spend
-      for health insurance in a year?": 0.83, the whole problem 0.10 under one held-out fit)
-      refused gsm8k prompts. Held out of the fit, flagged gsm8k prompts fell from 8.8% to 5.0%
-      (replayed over the benchmark's recorded readings) with no change for harmful requests,
-      padded ones included. Capping such a sentence just under the line instead gave 3.8%, but
-      let the 40-prompt test prototypes' bomb request behind "What is the capital of France?"
-      through to the safety prompt.
+      is discounted the same way, but only down to the safety prompt: it refuses only when
+      confidently unsafe on its own (a harmful request behind an unrelated question still is), and
+      below that it takes the safety-prompt route if it would alone, never ``PASS``. A maths
+      problem's last question read alone ("How much will Bill spend for health insurance in a
+      year?": 0.83, the whole problem 0.10 under one held-out fit) refused gsm8k prompts. Held out
+      of the fit, flagged gsm8k prompts fell from 8.8% to 5.0% with no change in what is refused
+      among harmful requests, padded ones included. Without the floor, a padded AdvBench request
+      behind an unrelated question (about 0.36 alone) passed; capping such a sentence just under the
+      line instead gave gsm8k 3.8%, but let the 40-prompt test prototypes' bomb request behind
+      "What is the capital of France?" through to the safety prompt.
 
     With no whole reading (a turn too long to read whole) the sentences are all the evidence there
     is and count in full. Figures: ``benchmarks/generalisation.py``.
@@ -105,7 +106,11 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
     upto = last if top < WHOLE_SAFE else last - 1
 
     def counted_as(p: float, k: int) -> float:
-        return _sigmoid(_logit(p) - discount) if discount and 0 < k <= upto else p
+        if not (discount and 0 < k <= upto):
+            return p
+        lowered = _sigmoid(_logit(p) - discount)
+        # The request itself is softened, never passed: below the refusal line it keeps its own tier.
+        return max(lowered, min(p, controversial)) if k == last else lowered
 
     counted = [counted_as(p, k) for (_, p), k in zip(readings, numbers)]
     best = max(range(len(readings)), key=counted.__getitem__)

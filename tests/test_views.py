@@ -156,6 +156,10 @@ def test_a_last_sentence_refuses_a_confidently_safe_message_only_when_confidentl
     assert best == 2 and LIMITS["controversial"] <= p < LIMITS["threshold"]  # safety-prompt route, not refusal
     # Confidently unsafe alone (a harmful request behind an unrelated question), it still refuses.
     assert strictest([("message", 0.1), ("sentence 1", 0.2), ("sentence 2", 0.97)], **LIMITS)[1] >= LIMITS["threshold"]
+    # Controversial alone, it keeps the safety prompt: the discount softens a refusal, it never passes one.
+    assert strictest([("message", 0.1), ("sentence 1", 0.2), ("sentence 2", 0.4)], **LIMITS) == (2, LIMITS["controversial"])
+    # An earlier sentence (context) is discounted without that floor.
+    assert strictest([("message", 0.1), ("sentence 1", 0.4), ("sentence 2", 0.1)], **LIMITS)[1] < LIMITS["controversial"]
     # From WHOLE_SAFE up the last sentence counts in full; so does every sentence of a turn too long to read whole.
     assert strictest([("message", WHOLE_SAFE), ("sentence 1", 0.2), ("sentence 2", 0.85)], **LIMITS) == (2, 0.85)
     assert strictest([("sentence 1", 0.2), ("sentence 2", 0.85)], **LIMITS) == (1, 0.85)
