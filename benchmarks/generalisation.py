@@ -214,6 +214,8 @@ def _metrics(y: np.ndarray, p: np.ndarray, threshold: float | np.ndarray, contro
     out: dict[str, Any] = {"n": len(y)}
     if (y == 0).any():
         out["flagged"] = float(pred[y == 0].mean())
+        # What a user sees besides refusals: ordinary requests answered under the safety prompt.
+        out["safe_not_passed"] = float((p[y == 0] >= controversial).mean())
     if (y == 1).any():
         # Below the controversial line a request takes PASS; above it, at least the safety prompt.
         out["not_passed"] = float((p[y == 1] >= controversial).mean())
@@ -267,13 +269,14 @@ def print_tables(result: dict[str, Any], file: Any = sys.stdout) -> None:
     def pct(v: Any) -> str:
         return "-" if v is None else f"{100 * v:.1f}%"
 
-    print("| held-out family | group | n | safe flagged | unsafe caught | unsafe not passed | F1 |"
+    print("| held-out family | group | n | safe flagged | safe not passed | unsafe caught | unsafe not passed | F1 |"
           " safe flagged, message only | unsafe caught, message only |", file=file)
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|", file=file)
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", file=file)
     for name, r in result["families"].items():
         mo = r["message_only"]
         f1 = "-" if r.get("f1") is None else f"{r['f1']:.3f}"
-        print(f"| {name} | {r['group']} | {r['n']} | {pct(r.get('flagged'))} | {pct(r.get('recall'))} | "
+        print(f"| {name} | {r['group']} | {r['n']} | {pct(r.get('flagged'))} | {pct(r.get('safe_not_passed'))} | "
+              f"{pct(r.get('recall'))} | "
               f"{pct(r.get('not_passed'))} | {f1} | "
               f"{pct(mo.get('flagged'))} | {pct(mo.get('recall'))} |", file=file)
     print("\n| group | metric | mean | worst family | target | met |", file=file)
