@@ -155,9 +155,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.train:
         from .toolkit.training import load_training_examples
 
-        train = load_training_examples(args.train, max_per_source=args.max_per_source, seed=args.seed)
-    elif args.max_per_source is not None:
-        raise ConfigError("--max-per-source caps the --train files; give --train FILE... too")
+        train = load_training_examples(args.train, max_per_source=args.max_per_source, seed=args.seed,
+                                       with_seed_set=not args.no_seed_set)
+    elif args.max_per_source is not None or args.no_seed_set:
+        option = "--max-per-source caps" if args.max_per_source is not None else "--no-seed-set leaves the seed set out of"
+        raise ConfigError(f"{option} the --train files; give --train FILE... too")
     prototypes = _load_prototypes(args)
     with ExitStack() as stack:
         cache: Any = not args.no_cache
@@ -397,8 +399,10 @@ def _add_eval(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--baselines", metavar="NAMES",
                    help="comma-separated baselines scored on the same prompts: judge, last_layer, tfidf, or all")
     p.add_argument("--train", nargs="+", action="extend", metavar="FILE",
-                   help="training files of the trained baselines (default: the built-in seed set)")
+                   help="training files of the trained baselines; as with `fit`, the built-in seed set joins them "
+                        "(default: the seed set alone)")
     p.add_argument("--max-per-source", type=int, help="cap each --train source at N prompts, labels balanced")
+    p.add_argument("--no-seed-set", action="store_true", help="fit the trained baselines on the --train files alone")
     p.add_argument("--seed", type=int, default=0, help="seed of the --sample and --max-per-source draws")
     p.add_argument("--jailbreaks", nargs="?", const="all", metavar="NAMES",
                    help="also score the unsafe prompts wrapped in jailbreak framings and report recall per framing "

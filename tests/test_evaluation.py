@@ -29,6 +29,7 @@ from mlpm_guard.toolkit.endtoend import (
 )
 from mlpm_guard.toolkit.evaluation import evaluate, load_eval_sets
 from mlpm_guard.toolkit.jailbreaks import JAILBREAK_TEMPLATES, jailbreak_variants, wrap
+from mlpm_guard.toolkit.training import load_training_examples
 
 CONTRACT = {"n", "n_unsafe", "f1", "precision", "recall", "flag_rate_safe", "auroc"}
 
@@ -222,7 +223,7 @@ def test_eval_cli_writes_every_file(small_prototypes, tmp_path, monkeypatch):
     out = tmp_path / "out"
     code = cli.main([
         "eval", str(mix), str(bad), "--out", str(out), "--no-cache", "-q", "--baselines", "all", "--train", str(train),
-        "--benign", "mix", "--target-flag-rate", "0.1", "--jailbreaks", "dan,fiction", "--generate",
+        "--no-seed-set", "--benign", "mix", "--target-flag-rate", "0.1", "--jailbreaks", "dan,fiction", "--generate",
         "--max-new-tokens", "8", "--references", "always_safety_prompt"])
     assert code == 0
     files = {p.name for p in out.iterdir()}
@@ -236,6 +237,7 @@ def test_eval_cli_writes_every_file(small_prototypes, tmp_path, monkeypatch):
     assert m["datasets"]["bad"]["flag_rate_safe"] is None and m["datasets"]["bad"]["curves"] is None
     assert m["avg_f1"] == pytest.approx(np.mean([m["datasets"][s]["f1"] for s in ("mix", "bad")]))
     assert set(m["baselines"]) == {"judge", "last_layer", "tfidf"}
+    assert m["settings"]["baselines_trained_on"] == f"{len(TRAIN)} training examples"
     for block in m["baselines"].values():
         assert CONTRACT <= set(block["datasets"]["mix"]) and "target" in block and "jailbreaks" in block
     assert m["target"]["flag_rate"] <= 0.1 and set(m["jailbreaks"]["mix"]["recall"]) == {"plain", "dan", "fiction"}
@@ -247,6 +249,17 @@ def test_eval_cli_writes_every_file(small_prototypes, tmp_path, monkeypatch):
     for heading in ("Moderation metrics", "Baselines", "target flag rate", "Jailbreak", "End to end", "roc_pr.png"):
         assert heading in report
     assert (out / "routes.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_cli_trains_baselines_on_the_files_and_the_seed_set_like_fit(small_prototypes, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "_load_prototypes", lambda args: small_prototypes)
+    mix = write_jsonl(tmp_path / "mix.jsonl", [{"prompt": e.prompt, "label": e.label} for e in EVAL["mix"]])
+    train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": e.prompt, "label": e.label} for e in TRAIN])
+    run = ["eval", str(mix), "--out", str(tmp_path / "o"), "--no-cache", "-q", "--no-plots", "--baselines", "tfidf"]
+    assert cli.main([*run, "--train", str(train)]) == 0
+    joined = json.loads((tmp_path / "o" / "metrics.json").read_text())["settings"]["baselines_trained_on"]
+    assert joined == f"{len(load_training_examples([train]))} training examples" and joined != f"{len(TRAIN)} training examples"
+    assert cli.main([*run, "--no-seed-set"]) == 2  # nothing to leave the seed set out of
 
 
 def test_eval_cli_keeps_its_plain_form(small_prototypes, tmp_path, monkeypatch):
