@@ -276,8 +276,7 @@ def print_tables(result: dict[str, Any], file: Any = sys.stdout) -> None:
         mo = r["message_only"]
         f1 = "-" if r.get("f1") is None else f"{r['f1']:.3f}"
         print(f"| {name} | {r['group']} | {r['n']} | {pct(r.get('flagged'))} | {pct(r.get('safe_not_passed'))} | "
-              f"{pct(r.get('recall'))} | "
-              f"{pct(r.get('not_passed'))} | {f1} | "
+              f"{pct(r.get('recall'))} | {pct(r.get('not_passed'))} | {f1} | "
               f"{pct(mo.get('flagged'))} | {pct(mo.get('recall'))} |", file=file)
     print("\n| group | metric | mean | worst family | target | met |", file=file)
     print("|---|---|---:|---:|---:|---|", file=file)

@@ -157,9 +157,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         train = load_training_examples(args.train, max_per_source=args.max_per_source, seed=args.seed,
                                        with_seed_set=not args.no_seed_set)
-    elif args.max_per_source is not None or args.no_seed_set:
-        option = "--max-per-source caps" if args.max_per_source is not None else "--no-seed-set leaves the seed set out of"
-        raise ConfigError(f"{option} the --train files; give --train FILE... too")
+    elif args.max_per_source is not None:
+        raise ConfigError("--max-per-source caps the --train files; give --train FILE... too")
+    elif args.no_seed_set:
+        raise ConfigError("--no-seed-set leaves the seed set out of the --train files; give --train FILE... too")
     prototypes = _load_prototypes(args)
     with ExitStack() as stack:
         cache: Any = not args.no_cache
