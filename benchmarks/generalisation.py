@@ -301,11 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     for text in args.param:
         key, _, value = text.partition("=")
         params[key] = json.loads(value)
-    result = run(Backbone(args.backbone), Path(args.data), args.n, params)
+    backbone = Backbone(args.backbone)
+    result = run(backbone, Path(args.data), args.n, params)
     print_tables(result)
-    print(f"\n({time.perf_counter() - start:.0f} s; readings of the release fit: {result['layers']})")
+    # The dtype moves a prompt or two per family (bf16 on CPUs that compute it natively, else float32).
+    dtype = str(backbone.dtype).replace("torch.", "")
+    print(f"\n({time.perf_counter() - start:.0f} s; {dtype}; readings of the release fit: {result['layers']})")
     if args.json:
-        print(json.dumps({"params": params, "n": args.n, **result}))
+        print(json.dumps({"params": params, "n": args.n, "dtype": dtype, **result}))
     return 0
 
 

@@ -166,6 +166,15 @@ def run_levels(modes: dict[str, list[str]], prompts: list[str], levels: list[int
     return out
 
 
+def server_dtype() -> str:
+    """The dtype the servers score in: what ``dtype="auto"`` picks on this machine's default device (a
+    CPU without native bf16 runs float32, about half as fast)."""
+    from mlpm_guard import resolve_dtype
+    from mlpm_guard.loading import resolve_device
+
+    return str(resolve_dtype("auto", resolve_device("auto"))).replace("torch.", "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="*", default=[], help="JSONL files with a `prompt` field (default: built-in)")
@@ -198,6 +207,7 @@ def main() -> None:
         "prompts": "built-in" if not args.data else [Path(p).name for p in args.data], "n_prompts": len(set(prompts)),
         "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, "cpu_count": os.cpu_count(),
         "rounds": args.rounds, "server_threads": args.threads, "omp_wait_policy": args.omp_wait_policy,
+        "dtype": server_dtype(),
         "load_average_1min": [load_start, os.getloadavg()[0]],
         "batching_speedup_c16": speedup.get("16"), "batching_speedup": speedup,
         "errors": sum(r["errors"] for r in [*on.values(), *off.values()]),
