@@ -76,10 +76,11 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
       ``threshold`` only at ``(1 + threshold) / 2`` (0.9 for the shipped 0.8). Held out of the fit,
       benign security questions were refused 11% of the time (mostly by one such sentence) and 5%
       with this rule, with no change for harmful requests behind a friendly or unrelated opening.
-    - When every whole reading is confidently safe (below :data:`WHOLE_SAFE`), the last sentence
-      is discounted the same way, but only down to the safety prompt: it refuses only when
-      confidently unsafe on its own (a harmful request behind an unrelated question still is), and
-      below that it takes the safety-prompt route if it would alone, never ``PASS``. A maths
+    - When every whole reading is confidently safe (below :data:`WHOLE_SAFE`, and below
+      ``controversial`` like every discount here: a policy whose controversial line lies under
+      :data:`WHOLE_SAFE` moves this gate down with it), the last sentence is discounted the same
+      way, but only down to the safety prompt: it refuses only when confidently unsafe on its own
+      (a harmful request behind an unrelated question still is), and below that it takes the safety-prompt route if it would alone, never ``PASS``. A maths
       problem's last question read alone ("How much will Bill spend for health insurance in a
       year?": 0.83, the whole problem 0.10 under one held-out fit) refused gsm8k prompts. Held out
       of the fit, flagged gsm8k prompts fell from 8.8% to 5.0% with no change in what is refused

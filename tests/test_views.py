@@ -165,3 +165,7 @@ def test_a_last_sentence_refuses_a_confidently_safe_message_only_when_confidentl
     assert strictest([("sentence 1", 0.2), ("sentence 2", 0.85)], **LIMITS) == (1, 0.85)
     # One whole reading that is not confidently safe (the latest turn of a benign chat) is enough.
     assert strictest([("conversation", 0.1), ("latest user turn", 0.25), ("sentence 1", 0.85)], **LIMITS) == (2, 0.85)
+    # A policy whose controversial line lies under WHOLE_SAFE moves the gate down with it.
+    low = {"threshold": 0.8, "controversial": 0.1}
+    assert strictest([("message", 0.15), ("sentence 1", 0.2), ("sentence 2", 0.85)], **low) == (2, 0.85)
+    assert strictest([("message", 0.05), ("sentence 1", 0.2), ("sentence 2", 0.85)], **low)[1] < low["threshold"]
