@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     backbone = Backbone(args.backbone)
     result = run(backbone, Path(args.data), args.n, params)
     print_tables(result)
-    # The dtype moves a prompt or two per family (bf16 on CPUs that compute it natively, else float32).
+    # Recorded because bf16 states (CPUs that compute bf16 natively) and float32 ones are not identical.
     dtype = str(backbone.dtype).replace("torch.", "")
     print(f"\n({time.perf_counter() - start:.0f} s; {dtype}; readings of the release fit: {result['layers']})")
     if args.json:

@@ -79,15 +79,16 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
     - When every whole reading is confidently safe (below :data:`WHOLE_SAFE`, and below
       ``controversial`` like every discount here: a policy whose controversial line lies under
       :data:`WHOLE_SAFE` moves this gate down with it), the last sentence is discounted the same
-      way, but only down to the safety prompt: it refuses only when confidently unsafe on its own
-      (a harmful request behind an unrelated question still is), and below that it takes the safety-prompt route if it would alone, never ``PASS``. A maths
-      problem's last question read alone ("How much will Bill spend for health insurance in a
-      year?": 0.83, the whole problem 0.10 under one held-out fit) refused gsm8k prompts. Held out
-      of the fit, flagged gsm8k prompts fell from 8.8% to 5.0% with no change in what is refused
-      among harmful requests, padded ones included. Without the floor, a padded AdvBench request
-      behind an unrelated question (about 0.36 alone) passed; capping such a sentence just under the
-      line instead gave gsm8k 3.8%, but let the 40-prompt test prototypes' bomb request behind
-      "What is the capital of France?" through to the safety prompt.
+      way, but only down to the safety prompt: it refuses only when confidently unsafe on its own (a
+      harmful request behind an unrelated question still is), and below that it takes the
+      safety-prompt route if it would alone, never ``PASS``. A maths problem's last question read
+      alone ("How much will Bill spend for health insurance in a year?": 0.83, the whole problem
+      0.10 under one held-out fit) refused gsm8k prompts. Held out of the fit, flagged gsm8k prompts
+      fell from 8.8% to 5.0% with no change in what is refused among harmful requests, padded ones
+      included. Without the floor, a padded AdvBench request behind an unrelated question (about
+      0.36 alone) passed; capping such a sentence just under the line instead gave gsm8k 3.8%, but
+      let the 40-prompt test prototypes' bomb request behind "What is the capital of France?"
+      through to the safety prompt.
 
     With no whole reading (a turn too long to read whole) the sentences are all the evidence there
     is and count in full. Figures: ``benchmarks/generalisation.py``.
