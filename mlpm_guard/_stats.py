@@ -43,6 +43,28 @@ def pooled_covariance(X: np.ndarray, groups: np.ndarray, means: np.ndarray) -> n
     return centered.T @ centered / max(len(X) - 1, 1)
 
 
+def source_scatter(X: np.ndarray, y: np.ndarray, sources: np.ndarray, class_means: np.ndarray,
+                   min_count: int) -> np.ndarray:
+    """The part of the within-class covariance that tells training sources apart.
+
+    ``sum n_g (mu_g - mu_c)(mu_g - mu_c)^T / (n - 1)`` over the (source, class) groups ``g`` of at
+    least ``min_count`` samples, ``mu_c`` being the mean of the group's class: how far each
+    source's mean of a class sits from that class's mean (a source's style or topic: maths
+    problems against chat prompts).
+
+    Returns:
+        array of shape (n_features, n_features).
+    """
+    scatter = np.zeros((X.shape[1], X.shape[1]))
+    for src in np.unique(sources):
+        for label in (0, 1):
+            rows = (sources == src) & (y == label)
+            if rows.sum() >= min_count:
+                shift = X[rows].mean(axis=0) - class_means[label]
+                scatter += rows.sum() * np.outer(shift, shift)
+    return scatter / max(len(X) - 1, 1)
+
+
 def merge_covariance(cov: np.ndarray, n: int, X_new: np.ndarray, new_means: np.ndarray,
                      groups_new: np.ndarray) -> tuple[np.ndarray, int]:
     """Add new samples' within-group scatter to a pooled covariance of ``n`` samples.

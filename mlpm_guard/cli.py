@@ -70,7 +70,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                                       with_seed_set=not args.no_seed_set)
     backbone = _backbone(args.backbone, args)
     params: dict[str, Any] = {"per_source": args.per_source, "random_state": args.seed}
-    for key in ("C", "cv", "pooling"):
+    for key in ("C", "cv", "pooling", "source_invariance"):
         if getattr(args, key) is not None:
             params[key] = getattr(args, key)
     if layers := _parse_layers(args.layers):
@@ -365,6 +365,9 @@ def _add_fit(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--layers", help="candidate layers, e.g. '1-15' (prefer shallow layers for early exit)")
     p.add_argument("--C", type=float, help="inverse L1 strength of the layer combination")
     p.add_argument("--cv", type=int, help="cross-fit the per-layer scores with this many folds")
+    p.add_argument("--source-invariance", type=float,
+                   help="add this many times the spread between sources' class means to the covariance "
+                        "(the shipped default uses 1; 0 adds none)")
     p.add_argument("--pooling", choices=sorted(POOLING_SETTINGS),
                    help="read each layer at the last token (default), or there and mean-pooled over the "
                         "request, as the shipped default does")

@@ -56,12 +56,24 @@ class PrototypeSet:
                          for j in range(H.shape[1])], axis=1)
 
     @classmethod
-    def fit(cls, name: str, H: np.ndarray, y: np.ndarray) -> PrototypeSet:
+    def fit(cls, name: str, H: np.ndarray, y: np.ndarray, *, sources: np.ndarray | None = None,
+            source_invariance: float = 0.0, min_source_count: int = 20) -> PrototypeSet:
+        """Class means and shared covariance of states ``H`` (n_samples, n_layers, d).
+
+        With ``source_invariance`` > 0, that many times the spread between the ``sources``' class
+        means (:func:`._stats.source_scatter`, sources of at least ``min_source_count`` samples of a
+        class) is added to each layer's covariance, so the discriminant counts what tells one
+        training source from another as noise.
+        """
         means, covs = [], []
         for j in range(H.shape[1]):
-            m, counts = _stats.group_means(H[:, j].astype(np.float64), y, 2)
+            X = H[:, j].astype(np.float64)
+            m, counts = _stats.group_means(X, y, 2)
             means.append(m)
-            covs.append(_stats.pooled_covariance(H[:, j].astype(np.float64), y, m))
+            cov = _stats.pooled_covariance(X, y, m)
+            if source_invariance and sources is not None:
+                cov += source_invariance * _stats.source_scatter(X, y, sources, m, min_source_count)
+            covs.append(cov)
         return cls(name, CLASSES.copy(), ["safe", "unsafe"], counts, np.stack(means), np.stack(covs), len(y))
 
     def select_layers(self, keep: np.ndarray) -> None:

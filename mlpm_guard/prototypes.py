@@ -77,9 +77,10 @@ def fit_labels(y: Sequence[Any], n_samples: int) -> np.ndarray:
 
 
 def fit_sets(H: np.ndarray, y: np.ndarray, sources: np.ndarray, *, per_source: bool,
-             min_source_count: int) -> list[PrototypeSet]:
+             min_source_count: int, source_invariance: float = 0.0) -> list[PrototypeSet]:
     """The pooled set, and with ``per_source`` one set per source with ``min_source_count`` of each label."""
-    sets = [PrototypeSet.fit("all", H, y)]
+    sets = [PrototypeSet.fit("all", H, y, sources=sources, source_invariance=source_invariance,
+                             min_source_count=min_source_count)]
     if per_source:
         for src in sorted(set(sources)):
             rows = sources == src
@@ -89,7 +90,8 @@ def fit_sets(H: np.ndarray, y: np.ndarray, sources: np.ndarray, *, per_source: b
 
 
 def stacking_features(sets: Sequence[PrototypeSet], H: np.ndarray, y: np.ndarray, sources: np.ndarray, *,
-                      cv: int | None, random_state: int | None) -> np.ndarray:
+                      cv: int | None, random_state: int | None, source_invariance: float = 0.0,
+                      min_source_count: int = 20) -> np.ndarray:
     """Per-(set, layer) probabilities on the training data, cross-fitted over ``cv`` folds if set."""
     if cv is None:
         return np.concatenate([s.proba(H) for s in sets], axis=1)
@@ -101,7 +103,9 @@ def stacking_features(sets: Sequence[PrototypeSet], H: np.ndarray, y: np.ndarray
             rows = np.ones(len(y), bool) if s.name == "all" else sources == s.name
             tr = train[rows[train]]
             enough = np.bincount(y[tr], minlength=2).min() >= 2
-            fold_sets.append(PrototypeSet.fit(s.name, H[tr], y[tr]) if enough else s)
+            fold_sets.append(PrototypeSet.fit(s.name, H[tr], y[tr], sources=sources[tr],
+                                              source_invariance=source_invariance if s.name == "all" else 0.0,
+                                              min_source_count=min_source_count) if enough else s)
         F[test] = np.concatenate([s.proba(H[test]) for s in fold_sets], axis=1)
     return F
 
@@ -167,7 +171,14 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         C: inverse strength of the L1 penalty of the layer combination (smaller keeps fewer layers).
         per_source: also fit one prototype set per training source that has both labels
             (at least ``min_source_count`` of each), each with its own covariance.
-        min_source_count: smallest per-label count for a source to get its own set.
+        min_source_count: smallest per-label count for a source to get its own set (and, for
+            ``source_invariance``, for a source's class mean to count).
+        source_invariance: how many times the spread between the training sources' class means
+            is added to each reading's covariance (0: none). That spread is what tells one
+            source's style or topic from another's (maths problems from chat prompts); counted as
+            noise, it leaves the discriminant what separates the classes inside every source, which
+            is what carries over to text from sources never fitted (docs/quality.md, stop 27).
+            Needs ``sources`` when fitting; the release recipe uses 1.
         cv: folds for cross-fitted per-layer probabilities when fitting the combination
             (``None`` fits it on in-sample probabilities, as the MLPM authors do).
         threshold: P(unsafe) at or above which a verdict is ``unsafe``.
@@ -198,8 +209,8 @@ class Prototypes(ClassifierMixin, BaseEstimator):
     def __init__(self, *, layers: Sequence[int] | None = None, C: float = 1.0, per_source: bool = False,
                  min_source_count: int = 20, cv: int | None = None, threshold: float = 0.5,
                  controversial_threshold: float = 0.25, pooling: str = "last",
-                 other_language_threshold: float | None = None, categories: bool = True,
-                 random_state: int = 0) -> None:
+                 other_language_threshold: float | None = None, source_invariance: float = 0.0,
+                 categories: bool = True, random_state: int = 0) -> None:
         self.layers = layers
         self.C = C
         self.per_source = per_source
@@ -209,6 +220,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         self.controversial_threshold = controversial_threshold
         self.pooling = pooling
         self.other_language_threshold = other_language_threshold
+        self.source_invariance = source_invariance
         self.categories = categories
         self.random_state = random_state
 
@@ -216,6 +228,8 @@ class Prototypes(ClassifierMixin, BaseEstimator):
     def _check_params(self) -> None:
         if not (isinstance(self.C, (int, float)) and self.C > 0):
             raise ConfigError(f"`C` must be a positive number, got {self.C!r}")
+        if not (isinstance(self.source_invariance, (int, float)) and self.source_invariance >= 0):
+            raise ConfigError(f"`source_invariance` must be a number >= 0, got {self.source_invariance!r}")
         if not 0 < self.threshold < 1:
             raise ConfigError(f"`threshold` must be in (0, 1), got {self.threshold!r}")
         if not 0 < self.controversial_threshold <= self.threshold:
@@ -288,8 +302,10 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         y = fit_labels(y, len(H))
         sources = np.array(sources if sources is not None else ["all"] * len(y), dtype=object)
         self.classes_ = CLASSES.copy()
-        self.sets_ = fit_sets(H, y, sources, per_source=self.per_source, min_source_count=self.min_source_count)
-        F = stacking_features(self.sets_, H, y, sources, cv=self.cv, random_state=self.random_state)
+        self.sets_ = fit_sets(H, y, sources, per_source=self.per_source, min_source_count=self.min_source_count,
+                              source_invariance=self.source_invariance)
+        F = stacking_features(self.sets_, H, y, sources, cv=self.cv, random_state=self.random_state,
+                              source_invariance=self.source_invariance, min_source_count=self.min_source_count)
         coef, self.intercept_, keep = fit_combination(F, y, len(self.sets_), C=self.C, random_state=self.random_state)
         # The unsafe-minus-safe mean difference of every candidate layer at its last token (steering
         # adds it to the states the model answers from), kept for activation steering.

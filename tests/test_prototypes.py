@@ -96,6 +96,7 @@ def test_probability_matches_manual_computation(fitted):
     ({"threshold": 1.5}, "`threshold` must be in"),
     ({"controversial_threshold": 0.9}, "`controversial_threshold` must be in"),
     ({"cv": 1}, "`cv` must be None or an int"),
+    ({"source_invariance": -1}, "`source_invariance` must be a number >= 0"),
     ({"other_language_threshold": 0.9}, "`other_language_threshold` must be None or in"),
     ({"other_language_threshold": 0.1}, "`other_language_threshold` must be None or in"),
 ])
@@ -127,6 +128,29 @@ def test_per_source_and_cross_fitting():
     assert p.coef_.shape == (3 * len(p.layer_ids_),)
     cols = [layer - 1 for layer in p.layer_ids_]
     assert (p.predict(H[:, cols]) == y).mean() > 0.9
+
+
+def test_source_invariance_discounts_what_tells_sources_apart():
+    """Axis 0 is a source's style, axis 1 harm: unsafe sources happen to sit further along axis 0, so
+    a plain fit leans on style and gets a benign text in an unsafe source's style wrong."""
+    rng = np.random.default_rng(0)
+
+    def rows(n, style, harm):
+        X = rng.normal(scale=0.5, size=(n, 1, 6))
+        X[:, 0, 0] += style
+        X[:, 0, 1] += harm
+        return X
+
+    H = np.concatenate([rows(200, 0, 0), rows(200, 3, 0), rows(200, 3, 1), rows(200, 6, 1)])
+    y = np.repeat([0, 0, 1, 1], 200)
+    sources = np.repeat(["a", "b", "c", "d"], 200)
+    benign_new_style, harmful_new_style = rows(100, 6, 0), rows(100, 0, 1)
+    plain = Prototypes().fit(H, y, sources=sources)
+    invariant = Prototypes(source_invariance=3).fit(H, y, sources=sources)
+    assert plain.predict(benign_new_style).mean() > 0.6 and plain.predict(harmful_new_style).mean() < 0.3
+    assert invariant.predict(benign_new_style).mean() < 0.4 and invariant.predict(harmful_new_style).mean() > 0.6
+    # Without sources there is nothing to tell apart: the fit is the plain one.
+    np.testing.assert_allclose(Prototypes(source_invariance=3).fit(H, y).predict_proba(H), plain.predict_proba(H))
 
 
 def test_add_examples_moves_verdicts_near_the_examples_only(fitted):
@@ -175,11 +199,13 @@ def test_save_load_round_trip(tmp_path, fitted):
     assert [v.category for v in q.verdicts(H[:10, cols])] == [v.category for v in p.verdicts(H[:10, cols])]
 
 
-def test_the_other_language_line_is_saved_with_the_prototypes(tmp_path):
+def test_the_fit_params_are_saved_with_the_prototypes(tmp_path):
     H, y = make_states()
-    p = Prototypes(threshold=0.8, controversial_threshold=0.35, other_language_threshold=0.7).fit(H, y)
+    p = Prototypes(threshold=0.8, controversial_threshold=0.35, other_language_threshold=0.7,
+                   source_invariance=3).fit(H, y)
     q = Prototypes.load(p.save(tmp_path / "protos"))
     assert q.get_params()["other_language_threshold"] == 0.7
+    assert q.get_params()["source_invariance"] == 3
 
 
 def test_load_errors_are_clear(tmp_path, fitted):

@@ -30,6 +30,20 @@ def test_pooled_covariance_is_within_class_scatter(data):
     np.testing.assert_allclose(_stats.pooled_covariance(X, g, means), expected)
 
 
+def test_source_scatter_is_the_part_of_the_within_class_covariance_between_sources(data):
+    X, g = data
+    sources = np.array(["a", "b", "c"])[np.arange(len(X)) % 3]
+    X = X + (sources == "b")[:, None] * 2.0  # source b sits apart within each class
+    means, _ = _stats.group_means(X, g, 2)
+    pairs = [(s, k) for s in "abc" for k in range(2)]
+    within_sources = sum((X[(sources == s) & (g == k)] - X[(sources == s) & (g == k)].mean(0)).T
+                         @ (X[(sources == s) & (g == k)] - X[(sources == s) & (g == k)].mean(0)) for s, k in pairs)
+    scatter = _stats.source_scatter(X, g, sources, means, min_count=1)
+    np.testing.assert_allclose(within_sources / (len(X) - 1) + scatter, _stats.pooled_covariance(X, g, means))
+    # Sources smaller than min_count are left out of the scatter.
+    assert not _stats.source_scatter(X, g, sources, means, min_count=len(X)).any()
+
+
 def test_shrunk_precision_formula(data):
     X, g = data
     means, _ = _stats.group_means(X, g, 2)

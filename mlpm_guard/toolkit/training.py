@@ -129,8 +129,11 @@ RELEASE_MAX_PER_SOURCE = 400
 #: requests in its ten seed languages instead of 8.8% (docs/quality.md).
 #: Mean-pooled readings next to the last token: held out of the fit, harmful follow-ups caught 65 -> 85%,
 #: held-out languages 40.5 -> 50%, ordinary ToxicChat prompts refused 12.5 -> 11.2% (docs/quality.md).
+#: ``source_invariance`` 1 (stop 27): Arena prompts flagged 12.5 -> 8.8%, look-alikes 16.2 -> 13.8%,
+#: ToxicChat toxic prompts refused 57.5 -> 62.5% with ordinary ones 11.2 -> 10%, harmful F1 mean
+#: 0.844 -> 0.840; 3 and 10 traded more recall for little more (docs/quality.md).
 RELEASE_PARAMS: dict[str, Any] = {**DEFAULT_PARAMS, "threshold": 0.8, "controversial_threshold": 0.35,
-                                  "pooling": "last+mean"}
+                                  "pooling": "last+mean", "source_invariance": 1.0}
 #: Longer prompts stay out of the fit: the guard never scores a reading longer than the views'
 #: context budget (longer text is read sentence by sentence), so they would teach nothing it uses.
 RELEASE_MAX_WORDS = 160
