@@ -67,7 +67,7 @@ class PrintGuardEvents(BaseEventHandler):
 
 def main() -> None:
     # Embedded backbone, shipped prototypes: retrieved nodes are judged as content, so the library
-    # pages pass (0.02-0.15) and the poisoned post does not (0.99), with no calibration.
+    # pages pass (0.01-0.29) and the poisoned post does not (0.99), with no calibration.
     guard = Guard(generation=GenerationConfig(max_new_tokens=48))
     # Set LlamaIndex's globals too, so no default (remote) LLM or embedding is ever reached, and
     # count tokens with the backbone's own tokenizer when packing retrieved context.
