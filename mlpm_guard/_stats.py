@@ -55,14 +55,12 @@ def source_scatter(X: np.ndarray, y: np.ndarray, sources: np.ndarray, class_mean
     Returns:
         array of shape (n_features, n_features).
     """
-    scatter = np.zeros((X.shape[1], X.shape[1]))
-    for src in np.unique(sources):
-        for label in (0, 1):
-            rows = (sources == src) & (y == label)
-            if rows.sum() >= min_count:
-                shift = X[rows].mean(axis=0) - class_means[label]
-                scatter += rows.sum() * np.outer(shift, shift)
-    return scatter / max(len(X) - 1, 1)
+    pairs, groups = np.unique(np.stack([np.asarray(sources, dtype=str), y.astype(str)], axis=1),
+                              axis=0, return_inverse=True)
+    means, counts = group_means(X, groups.reshape(-1), len(pairs))
+    big = counts >= min_count
+    shifts = means[big] - class_means[pairs[big, 1].astype(np.int64)]
+    return (shifts.T * counts[big]) @ shifts / max(len(X) - 1, 1)
 
 
 def merge_covariance(cov: np.ndarray, n: int, X_new: np.ndarray, new_means: np.ndarray,

@@ -77,7 +77,7 @@ def fit_labels(y: Sequence[Any], n_samples: int) -> np.ndarray:
 
 
 def fit_sets(H: np.ndarray, y: np.ndarray, sources: np.ndarray, *, per_source: bool,
-             min_source_count: int, source_invariance: float = 0.0) -> list[PrototypeSet]:
+             min_source_count: int, source_invariance: float) -> list[PrototypeSet]:
     """The pooled set, and with ``per_source`` one set per source with ``min_source_count`` of each label."""
     sets = [PrototypeSet.fit("all", H, y, sources=sources, source_invariance=source_invariance,
                              min_source_count=min_source_count)]
@@ -90,8 +90,8 @@ def fit_sets(H: np.ndarray, y: np.ndarray, sources: np.ndarray, *, per_source: b
 
 
 def stacking_features(sets: Sequence[PrototypeSet], H: np.ndarray, y: np.ndarray, sources: np.ndarray, *,
-                      cv: int | None, random_state: int | None, source_invariance: float = 0.0,
-                      min_source_count: int = 20) -> np.ndarray:
+                      cv: int | None, random_state: int | None, source_invariance: float,
+                      min_source_count: int) -> np.ndarray:
     """Per-(set, layer) probabilities on the training data, cross-fitted over ``cv`` folds if set."""
     if cv is None:
         return np.concatenate([s.proba(H) for s in sets], axis=1)
@@ -104,7 +104,7 @@ def stacking_features(sets: Sequence[PrototypeSet], H: np.ndarray, y: np.ndarray
             tr = train[rows[train]]
             enough = np.bincount(y[tr], minlength=2).min() >= 2
             fold_sets.append(PrototypeSet.fit(s.name, H[tr], y[tr], sources=sources[tr],
-                                              source_invariance=source_invariance if s.name == "all" else 0.0,
+                                              source_invariance=source_invariance,
                                               min_source_count=min_source_count) if enough else s)
         F[test] = np.concatenate([s.proba(H[test]) for s in fold_sets], axis=1)
     return F
