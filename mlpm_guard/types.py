@@ -52,7 +52,7 @@ class Verdict:
         n_truncated_tokens: tokens dropped from the middle of an over-long prompt (0 if none).
         error: set when the text could not be scored; the verdict is then unsafe (fail closed).
         view: which reading of the request gave this (strictest) score: ``"message"``,
-            ``"conversation"``, ``"latest user turn"``, ``"sentence N"``, ``"content"`` or
+            ``"conversation"``, ``"latest user turn"``, ``"user turns"``, ``"sentence N"``, ``"content"`` or
             ``"passage N"`` (see :mod:`mlpm_guard.views`); ``None`` for a directly scored text.
     """
 

@@ -9,6 +9,9 @@ strictest reading wins:
 - the conversation the model will read, most recent turns first, as far as ``context_tokens``
   allows (so "Give me the steps." after a harmful turn is judged with that turn);
 - the latest user turn alone (so no amount of benign history dilutes it);
+- the user's turns alone, joined, when there are several (so a goal stated earlier is read with
+  the short follow-up that asks for it, undiluted by the answers in between: "I need to launder
+  200k ..." then "Great, explain the layering part" read 0.42 as a conversation, 0.92 this way);
 - each sentence of the latest user turn alone, when it has several (so no opening or padding in
   the same message dilutes it, and a long text is judged piece by piece, never by its length).
   A sentence before the last one counts at a discount unless the whole message agrees
@@ -46,6 +49,8 @@ CONTENT_TEMPLATE = "Summarize this text:\n\n{text}"
 # code and lists are not cut into meaningless lines.
 #: The name every single-sentence reading of a request starts with ("sentence 1", "sentence 2", ...).
 SENTENCE_VIEW = "sentence"
+#: The reading of the user's turns alone, joined (see :func:`request_views`).
+USER_TURNS_VIEW = "user turns"
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9\u00C0-\u024F\u0400-\u04FF])|(?<=[。！？])|\n\s*\n")
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -126,6 +131,9 @@ def request_views(messages: Sequence[Message], count_tokens: Callable[[list[dict
         alone = (("user", text),)
         if count_tokens([{"role": "user", "content": text}]) <= context_tokens:
             views.append(View(alone, "latest user turn"))
+        said = _user_turns(msgs, count_tokens, context_tokens)
+        if said:
+            views.append(View(said, USER_TURNS_VIEW))
         pieces = segments(text)
         if len(pieces) > 1 or (pieces and not any(v.messages == alone for v in views)):
             views.extend(View((("user", p),), f"{SENTENCE_VIEW} {k + 1}") for k, p in enumerate(pieces))
@@ -158,6 +166,26 @@ def _recent_turns(msgs: list[tuple[str, str]], count_tokens: Callable[[list[dict
         if count_tokens([{"role": r, "content": c} for r, c in candidate]) <= budget:
             return candidate
     return ()
+
+
+def _user_turns(msgs: list[tuple[str, str]], count_tokens: Callable[[list[dict[str, str]]], int],
+                budget: int) -> tuple[tuple[str, str], ...]:
+    """The most recent user turns that fit ``budget`` tokens joined into one user message, or
+    nothing when fewer than two fit.
+
+    The assistant's answers are left out: the answering model reads them, but for what the user
+    is after they are padding, and a harmful goal followed by "ok go on" read through them scored
+    under the refusal line for 3 of 20 project follow-ups (1 of 20 this way; the goals asked alone:
+    1 of 20 too; ``benchmarks/generalisation.py``).
+    """
+    users = [c for r, c in msgs if r == "user"]
+    kept: list[str] = []
+    for text in reversed(users):
+        joined = "\n".join([text, *kept])
+        if count_tokens([{"role": "user", "content": joined}]) > budget:
+            break
+        kept.insert(0, text)
+    return (("user", "\n".join(kept)),) if len(kept) > 1 else ()
 
 
 def _unique(views: list[View]) -> list[View]:
