@@ -96,6 +96,10 @@ def _probe(name: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in ref.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _first_user_turn(messages: Sequence[dict[str, str]]) -> str:
+    return next(m["content"] for m in messages if m["role"] == "user")
+
+
 def _seed_langs() -> dict[str, set[str]]:
     ref = resources.files("mlpm_guard") / "resources" / "seed_prompts.jsonl"
     out: dict[str, set[str]] = {}
@@ -155,6 +159,11 @@ def families(data_dir: Path, n: int) -> list[Family]:
                       [Item(r["messages"], 0) for r in follow if r["label"] == "safe"], None, "release"))
     out.append(Family("harmful goal, then a short follow-up", "followups_unsafe",
                       [Item(r["messages"], 1) for r in follow if r["label"] == "unsafe"], None, "release"))
+    # The issue asks harmful turns inside conversations to be caught as well as alone: the same goals,
+    # each asked as a single message, are the bar.
+    out.append(Family("the same harmful goals, asked alone", "followups_goals",
+                      [Item(_first_user_turn(r["messages"]), 1) for r in follow if r["label"] == "unsafe"],
+                      None, "release"))
     out.append(Family("retrieved passages (as content)", "passages",
                       [Item(r["text"], int(r["label"] == "unsafe"), True) for r in _probe("passages")], None, "release"))
     out.append(Family("long documents (as content)", "passages",
@@ -263,6 +272,11 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         worst = max(values) if metric == "flagged" else min(values)
         met = worst <= bound if metric == "flagged" else worst >= bound
         out[group] = {"metric": metric, "mean": float(np.mean(values)), "worst": worst, "target": bound, "met": met}
+    inside = [r["recall"] for r in results.values() if r["group"] == "followups_unsafe"]
+    alone = [r["recall"] for r in results.values() if r["group"] == "followups_goals"]
+    if inside and alone:  # target: the same goals' recall asked alone
+        out["followups_unsafe"] = {"metric": "recall", "mean": float(np.mean(inside)), "worst": min(inside),
+                                   "target": round(float(np.mean(alone)), 3), "met": min(inside) >= np.mean(alone)}
     return out
 
 
