@@ -19,7 +19,7 @@ does; the ``message only`` column reads the whole prompt once, as before views e
     python benchmarks/generalisation.py --data ../shared/data [--n 300] [--json]
 
 Hidden states come from the feature cache: the first run extracts what is missing (about 40
-minutes at --n 80 on the shared 2-core CPU this was written on); a warm run took 981 s at stop 27
+minutes at --n 80 on the shared 2-core CPU this was written on); a warm run took 1,091 s at stop 28
 (float32; the release recipe refitted once per held-out source and language).
 """
 
