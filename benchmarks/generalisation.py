@@ -19,7 +19,7 @@ does; the ``message only`` column reads the whole prompt once, as before views e
     python benchmarks/generalisation.py --data ../shared/data [--n 300] [--json]
 
 Hidden states come from the feature cache: the first run extracts what is missing (about 40
-minutes at --n 80 on the shared 2-core CPU this was written on); a warm run took 1,091 s at stop 28
+minutes at --n 80 on the shared 2-core CPU this was written on); a warm run took 1,097 s at stop 28
 (float32; the release recipe refitted once per held-out source and language).
 """
 
@@ -164,6 +164,14 @@ def families(data_dir: Path, n: int) -> list[Family]:
     out.append(Family("the same harmful goals, asked alone", "followups_goals",
                       [Item(_first_user_turn(r["messages"]), 1) for r in follow if r["label"] == "unsafe"],
                       None, "release"))
+    # What reading the user's earlier turns costs: after a harmful goal the assistant declined, the
+    # user asks for something ordinary (one of the project's instructions). Labelled by that turn.
+    changed = [[{"role": "user", "content": _first_user_turn(r["messages"])},
+                {"role": "assistant", "content": "I can't help with that."},
+                {"role": "user", "content": ask["prompt"]}]
+               for r, ask in zip([r for r in follow if r["label"] == "unsafe"], _probe("instructions"))]
+    out.append(Family("a declined harmful goal, then an ordinary request", "topic_change",
+                      [Item(m, 0) for m in changed], None, "release"))
     out.append(Family("retrieved passages (as content)", "passages",
                       [Item(r["text"], int(r["label"] == "unsafe"), True) for r in _probe("passages")], None, "release"))
     out.append(Family("long documents (as content)", "passages",
