@@ -153,6 +153,29 @@ def test_source_invariance_discounts_what_tells_sources_apart():
     np.testing.assert_allclose(Prototypes(source_invariance=3).fit(H, y).predict_proba(H), plain.predict_proba(H))
 
 
+def test_add_examples_keeps_the_source_invariance_term_as_pooled_scatter():
+    """Examples added without a refit merge into the covariance the invariance term is already in:
+    the term's scatter is kept whole and, like the rest, spread over the larger sample count."""
+    rng = np.random.default_rng(1)
+    H = rng.normal(size=(400, 1, 5))
+    H[:200, 0, 0] += np.repeat([0.0, 2.0], 100)  # two safe sources apart on axis 0
+    H[200:, 0, 1] += 1.5
+    y = np.repeat([0, 1], 200)
+    sources = np.repeat(["a", "b", "c", "c"], 100)
+    plain = Prototypes(layers=[1]).fit(H, y, sources=sources)
+    invariant = Prototypes(layers=[1], source_invariance=2).fit(H, y, sources=sources)
+    before = invariant.sets_[0].cov - plain.sets_[0].cov
+    assert before[0, 0, 0] > 0.1  # the term is there to keep
+    n_old = plain.sets_[0].n
+    new = rng.normal(size=(30, 1, 5)) + 0.5
+    plain.add_examples(new, [0] * 30, name="mine")
+    invariant.add_examples(new, [0] * 30, name="mine")
+    n_new = invariant.sets_[0].n
+    assert n_new == n_old + 30 == plain.sets_[0].n
+    np.testing.assert_allclose(invariant.sets_[0].cov - plain.sets_[0].cov, before * (n_old - 1) / (n_new - 1),
+                               atol=1e-10)
+
+
 def test_add_examples_moves_verdicts_near_the_examples_only(fitted):
     p, H, y = fitted
     cols = [layer - 1 for layer in p.layer_ids_]
