@@ -155,21 +155,22 @@ def families(data_dir: Path, n: int) -> list[Family]:
     out.append(Family(f"instructions ({probes})", "benign", [Item(r["prompt"], 0) for r in _probe("instructions")],
                       None, "release"))
     follow = _probe("followups")
+    harmful_follow = [r for r in follow if r["label"] == "unsafe"]
     out.append(Family("benign follow-ups in context", "followups_safe",
                       [Item(r["messages"], 0) for r in follow if r["label"] == "safe"], None, "release"))
     out.append(Family("harmful goal, then a short follow-up", "followups_unsafe",
-                      [Item(r["messages"], 1) for r in follow if r["label"] == "unsafe"], None, "release"))
+                      [Item(r["messages"], 1) for r in harmful_follow], None, "release"))
     # The issue asks harmful turns inside conversations to be caught as well as alone: the same goals,
     # each asked as a single message, are the bar.
     out.append(Family("the same harmful goals, asked alone", "followups_goals",
-                      [Item(_first_user_turn(r["messages"]), 1) for r in follow if r["label"] == "unsafe"],
+                      [Item(_first_user_turn(r["messages"]), 1) for r in harmful_follow],
                       None, "release"))
     # What reading the user's earlier turns costs: after a harmful goal the assistant declined, the
     # user asks for something ordinary (one of the project's instructions). Labelled by that turn.
     changed = [[{"role": "user", "content": _first_user_turn(r["messages"])},
                 {"role": "assistant", "content": "I can't help with that."},
                 {"role": "user", "content": ask["prompt"]}]
-               for r, ask in zip([r for r in follow if r["label"] == "unsafe"], _probe("instructions"))]
+               for r, ask in zip(harmful_follow, _probe("instructions"))]
     out.append(Family("a declined harmful goal, then an ordinary request", "topic_change",
                       [Item(m, 0) for m in changed], None, "release"))
     out.append(Family("retrieved passages (as content)", "passages",

@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .messages import Message
 
@@ -156,16 +157,30 @@ def content_views(text: str, count_tokens: Callable[[list[dict[str, str]]], int]
     return _unique(views)
 
 
+def _fitting_tail(items: Sequence[Any], render: Callable[[Sequence[Any]], list[dict[str, str]]],
+                  count_tokens: Callable[[list[dict[str, str]]], int], budget: int) -> int | None:
+    """Where the longest tail of ``items`` whose rendering fits ``budget`` tokens starts (``None``:
+    not even the last item fits). The whole is tried first (a request that fits is the common case,
+    and its count is usually known already); otherwise the tail grows from the newest item, since a
+    tail only gets longer as items are added, so a long history costs counts of texts up to the budget."""
+    if items and count_tokens(render(items)) <= budget:
+        return 0
+    start = None
+    for k in range(len(items) - 1, -1, -1):
+        if count_tokens(render(items[k:])) > budget:
+            break
+        start = k
+    return start
+
+
 def _recent_turns(msgs: list[tuple[str, str]], count_tokens: Callable[[list[dict[str, str]]], int],
                   budget: int) -> tuple[tuple[str, str], ...]:
     """The longest tail of the conversation that fits ``budget`` tokens, system turns kept in front."""
     system = [m for m in msgs if m[0] == "system"]
     turns = [m for m in msgs if m[0] != "system"]
-    for start in range(len(turns)):
-        candidate = (*system, *turns[start:])
-        if count_tokens([{"role": r, "content": c} for r, c in candidate]) <= budget:
-            return candidate
-    return ()
+    start = _fitting_tail(turns, lambda tail: [{"role": r, "content": c} for r, c in (*system, *tail)],
+                          count_tokens, budget)
+    return () if start is None else (*system, *turns[start:])
 
 
 def _user_turns(msgs: list[tuple[str, str]], count_tokens: Callable[[list[dict[str, str]]], int],
@@ -179,13 +194,8 @@ def _user_turns(msgs: list[tuple[str, str]], count_tokens: Callable[[list[dict[s
     1 of 20 too; ``benchmarks/generalisation.py``).
     """
     users = [c for r, c in msgs if r == "user"]
-    kept: list[str] = []
-    for text in reversed(users):
-        joined = "\n".join([text, *kept])
-        if count_tokens([{"role": "user", "content": joined}]) > budget:
-            break
-        kept.insert(0, text)
-    return (("user", "\n".join(kept)),) if len(kept) > 1 else ()
+    start = _fitting_tail(users, lambda tail: [{"role": "user", "content": "\n".join(tail)}], count_tokens, budget)
+    return () if start is None or len(users) - start < 2 else (("user", "\n".join(users[start:])),)
 
 
 def _unique(views: list[View]) -> list[View]:
