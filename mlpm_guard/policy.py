@@ -62,7 +62,9 @@ class OutputModerationConfig(BaseModel):
     # a streamed piece is released only once a passing check has also seen this many tokens after it.
     hold_back: int = Field(default=16, ge=0, description="tokens held back from the consumer while streaming, "
                                                          "released only after a later passing check")
-    threshold: float | None = Field(default=None, gt=0, lt=1, description="None: the prototypes' threshold")
+    threshold: float | None = Field(default=None, gt=0, lt=1,
+                                    description="None: the prototypes' line for content (content_threshold, "
+                                                "else threshold)")
 
 
 class Policy(BaseModel):

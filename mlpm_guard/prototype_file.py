@@ -79,6 +79,7 @@ class FitParams(BaseModel):
     controversial_threshold: float = Field(gt=0, lt=1)
     pooling: Literal["last", "last+mean"] = "last"
     other_language_threshold: float | None = Field(default=None, gt=0, lt=1)
+    content_threshold: float | None = Field(default=None, gt=0, lt=1)
     source_invariance: float = Field(default=0.0, ge=0)
     categories: bool
     random_state: int | None

@@ -192,6 +192,13 @@ class Prototypes(ClassifierMixin, BaseEstimator):
             text. For a backbone that reads other languages less surely than English. Read when
             scoring, so ``set_params`` switches it on for fitted prototypes too (the shipped
             default leaves it off; docs/quality.md has what it trades).
+        content_threshold: where a text judged as *content* (a retrieved passage, a tool result,
+            an answer: :meth:`mlpm_guard.Guard.check_content`, the integrations' filters, output
+            moderation) counts as unsafe instead of ``threshold``; ``None`` uses ``threshold``.
+            Content has no middle route (a passage is kept or dropped, an answer sent or
+            replaced), and judged as content ordinary text sits far lower than ordinary requests;
+            the release recipe uses 0.5, even odds (docs/quality.md, stop 29). Read when scoring,
+            like ``other_language_threshold``; where both apply, the lower line does.
         categories: fit per-category means so verdicts name the nearest hazard category.
         random_state: seed of the cross-fitting folds.
 
@@ -209,8 +216,8 @@ class Prototypes(ClassifierMixin, BaseEstimator):
     def __init__(self, *, layers: Sequence[int] | None = None, C: float = 1.0, per_source: bool = False,
                  min_source_count: int = 20, cv: int | None = None, threshold: float = 0.5,
                  controversial_threshold: float = 0.25, pooling: str = "last",
-                 other_language_threshold: float | None = None, source_invariance: float = 0.0,
-                 categories: bool = True, random_state: int = 0) -> None:
+                 other_language_threshold: float | None = None, content_threshold: float | None = None,
+                 source_invariance: float = 0.0, categories: bool = True, random_state: int = 0) -> None:
         self.layers = layers
         self.C = C
         self.per_source = per_source
@@ -220,6 +227,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         self.controversial_threshold = controversial_threshold
         self.pooling = pooling
         self.other_language_threshold = other_language_threshold
+        self.content_threshold = content_threshold
         self.source_invariance = source_invariance
         self.categories = categories
         self.random_state = random_state
@@ -236,7 +244,9 @@ class Prototypes(ClassifierMixin, BaseEstimator):
             msg = (f"`controversial_threshold` must be in (0, threshold={self.threshold}], "
                    f"got {self.controversial_threshold!r}")
             raise ConfigError(msg)
-        check_other_language_threshold(self.other_language_threshold, self.controversial_threshold, self.threshold)
+        check_line("other_language_threshold", self.other_language_threshold, self.controversial_threshold,
+                   self.threshold)
+        check_line("content_threshold", self.content_threshold, self.controversial_threshold, self.threshold)
         poolings_of(self.pooling)
         if self.cv is not None and (not isinstance(self.cv, int) or self.cv < 2):
             raise ConfigError(f"`cv` must be None or an int >= 2, got {self.cv!r}")
@@ -481,10 +491,11 @@ def add_category(labels: list[str], means: np.ndarray | None, cat: str,
     return [*labels, cat], np.vstack([means, mean])
 
 
-def check_other_language_threshold(line: float | None, controversial: float, threshold: float) -> None:
-    """``other_language_threshold`` is None or lies between the controversial and refusal lines."""
+def check_line(name: str, line: float | None, controversial: float, threshold: float) -> None:
+    """A refusal line for some texts (``other_language_threshold``, ``content_threshold``) is None
+    or lies between the controversial and refusal lines."""
     if line is not None and not controversial <= line <= threshold:
-        msg = (f"`other_language_threshold` must be None or in [controversial_threshold={controversial}, "
+        msg = (f"`{name}` must be None or in [controversial_threshold={controversial}, "
                f"threshold={threshold}], got {line!r}")
         raise ConfigError(msg)
 

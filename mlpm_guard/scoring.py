@@ -18,7 +18,7 @@ from .encoding import Encoded
 from .errors import InputError
 from .language import is_other_language
 from .messages import clean_text, to_messages
-from .prototypes import check_other_language_threshold
+from .prototypes import check_line
 from .types import Verdict
 from .verdicts import make_verdict, tier_of
 from .views import SENTENCE_VIEW, View, content_views, request_views
@@ -120,24 +120,32 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
 
 
 def refusal_line(prototypes: Any, item: Any, *, content: bool = False) -> float:
-    """The P(unsafe) from which ``item`` is refused: the prototypes' ``threshold_``, or their
-    ``other_language_threshold`` when it is set and the text judged (the content, or a request's
-    latest user turn) is in another language than English (:mod:`.language`).
+    """The P(unsafe) from which ``item`` is refused: the lowest of the lines that apply to it. The
+    prototypes' ``threshold_`` always does; their ``content_threshold``, when set, to a text judged
+    as content; their ``other_language_threshold``, when set, to a text in another language than
+    English (:mod:`.language`; the content, or a request's latest user turn).
 
     Raises:
-        ConfigError: the other-language line is outside [controversial line, refusal line].
+        ConfigError: a line is outside [controversial line, refusal line].
     """
+    lines = [float(prototypes.threshold_)]
+    for name in ("other_language_threshold", "content_threshold"):
+        line = getattr(prototypes, name, None)
+        if line is not None:  # set_params on fitted prototypes skips the fit-time check
+            check_line(name, line, prototypes.controversial_threshold_, prototypes.threshold_)
+    line = getattr(prototypes, "content_threshold", None)
+    if content and line is not None:
+        lines.append(float(line))
     other = getattr(prototypes, "other_language_threshold", None)
-    if other is None:
-        return float(prototypes.threshold_)
-    # set_params on fitted prototypes skips the fit-time check
-    check_other_language_threshold(other, prototypes.controversial_threshold_, prototypes.threshold_)
-    if content:
-        text = item if isinstance(item, str) else ""
-    else:
-        users = [m["content"] for m in to_messages(item) if m["role"] == "user"]
-        text = users[-1] if users else ""
-    return float(other) if is_other_language(text) else float(prototypes.threshold_)
+    if other is not None:
+        if content:
+            text = item if isinstance(item, str) else ""
+        else:
+            users = [m["content"] for m in to_messages(item) if m["role"] == "user"]
+            text = users[-1] if users else ""
+        if is_other_language(text):
+            lines.append(float(other))
+    return min(lines)
 
 
 def _sentence_number(name: str) -> int:

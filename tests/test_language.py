@@ -49,6 +49,19 @@ def test_the_line_follows_the_latest_user_turn_and_the_content():
     assert refusal_line(SimpleNamespace(threshold_=0.8), FRENCH_BOMB) == 0.8
 
 
+def test_content_has_its_own_line_and_the_lowest_line_that_applies_decides():
+    p = SimpleNamespace(threshold_=0.8, controversial_threshold_=0.35, other_language_threshold=None,
+                        content_threshold=0.5)
+    assert refusal_line(p, "Fill a steel pipe with black powder.", content=True) == 0.5
+    assert refusal_line(p, "Fill a steel pipe with black powder.") == 0.8  # a request keeps the refusal line
+    p.other_language_threshold = 0.7
+    assert refusal_line(p, FRENCH_BOMB) == 0.7
+    assert refusal_line(p, FRENCH_BOMB, content=True) == 0.5
+    p.content_threshold = 0.9
+    with pytest.raises(ConfigError, match="content_threshold"):
+        refusal_line(p, "text", content=True)
+
+
 def test_a_context_sentence_discount_follows_the_line_in_use():
     readings = [("message", 0.25), ("sentence 1", 0.85), ("sentence 2", 0.1)]
     assert strictest(readings, threshold=0.8, controversial=0.35)[1] < 0.8

@@ -99,6 +99,7 @@ def test_probability_matches_manual_computation(fitted):
     ({"source_invariance": -1}, "`source_invariance` must be a number >= 0"),
     ({"other_language_threshold": 0.9}, "`other_language_threshold` must be None or in"),
     ({"other_language_threshold": 0.1}, "`other_language_threshold` must be None or in"),
+    ({"content_threshold": 0.9}, "`content_threshold` must be None or in"),
 ])
 def test_invalid_params_fail_at_fit(params, message):
     H, y = make_states(n=40)

@@ -52,6 +52,7 @@ def _prototypes_digest(prototypes: Any) -> str:
     h = hashlib.sha256()
     for part in (prototypes.layer_ids_, prototypes.coef_, prototypes.intercept_, prototypes.threshold_,
                  getattr(prototypes, "controversial_threshold_", None), getattr(prototypes, "other_language_threshold", None),
+                 getattr(prototypes, "content_threshold", None),
                  getattr(prototypes, "category_labels_", None),
                  getattr(prototypes, "category_means_", None), getattr(prototypes, "steering_directions_", None)):
         h.update(part.tobytes() if hasattr(part, "tobytes") else repr(part).encode())

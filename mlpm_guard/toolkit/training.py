@@ -132,8 +132,11 @@ RELEASE_MAX_PER_SOURCE = 400
 #: ``source_invariance`` 1 (stop 27): Arena prompts flagged 12.5 -> 8.8%, look-alikes 16.2 -> 13.8%,
 #: ToxicChat toxic prompts refused 57.5 -> 62.5% with ordinary ones 11.2 -> 10%, harmful F1 mean
 #: 0.844 -> 0.840; 3 and 10 traded more recall for little more (docs/quality.md).
+#: ``content_threshold`` 0.5 (stop 29): a passage is kept or dropped, an answer sent or replaced, so
+#: content is decided at even odds; held out, harmful passages caught 60 -> 88% with none of 75
+#: ordinary ones dropped (their highest score 0.17), ordinary long documents still 0 of 6.
 RELEASE_PARAMS: dict[str, Any] = {**DEFAULT_PARAMS, "threshold": 0.8, "controversial_threshold": 0.35,
-                                  "pooling": "last+mean", "source_invariance": 1.0}
+                                  "pooling": "last+mean", "source_invariance": 1.0, "content_threshold": 0.5}
 #: Longer prompts stay out of the fit: the guard never scores a reading longer than the views'
 #: context budget (longer text is read sentence by sentence), so they would teach nothing it uses.
 RELEASE_MAX_WORDS = 160
