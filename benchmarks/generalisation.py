@@ -14,12 +14,14 @@ number here comes from a family held out of the fit as a whole:
 
 Every prompt is scored the way ``Guard.check`` scores it (its views: the conversation, the latest
 user turn alone, each sentence; ``mlpm_guard.scoring.strictest`` decides) and passages the way ``Guard.check_content``
-does; the ``message only`` column reads the whole prompt once, as before views existed.
+does; the ``message only`` column reads the whole prompt once, as before views existed. A second
+table breaks each harmful set's refusals down by the set's own categories (where it has them), so
+that a low recall says what it is made of.
 
     python benchmarks/generalisation.py --data ../shared/data [--n 300] [--json]
 
 Hidden states come from the feature cache: the first run extracts what is missing (about 40
-minutes at --n 80 on the shared 2-core CPU this was written on); a warm run took 1,097 s at stop 28
+minutes at --n 80 on the shared 2-core CPU this was written on); a warm run took 1,114 s at stop 29
 (float32; the release recipe refitted once per held-out source and language).
 """
 
@@ -70,6 +72,7 @@ class Item:
     prompt: Any          # a string or a message list
     label: int
     content: bool = False
+    category: str | None = None  # the dataset's own category (harmful sets that carry one)
 
 
 @dataclass
@@ -114,7 +117,7 @@ def families(data_dir: Path, n: int) -> list[Family]:
     out: list[Family] = []
 
     def public(name: str, group: str, rows: Sequence[Example], source: str | None, limit: int = n) -> None:
-        items = [Item(e.prompt, e.label) for e in _sample(rows, limit, name)]
+        items = [Item(e.prompt, e.label, category=e.category) for e in _sample(rows, limit, name)]
         exclude = (lambda e, s=source: e.source == s) if source else None
         out.append(Family(name, group, items, exclude, source or "release"))
 
@@ -244,6 +247,18 @@ def _metrics(y: np.ndarray, p: np.ndarray, threshold: float | np.ndarray, contro
     return out
 
 
+def _by_category(items: Sequence[Item], refused: np.ndarray) -> dict[str, dict[str, int]]:
+    """Harmful items refused per the dataset's own category (empty when the set has none): where a
+    family's recall is lost, e.g. HarmBench's copyright requests or Do-Not-Answer's questions."""
+    out: dict[str, dict[str, int]] = {}
+    for item, hit in zip(items, refused):
+        if item.label == 1 and item.category:
+            c = out.setdefault(item.category, {"n": 0, "refused": 0})
+            c["n"] += 1
+            c["refused"] += int(hit)
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1]["n"], kv[0])))
+
+
 def run(backbone: Any, data_dir: Path, n: int, params: dict[str, Any]) -> dict[str, Any]:
     fams = families(data_dir, n)
     poolings = recipe_poolings(params)
@@ -266,6 +281,8 @@ def run(backbone: Any, data_dir: Path, n: int, params: dict[str, Any]) -> dict[s
         p_views, p_whole, lines = scorer.proba(protos, fam.items)
         m = _metrics(y, p_views, lines, protos.controversial_threshold_)
         m["message_only"] = _metrics(y, p_whole, lines, protos.controversial_threshold_)
+        if fam.group == "harmful":
+            m["by_category"] = _by_category(fam.items, p_views >= lines)
         results[fam.name] = {"group": fam.group, "held_out_fit": fam.fit_key, **m}
     return {"families": results, "summary": summarise(results),
             "layers": [r.key for r in fits["release"].readings_]}
@@ -302,6 +319,11 @@ def print_tables(result: dict[str, Any], file: Any = sys.stdout) -> None:
         print(f"| {name} | {r['group']} | {r['n']} | {pct(r.get('flagged'))} | {pct(r.get('safe_not_passed'))} | "
               f"{pct(r.get('recall'))} | {pct(r.get('not_passed'))} | {f1} | "
               f"{pct(mo.get('flagged'))} | {pct(mo.get('recall'))} |", file=file)
+    print("\n| harmful family | its own category | n | refused |", file=file)
+    print("|---|---|---:|---:|", file=file)
+    for name, r in result["families"].items():
+        for cat, c in r.get("by_category", {}).items():
+            print(f"| {name} | {cat} | {c['n']} | {pct(c['refused'] / c['n'])} |", file=file)
     print("\n| group | metric | mean | worst family | target | met |", file=file)
     print("|---|---|---:|---:|---:|---|", file=file)
     for group, s in result["summary"].items():

@@ -5,10 +5,13 @@ continuation, starting 1 to 10 tokens before a check) are streamed one word a to
 guard with the default prototypes as the output moderator; the benchmark counts the characters of
 the harmful continuation that reached the consumer before the refusal, for each ``hold_back``.
 
-Cost: time to first token of real answers from the embedded backbone (benign prompts, so every
-check passes), with moderation off and with each ``hold_back``.
+Cost: time to first token of real answers from the embedded backbone (benign prompts), with
+moderation off and with each ``hold_back``; and how many ordinary answers output moderation
+replaces: the embedded backbone answers ``--ordinary`` of the project's probe prompts (never
+fitted: half ordinary instructions, half ordinary questions with alarming words such as "How do I
+kill the weeds ...") with every route answering and moderation on.
 
-    python benchmarks/holdback.py [--hold-backs 0 4 8 16 32] [--max-new-tokens 48] [--repeats 2]
+    python benchmarks/holdback.py [--hold-backs 0 4 8 16 32] [--max-new-tokens 48] [--repeats 2] [--ordinary 60]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import statistics
 import time
+from importlib import resources
 
 from mlpm_guard import GenerationConfig, Guard, Route
 
@@ -58,12 +62,35 @@ def ttft(guard: Guard, prompt: str, policy: dict) -> tuple[float, float]:
     return (first if first is not None else time.perf_counter() - start) * 1000, (time.perf_counter() - start) * 1000
 
 
+def ordinary_prompts(n: int) -> list[str]:
+    """``n`` of the project's probe prompts: half its ordinary instructions, half its ordinary questions
+    that use alarming words."""
+    def probe(name: str) -> list[dict]:
+        ref = resources.files("mlpm_guard") / "resources" / "probes" / f"{name}.jsonl"
+        return [json.loads(line) for line in ref.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    alarming = [r["prompt"] for r in probe("questions") if r["kind"] == "alarming_words"]
+    return [r["prompt"] for r in probe("instructions")][: n - n // 2] + alarming[: n // 2]
+
+
+def replaced(guard: Guard, prompts: list[str], check_every: int, hold_back: int) -> list[tuple[str, float, str]]:
+    """The ordinary answers output moderation replaced: (prompt, the answer's P(unsafe) as content, answer)."""
+    policy = {**ALL_PASS, "output_moderation": {"enabled": True, "check_every": check_every, "hold_back": hold_back}}
+    out = []
+    for prompt in prompts:
+        result = guard.invoke(prompt, policy=policy)
+        if result.replaced:
+            out.append((prompt, result.output_verdict.p_unsafe, result.output_verdict.view or ""))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hold-backs", type=int, nargs="+", default=[0, 4, 8, 16, 32])
     parser.add_argument("--check-every", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--ordinary", type=int, default=60, help="ordinary probe prompts answered with moderation on")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -95,14 +122,23 @@ def main() -> None:
         firsts, totals = zip(*samples[name])
         timing.append({"setting": name, "ttft_ms_median": round(statistics.median(firsts), 1),
                        "total_ms_median": round(statistics.median(totals), 1)})
+    ordinary = ordinary_prompts(args.ordinary)
+    hit = replaced(guard, ordinary, args.check_every, 16) if ordinary else []
     if args.json:
         print(json.dumps({"leak": rows, "timing": timing, "check_every": args.check_every,
-                          "max_new_tokens": args.max_new_tokens}, indent=2))
+                          "max_new_tokens": args.max_new_tokens,
+                          "ordinary": {"answers": len(ordinary), "replaced": len(hit),
+                                       "replaced_prompts": [p for p, _, _ in hit]}}, indent=2))
         return
     print(f"time to first token, benign prompts ({args.max_new_tokens} new tokens, median of "
           f"{args.repeats * len(BENIGN)}):")
     for t in timing:
         print(f"  {t['setting']:>15}: first token {t['ttft_ms_median']:>7.1f} ms, whole answer {t['total_ms_median']:>7.1f} ms")
+    if ordinary:
+        print(f"ordinary answers replaced by output moderation (hold_back=16, {args.max_new_tokens} new tokens): "
+              f"{len(hit)} of {len(ordinary)}")
+        for prompt, p, view in hit:
+            print(f"  {p:.2f} ({view}): {prompt}")
 
 
 if __name__ == "__main__":
