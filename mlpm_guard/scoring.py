@@ -128,15 +128,14 @@ def refusal_line(prototypes: Any, item: Any, *, content: bool = False) -> float:
     Raises:
         ConfigError: a line is outside [controversial line, refusal line].
     """
-    lines = [float(prototypes.threshold_)]
-    for name in ("other_language_threshold", "content_threshold"):
-        line = getattr(prototypes, name, None)
+    content_line = getattr(prototypes, "content_threshold", None)
+    other = getattr(prototypes, "other_language_threshold", None)
+    for name, line in (("content_threshold", content_line), ("other_language_threshold", other)):
         if line is not None:  # set_params on fitted prototypes skips the fit-time check
             check_line(name, line, prototypes.controversial_threshold_, prototypes.threshold_)
-    line = getattr(prototypes, "content_threshold", None)
-    if content and line is not None:
-        lines.append(float(line))
-    other = getattr(prototypes, "other_language_threshold", None)
+    lines = [float(prototypes.threshold_)]
+    if content and content_line is not None:
+        lines.append(float(content_line))
     if other is not None:
         if content:
             text = item if isinstance(item, str) else ""
