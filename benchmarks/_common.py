@@ -13,9 +13,17 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from importlib import resources
 from typing import Any
 
 import torch
+
+
+def probe(name: str) -> list[dict[str, Any]]:
+    """Rows of one of the project's probe sets (``mlpm_guard/resources/probes/<name>.jsonl``; never fitted)."""
+    ref = resources.files("mlpm_guard") / "resources" / "probes" / f"{name}.jsonl"
+    return [json.loads(line) for line in ref.read_text(encoding="utf-8").splitlines() if line.strip()]
+
 
 # Real-size Llama architectures (from their published configs), and a tiny one for smoke runs.
 ARCHS: dict[str, dict[str, Any]] = {

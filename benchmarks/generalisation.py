@@ -52,6 +52,10 @@ from mlpm_guard.toolkit.training import (
     release_examples,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import probe
+
 LANGS = ("fr", "de", "es", "it", "pt", "pl", "nl", "ru", "zh", "tr")
 PADDINGS: dict[str, Callable[[str], Any]] = {
     "1 benign exchange": lambda p: [*_EXCHANGE, {"role": "user", "content": p}],
@@ -92,11 +96,6 @@ def _sample(rows: Sequence[Any], n: int, key: str) -> list[Any]:
 def _per_label(rows: Sequence[Example], n: int, key: str) -> list[Example]:
     """Up to ``n`` rows of each label (a seeded sample)."""
     return [e for label in (0, 1) for e in _sample([e for e in rows if e.label == label], n, f"{key}:{label}")]
-
-
-def _probe(name: str) -> list[dict[str, Any]]:
-    ref = resources.files("mlpm_guard") / "resources" / "probes" / f"{name}.jsonl"
-    return [json.loads(line) for line in ref.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _first_user_turn(messages: Sequence[dict[str, str]]) -> str:
@@ -152,12 +151,12 @@ def families(data_dir: Path, n: int) -> list[Family]:
                           lambda e: e.source == "advbench", "advbench"))
     probes = "project probes (never fitted)"
     for kind in ("factual", "alarming_words"):
-        rows = [r for r in _probe("questions") if r["kind"] == kind]
+        rows = [r for r in probe("questions") if r["kind"] == kind]
         out.append(Family(f"{kind.replace('_', ' ')} questions ({probes})", "questions",
                           [Item(r["prompt"], 0) for r in rows], None, "release"))
-    out.append(Family(f"instructions ({probes})", "benign", [Item(r["prompt"], 0) for r in _probe("instructions")],
+    out.append(Family(f"instructions ({probes})", "benign", [Item(r["prompt"], 0) for r in probe("instructions")],
                       None, "release"))
-    follow = _probe("followups")
+    follow = probe("followups")
     harmful_follow = [r for r in follow if r["label"] == "unsafe"]
     out.append(Family("benign follow-ups in context", "followups_safe",
                       [Item(r["messages"], 0) for r in follow if r["label"] == "safe"], None, "release"))
@@ -173,16 +172,16 @@ def families(data_dir: Path, n: int) -> list[Family]:
     changed = [[{"role": "user", "content": _first_user_turn(r["messages"])},
                 {"role": "assistant", "content": "I can't help with that."},
                 {"role": "user", "content": ask["prompt"]}]
-               for r, ask in zip(harmful_follow, _probe("instructions"))]
+               for r, ask in zip(harmful_follow, probe("instructions"))]
     out.append(Family("a declined harmful goal, then an ordinary request", "topic_change",
                       [Item(m, 0) for m in changed], None, "release"))
     out.append(Family("retrieved passages (as content)", "passages",
-                      [Item(r["text"], int(r["label"] == "unsafe"), True) for r in _probe("passages")], None, "release"))
+                      [Item(r["text"], int(r["label"] == "unsafe"), True) for r in probe("passages")], None, "release"))
     out.append(Family("long documents (as content)", "passages",
-                      [Item(r["text"], int(r["label"] == "unsafe"), True) for r in _probe("long_documents")],
+                      [Item(r["text"], int(r["label"] == "unsafe"), True) for r in probe("long_documents")],
                       None, "release"))
     seed_langs = _seed_langs()
-    multilingual = _probe("multilingual")
+    multilingual = probe("multilingual")
     for lang in LANGS:
         held = seed_langs.get(lang, set())
         out.append(Family(f"language held out: {lang}", "languages",

@@ -12,6 +12,7 @@ fitted: half ordinary instructions, half ordinary questions with alarming words 
 kill the weeds ...") with every route answering and moderation on.
 
     python benchmarks/holdback.py [--hold-backs 0 4 8 16 32] [--max-new-tokens 48] [--repeats 2] [--ordinary 60]
+                                  [--content-threshold shipped|none|P]
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
-from importlib import resources
+from pathlib import Path
 
 from mlpm_guard import GenerationConfig, Guard, Route
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import probe
 
 ALL_PASS = {"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass", "allow_pass_for_unsafe": True}
 OPENING = "Sure, I can help with that. Here is a short overview of what you need to know first. "
@@ -65,16 +71,12 @@ def ttft(guard: Guard, prompt: str, policy: dict) -> tuple[float, float]:
 def ordinary_prompts(n: int) -> list[str]:
     """``n`` of the project's probe prompts: half its ordinary instructions, half its ordinary questions
     that use alarming words."""
-    def probe(name: str) -> list[dict]:
-        ref = resources.files("mlpm_guard") / "resources" / "probes" / f"{name}.jsonl"
-        return [json.loads(line) for line in ref.read_text(encoding="utf-8").splitlines() if line.strip()]
-
     alarming = [r["prompt"] for r in probe("questions") if r["kind"] == "alarming_words"]
     return [r["prompt"] for r in probe("instructions")][: n - n // 2] + alarming[: n // 2]
 
 
 def replaced(guard: Guard, prompts: list[str], check_every: int, hold_back: int) -> list[tuple[str, float, str]]:
-    """The ordinary answers output moderation replaced: (prompt, the answer's P(unsafe) as content, answer)."""
+    """The ordinary answers output moderation replaced: (prompt, the answer's P(unsafe) as content, its view)."""
     policy = {**ALL_PASS, "output_moderation": {"enabled": True, "check_every": check_every, "hold_back": hold_back}}
     out = []
     for prompt in prompts:
@@ -91,14 +93,20 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--ordinary", type=int, default=60, help="ordinary probe prompts answered with moderation on")
+    parser.add_argument("--content-threshold", default="shipped",
+                        help="the prototypes' line for content: 'shipped', 'none' (their threshold) or a number")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
     guard = Guard(generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
+    if args.content_threshold != "shipped":
+        line = None if args.content_threshold == "none" else float(args.content_threshold)
+        guard.prototypes.set_params(content_threshold=line)
     rows = []
     if not args.json:
         print(f"leak of a flagged continuation (chars of it reaching the consumer; {len(HARMFUL)} scripted answers "
-              f"x 4 start offsets, check_every={args.check_every}):", flush=True)
+              f"x 4 start offsets, check_every={args.check_every}, content_threshold="
+              f"{guard.prototypes.content_threshold}):", flush=True)
     for hb in args.hold_backs:
         # The harmful part starts 1, 4, 7 and 10 tokens before a check, so checks read it half-written.
         leaks = [leak(guard, h, hb, args.check_every, args.check_every - k) for h in HARMFUL for k in (1, 4, 7, 10)]
@@ -126,7 +134,7 @@ def main() -> None:
     hit = replaced(guard, ordinary, args.check_every, 16) if ordinary else []
     if args.json:
         print(json.dumps({"leak": rows, "timing": timing, "check_every": args.check_every,
-                          "max_new_tokens": args.max_new_tokens,
+                          "max_new_tokens": args.max_new_tokens, "content_threshold": guard.prototypes.content_threshold,
                           "ordinary": {"answers": len(ordinary), "replaced": len(hit),
                                        "replaced_prompts": [p for p, _, _ in hit]}}, indent=2))
         return
