@@ -500,6 +500,13 @@ def check_line(name: str, line: float | None, controversial: float, threshold: f
         raise ConfigError(msg)
 
 
+def _same_weights(recorded: Any, current: Any) -> bool:
+    """Whether two weights probes agree, up to bf16 rounding; a probe of another length never does
+    (an edited file can record any list)."""
+    a, b = np.asarray(recorded, dtype=float), np.asarray(current, dtype=float)
+    return a.shape == b.shape and bool(np.allclose(a, b, rtol=2e-2, atol=2e-3))
+
+
 def check_backbone(recorded: dict[str, Any] | None, backbone: Any) -> None:
     """Raise :class:`BackboneMismatchError` if ``backbone`` is not the recorded one."""
     if recorded is None:
@@ -513,7 +520,7 @@ def check_backbone(recorded: dict[str, Any] | None, backbone: Any) -> None:
                 for key in ("num_layers", "hidden_size", "vocab_size", "chat_template_hash")
                 if recorded.get(key) != current[key]]
     probe_a, probe_b = recorded.get("weights_probe"), current["weights_probe"]
-    if not problems and probe_a is not None and not np.allclose(probe_a, probe_b, rtol=2e-2, atol=2e-3):
+    if not problems and probe_a is not None and not _same_weights(probe_a, probe_b):
         problems.append("weights differ (same shape, different model or fine-tune)")
     if problems:
         msg = (f"these prototypes were fitted on backbone {recorded.get('name')!r} (model {recorded.get('model')!r}) "

@@ -14,6 +14,7 @@ from mlpm_guard.errors import (
     PrototypeFileError,
 )
 from mlpm_guard.prototype_file import metadata_digest
+from mlpm_guard.prototypes import check_backbone
 
 
 def make_states(n=300, layers=4, d=12, seed=0):
@@ -307,3 +308,11 @@ def test_backbone_mismatch_is_refused(tmp_path):
                             ({"weights_probe": [0.5, 0.5, 0.5]}, "weights differ")]:
         with pytest.raises(BackboneMismatchError, match=message):
             Prototypes.load(tmp_path / "p", backbone=_FakeBackbone(**change))
+
+
+def test_a_recorded_weights_probe_of_another_length_is_a_mismatch_not_a_crash():
+    # An edited prototypes file can record any list; the fuzz test found [] crashing numpy's allclose.
+    ident = _FakeBackbone().identity()
+    for probe in ([], [0.1, -0.2, 0.3, 0.4]):
+        with pytest.raises(BackboneMismatchError, match="weights differ"):
+            check_backbone({**ident, "weights_probe": probe}, _FakeBackbone())
