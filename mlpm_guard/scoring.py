@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from .messages import clean_text, to_messages
 from .prototypes import check_line
 from .types import Verdict
 from .verdicts import make_verdict, tier_of
-from .views import SENTENCE_VIEW, View, content_views, request_views
+from .views import View, content_views, form_of, part_of, request_views
 
 MessagesKey = tuple[tuple[str, str], ...]
 
@@ -67,31 +68,28 @@ def views_of(backbone: Any, item: Any, *, content: bool = False, row: Encoded | 
 def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, controversial: float) -> tuple[int, float]:
     """Which reading of a request decides, and the P(unsafe) it counts with.
 
-    The strictest reading wins, with two exceptions, both for sentences read alone, out of their
-    message, when a whole reading (the message, the conversation, the latest turn) disagrees:
+    The strictest reading wins, with two exceptions, both for readings of a part of the request
+    read alone, out of its message, when a whole reading (the message, the conversation, the
+    latest turn, the user's turns) disagrees:
 
-    - The last sentence of a message is usually its request; an earlier sentence is its context (a
-      problem statement, background, a pasted log) and is weak evidence. Unless a whole reading is
-      already at least controversial, such a sentence's log-odds are lowered so that it reaches
-      ``threshold`` only at ``(1 + threshold) / 2`` (0.9 for the shipped 0.8). Held out of the fit,
-      benign security questions were refused 11% of the time (mostly by one such sentence) and 5%
-      with this rule, with no change for harmful requests behind a friendly or unrelated opening.
+    - The last sentence of the latest user turn is usually its request; everything else read
+      alone (an earlier sentence, a window of sentences, a sentence or window of another turn) is
+      its context (a problem statement, background, a pasted log, an earlier answer) and is weak
+      evidence. Unless a whole reading is already at least controversial, such a reading's
+      log-odds are lowered so that it reaches ``threshold`` only at ``(1 + threshold) / 2`` (0.9
+      for the shipped 0.8). A reading that is unsafe on its own is never lowered below the
+      controversial line by this, so it never reaches ``PASS``.
     - When every whole reading is confidently safe (below :data:`WHOLE_SAFE`, and below
       ``controversial`` like every discount here: a policy whose controversial line lies under
       :data:`WHOLE_SAFE` moves this gate down with it), the last sentence is discounted the same
       way, but only down to the safety prompt: it refuses only when confidently unsafe on its own (a
       harmful request behind an unrelated question still is), and below that it takes the
       safety-prompt route if it would alone, never ``PASS``. A maths problem's last question read
-      alone ("How much will Bill spend for health insurance in a year?": 0.83, the whole problem
-      0.10 under one held-out fit) refused gsm8k prompts. Held out of the fit, flagged gsm8k prompts
-      fell from 8.8% to 5.0% with no change in what is refused among harmful requests, padded ones
-      included. Without the floor, a padded AdvBench request behind an unrelated question (about
-      0.36 alone) passed; capping such a sentence just under the line instead gave gsm8k 3.8%, but
-      let the 40-prompt test prototypes' bomb request behind "What is the capital of France?"
-      through to the safety prompt.
+      alone can look like a request of its own where the whole problem plainly is not.
 
-    With no whole reading (a turn too long to read whole) the sentences are all the evidence there
-    is and count in full. Figures: ``benchmarks/generalisation.py``.
+    With no whole reading (a turn too long to read whole) the parts are all the evidence there is
+    and count in full. Each canonical form of the request (:mod:`.canonical`) has its own last
+    sentence; a whole reading of any form counts as whole.
 
     Args:
         readings: ``(view name, P(unsafe))`` of each reading (names as :mod:`.views` gives them).
@@ -99,22 +97,27 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
     Returns:
         the index of the deciding reading and its P(unsafe) as counted.
     """
-    whole = [p for name, p in readings if not name.startswith(SENTENCE_VIEW)]
-    numbers = [_sentence_number(name) for name, _ in readings]
-    last = max(numbers)
-    top = max(whole, default=1.0)  # no whole reading: the sentences count in full
+    parts = [part_of(name) for name, _ in readings]
+    forms = [form_of(name) for name, _ in readings]
+    whole = [p for (_, p), (part, _) in zip(readings, parts) if part == "whole"]
+    last: dict[str, int] = {}
+    for form, (part, k) in zip(forms, parts):
+        if part == "sentence":
+            last[form] = max(last.get(form, 0), k)
+    top = max(whole, default=1.0)  # no whole reading: the parts count in full
     discount = _logit((1.0 + threshold) / 2) - _logit(threshold) if top < controversial else 0.0
-    # Up to which sentence the discount applies: those before the last, or every one.
-    upto = last if top < WHOLE_SAFE else last - 1
 
-    def counted_as(p: float, k: int) -> float:
-        if not (discount and 0 < k <= upto):
+    def counted_as(p: float, part: str, k: int, form: str) -> float:
+        if not discount or part == "whole":
             return p
         lowered = _sigmoid(_logit(p) - discount)
-        # The request itself is softened, never passed: below the refusal line it keeps its own tier.
-        return max(lowered, min(p, controversial)) if k == last else lowered
+        if part == "context" or k < last[form]:
+            return max(lowered, controversial) if p >= threshold else lowered
+        # The request itself is softened only when the whole is confidently safe, and never passed:
+        # below the refusal line it keeps its own tier.
+        return max(lowered, min(p, controversial)) if top < WHOLE_SAFE else p
 
-    counted = [counted_as(p, k) for (_, p), k in zip(readings, numbers)]
+    counted = [counted_as(p, part, k, form) for (_, p), (part, k), form in zip(readings, parts, forms)]
     best = max(range(len(readings)), key=counted.__getitem__)
     return best, counted[best]
 
@@ -147,12 +150,6 @@ def refusal_line(prototypes: Any, item: Any, *, content: bool = False) -> float:
     return min(lines)
 
 
-def _sentence_number(name: str) -> int:
-    """N of a "sentence N" reading, 0 for any other reading."""
-    head, _, number = name.partition(" ")
-    return int(number) if head == SENTENCE_VIEW and number.isdigit() else 0
-
-
 def _logit(p: float) -> float:
     p = min(max(p, 1e-12), 1.0 - 1e-12)
     return math.log(p / (1.0 - p))
@@ -160,6 +157,69 @@ def _logit(p: float) -> float:
 
 def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-z))
+
+
+@dataclass
+class Plan:
+    """What judging some items takes: the readings to run through the backbone, and which of them
+    (or of the items' own prefill) each item's views are.
+
+    Attributes:
+        entries: per item, ``(view name, index, reused)``: ``reused`` views index the items'
+            prefilled states, the others :attr:`readings`.
+        readings: the message lists to read, each a short forward pass.
+    """
+
+    items: list[Any]
+    content: bool
+    entries: list[list[tuple[str, int, bool]]]
+    readings: list[list[dict[str, str]]]
+
+
+def plan(backbone: Any, items: Sequence[Any], *, content: bool = False, rows: Sequence[Encoded] | None = None,
+         prefilled: bool = False) -> Plan:
+    """The readings that judge ``items`` (see :func:`judge`); with ``prefilled``, a view equal to the
+    whole of a request is taken from its prefill instead of being read again."""
+    entries: list[list[tuple[str, int, bool]]] = []
+    readings: list[list[dict[str, str]]] = []
+    for i, item in enumerate(items):
+        whole = None if content else to_messages(item)
+        row: list[tuple[str, int, bool]] = []
+        for view in views_of(backbone, item, content=content, row=rows[i] if rows is not None else None):
+            if prefilled and view.as_messages() == whole:
+                row.append((view.name, i, True))
+            else:
+                row.append((view.name, len(readings), False))
+                readings.append(view.as_messages())
+        entries.append(row)
+    return Plan(list(items), content, entries, readings)
+
+
+def read(backbone: Any, prototypes: Any, readings: Sequence[list[dict[str, str]]]) -> list[Verdict]:
+    """The prototypes' verdict of each reading, in length-sorted batches."""
+    if not readings:
+        return []
+    rows = backbone.encode(list(readings))
+    states = backbone.layer_states(rows, prototypes.layer_ids_, poolings=prototypes.poolings_)
+    return prototypes.verdicts(states, n_truncated=[r.n_truncated for r in rows])
+
+
+def decide(prototypes: Any, plan: Plan, scored: Sequence[Verdict], pre: Sequence[Verdict] = ()) -> list[Verdict]:
+    """Each item's verdict: the strictest of its views' (:func:`strictest`), at its refusal line."""
+    out = []
+    for item, entries in zip(plan.items, plan.entries):
+        candidates = [((pre if reused else scored)[k], name) for name, k, reused in entries]
+        line = refusal_line(prototypes, item, content=plan.content)
+        best, p = strictest([(name, v.p_unsafe) for v, name in candidates], threshold=line,
+                            controversial=prototypes.controversial_threshold_)
+        verdict, name = candidates[best]
+        # A failed reading keeps its fail-closed verdict.
+        if (p != verdict.p_unsafe or line != verdict.threshold) and verdict.error is None:
+            tier = tier_of(p, line, prototypes.controversial_threshold_)
+            verdict = make_verdict(p, tier, threshold=line, category=verdict.category,
+                                   layer_scores=verdict.layer_scores, n_truncated_tokens=verdict.n_truncated_tokens)
+        out.append(dataclasses.replace(verdict, view=name))
+    return out
 
 
 def judge(backbone: Any, prototypes: Any, items: Sequence[Any], *, content: bool = False,
@@ -173,37 +233,8 @@ def judge(backbone: Any, prototypes: Any, items: Sequence[Any], *, content: bool
         prefilled: states already captured for the whole of each request (the prefill that ``PASS``
             continues from); a view equal to the whole request reuses them instead of a forward pass.
     """
-    plan: list[list[tuple[str, int, bool]]] = []
-    extra: list[list[dict[str, str]]] = []
-    for i, item in enumerate(items):
-        whole = None if content else to_messages(item)
-        entries = []
-        for view in views_of(backbone, item, content=content, row=rows[i] if rows is not None else None):
-            if prefilled is not None and view.as_messages() == whole:
-                entries.append((view.name, i, True))
-            else:
-                entries.append((view.name, len(extra), False))
-                extra.append(view.as_messages())
-        plan.append(entries)
-    scored: list[Verdict] = []
-    if extra:
-        extra_rows = backbone.encode(extra)
-        states = backbone.layer_states(extra_rows, prototypes.layer_ids_, poolings=prototypes.poolings_)
-        scored = prototypes.verdicts(states, n_truncated=[r.n_truncated for r in extra_rows])
+    work = plan(backbone, items, content=content, rows=rows, prefilled=prefilled is not None)
     pre: list[Verdict] = []
     if prefilled is not None:
         pre = prototypes.verdicts(prefilled, n_truncated=[r.n_truncated for r in rows] if rows else None)
-    out = []
-    for item, entries in zip(items, plan):
-        candidates = [((pre if reused else scored)[k], name) for name, k, reused in entries]
-        line = refusal_line(prototypes, item, content=content)
-        best, p = strictest([(name, v.p_unsafe) for v, name in candidates], threshold=line,
-                            controversial=prototypes.controversial_threshold_)
-        verdict, name = candidates[best]
-        # A failed reading keeps its fail-closed verdict.
-        if (p != verdict.p_unsafe or line != verdict.threshold) and verdict.error is None:
-            tier = tier_of(p, line, prototypes.controversial_threshold_)
-            verdict = make_verdict(p, tier, threshold=line, category=verdict.category,
-                                   layer_scores=verdict.layer_scores, n_truncated_tokens=verdict.n_truncated_tokens)
-        out.append(dataclasses.replace(verdict, view=name))
-    return out
+    return decide(prototypes, work, read(backbone, prototypes, work.readings), pre)
