@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ._io import atomic_write_text
+from .canonical import has_visible_text
 from .categories import hazard_code
 from .errors import ConfigError
 from .types import Route, Tier, Verdict
@@ -106,7 +107,8 @@ class Policy(BaseModel):
     @field_validator("refusal_message")
     @classmethod
     def _visible_refusal(cls, value: str) -> str:
-        if not value.strip():  # a blank refusal reads as an empty answer, in a stream most of all
+        # A blank or invisible refusal (U+200B, U+3164) reads as an empty answer, in a stream most of all.
+        if not has_visible_text(value):
             raise ValueError("`refusal_message` must contain visible text")
         return value
 
@@ -153,9 +155,18 @@ class Policy(BaseModel):
         """The route for a verdict: by tier, then by category for non-safe verdicts.
 
         A verdict that failed closed (unsafe, with an ``error``) is refused whatever the routes say.
+        A verdict the prototypes judged unsafe at their own line never takes ``PASS`` through this
+        policy's lines (an ``unsafe_at`` above their reach with ``controversial_route: pass``, say)
+        unless the policy says ``allow_pass_for_unsafe``: it takes the safety prompt instead.
         """
         if verdict.error is not None and verdict.unsafe:
             return Route.REFUSE
+        route = self._route(verdict)
+        if route is Route.PASS and verdict.unsafe and not self.allow_pass_for_unsafe:
+            return Route.SAFETY_PROMPT
+        return route
+
+    def _route(self, verdict: Verdict) -> Route:
         tier = self.tier(verdict)
         if tier is Tier.SAFE:
             return self.safe_route
@@ -196,12 +207,21 @@ class Policy(BaseModel):
             max_controversial_rate: largest share that may reach the controversial tier
                 (default: twice ``max_flag_rate``, capped at 1).
         """
-        scores = np.sort(np.asarray(benign_scores, dtype=np.float64))
+        try:
+            scores = np.sort(np.asarray(benign_scores, dtype=np.float64).ravel())
+        except (TypeError, ValueError):
+            raise ConfigError("`benign_scores` must be numbers (P(unsafe) of benign prompts)") from None
         if scores.size == 0:
             raise ConfigError("calibration needs at least one benign score")
-        if not 0 <= max_flag_rate < 1:
+        bad = scores[~np.isfinite(scores) | (scores < 0) | (scores > 1)]
+        if bad.size:
+            raise ConfigError(f"`benign_scores` must be probabilities in [0, 1]; got {bad.size} other value(s), "
+                              f"e.g. {bad[0]!r}")
+        if not 0 <= max_flag_rate < 1:  # NaN fails this too
             raise ConfigError(f"`max_flag_rate` must be in [0, 1), got {max_flag_rate}")
         rate_c = min(1.0, 2 * max_flag_rate) if max_controversial_rate is None else max_controversial_rate
+        if not 0 <= rate_c <= 1:
+            raise ConfigError(f"`max_controversial_rate` must be in [0, 1], got {max_controversial_rate}")
 
         def threshold(rate: float) -> float:
             # Smallest threshold above all but floor(rate * n) scores.
@@ -211,7 +231,12 @@ class Policy(BaseModel):
 
         unsafe_at = threshold(max_flag_rate)
         controversial_at = min(threshold(rate_c), unsafe_at)
-        return self.model_copy(update={"unsafe_at": unsafe_at, "controversial_at": controversial_at})
+        # Validated, not `model_copy`: a line the policy could not hold (above MAX_UNSAFE_AT) is an error.
+        try:
+            return Policy.model_validate({**self.model_dump(), "unsafe_at": unsafe_at,
+                                          "controversial_at": controversial_at})
+        except ValidationError as exc:
+            raise ConfigError(f"the calibrated lines are not a valid policy:\n{exc}") from None
 
     # ------------------------------------------------------------------ files
     @classmethod

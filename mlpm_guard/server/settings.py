@@ -53,6 +53,14 @@ class ServerSettings(BaseModel):
     request_timeout_s: float = Field(default=120.0, gt=0)
     upstream_timeout_s: float = Field(default=120.0, gt=0)
 
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            # An empty key would look like authentication while checking nothing.
+            raise ValueError("`api_key` is empty; give a real key, or leave it out to serve without one")
+        return value
+
     @field_validator("upstream")
     @classmethod
     def _upstream_url(cls, value: str | None) -> str | None:
