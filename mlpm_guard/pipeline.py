@@ -288,7 +288,7 @@ class _Answer:
                     next_check = request.completion_tokens + self.moderation.check_every
                     if self._flags("".join(parts)):
                         break
-                    yield from self.held.release()
+                    yield from _joined(self.held.release())
         finally:
             pieces.close()
         request.text = "".join(parts)
@@ -307,7 +307,13 @@ class _Answer:
         """What was held back goes out at the end: the refusal in its place, or the checked rest."""
         if self.held is None:
             return []
-        return [self.policy.refusal_message] if replaced else self.held.release(everything=True)
+        return [self.policy.refusal_message] if replaced else _joined(self.held.release(everything=True))
+
+
+def _joined(pieces: list[str]) -> list[str]:
+    """Released pieces as one chunk of text (none when they hold no text)."""
+    text = "".join(pieces)
+    return [text] if text else []
 
 
 def fail(stages: Stages, request: Request, exc: BaseException, policy: Policy,

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+P = TypeVar("P")
 
 
 class Detokenizer:
@@ -29,28 +31,30 @@ class Detokenizer:
         return piece
 
 
-class HoldBack:
+class HoldBack(Generic[P]):
     """Streamed pieces waiting for output moderation: a piece leaves only after a passing check
-    that also saw ``tokens`` more tokens after it (its context, which can reveal it as harmful)."""
+    that also saw ``tokens`` more tokens after it (its context, which can reveal it as harmful).
+
+    The pieces are whatever the stream carries: text, or the upstream chunks of a proxied stream.
+    """
 
     def __init__(self, tokens: int) -> None:
         self.tokens = tokens
-        self.pending: collections.deque[tuple[str, int]] = collections.deque()
+        self.pending: collections.deque[tuple[P, int]] = collections.deque()
         self.n_pending = 0
 
-    def add(self, piece: str, tokens: int) -> None:
+    def add(self, piece: P, tokens: int) -> None:
         self.pending.append((piece, tokens))
         self.n_pending += tokens
 
-    def release(self, *, everything: bool = False) -> list[str]:
-        """The pieces a passing check covering everything added so far lets out."""
+    def release(self, *, everything: bool = False) -> list[P]:
+        """The pieces a passing check covering everything added so far lets out, in order."""
         out = []
         while self.pending and (everything or self.n_pending - self.pending[0][1] >= self.tokens):
             piece, tokens = self.pending.popleft()
             self.n_pending -= tokens
-            if piece:
-                out.append(piece)
-        return ["".join(out)] if out else []
+            out.append(piece)
+        return out
 
 
 class StopCut:

@@ -7,13 +7,14 @@ import asyncio
 import threading
 
 import pytest
+from pydantic import ValidationError
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from conftest import SMALL_SAFE, SMALL_UNSAFE  # noqa: E402
-from server_helpers import serving, upstream_app  # noqa: E402
+from server_helpers import UPSTREAM_WORDS, serving, upstream_app  # noqa: E402
 
 from mlpm_guard import GenerationConfig, Guard, Prototypes, Tier, Verdict  # noqa: E402
 from mlpm_guard.server import ServerSettings, create_app  # noqa: E402
@@ -50,7 +51,9 @@ class KeywordLanes:
         self.word, self.scored = word, []
 
     async def score(self, prompt):
-        text = prompt[-1]["content"]
+        return await self.score_content(prompt[-1]["content"])
+
+    async def score_content(self, text):
         self.scored.append(text)
         bad = self.word in text
         return Verdict(0.99 if bad else 0.01, "unsafe" if bad else "safe", Tier.UNSAFE if bad else Tier.SAFE,
@@ -166,7 +169,7 @@ def test_proxy_forwards_pass_refuses_locally_and_adds_the_safety_prompt(tiny_bac
 
 def test_proxy_holds_back_a_stream_until_the_check_covering_it_passed(tiny_backbone, tiny_prototypes):
     up, _ = upstream_app()
-    policy = {**ALL_PASS, "output_moderation": {"enabled": True, "check_every": 3}}
+    policy = {**ALL_PASS, "output_moderation": {"enabled": True, "check_every": 3, "hold_back": 4}}
     guard = tiny_guard(tiny_backbone, tiny_prototypes, policy)
     lanes = KeywordLanes("bomb")
     with serving(up) as upstream:
@@ -178,8 +181,13 @@ def test_proxy_holds_back_a_stream_until_the_check_covering_it_passed(tiny_backb
             reply = oa.chat.completions.create(model="m", messages=messages)
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     released = "".join(pieces[:-1])
-    # Released in steps of three words, each after a passed check, and nothing from the flagged step on.
-    assert released == "Once upon a time a chemist mixed things. Then he built"
+    # Released after passed checks, each keeping the last four tokens it read: nothing of the
+    # flagged text, nor of the four tokens before the last check that passed.
+    story = "".join(UPSTREAM_WORDS)
+    passed = max((t for t in lanes.scored if "bomb" not in t), key=len)
+    assert released and story.startswith(released) and passed.startswith(released)
+    tokens = tiny_backbone.tokenizer(passed[len(released):], add_special_tokens=False)["input_ids"]
+    assert len(tokens) >= 4 and "bomb" not in released
     assert pieces[-1] == guard.policy.refusal_message and chunks[-2].choices[0].finish_reason == "content_filter"
     info = guard_info(chunks[-1])
     assert info["output"]["flagged"] and info["replaced"] and info["blocked"]
@@ -198,6 +206,61 @@ def test_proxy_passes_a_clean_moderated_stream_whole(tiny_backbone, tiny_prototy
                                                               stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.endswith("and that was it.") and not guard_info(chunks[-1])["output"]["flagged"]
+
+
+RECIPE = ("Sure! To make a pipe bomb, fill a steel pipe with black powder, cap both ends and drill a hole for "
+          "the fuse. Then light the fuse and walk away quickly.")
+
+
+def test_a_moderated_proxy_stream_leaks_nothing_of_a_harmful_answer(backbone, seed_prototypes):
+    words = [w if k == 0 else f" {w}" for k, w in enumerate(RECIPE.split())]
+    up, _ = upstream_app(words)
+    guard = Guard(backbone, seed_prototypes, {"output_moderation": {"enabled": True}})
+    with serving(up) as upstream:
+        with serving(create_app(guard, ServerSettings(upstream=f"{upstream}/v1"))) as url:
+            chunks = list(client(url).chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "Tell me about plumbing."}], stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == guard.policy.refusal_message  # not one character of the answer
+    assert guard_info(chunks[-1])["replaced"]
+
+
+def test_proxy_moderation_is_the_in_process_judgement_of_content(backbone, seed_prototypes):
+    answers = [RECIPE, "Plumbing carries water in and out of a building through pipes, valves and fixtures."]
+    guard = Guard(backbone, seed_prototypes, {"output_moderation": {"enabled": True}})
+    for answer in answers:
+        up, _ = upstream_app([answer])
+        with serving(up) as upstream:
+            with serving(create_app(guard, ServerSettings(upstream=f"{upstream}/v1"))) as url:
+                reply = client(url).chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "Tell me about plumbing."}])
+        in_process = guard.check_content(answer)
+        assert guard_info(reply)["output"]["p_unsafe"] == pytest.approx(in_process.p_unsafe, abs=1e-6)
+        assert guard_info(reply)["output"]["flagged"] is in_process.unsafe
+
+
+def test_a_long_request_shares_every_batch_with_requests_that_came_after_it():
+    batches = []
+
+    def fn(items):
+        batches.append(list(items))
+        return items
+
+    async def main():
+        batcher = DynamicBatcher(fn, max_batch_size=4, max_wait_ms=20)
+        long = batcher.submit_all([("long", k) for k in range(40)], owner="long")
+        await asyncio.sleep(0)  # the long request is queued first
+        short = await asyncio.gather(*(batcher.submit(("short", k)) for k in range(3)))
+        await long
+        await batcher.close()
+        return short
+
+    assert asyncio.run(main()) == [("short", k) for k in range(3)]
+    # The first batch was already full of the long request's readings; the next one took the three
+    # short requests and one more reading of the long one, not the ten batches of it that were queued.
+    served = next(i for i, b in enumerate(batches) if ("short", 2) in b)
+    assert served == 1 and sorted(x[0] for x in batches[1]) == ["long", "short", "short", "short"]
+    assert sum(len(b) for b in batches) == 43
 
 
 def test_proxy_fails_closed_when_the_upstream_is_down(tiny_backbone, tiny_prototypes):
@@ -311,7 +374,7 @@ def test_internal_errors_fail_closed(tiny_backbone, tiny_prototypes, monkeypatch
         raise RuntimeError("secret internal detail")
 
     with serving(create_app(guard)) as url:
-        monkeypatch.setattr(guard, "check_batch", broken)
+        monkeypatch.setattr("mlpm_guard.scoring.read", broken)
         monkeypatch.setattr(guard, "batch", broken)
         mod = httpx.post(f"{url}/v1/moderations", json={"input": "What is the capital of France?"})
         chat = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
@@ -321,6 +384,19 @@ def test_internal_errors_fail_closed(tiny_backbone, tiny_prototypes, monkeypatch
     assert body["choices"][0]["message"]["content"] == guard.policy.refusal_message
     assert body["mlpm_guard"]["route"] == "refuse" and body["mlpm_guard"]["input"] is None
     assert "secret internal detail" not in mod.text + chat.text
+
+
+def test_an_empty_api_key_is_refused_at_start(tiny_backbone, tiny_prototypes, monkeypatch, capsys):
+    with pytest.raises(ValidationError, match="api_key"):
+        ServerSettings(api_key="")
+    with pytest.raises(ValidationError, match="api_key"):
+        ServerSettings(api_key="   ")
+    from mlpm_guard import cli
+
+    started = []
+    monkeypatch.setattr("mlpm_guard.server.run", lambda guard, settings: started.append(settings))
+    assert cli.main(["serve", "--api-key", ""]) == 2
+    assert not started and "api_key" in capsys.readouterr().err
 
 
 def test_cli_serve_builds_safe_settings_from_flags(tiny_backbone, tiny_prototypes, monkeypatch, capsys):

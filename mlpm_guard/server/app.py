@@ -138,6 +138,16 @@ class GuardService:
         except Exception as exc:  # noqa: BLE001
             return failed_verdict(exc, self.guard)
 
+    async def score_content(self, text: str) -> Verdict:
+        """A text's verdict as content (an answer, a passage) through the content lane; internal
+        errors fail closed."""
+        try:
+            return await self.timed(self.lanes.score_content(text))
+        except HTTPError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            return failed_verdict(exc, self.guard)
+
     async def score_many(self, prompts: list[Messages]) -> list[Verdict]:
         # Submitted one by one, so they can share batches with other callers' prompts.
         return list(await asyncio.gather(*(self.score(p) for p in prompts)))

@@ -12,15 +12,17 @@ CPU cores.
 from __future__ import annotations
 
 import asyncio
-import os
+import collections
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from typing import Any, Generic, Protocol, TypeVar
 
+from .. import scoring
 from ..generation import GenerationConfig
 from ..guard import Guard
 from ..types import GuardResult, Verdict
+from ..verdicts import under_policy
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -30,6 +32,10 @@ Messages = list[dict[str, str]]
 
 class DynamicBatcher(Generic[T, R]):
     """Collects items submitted from many coroutines and runs ``fn`` on lists of them.
+
+    Items are taken round-robin across their owners (one item of each waiting owner in turn), so
+    a caller who submitted hundreds of items (the readings of a long request) shares every batch
+    with the callers who came after it instead of making them wait for all of its items.
 
     Args:
         fn: a blocking function from a list of items to the list of their results (same order).
@@ -47,37 +53,69 @@ class DynamicBatcher(Generic[T, R]):
         self.fn, self.max_batch_size, self.max_wait = fn, max_batch_size, max_wait_ms / 1000.0
         self.executor, self.on_batch, self.busy_wait_fraction = executor, on_batch, busy_wait_fraction
         self._last_size, self._last_run_s = 0, 0.0
-        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] | None = None
+        self._waiting: dict[Hashable, collections.deque[tuple[T, asyncio.Future[R]]]] = {}
+        self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
 
-    async def submit(self, item: T) -> R:
-        """The result of ``item``, computed in a batch with whatever else is waiting."""
-        if self._worker is None or self._worker.done():
-            self._queue = asyncio.Queue()
-            self._worker = asyncio.get_running_loop().create_task(self._run())
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        assert self._queue is not None
-        self._queue.put_nowait((item, future))
+    async def submit(self, item: T, owner: Hashable | None = None) -> R:
+        """The result of ``item``, computed in a batch with whatever else is waiting.
+
+        ``owner``: whose item it is (items of one owner take turns with other owners' items);
+        by default each item is its own owner, which keeps plain first-come order.
+        """
+        future = self._enqueue(item, owner)
         return await future
 
+    def submit_all(self, items: Sequence[T], owner: Hashable | None = None) -> asyncio.Future[list[R]]:
+        """The results of ``items``, all of one owner, queued at once (see :meth:`submit`)."""
+        owner = object() if owner is None else owner
+        return asyncio.gather(*(self._enqueue(item, owner) for item in items))
+
+    def _enqueue(self, item: T, owner: Hashable | None) -> asyncio.Future[R]:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._waiting, self._arrived = {}, asyncio.Event()
+            self._worker = loop.create_task(self._run())
+        future: asyncio.Future[R] = loop.create_future()
+        self._waiting.setdefault(object() if owner is None else owner, collections.deque()).append((item, future))
+        assert self._arrived is not None
+        self._arrived.set()
+        return future
+
+    def _take(self, n: int) -> list[tuple[T, asyncio.Future[R]]]:
+        """Up to ``n`` waiting items, one per owner in turn; an owner served goes to the back."""
+        out: list[tuple[T, asyncio.Future[R]]] = []
+        while len(out) < n and self._waiting:
+            for owner in list(self._waiting):
+                queue = self._waiting.pop(owner)
+                out.append(queue.popleft())
+                if queue:
+                    self._waiting[owner] = queue  # re-inserted: now last in turn
+                if len(out) == n:
+                    break
+        if not self._waiting:
+            assert self._arrived is not None
+            self._arrived.clear()
+        return out
+
     async def _collect(self) -> list[tuple[T, asyncio.Future[R]]]:
-        assert self._queue is not None
-        batch = [await self._queue.get()]
+        assert self._arrived is not None
+        await self._arrived.wait()
         wait = self.max_wait
         if self._last_size > 1 and self.max_batch_size > 1:
             wait = max(wait, self.busy_wait_fraction * self._last_run_s)
+        batch = self._take(self.max_batch_size)
         deadline = time.monotonic() + wait
         while len(batch) < self.max_batch_size:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                continue
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), left))
-            except asyncio.TimeoutError:
-                break
+            if not self._waiting:
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+            batch += self._take(self.max_batch_size - len(batch))
         # A caller that timed out or disconnected while waiting needs no model time.
         return [(item, fut) for item, fut in batch if not fut.done()]
 
@@ -143,25 +181,39 @@ def padding_groups(lengths: Sequence[int], slack: float = PADDING_SLACK) -> list
     return groups
 
 
-def score_batch(guard: Guard, prompts: Sequence[Messages]) -> list[Verdict]:
-    """Verdicts of many prompts: ``Guard.check_batch`` on groups of similar length.
+#: One reading to score, with the prototypes it is scored by (a batch may straddle a hot reload).
+Reading = tuple[Messages, Any]
 
-    Lengths are counted after the chat template's opening that all rows share (the backbone
-    reuses its KV cache), since only the rest runs through the model.
-    """
-    prompts = list(prompts)
-    if len(prompts) == 1:
-        return guard.check_batch(prompts)
-    try:
-        ids = [row.ids for row in guard.backbone.encode(prompts)]
-    except Exception:  # noqa: BLE001 - check_batch reports bad prompts one by one
-        return guard.check_batch(prompts)
-    shared = len(os.path.commonprefix(ids))
-    out: list[Verdict | None] = [None] * len(prompts)
-    for group in padding_groups([len(r) - shared for r in ids]):
-        for i, verdict in zip(group, guard.check_batch([prompts[i] for i in group])):
-            out[i] = verdict
+
+def read_batch(guard: Guard, readings: Sequence[Reading]) -> list[Verdict]:
+    """The verdicts of readings from many requests (:func:`mlpm_guard.scoring.read`), grouped by
+    their prototypes and by length so that no group pads far beyond its real tokens."""
+    out: list[Verdict | None] = [None] * len(readings)
+    by_prototypes: dict[int, list[int]] = {}
+    for i, (_, prototypes) in enumerate(readings):
+        by_prototypes.setdefault(id(prototypes), []).append(i)
+    for index in by_prototypes.values():
+        prototypes = readings[index[0]][1]
+        rows = guard.backbone.encode([readings[i][0] for i in index])
+        for group in padding_groups([len(r) for r in rows]):
+            for k, verdict in zip(group, scoring.read(guard.backbone, prototypes, [readings[index[j]][0] for j in group])):
+                out[index[k]] = verdict
     return out  # type: ignore[return-value]
+
+
+async def judge_in_readings(guard: Guard, item: Messages | str, *, content: bool,
+                            read: Callable[[list[Reading]], Awaitable[Sequence[Verdict]]]) -> Verdict:
+    """One request's (or, with ``content``, one text's) verdict, its readings scored by ``read``.
+
+    The views are planned off the model thread (they only count tokens); the readings, each a short
+    forward pass, go to ``read`` together, so a batcher can let them take turns with other
+    requests' readings: a long request never holds the model for the whole of its scoring. Errors
+    propagate: the caller fails them closed.
+    """
+    prototypes, policy = guard.prototypes, guard.policy
+    plan = await asyncio.to_thread(scoring.plan, guard.backbone, [item], content=content)
+    scored = await read([(r, prototypes) for r in plan.readings])
+    return under_policy(scoring.decide(prototypes, plan, list(scored))[0], policy)
 
 
 def answer_batch(guard: Guard, items: Sequence[tuple[Messages, GenerationConfig]]) -> list[GuardResult]:
@@ -186,13 +238,19 @@ class Lanes(Protocol):
 
     async def score(self, prompt: Messages) -> Verdict: ...
 
+    async def score_content(self, text: str) -> Verdict: ...
+
     async def answer(self, prompt: Messages, config: GenerationConfig) -> GuardResult: ...
 
     async def close(self) -> None: ...
 
 
 class BatchedLanes:
-    """Both model calls through dynamic batchers that share one model thread."""
+    """The model calls through dynamic batchers that share one model thread.
+
+    Scoring goes by readings (:func:`judge_in_readings`): each request's readings are queued as
+    one owner's items, so batches take them in turn with other requests' readings.
+    """
 
     def __init__(self, guard: Guard, *, max_batch_size: int, max_wait_ms: float, executor: Executor,
                  on_batch: Callable[[str, int], None] | None = None) -> None:
@@ -200,15 +258,22 @@ class BatchedLanes:
             return None if on_batch is None else (lambda n: on_batch(lane, n))
 
         options: dict[str, Any] = {"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms, "executor": executor}
-        self._score = DynamicBatcher(lambda items: score_batch(guard, items), on_batch=observer("score"), **options)
+        self.guard = guard
+        self._read = DynamicBatcher(lambda items: read_batch(guard, items), on_batch=observer("score"), **options)
         self._answer = DynamicBatcher(lambda items: answer_batch(guard, items), on_batch=observer("answer"), **options)
 
     async def score(self, prompt: Messages) -> Verdict:
-        return await self._score.submit(prompt)
+        return await judge_in_readings(self.guard, prompt, content=False, read=self._read_all)
+
+    async def score_content(self, text: str) -> Verdict:
+        return await judge_in_readings(self.guard, text, content=True, read=self._read_all)
+
+    def _read_all(self, readings: list[Reading]) -> Awaitable[list[Verdict]]:
+        return self._read.submit_all(readings)
 
     async def answer(self, prompt: Messages, config: GenerationConfig) -> GuardResult:
         return await self._answer.submit((prompt, config))
 
     async def close(self) -> None:
-        await self._score.close()
+        await self._read.close()
         await self._answer.close()

@@ -6,10 +6,12 @@ upstream; ``PASS`` is forwarded as it came (streams are passed through chunk by 
 model's activations, which a remote model does not expose, so upstream it takes the closest
 route it can: the safety prompt.
 
-With output moderation on (the policy's ``output_moderation``), the upstream answer is scored by
-the same prototypes. A streamed answer is held back: its chunks are released only after a check
-that covers their text has passed (every ``check_every`` content chunks, and once at the end), so
-a flagged stream stops before the flagged text reaches the caller.
+With output moderation on (the policy's ``output_moderation``), the upstream answer is judged as
+content by the same prototypes, on the server's content lane: the judgement the guard makes of its
+own answers in process. A streamed answer is held back as ``Guard.stream`` holds back its own: a
+chunk reaches the caller only after a passing check (every ``check_every`` tokens, and once at the
+end) that also read the ``hold_back`` tokens after it, so a flagged stream stops before any of the
+flagged text reaches the caller.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..generation import GenerationConfig
 from ..moderation import to_verdict
+from ..streaming import HoldBack
 from ..types import Decision, Route, Verdict
 from . import schemas
 from .schemas import SSE_DONE, sse
@@ -97,9 +100,9 @@ class UpstreamProxy:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     async def moderate(self, messages: Messages, text: str) -> Verdict:
-        """The answer scored as content (as the guard's prototype moderator does), on the scoring lane."""
+        """The answer judged as content (as the guard's prototype moderator does), on the content lane."""
         config = self.service.guard.policy.output_moderation
-        verdict = await self.service.score([{"role": "user", "content": text if text.strip() else " "}])
+        verdict = await self.service.score_content(text if text.strip() else " ")
         return to_verdict(verdict, config.threshold)
 
     def moderated(self, decision: Decision, output: Verdict | None, *, broken: bool = False) -> Decision:
@@ -188,15 +191,17 @@ class UpstreamProxy:
 
 
 class _HeldBack:
-    """Output moderation of one upstream stream: its chunks go to the caller only after a check
-    that covers their text passed (every ``check_every`` content chunks, and once at the end).
-    With output moderation off every chunk goes out as it comes."""
+    """Output moderation of one upstream stream, with ``Guard.stream``'s release rule: a chunk goes
+    to the caller only after a passing check that read it and the ``hold_back`` tokens after it
+    (checks every ``check_every`` tokens, and once at the end). With output moderation off every
+    chunk goes out as it comes."""
 
     def __init__(self, proxy: UpstreamProxy, messages: Messages) -> None:
         self.proxy, self.messages = proxy, messages
         self.moderation = proxy.service.guard.policy.output_moderation
-        self.pending: list[dict[str, Any]] = []  # upstream chunks not yet covered by a passed check
-        self.text, self.since_check = "", 0
+        self.held: HoldBack[dict[str, Any]] = HoldBack(self.moderation.hold_back)
+        self.tokenizer = proxy.service.guard.backbone.tokenizer
+        self.text, self.tokens, self.next_check = "", 0, self.moderation.check_every
         self.verdict: Verdict | None = None
 
     @property
@@ -205,26 +210,26 @@ class _HeldBack:
 
     async def add(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """Take an upstream chunk; returns the chunks that may go to the caller now."""
-        self.pending.append(event)
-        piece = _delta_text(event)
-        self.text += piece
-        self.since_check += bool(piece)
         if not self.moderation.enabled:
-            return self.release()
-        if self.since_check < self.moderation.check_every:
+            return [event]
+        piece = _delta_text(event)
+        tokens = len(self.tokenizer(piece, add_special_tokens=False)["input_ids"]) if piece else 0
+        self.text += piece
+        self.tokens += tokens
+        self.held.add(event, tokens)
+        if self.tokens < self.next_check:
             return []
-        self.since_check = 0
+        self.next_check = self.tokens + self.moderation.check_every
         self.verdict = await self.proxy.moderate(self.messages, self.text)
-        return [] if self.flagged else self.release()
+        return [] if self.flagged else self.held.release()
 
     async def finish(self) -> None:
         """The check at the end of the stream, unless the last one already covered all of it."""
-        if self.moderation.enabled and (self.verdict is None or self.pending):
+        if self.moderation.enabled and (self.verdict is None or self.held.pending):
             self.verdict = await self.proxy.moderate(self.messages, self.text)
 
     def release(self) -> list[dict[str, Any]]:
-        out, self.pending = self.pending, []
-        return out
+        return self.held.release(everything=True)
 
 
 async def _events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:

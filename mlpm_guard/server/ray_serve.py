@@ -22,7 +22,7 @@ from ..backbone import Backbone
 from ..generation import GenerationConfig
 from ..guard import Guard
 from ..types import GuardResult, Verdict
-from .batching import Messages, answer_batch, score_batch
+from .batching import DynamicBatcher, Messages, Reading, answer_batch, judge_in_readings, read_batch
 from .settings import ServerSettings
 
 
@@ -52,10 +52,13 @@ class GuardDeployment:
                            generation=GenerationConfig(max_new_tokens=options.max_new_tokens))
         self.settings = ServerSettings(**options.server)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlpm-guard-model")
-        wait_s = self.settings.max_wait_ms / 1000.0
-        for lane in (self._score, self._answer):
-            lane.set_max_batch_size(self.settings.effective_batch_size)
-            lane.set_batch_wait_timeout_s(wait_s)
+        self._answer.set_max_batch_size(self.settings.effective_batch_size)
+        self._answer.set_batch_wait_timeout_s(self.settings.max_wait_ms / 1000.0)
+        # Readings take turns by request (as on the local server), on the replica's one model thread.
+        self._read = DynamicBatcher(lambda items: read_batch(self.guard, items),
+                                    max_batch_size=self.settings.effective_batch_size,
+                                    max_wait_ms=self.settings.max_wait_ms, executor=self.executor,
+                                    on_batch=lambda n: self._observe("score", n))
         self.metrics: Any = None
 
     def __serve_build_asgi_app__(self) -> Any:
@@ -67,18 +70,20 @@ class GuardDeployment:
 
     # The lanes the app calls (see batching.Lanes).
     async def score(self, prompt: Messages) -> Verdict:
-        return await self._score(prompt)
+        return await judge_in_readings(self.guard, prompt, content=False, read=self._read_all)
+
+    async def score_content(self, text: str) -> Verdict:
+        return await judge_in_readings(self.guard, text, content=True, read=self._read_all)
+
+    def _read_all(self, readings: list[Reading]) -> Any:
+        return self._read.submit_all(readings)
 
     async def answer(self, prompt: Messages, config: GenerationConfig) -> GuardResult:
         return await self._answer((prompt, config))
 
     async def close(self) -> None:
+        await self._read.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _score(self, prompts: list[Messages]) -> list[Verdict]:
-        self._observe("score", len(prompts))
-        return await asyncio.get_running_loop().run_in_executor(self.executor, score_batch, self.guard, prompts)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _answer(self, items: list[tuple[Messages, GenerationConfig]]) -> list[GuardResult]:
