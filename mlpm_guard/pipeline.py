@@ -37,7 +37,7 @@ from .messages import PromptInput, to_messages
 from .moderation import PrototypeModerator
 from .policy import Policy
 from .scoring import judge
-from .streaming import Detokenizer, HoldBack, StopCut, cut_at_stop
+from .streaming import Detokenizer, OutputWatch, StopCut, cut_at_stop
 from .types import GuardChunk, GuardResult, Route, Timings, Verdict
 from .verdicts import failed_verdict, to_verdict, under_policy
 
@@ -260,54 +260,55 @@ class _Answer:
     """One request's answer on its way to the consumer.
 
     Streamed with output moderation on, the answer so far is checked every ``check_every`` tokens
-    and the stream stops at the first flag; text leaves only after a passing check that also read
-    the ``hold_back`` tokens after it, so a continuation flagged within that window is never sent.
+    and the stream stops at the first flag; text leaves under :class:`~mlpm_guard.streaming.OutputWatch`'s
+    rule (only after a passing check that also read the ``hold_back`` tokens after it), so a
+    continuation flagged within that window is never sent.
     """
 
     def __init__(self, stages: Stages, request: Request, policy: Policy, streaming: bool) -> None:
         self.stages, self.request, self.policy, self.streaming = stages, request, policy, streaming
-        self.moderation = policy.output_moderation
-        watched = streaming and self.moderation.enabled and request.route is not Route.REFUSE
-        self.held = HoldBack(self.moderation.hold_back) if watched else None
+        moderation = policy.output_moderation
+        watched = streaming and moderation.enabled and request.route is not Route.REFUSE
+        self.watch: OutputWatch[str] | None = OutputWatch(moderation.check_every, moderation.hold_back) \
+            if watched else None
 
     def stream(self, pieces: Iterator[tuple[str, int]]) -> Iterator[str]:
         """The text the consumer may see while the answer is produced; the request gets the whole answer."""
         request, parts = self.request, []
-        start, next_check = time.perf_counter(), self.moderation.check_every
+        start = time.perf_counter()
         try:
             for piece, tokens in pieces:
                 request.completion_tokens += tokens
                 if piece:
                     parts.append(piece)
-                if self.held is None:
+                if self.watch is None:
                     if self.streaming and piece:
                         yield piece
                     continue
-                self.held.add(piece, tokens)
-                if request.completion_tokens >= next_check:
-                    next_check = request.completion_tokens + self.moderation.check_every
-                    if self._flags("".join(parts)):
+                if self.watch.add(piece, piece, tokens):
+                    released = self.watch.checked(self._check(self.watch.text))
+                    if self.watch.flagged:
                         break
-                    yield from _joined(self.held.release())
+                    yield from _joined(released)
         finally:
             pieces.close()
         request.text = "".join(parts)
         request.generation_ms = _ms(start) - request.moderation_ms
 
-    def _flags(self, text: str) -> bool:
+    def _check(self, text: str) -> Verdict:
         """Check the answer so far; a flag becomes the request's output verdict."""
         start = time.perf_counter()
         verdict = self.stages.output_verdicts([(self.request.messages, text)], self.policy)[0]
         self.request.moderation_ms += _ms(start)
         if verdict.unsafe:
             self.request.output_verdict = verdict
-        return verdict.unsafe
+        return verdict
 
     def rest(self, replaced: bool) -> list[str]:
         """What was held back goes out at the end: the refusal in its place, or the checked rest."""
-        if self.held is None:
+        if self.watch is None:
             return []
-        return [self.policy.refusal_message] if replaced else _joined(self.held.release(everything=True))
+        return [self.policy.refusal_message] if replaced else _joined(self.watch.rest())
 
 
 def _joined(pieces: list[str]) -> list[str]:

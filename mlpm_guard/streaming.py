@@ -57,6 +57,62 @@ class HoldBack(Generic[P]):
         return out
 
 
+class OutputWatch(Generic[P]):
+    """Output moderation of one streamed answer, for every way an answer streams (the guard's own
+    decoding, a proxied upstream, a LangChain chain): the answer's pieces come in; a check of the
+    answer so far is due every ``check_every`` tokens; a piece goes out only after a passing check
+    that read it, everything before it back to the start of the answer, and the ``hold_back``
+    tokens after it. The caller runs the checks (synchronously or not) and reports each verdict.
+
+    With ``hold_back`` below ``check_every`` the first release comes at the first check, so the
+    consumer's first token waits at most one check interval; a larger ``hold_back`` keeps more
+    of a continuation the checks are still reading away from the consumer.
+    """
+
+    def __init__(self, check_every: int, hold_back: int) -> None:
+        self.check_every = check_every
+        self.held: HoldBack[P] = HoldBack(hold_back)
+        self.parts: list[str] = []
+        self.tokens = 0
+        self.next_check = check_every
+        self.verdict: Any = None  # the last check's verdict
+        self.unjudged = False
+
+    @property
+    def text(self) -> str:
+        """The answer so far."""
+        return "".join(self.parts)
+
+    @property
+    def flagged(self) -> bool:
+        return self.verdict is not None and bool(self.verdict.unsafe)
+
+    def add(self, piece: P, text: str, tokens: int) -> bool:
+        """Take a piece (``text`` is what it adds to the answer); True when a check is due now."""
+        self.held.add(piece, tokens)
+        self.parts.append(text)
+        self.tokens += tokens
+        self.unjudged = self.unjudged or bool(text)
+        if self.tokens < self.next_check:
+            return False
+        self.next_check = self.tokens + self.check_every
+        return True
+
+    def checked(self, verdict: Any) -> list[P]:
+        """Record the verdict of a check of :attr:`text`; returns the pieces it lets out (none on a flag)."""
+        self.verdict, self.unjudged = verdict, False
+        return [] if self.flagged else self.held.release()
+
+    @property
+    def due_at_end(self) -> bool:
+        """Whether the answer's end still needs a check (text came after the last one)."""
+        return self.verdict is None or self.unjudged
+
+    def rest(self) -> list[P]:
+        """Everything still held, once a check of the whole answer passed."""
+        return self.held.release(everything=True)
+
+
 class StopCut:
     """Cuts streamed text just before the first stop string, holding back what could start one."""
 

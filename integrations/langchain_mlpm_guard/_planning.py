@@ -9,7 +9,6 @@ or the chain's output with the decision attached; :class:`Watch` moderates one o
 
 from __future__ import annotations
 
-import collections
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import merge_configs
 
 from mlpm_guard import Decision, Guard, Policy, Route, Verdict, to_verdict
+from mlpm_guard.streaming import OutputWatch
 
 from . import _graph
 from ._common import (
@@ -186,47 +186,38 @@ class Planning(GuardSettings):
 
 
 class Watch:
-    """Output moderation of one stream: the text so far is judged every ``check_every`` chunks,
-    and a chunk is handed on only after a passing check that also read ``hold_back`` chunks after
-    it (the policy's setting, as in the core ``Guard.stream``). On a flag the chain stops and the
-    consumer gets the refusal in place of the held chunks (under ``on_flag="replace"``).
+    """Output moderation of one chain's stream: the core :class:`~mlpm_guard.streaming.OutputWatch`
+    (checks every ``check_every`` tokens; a chunk is handed on only after a passing check that also
+    read the ``hold_back`` tokens after it, as in ``Guard.stream``), judging with the runnable's
+    moderator. On a flag the chain stops and the consumer gets the refusal in place of the held chunks
+    (under ``on_flag="replace"``).
     """
 
     def __init__(self, owner: Planning, guard: Guard, conversation: list[dict[str, str]],
                  policy: Policy) -> None:
         self.owner, self.guard, self.conversation, self.policy = owner, guard, conversation, policy
-        self.parts: list[str] = []
-        self.held: collections.deque[tuple[int, Any]] = collections.deque()
-        self.covered = 0  # chunks read by the last passing check
-        self.unjudged = 0
-        self.verdict: Verdict | None = None
+        moderation = policy.output_moderation
+        self.watch: OutputWatch[Any] = OutputWatch(moderation.check_every, moderation.hold_back)
+        self.ready: list[Any] = []  # chunks a passing check let out, not yet handed on
 
     def add(self, chunk: Any) -> bool:
         """Take a chunk; True when the text so far is flagged (stop the stream)."""
-        self.held.append((len(self.parts), chunk))
-        self.parts.append(output_text(chunk, self.owner.output_key))
-        self.unjudged += 1
-        if self.unjudged < self.policy.output_moderation.check_every:
-            return False
-        return self._judge().unsafe
+        text = output_text(chunk, self.owner.output_key)
+        tokens = len(self.guard.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+        if self.watch.add(chunk, text, tokens):
+            self.ready += self.watch.checked(self._judge())
+        return self.watch.flagged
 
     def release(self, *, everything: bool = False) -> list[Any]:
         """The held chunks that passing checks let out (all of them once the whole text passed)."""
-        out = []
-        hold_back = self.policy.output_moderation.hold_back
-        while self.held and (everything or self.held[0][0] + hold_back < self.covered):
-            out.append(self.held.popleft()[1])
-        return out
+        out, self.ready = self.ready, []
+        return out + self.watch.rest() if everything else out
 
     def finish(self) -> Verdict:
-        """The verdict on the whole streamed text (judged again only if chunks came since)."""
-        if self.verdict is not None and (self.verdict.unsafe or not self.unjudged):
-            return self.verdict
-        return self._judge()
+        """The verdict on the whole streamed text (judged again only if text came since)."""
+        if self.watch.due_at_end:
+            self.watch.checked(self._judge())
+        return self.watch.verdict
 
     def _judge(self) -> Verdict:
-        self.unjudged = 0
-        self.verdict = self.owner._judge(self.guard, self.conversation, "".join(self.parts), self.policy)
-        if not self.verdict.unsafe:
-            self.covered = len(self.parts)
-        return self.verdict
+        return self.owner._judge(self.guard, self.conversation, self.watch.text, self.policy)

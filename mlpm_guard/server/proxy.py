@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..generation import GenerationConfig
 from ..moderation import to_verdict
-from ..streaming import HoldBack
+from ..streaming import OutputWatch
 from ..types import Decision, Route, Verdict
 from . import schemas
 from .schemas import SSE_DONE, sse
@@ -191,45 +191,42 @@ class UpstreamProxy:
 
 
 class _HeldBack:
-    """Output moderation of one upstream stream, with ``Guard.stream``'s release rule: a chunk goes
-    to the caller only after a passing check that read it and the ``hold_back`` tokens after it
-    (checks every ``check_every`` tokens, and once at the end). With output moderation off every
-    chunk goes out as it comes."""
+    """Output moderation of one upstream stream under :class:`~mlpm_guard.streaming.OutputWatch`'s
+    rule (as ``Guard.stream``): a chunk goes to the caller only after a passing check that read it
+    and the ``hold_back`` tokens after it. With output moderation off every chunk goes out as it comes."""
 
     def __init__(self, proxy: UpstreamProxy, messages: Messages) -> None:
         self.proxy, self.messages = proxy, messages
-        self.moderation = proxy.service.guard.policy.output_moderation
-        self.held: HoldBack[dict[str, Any]] = HoldBack(self.moderation.hold_back)
+        moderation = proxy.service.guard.policy.output_moderation
+        self.enabled = moderation.enabled
+        self.watch: OutputWatch[dict[str, Any]] = OutputWatch(moderation.check_every, moderation.hold_back)
         self.tokenizer = proxy.service.guard.backbone.tokenizer
-        self.text, self.tokens, self.next_check = "", 0, self.moderation.check_every
-        self.verdict: Verdict | None = None
+
+    @property
+    def verdict(self) -> Verdict | None:
+        return self.watch.verdict
 
     @property
     def flagged(self) -> bool:
-        return self.verdict is not None and self.verdict.unsafe
+        return self.watch.flagged
 
     async def add(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """Take an upstream chunk; returns the chunks that may go to the caller now."""
-        if not self.moderation.enabled:
+        if not self.enabled:
             return [event]
         piece = _delta_text(event)
         tokens = len(self.tokenizer(piece, add_special_tokens=False)["input_ids"]) if piece else 0
-        self.text += piece
-        self.tokens += tokens
-        self.held.add(event, tokens)
-        if self.tokens < self.next_check:
+        if not self.watch.add(event, piece, tokens):
             return []
-        self.next_check = self.tokens + self.moderation.check_every
-        self.verdict = await self.proxy.moderate(self.messages, self.text)
-        return [] if self.flagged else self.held.release()
+        return self.watch.checked(await self.proxy.moderate(self.messages, self.watch.text))
 
     async def finish(self) -> None:
         """The check at the end of the stream, unless the last one already covered all of it."""
-        if self.moderation.enabled and (self.verdict is None or self.held.pending):
-            self.verdict = await self.proxy.moderate(self.messages, self.text)
+        if self.enabled and self.watch.due_at_end:
+            self.watch.checked(await self.proxy.moderate(self.messages, self.watch.text))
 
     def release(self) -> list[dict[str, Any]]:
-        return self.held.release(everything=True)
+        return self.watch.rest()
 
 
 async def _events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
