@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import encoding, forward, loading
+from . import cpu, encoding, forward, loading
 from .encoding import Encoded
 from .errors import ConfigError
 from .forward import PAD_MULTIPLE, LayerHooks, LayerRequest, PrefixCache, output_cache
@@ -53,7 +53,8 @@ class BackboneConfig(BaseModel):
         batch_size: most prompts per forward pass.
         max_batch_tokens: most padded tokens per forward pass (rows x longest row).
         trust_remote_code: allow model code from the hub; off unless you ask for it.
-        num_threads: torch CPU threads (``None`` keeps torch's choice).
+        num_threads: torch CPU threads (``None``: torch's choice, lowered on the CPU to the cores
+            this process may use, see :func:`mlpm_guard.cpu.fit_threads`).
         prefix_cache: compute the chat template's fixed opening (system prompt and user header)
             once and reuse its KV cache for every prompt that starts with it.
     """
@@ -95,6 +96,8 @@ class Backbone:
         self.dtype = loading.resolve_dtype(config.dtype, self.device)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        elif self.device.type == "cpu":
+            cpu.fit_threads()
         model_obj, tokenizer, self.name = loading.load_model(
             config.model, dtype=self.dtype, device=self.device, revision=config.revision,
             trust_remote_code=config.trust_remote_code)

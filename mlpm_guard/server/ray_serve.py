@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
+from .. import cpu
 from ..backbone import Backbone
 from ..generation import GenerationConfig
 from ..guard import Guard
@@ -40,7 +41,9 @@ class GuardArgs(BaseModel):
     server: dict[str, Any] = Field(default_factory=dict, description="ServerSettings fields (batching, limits, ...)")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+# OpenMP reads OMP_WAIT_POLICY when the replica imports torch, so it goes in the replica's environment.
+@serve.deployment(ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": cpu.passive_env()}},
+                  max_ongoing_requests=64)
 @serve.ingress()
 class GuardDeployment:
     """One replica: a guard, its model thread, and the app with ``serve.batch`` lanes."""

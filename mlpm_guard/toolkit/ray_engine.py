@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import cpu
 from ..backbone import Backbone, BackboneConfig, Encoded
 from ..errors import ConfigError
 from ..readings import select
@@ -144,6 +145,7 @@ def run_batches(backbone: Backbone, rows: Sequence[Encoded], plan: Sequence[Sequ
     ds = ds.map_batches(StatesActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
                         num_cpus=options.cpus_per_actor,
                         num_gpus=gpus_per_actor,
+                        runtime_env={"env_vars": cpu.passive_env()},  # OpenMP reads it when the actor imports torch
                         fn_constructor_kwargs={"config": config, "fingerprint": backbone.fingerprint,
                                                "depth": depth, "threads": threads, "poolings": tuple(poolings)})
     for row in ds.iter_rows():
