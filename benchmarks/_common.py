@@ -12,11 +12,72 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import numpy as np
 import torch
+
+from mlpm_guard.readings import select
+from mlpm_guard.scoring import refusal_line, strictest, views_of
+from mlpm_guard.toolkit.features import extract
+
+
+@dataclass
+class Item:
+    prompt: Any          # a string or a message list
+    label: int
+    content: bool = False
+    category: str | None = None  # the dataset's own category (harmful sets that carry one)
+
+    @property
+    def kind(self) -> str:
+        return "content" if self.content else "request"
+
+
+class Scorer:
+    """States of every view of every item, extracted once through the feature cache, so any number
+    of prototypes can be scored on them.
+
+    Args:
+        whole: also read each item whole, as one message (the ``message only`` column of a table).
+    """
+
+    def __init__(self, backbone: Any, items: Sequence[Item], poolings: Sequence[str] = ("last",), *,
+                 whole: bool = True, desc: str = "hidden states") -> None:
+        self.backbone = backbone
+        self.poolings = tuple(poolings)
+        self.views: dict[int, list[tuple[str, str]]] = {}  # (view name, text key) per item
+        texts: dict[str, Any] = {}
+        for item in items:
+            views = views_of(backbone, item.prompt, kind=item.kind)
+            self.views[id(item)] = [(v.name, json.dumps(v.as_messages())) for v in views]
+            texts.update({k: json.loads(k) for _, k in self.views[id(item)]})
+            if whole:
+                key = self.whole_key(item)
+                texts[key] = json.loads(key)
+        self.keys = list(texts)
+        self.index = {k: i for i, k in enumerate(self.keys)}
+        self.layers = list(range(1, backbone.num_layers + 1))
+        self.H = extract(backbone, [texts[k] for k in self.keys], self.layers, poolings=self.poolings, desc=desc)
+
+    @staticmethod
+    def whole_key(item: Item) -> str:
+        return json.dumps([{"role": "user", "content": item.prompt}] if isinstance(item.prompt, str) else item.prompt)
+
+    def proba(self, prototypes: Any, items: Sequence[Item]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """P(unsafe) per item, with views (as ``Guard.check`` decides) and from the whole prompt alone
+        (``None`` unless read whole), and the line each item is refused from (``scoring.refusal_line``)."""
+        p_all = prototypes.predict_proba(select(self.H, self.layers, prototypes.layer_ids_, self.poolings))[:, 1]
+        lines = np.array([refusal_line(prototypes, it.prompt, kind=it.kind) for it in items])
+        views = np.array([strictest([(name, p_all[self.index[k]]) for name, k in self.views[id(it)]],
+                                    threshold=line, controversial=prototypes.controversial_threshold_)[1]
+                          for it, line in zip(items, lines)])
+        keys = [self.whole_key(it) for it in items]
+        whole = np.array([p_all[self.index[k]] for k in keys]) if all(k in self.index for k in keys) else None
+        return views, whole, lines
 
 
 def probe(name: str) -> list[dict[str, Any]]:
