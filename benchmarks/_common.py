@@ -70,6 +70,9 @@ class Scorer:
     def proba(self, prototypes: Any, items: Sequence[Item]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """P(unsafe) per item, with views (as ``Guard.check`` decides) and from the whole prompt alone
         (``None`` unless read whole), and the line each item is refused from (``scoring.refusal_line``)."""
+        kinds = {it.kind for it in items}
+        if len(kinds) == 1:  # a head judges its own kind of text (Prototypes.for_kind)
+            prototypes = prototypes.for_kind(kinds.pop())
         p_all = prototypes.predict_proba(select(self.H, self.layers, prototypes.layer_ids_, self.poolings))[:, 1]
         lines = np.array([refusal_line(prototypes, it.prompt, kind=it.kind) for it in items])
         views = np.array([strictest([(name, p_all[self.index[k]]) for name, k in self.views[id(it)]],

@@ -257,13 +257,13 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         if not values:
             continue
         worst = max(values) if metric == "flagged" else min(values)
-        met = worst <= bound if metric == "flagged" else worst >= bound
+        met = bool(worst <= bound if metric == "flagged" else worst >= bound)
         out[group] = {"metric": metric, "mean": float(np.mean(values)), "worst": worst, "target": bound, "met": met}
     inside = [r["recall"] for r in results.values() if r["group"] == "followups_unsafe"]
     alone = [r["recall"] for r in results.values() if r["group"] == "followups_goals"]
     if inside and alone:  # target: the same goals' recall asked alone
         out["followups_unsafe"] = {"metric": "recall", "mean": float(np.mean(inside)), "worst": min(inside),
-                                   "target": round(float(np.mean(alone)), 3), "met": min(inside) >= np.mean(alone)}
+                                   "target": round(float(np.mean(alone)), 3), "met": bool(min(inside) >= np.mean(alone))}
     return out
 
 

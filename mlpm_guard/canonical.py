@@ -7,7 +7,8 @@ also reads the text in its canonical forms (:mod:`.views` reads every form; the 
 wins), and each form names what it undid:
 
 - **normalised**: Unicode NFKC (full-width and mathematical letters, ligatures), invisible format
-  characters removed (category Cf, variation selectors), confusable letters mapped to the Latin
+  characters removed (category Cf, variation selectors), chat-template markers typed into the
+  text (``<|im_start|>user``, ``[INST]``) removed, confusable letters mapped to the Latin
   letter they imitate (the Unicode TR39 confusables table, from ``confusable_homoglyphs``), letters
   spread out by spaces or punctuation joined again, emoji strewn between words removed, and
   leetspeak undone;
@@ -32,7 +33,7 @@ import quopri
 import re
 import unicodedata
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -42,14 +43,18 @@ DECODE_ROUNDS = 2
 
 @dataclass(frozen=True)
 class Form:
-    """A canonical form of a text and the steps that made it (e.g. ``("normalised",)``)."""
+    """A canonical form of a text and the steps that made it (e.g. ``("spread", "leet")``)."""
 
     text: str
     steps: tuple[str, ...]
 
-    @property
-    def name(self) -> str:
-        return " + ".join(self.steps)
+
+def label(steps: Iterable[str]) -> str:
+    """How a reading of a canonical form is named: ``"normalised (spread, leet)"`` or, when a
+    payload was decoded, ``"decoded (base64, cipher)"``."""
+    ordered = sorted(set(steps), key=STEPS.index)
+    kind = "decoded" if any(s.startswith("decoded ") for s in ordered) else "normalised"
+    return f"{kind} ({', '.join(s.removeprefix('decoded ') for s in ordered)})"
 
 
 def canonical(text: str) -> Form | None:
@@ -181,17 +186,17 @@ _LEET_CHARS = "013457 89@$!|+€".replace(" ", "")
 _TOKEN = re.compile(r"\S+")
 
 
-def _leet_word(word: str) -> bool:
-    core = word.strip(".,;:?!\"'()[]")
-    # Not a number with a unit (3.11, 4K, 10km), a key or a hash (long, or a run of digits).
-    return (any(ch.isalpha() for ch in core) and any(ch in _LEET_CHARS for ch in core) and len(core) <= 16
-            and not re.search(r"\d{3}", core) and not re.fullmatch(r"[\d.,:/\-]+[a-zA-Z]{0,3}", core))
-
-
 def _leet_letters(core: str) -> bool:
-    # Once leetspeak is plainly there, "4t" is "at", not a number with a unit.
+    """Letters mixed with the signs leetspeak uses for letters, in a word that is no key or hash
+    (long, or with a run of digits)."""
     return any(ch.isalpha() for ch in core) and any(ch in _LEET_CHARS for ch in core) and len(core) <= 16 \
         and not re.search(r"\d{3}", core)
+
+
+def _leet_word(word: str) -> bool:
+    core = word.strip(".,;:?!\"'()[]")
+    # Before leetspeak is plainly there, "4K" or "10km" is a number with a unit.
+    return _leet_letters(core) and not re.fullmatch(r"[\d.,:/\-]+[a-zA-Z]{0,3}", core)
 
 
 def _unleet(text: str) -> str:
@@ -213,7 +218,18 @@ def _unleet(text: str) -> str:
     return _TOKEN.sub(undo, text)
 
 
-_PLAIN: list[tuple[str, Callable[[str], str]]] = [("unicode", _nfkc), ("invisible", _visible)]
+# Chat-template markers typed into a message (<|im_start|>, [INST], <<SYS>>, <|eot_id|>, ...): the guard
+# keeps them plain text, but a forged turn is easier to read as what it says without them.
+_TEMPLATE_MARKS = re.compile(r"<\|[A-Za-z_]{2,20}\|>(?:(?:system|user|assistant|tool)\b)?|\[/?INST\]|<</?SYS>>|</?s>")
+
+
+def _untemplated(text: str) -> str:
+    """Chat-template markers typed into the text replaced by line breaks."""
+    return _TEMPLATE_MARKS.sub("\n", text) if "<" in text or "[" in text else text
+
+
+_PLAIN: list[tuple[str, Callable[[str], str]]] = [("unicode", _nfkc), ("invisible", _visible),
+                                                  ("template", _untemplated)]
 _NORMALISERS: list[tuple[str, Callable[[str], str]]] = [
     ("confusables", _skeleton), ("spread", _joined), ("emoji", _without_emoji), ("leet", _unleet),
 ]
@@ -415,3 +431,7 @@ _DECODERS: list[tuple[str, Callable[[str], str]]] = [
     ("cipher", _ciphers),
     ("variables", _assembled),
 ]
+
+#: Every step a canonical form may record, in the order they run.
+STEPS = [*(name for name, _ in _PLAIN), *(f"decoded {name}" for name, _ in _DECODERS),
+         *(name for name, _ in _NORMALISERS)]

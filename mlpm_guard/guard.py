@@ -24,7 +24,7 @@ from .async_bridge import iterate_in_thread
 from .backbone import Backbone, BackboneConfig
 from .errors import ConfigError, InputTypeError
 from .generation import GenerationConfig
-from .messages import PromptInput, check_prompt, check_prompts, check_texts
+from .messages import PromptInput, check_prompt, check_prompts, check_texts, to_messages
 from .moderation import PrototypeModerator
 from .pipeline import RouteHandler
 from .policy import Policy
@@ -80,7 +80,7 @@ class Guard:
         self.prototypes = prototypes
         self.policy = as_policy(policy)
         self.generation = generation or GenerationConfig()
-        self.moderator = moderator if moderator is not None else PrototypeModerator(prototypes)
+        self.moderator = moderator if moderator is not None else PrototypeModerator(lambda: self.prototypes)
         try:
             self.handlers = {Route(k): v for k, v in (handlers or {}).items()}
         except ValueError as exc:
@@ -88,9 +88,10 @@ class Guard:
         self.user_steering_vectors = dict(steering_vectors) if steering_vectors else None
         self._steering = SteeringCache()
 
-    def _stages(self) -> pipeline.Stages:
+    def _stages(self, moderator: Callable[..., Any] | None = None) -> pipeline.Stages:
         # Built per call from the current parts, so a part swapped on the guard takes effect at once.
-        return pipeline.Stages(self.backbone, self.prototypes, self.moderator, self.handlers, self.steering)
+        return pipeline.Stages(self.backbone, self.prototypes, moderator or self.moderator, self.handlers,
+                               self.steering)
 
     def _policy(self, policy: PolicyInput) -> Policy:
         return self.policy if policy is None else as_policy(policy)
@@ -115,7 +116,7 @@ class Guard:
     def check_batch(self, prompts: Sequence[PromptInput], *, policy: PolicyInput = None) -> list[Verdict]:
         """:meth:`check` for many prompts: every view of every prompt in length-sorted batches."""
         check_prompts(prompts)
-        return pipeline.check_many(self._stages(), prompts, self._policy(policy), content=False)
+        return pipeline.check_many(self._stages(), prompts, self._policy(policy), kind="request")
 
     def check_content(self, text: str, *, policy: PolicyInput = None) -> Verdict:
         """Judge a text as *content* (a retrieved passage, a tool result, a model answer).
@@ -131,11 +132,24 @@ class Guard:
     def check_content_batch(self, texts: Sequence[str], *, policy: PolicyInput = None) -> list[Verdict]:
         """:meth:`check_content` for many texts in shared batches."""
         check_texts(texts)
-        return pipeline.check_many(self._stages(), texts, self._policy(policy), content=True)
+        return pipeline.check_many(self._stages(), texts, self._policy(policy), kind="content")
+
+    def check_answer(self, messages: PromptInput | None, answer: str, *, policy: PolicyInput = None,
+                     moderator: Callable[..., Any] | None = None) -> Verdict:
+        """Judge an answer as output moderation does, wherever it streams from: in the conversation
+        it answers (``messages``, ``None`` when unknown), by the guard's moderator (or ``moderator``),
+        at the policy's line for answers (``output_moderation.threshold``)."""
+        if not isinstance(answer, str):
+            raise InputTypeError(f"an answer to check must be a str, got {type(answer).__name__}")
+        conversation = to_messages(messages) if messages else None
+        return pipeline.answer_verdicts(self._stages(moderator), [(conversation, answer)], self._policy(policy))[0]
+
+    async def acheck_answer(self, messages: PromptInput | None, answer: str, **kwargs: Any) -> Verdict:
+        return await asyncio.to_thread(self.check_answer, messages, answer, **kwargs)
 
     def views(self, prompt: PromptInput, *, content: bool = False) -> list[View]:
         """The readings of a request (or of a text, with ``content``) that :meth:`check` scores."""
-        return views_of(self.backbone, prompt, content=content)
+        return views_of(self.backbone, prompt, kind="content" if content else "request")
 
     # ------------------------------------------------------------------ answering
     def invoke(self, prompt: PromptInput, *, policy: PolicyInput = None, **generation: Any) -> GuardResult:

@@ -36,7 +36,7 @@ from .generation import GenerationConfig, Prefill, decode, prefill
 from .messages import PromptInput, to_messages
 from .moderation import PrototypeModerator
 from .policy import Policy
-from .scoring import judge
+from .scoring import Kind, judge
 from .streaming import Detokenizer, OutputWatch, StopCut, cut_at_stop
 from .types import GuardChunk, GuardResult, Route, Timings, Verdict
 from .verdicts import failed_verdict, to_verdict, under_policy
@@ -212,12 +212,7 @@ class Stages:
     def output_verdicts(self, answers: Sequence[tuple[list[dict[str, str]] | None, str]],
                         policy: Policy) -> list[Verdict]:
         """The moderator's verdicts of (messages, answer) pairs."""
-        threshold = policy.output_moderation.threshold
-        if isinstance(self.moderator, PrototypeModerator):  # one batch for all
-            verdicts = self.moderator.batch([text for _, text in answers])
-        else:
-            verdicts = [self.moderator(messages, text) for messages, text in answers]
-        return [to_verdict(v, threshold) for v in verdicts]
+        return answer_verdicts(self, answers, policy)
 
     def moderate(self, requests: Sequence[Request], policy: Policy) -> None:
         """The final output verdict of each answered request not judged yet (when the policy moderates)."""
@@ -230,6 +225,19 @@ class Stages:
         for request, verdict in zip(judged, verdicts):
             request.output_verdict = verdict
             request.moderation_ms += spent
+
+
+def answer_verdicts(stages: Stages, answers: Sequence[tuple[list[dict[str, str]] | None, str]],
+                    policy: Policy) -> list[Verdict]:
+    """Output moderation's judgement of (messages, answer) pairs, the one way answers are judged
+    (the guard's own, a proxied upstream's, a LangChain chain's, an agent's): the stages' moderator,
+    at the policy's line for answers."""
+    threshold = policy.output_moderation.threshold
+    if isinstance(stages.moderator, PrototypeModerator):  # one batch for all
+        verdicts = stages.moderator.batch(answers)
+    else:
+        verdicts = [stages.moderator(messages, text) for messages, text in answers]
+    return [to_verdict(v, threshold) for v in verdicts]
 
 
 # ---------------------------------------------------------------------- drivers
@@ -259,18 +267,18 @@ def run_one(stages: Stages, prompt: PromptInput, policy: Policy, config: Generat
 class _Answer:
     """One request's answer on its way to the consumer.
 
-    Streamed with output moderation on, the answer so far is checked every ``check_every`` tokens
-    and the stream stops at the first flag; text leaves under :class:`~mlpm_guard.streaming.OutputWatch`'s
-    rule (only after a passing check that also read the ``hold_back`` tokens after it), so a
-    continuation flagged within that window is never sent.
+    Streamed with output moderation on, the answer so far is checked every ``check_every`` tokens;
+    text leaves under :class:`~mlpm_guard.streaming.OutputWatch`'s rule (only after a check that
+    read it and the ``hold_back`` tokens after it found the answer confidently safe), and the whole
+    answer's verdict decides at its end whether the held rest goes out or the refusal replaces it.
     """
 
     def __init__(self, stages: Stages, request: Request, policy: Policy, streaming: bool) -> None:
         self.stages, self.request, self.policy, self.streaming = stages, request, policy, streaming
         moderation = policy.output_moderation
         watched = streaming and moderation.enabled and request.route is not Route.REFUSE
-        self.watch: OutputWatch[str] | None = OutputWatch(moderation.check_every, moderation.hold_back) \
-            if watched else None
+        self.watch: OutputWatch[str] | None = OutputWatch(
+            moderation.check_every, moderation.hold_back, moderation.stop_at) if watched else None
 
     def stream(self, pieces: Iterator[tuple[str, int]]) -> Iterator[str]:
         """The text the consumer may see while the answer is produced; the request gets the whole answer."""
@@ -287,7 +295,8 @@ class _Answer:
                     continue
                 if self.watch.add(piece, piece, tokens):
                     released = self.watch.checked(self._check(self.watch.text))
-                    if self.watch.flagged:
+                    if self.watch.stopped:
+                        request.output_verdict = self.watch.verdict
                         break
                     yield from _joined(released)
         finally:
@@ -296,12 +305,10 @@ class _Answer:
         request.generation_ms = _ms(start) - request.moderation_ms
 
     def _check(self, text: str) -> Verdict:
-        """Check the answer so far; a flag becomes the request's output verdict."""
+        """Check the answer so far (what may be shown; the whole answer's verdict comes at its end)."""
         start = time.perf_counter()
         verdict = self.stages.output_verdicts([(self.request.messages, text)], self.policy)[0]
         self.request.moderation_ms += _ms(start)
-        if verdict.unsafe:
-            self.request.output_verdict = verdict
         return verdict
 
     def rest(self, replaced: bool) -> list[str]:
@@ -396,21 +403,21 @@ def _run_chunk(stages: Stages, prompts: Sequence[PromptInput], policy: Policy,
     return [failed[i] if i in failed else assemble(r, policy) for i, r in enumerate(requests)]
 
 
-def check_many(stages: Stages, items: Sequence[Any], policy: Policy, *, content: bool) -> list[Verdict]:
-    """The score stage alone, for requests (or, with ``content``, texts): a bad item or a failed
-    scoring gets the failed verdict (unsafe, or safe when the policy fails open)."""
+def check_many(stages: Stages, items: Sequence[Any], policy: Policy, *, kind: Kind) -> list[Verdict]:
+    """The score stage alone, for requests, content or answers (:data:`~mlpm_guard.scoring.Kind`):
+    a bad item or a failed scoring gets the failed verdict (unsafe, or safe when the policy fails open)."""
     out: list[Verdict | None] = [None] * len(items)
     valid: list[int] = []
     for i, item in enumerate(items):
         try:
-            if not content:
+            if kind == "request":
                 to_messages(item)
             valid.append(i)
         except Exception as exc:  # noqa: BLE001 - fail closed on any bad input
             out[i] = failed_verdict(f"{type(exc).__name__}: {exc}", fail_open=policy.fail_open)
     if valid:
         try:
-            verdicts = judge(stages.backbone, stages.prototypes, [items[i] for i in valid], content=content)
+            verdicts = judge(stages.backbone, stages.prototypes, [items[i] for i in valid], kind=kind)
             for i, v in zip(valid, verdicts):
                 out[i] = under_policy(v, policy)
         except Exception as exc:  # noqa: BLE001

@@ -52,20 +52,33 @@ class SteeringConfig(BaseModel):
 
 
 class OutputModerationConfig(BaseModel):
-    """Optional moderation of the generated text."""
+    """Optional moderation of the generated text.
+
+    An answer is judged in the conversation it answers (:mod:`mlpm_guard.views`). Streamed, it is
+    checked every ``check_every`` tokens, and a piece reaches the consumer only once a check that
+    read it and the ``hold_back`` tokens after it found the answer confidently safe; the verdict
+    of the whole answer decides whether the rest goes out or the refusal replaces it. The two
+    settings trade what a harmful continuation can leak against the wait for the first token: with
+    ``hold_back`` below ``check_every`` the first text leaves at the first check (one interval
+    after unmoderated streaming would send it); a longer ``hold_back`` keeps more of what the
+    checks have not yet read past away from the consumer (``python benchmarks/holdback.py``
+    measures both). A check that is all but certain (``stop_at``) ends the answer at once instead of
+    waiting for its end: early in an answer, less certain flags are often wrong.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     enabled: bool = False
     on_flag: Literal["replace", "flag"] = "replace"
     check_every: int = Field(default=16, ge=1, description="tokens between checks while streaming")
-    # A flagged continuation often reads as harmless for a few tokens ("Sure! To make one, fill"):
-    # a streamed piece is released only once a passing check has also seen this many tokens after it.
-    hold_back: int = Field(default=16, ge=0, description="tokens held back from the consumer while streaming, "
-                                                         "released only after a later passing check")
+    hold_back: int = Field(default=8, ge=0, description="tokens held back from the consumer while streaming, "
+                                                        "released only after a later check found them safe")
+    stop_at: float | None = Field(default=0.99, gt=0, le=1,
+                                  description="a check of the answer so far at or above this P(unsafe) stops it "
+                                              "there (None: every answer is generated to its end)")
     threshold: float | None = Field(default=None, gt=0, lt=1,
-                                    description="None: the prototypes' line for content (content_threshold, "
-                                                "else threshold)")
+                                    description="None: the prototypes' refusal line, an answer read as context "
+                                                "(it counts at a discount, as a sentence that is not the request)")
 
 
 class Policy(BaseModel):

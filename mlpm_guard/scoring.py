@@ -2,16 +2,16 @@
 
 :mod:`.views` says what a request or a text is read as; this module runs those readings through the
 backbone and the prototypes. The guard (prompts and retrieved content) and the default output
-moderator (answers, as content) both score here, so there is one way to judge text.
+moderator (answers, in their conversation) all score here, so there is one way to judge text.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from .messages import clean_text, to_messages
 from .prototypes import check_line
 from .types import Verdict
 from .verdicts import make_verdict, tier_of
-from .views import View, content_views, form_of, part_of, request_views
+from .views import View, answer_views, content_views, form_of, part_of, request_views
 
 MessagesKey = tuple[tuple[str, str], ...]
 
@@ -52,15 +52,33 @@ def token_counter(backbone: Any, known: dict[MessagesKey, int] | None = None) ->
     return count
 
 
-def views_of(backbone: Any, item: Any, *, content: bool = False, row: Encoded | None = None) -> list[View]:
-    """The readings of a request (a string or message list), or of a text judged as content.
+#: What a text is judged as: a request (a string or message list), content (a retrieved passage, a
+#: tool result: a string) or an answer (an :class:`Answer`: the assistant's text and what it answers).
+Kind = Literal["request", "content", "answer"]
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An answer to judge: the assistant's text, and the conversation it answers (``None``: unknown)."""
+
+    messages: Sequence[Any] | None
+    text: str
+
+
+def views_of(backbone: Any, item: Any, *, kind: Kind = "request", row: Encoded | None = None) -> list[View]:
+    """The readings of a request, a text judged as content, or an answer (see :data:`Kind`).
 
     ``row``: the request already encoded whole (its length is reused, not computed again).
     """
-    if content:
+    if kind == "content":
         if not isinstance(item, str):
             raise InputError(f"content to check must be a str, got {type(item).__name__}")
         return content_views(clean_text(item), token_counter(backbone))
+    if kind == "answer":
+        if not isinstance(item, Answer) or not isinstance(item.text, str):
+            raise InputError(f"an answer to judge must be an Answer with str text, got {type(item).__name__}")
+        messages = to_messages(item.messages) if item.messages else []
+        return answer_views(messages, clean_text(item.text) if item.text.strip() else " ", token_counter(backbone))
     messages = to_messages(item)
     return request_views(messages, token_counter(backbone, {_key(messages): len(row)} if row is not None else None))
 
@@ -87,9 +105,10 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
       safety-prompt route if it would alone, never ``PASS``. A maths problem's last question read
       alone can look like a request of its own where the whole problem plainly is not.
 
-    With no whole reading (a turn too long to read whole) the parts are all the evidence there is
-    and count in full. Each canonical form of the request (:mod:`.canonical`) has its own last
-    sentence; a whole reading of any form counts as whole.
+    With no whole reading (a turn too long to read whole) the last sentence counts in full and the
+    other parts as context, as when the whole is safe: a long text has many sentences, and any
+    one of them read alone as a request can look like one. Each canonical form of the request
+    (:mod:`.canonical`) has its own last sentence; a whole reading of any form counts as whole.
 
     Args:
         readings: ``(view name, P(unsafe))`` of each reading (names as :mod:`.views` gives them).
@@ -104,7 +123,9 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
     for form, (part, k) in zip(forms, parts):
         if part == "sentence":
             last[form] = max(last.get(form, 0), k)
-    top = max(whole, default=1.0)  # no whole reading: the parts count in full
+    # With no whole reading (a turn too long to read whole) nothing says the text is unsafe as a
+    # whole either: its parts count as context, all but its last sentence.
+    top = max(whole, default=0.0)
     discount = _logit((1.0 + threshold) / 2) - _logit(threshold) if top < controversial else 0.0
 
     def counted_as(p: float, part: str, k: int, form: str) -> float:
@@ -115,18 +136,19 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
             return max(lowered, controversial) if p >= threshold else lowered
         # The request itself is softened only when the whole is confidently safe, and never passed:
         # below the refusal line it keeps its own tier.
-        return max(lowered, min(p, controversial)) if top < WHOLE_SAFE else p
+        return max(lowered, min(p, controversial)) if whole and top < WHOLE_SAFE else p
 
     counted = [counted_as(p, part, k, form) for (_, p), (part, k), form in zip(readings, parts, forms)]
     best = max(range(len(readings)), key=counted.__getitem__)
     return best, counted[best]
 
 
-def refusal_line(prototypes: Any, item: Any, *, content: bool = False) -> float:
+def refusal_line(prototypes: Any, item: Any, *, kind: Kind = "request") -> float:
     """The P(unsafe) from which ``item`` is refused: the lowest of the lines that apply to it. The
     prototypes' ``threshold_`` always does; their ``content_threshold``, when set, to a text judged
-    as content; their ``other_language_threshold``, when set, to a text in another language than
-    English (:mod:`.language`; the content, or a request's latest user turn).
+    as content (an answer is not content: it is judged in its conversation, at the request line);
+    their ``other_language_threshold``, when set, to a text in another language than English
+    (:mod:`.language`; the content, the answer, or a request's latest user turn).
 
     Raises:
         ConfigError: a line is outside [controversial line, refusal line].
@@ -137,11 +159,13 @@ def refusal_line(prototypes: Any, item: Any, *, content: bool = False) -> float:
         if line is not None:  # set_params on fitted prototypes skips the fit-time check
             check_line(name, line, prototypes.controversial_threshold_, prototypes.threshold_)
     lines = [float(prototypes.threshold_)]
-    if content and content_line is not None:
+    if kind == "content" and content_line is not None:
         lines.append(float(content_line))
     if other is not None:
-        if content:
+        if kind == "content":
             text = item if isinstance(item, str) else ""
+        elif kind == "answer":
+            text = item.text
         else:
             users = [m["content"] for m in to_messages(item) if m["role"] == "user"]
             text = users[-1] if users else ""
@@ -171,37 +195,49 @@ class Plan:
     """
 
     items: list[Any]
-    content: bool
+    kind: Kind
     entries: list[list[tuple[str, int, bool]]]
     readings: list[list[dict[str, str]]]
 
 
-def plan(backbone: Any, items: Sequence[Any], *, content: bool = False, rows: Sequence[Encoded] | None = None,
+def plan(backbone: Any, items: Sequence[Any], *, kind: Kind = "request", rows: Sequence[Encoded] | None = None,
          prefilled: bool = False) -> Plan:
     """The readings that judge ``items`` (see :func:`judge`); with ``prefilled``, a view equal to the
     whole of a request is taken from its prefill instead of being read again."""
     entries: list[list[tuple[str, int, bool]]] = []
     readings: list[list[dict[str, str]]] = []
     for i, item in enumerate(items):
-        whole = None if content else to_messages(item)
+        whole = to_messages(item) if kind == "request" else None
         row: list[tuple[str, int, bool]] = []
-        for view in views_of(backbone, item, content=content, row=rows[i] if rows is not None else None):
+        for view in views_of(backbone, item, kind=kind, row=rows[i] if rows is not None else None):
             if prefilled and view.as_messages() == whole:
                 row.append((view.name, i, True))
             else:
                 row.append((view.name, len(readings), False))
                 readings.append(view.as_messages())
         entries.append(row)
-    return Plan(list(items), content, entries, readings)
+    return Plan(list(items), kind, entries, readings)
 
 
-def read(backbone: Any, prototypes: Any, readings: Sequence[list[dict[str, str]]]) -> list[Verdict]:
-    """The prototypes' verdict of each reading, in length-sorted batches."""
-    if not readings:
-        return []
-    rows = backbone.encode(list(readings))
-    states = backbone.layer_states(rows, prototypes.layer_ids_, poolings=prototypes.poolings_)
-    return prototypes.verdicts(states, n_truncated=[r.n_truncated for r in rows])
+def read(backbone: Any, prototypes: Any, readings: Sequence[list[dict[str, str]]], *,
+         memo: MutableMapping[MessagesKey, Verdict] | None = None) -> list[Verdict]:
+    """The prototypes' verdict of each reading, in length-sorted batches.
+
+    ``memo``: verdicts of readings already read by these prototypes (filled as it goes), so a text
+    checked again as it grows (an answer while it streams) pays only for its new readings.
+    """
+    keys = [_key(r) for r in readings]
+    known = {k: memo[k] for k in keys if k in memo} if memo is not None else {}
+    todo = list(dict.fromkeys(k for k in keys if k not in known))
+    if todo:
+        rows = backbone.encode([[{"role": role, "content": text} for role, text in k] for k in todo])
+        states = backbone.layer_states(rows, prototypes.layer_ids_, poolings=prototypes.poolings_)
+        fresh = dict(zip(todo, prototypes.verdicts(states, n_truncated=[r.n_truncated for r in rows])))
+        known.update(fresh)
+        if memo is not None:
+            for key, verdict in fresh.items():
+                memo[key] = verdict
+    return [known[k] for k in keys]
 
 
 def decide(prototypes: Any, plan: Plan, scored: Sequence[Verdict], pre: Sequence[Verdict] = ()) -> list[Verdict]:
@@ -209,7 +245,7 @@ def decide(prototypes: Any, plan: Plan, scored: Sequence[Verdict], pre: Sequence
     out = []
     for item, entries in zip(plan.items, plan.entries):
         candidates = [((pre if reused else scored)[k], name) for name, k, reused in entries]
-        line = refusal_line(prototypes, item, content=plan.content)
+        line = refusal_line(prototypes, item, kind=plan.kind)
         best, p = strictest([(name, v.p_unsafe) for v, name in candidates], threshold=line,
                             controversial=prototypes.controversial_threshold_)
         verdict, name = candidates[best]
@@ -222,19 +258,25 @@ def decide(prototypes: Any, plan: Plan, scored: Sequence[Verdict], pre: Sequence
     return out
 
 
-def judge(backbone: Any, prototypes: Any, items: Sequence[Any], *, content: bool = False,
-          rows: Sequence[Encoded] | None = None, prefilled: np.ndarray | None = None) -> list[Verdict]:
+def judge(backbone: Any, prototypes: Any, items: Sequence[Any], *, kind: Kind = "request",
+          rows: Sequence[Encoded] | None = None, prefilled: np.ndarray | None = None,
+          memo: MutableMapping[MessagesKey, Verdict] | None = None) -> list[Verdict]:
     """The strictest verdict over each item's views (``verdict.view`` names the one that decided).
 
     Args:
-        items: message lists (or strings) of requests; with ``content``, texts.
+        items: message lists (or strings) of requests; texts for ``kind="content"``; :class:`Answer`
+            objects for ``kind="answer"``.
         rows: each request already encoded whole (for the views' token counts and, with
             ``prefilled``, the truncation count).
         prefilled: states already captured for the whole of each request (the prefill that ``PASS``
             continues from); a view equal to the whole request reuses them instead of a forward pass.
+        memo: verdicts of readings these prototypes read before (see :func:`read`).
+
+    A kind of text the prototypes hold a head for is judged by that head (:meth:`Prototypes.for_kind`).
     """
-    work = plan(backbone, items, content=content, rows=rows, prefilled=prefilled is not None)
+    prototypes = prototypes.for_kind(kind)
+    work = plan(backbone, items, kind=kind, rows=rows, prefilled=prefilled is not None)
     pre: list[Verdict] = []
     if prefilled is not None:
         pre = prototypes.verdicts(prefilled, n_truncated=[r.n_truncated for r in rows] if rows else None)
-    return decide(prototypes, work, read(backbone, prototypes, work.readings), pre)
+    return decide(prototypes, work, read(backbone, prototypes, work.readings, memo=memo), pre)

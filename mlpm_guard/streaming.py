@@ -8,6 +8,8 @@ import collections
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
+from .types import Tier
+
 P = TypeVar("P")
 
 
@@ -60,17 +62,20 @@ class HoldBack(Generic[P]):
 class OutputWatch(Generic[P]):
     """Output moderation of one streamed answer, for every way an answer streams (the guard's own
     decoding, a proxied upstream, a LangChain chain): the answer's pieces come in; a check of the
-    answer so far is due every ``check_every`` tokens; a piece goes out only after a passing check
-    that read it, everything before it back to the start of the answer, and the ``hold_back``
-    tokens after it. The caller runs the checks (synchronously or not) and reports each verdict.
+    answer so far is due every ``check_every`` tokens; a piece goes out only after a check that
+    read it, everything before it back to the start of the answer, and the ``hold_back`` tokens
+    after it found the answer confidently safe (the safe tier). A check that is not sure holds
+    everything back; the verdict of the whole answer, at its end, decides whether the held text
+    goes out or the refusal replaces it. The caller runs the checks (synchronously or not) and
+    reports each verdict, and stops the answer when a check is all but certain (:attr:`stopped`).
 
     With ``hold_back`` below ``check_every`` the first release comes at the first check, so the
-    consumer's first token waits at most one check interval; a larger ``hold_back`` keeps more
-    of a continuation the checks are still reading away from the consumer.
+    consumer's first token waits one check interval; a larger ``hold_back`` keeps more of a
+    continuation the checks are still reading away from the consumer.
     """
 
-    def __init__(self, check_every: int, hold_back: int) -> None:
-        self.check_every = check_every
+    def __init__(self, check_every: int, hold_back: int, stop_at: float | None = None) -> None:
+        self.check_every, self.stop_at = check_every, stop_at
         self.held: HoldBack[P] = HoldBack(hold_back)
         self.parts: list[str] = []
         self.tokens = 0
@@ -87,6 +92,11 @@ class OutputWatch(Generic[P]):
     def flagged(self) -> bool:
         return self.verdict is not None and bool(self.verdict.unsafe)
 
+    @property
+    def stopped(self) -> bool:
+        """The last check was all but certain (``stop_at``): the answer ends here, flagged."""
+        return self.flagged and self.stop_at is not None and self.verdict.p_unsafe >= self.stop_at
+
     def add(self, piece: P, text: str, tokens: int) -> bool:
         """Take a piece (``text`` is what it adds to the answer); True when a check is due now."""
         self.held.add(piece, tokens)
@@ -99,9 +109,10 @@ class OutputWatch(Generic[P]):
         return True
 
     def checked(self, verdict: Any) -> list[P]:
-        """Record the verdict of a check of :attr:`text`; returns the pieces it lets out (none on a flag)."""
+        """Record the verdict of a check of :attr:`text`; returns the pieces it lets out (none unless
+        the verdict is in the safe tier)."""
         self.verdict, self.unjudged = verdict, False
-        return [] if self.flagged else self.held.release()
+        return self.held.release() if verdict.tier is Tier.SAFE else []
 
     @property
     def due_at_end(self) -> bool:

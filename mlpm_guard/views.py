@@ -25,9 +25,10 @@ Every token of every turn is in at least one reading of at most :data:`WINDOW_WO
 ever dropped unread, no reading surrounds a sentence with more than a window of other text, and
 the number of readings grows linearly with the length of the text.
 
-Content (a retrieved passage, a tool result, an answer) is not a request: it is put inside one
+Content (a retrieved passage, a tool result) is not a request: it is put inside one
 (:data:`CONTENT_TEMPLATE`), the form the prototypes know, and judged as a whole when it fits and in
-overlapping windows of a few sentences.
+overlapping windows of a few sentences. An answer's meaning depends on what it answers: it is read
+as the assistant's turn of its conversation (:func:`answer_views`), and alone as content.
 
 A short single-sentence prompt has one view, so the common case costs one forward pass, and it
 is the prefill that ``PASS`` continues from.
@@ -40,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .canonical import canonical
+from .canonical import canonical, label
 from .messages import Message
 
 #: The longest reading scored as one piece. Longer conversations keep their most recent turns,
@@ -62,6 +63,10 @@ SENTENCE_VIEW = "sentence"
 WINDOW_VIEW = "window"
 #: The reading of the user's turns alone, joined (see :func:`request_views`).
 USER_TURNS_VIEW = "user turns"
+#: The readings of an answer as the assistant's turn of its conversation, and alone (see
+#: :func:`answer_views`); both are context to :func:`~mlpm_guard.scoring.strictest`.
+ANSWER_VIEW = "answer in context"
+ANSWER_ALONE = "answer alone"
 #: Separates a canonical form's name from the reading's ("normalised + spread: sentence 2").
 FORM_SEPARATOR = ": "
 
@@ -92,7 +97,7 @@ def part_of(name: str) -> tuple[Part, int]:
     head, _, number = name.partition(" ")
     if head == SENTENCE_VIEW and number.isdigit():
         return "sentence", int(number)
-    if head == WINDOW_VIEW or " turn " in name:
+    if head == WINDOW_VIEW or " turn " in name or name.startswith((ANSWER_VIEW, ANSWER_ALONE)):
         return "context", 0
     return "whole", 0
 
@@ -170,18 +175,11 @@ def request_views(messages: Sequence[Message], count_tokens: Callable[[list[dict
     views = _readings(msgs, count_tokens, context_tokens)
     forms = [canonical(c) for _, c in msgs]
     if any(forms):
-        steps = sorted({s for f in forms if f for s in f.steps}, key=_STEP_ORDER.index)
-        prefix = "normalised" if all(not s.startswith("decoded") for s in steps) else "decoded"
-        name = f"{prefix} ({', '.join(s.removeprefix('decoded ') for s in steps)})"
+        name = label(s for f in forms if f for s in f.steps)
         other = [(r, f.text if f else c) for (r, c), f in zip(msgs, forms)]
         views += [View(v.messages, f"{name}{FORM_SEPARATOR}{v.name}")
                   for v in _readings(other, count_tokens, context_tokens)]
     return _unique(views) or [View(tuple(msgs[-1:]), "message")]
-
-
-_STEP_ORDER = ["unicode", "invisible", *(f"decoded {k}" for k in ("tags", "base64", "base32", "hex", "url",
-               "quoted-printable", "escapes", "html", "morse", "braille", "cipher", "variables")),
-               "confusables", "spread", "emoji", "leet"]
 
 
 def _readings(msgs: list[tuple[str, str]], count_tokens: Callable[[list[dict[str, str]]], int],
@@ -238,11 +236,46 @@ def content_views(text: str, count_tokens: Callable[[list[dict[str, str]]], int]
     views = _content_readings(text, count_tokens, context_tokens)
     form = canonical(text)
     if form is not None:
-        prefix = "decoded" if any(s.startswith("decoded") for s in form.steps) else "normalised"
-        name = f"{prefix} ({', '.join(s.removeprefix('decoded ') for s in form.steps)})"
-        views += [View(v.messages, f"{name}{FORM_SEPARATOR}{v.name}")
+        views += [View(v.messages, f"{label(form.steps)}{FORM_SEPARATOR}{v.name}")
                   for v in _content_readings(form.text, count_tokens, context_tokens)]
     return _unique(views)
+
+
+def answer_views(messages: Sequence[Message], answer: str, count_tokens: Callable[[list[dict[str, str]]], int], *,
+                 context_tokens: int = CONTEXT_TOKENS) -> list[View]:
+    """The readings of an answer: as the assistant's turn of the conversation it answers, and alone
+    as content (:func:`content_views`). All of them are context, not the user's request: the
+    strictest counts at a discount (it refuses from ``(1 + threshold) / 2``).
+
+    In its conversation it is read after as many of the latest turns as fit ``context_tokens``;
+    an answer too long for that is read a window at a time after the request it answers (the
+    latest user turn, or its last window when that is long too). Without a conversation only the
+    content readings remain.
+    """
+    msgs = [(m["role"], m["content"]) for m in messages]
+    turn = ("assistant", answer)
+    views: list[View] = []
+    if any(r == "user" for r, _ in msgs):
+        tail = _recent_turns([*msgs, turn], count_tokens, context_tokens)
+        if tail and tail[-1] == turn and any(r == "user" for r, _ in tail):
+            views.append(View(tail, ANSWER_VIEW))
+        else:
+            request = next(c for r, c in reversed(msgs) if r == "user")
+            if count_tokens([{"role": "user", "content": request}]) > context_tokens // 2:
+                request = windows(pieces(request))[-1]
+            views.extend(View((("user", request), ("assistant", w)), f"{ANSWER_VIEW}, window {k + 1}")
+                         for k, w in enumerate(windows(pieces(answer)) or [answer]))
+    alone = [View(v.messages, _alone_name(v.name))
+             for v in content_views(answer, count_tokens, context_tokens=context_tokens)]
+    return _unique(views + alone)
+
+
+def _alone_name(name: str) -> str:
+    """A content reading's name for an answer read alone ("content" -> "answer alone", "passage 2"
+    -> "answer alone, passage 2"; a canonical form's prefix kept)."""
+    form, separator, rest = name.rpartition(FORM_SEPARATOR)
+    own = ANSWER_ALONE if rest == "content" else f"{ANSWER_ALONE}, {rest}"
+    return f"{form}{separator}{own}"
 
 
 def _content_readings(text: str, count_tokens: Callable[[list[dict[str, str]]], int], budget: int) -> list[View]:

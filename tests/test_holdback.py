@@ -76,7 +76,8 @@ def test_every_released_piece_was_covered_by_a_passing_check(backbone, small_pro
             assert covering and (whole or len(covering[-1].split(" ")) - len(sent.split(" ")) >= hold_back)
 
 
-def test_hold_back_is_a_policy_setting():
-    assert OutputModerationConfig().hold_back >= OutputModerationConfig().check_every
+def test_the_default_hold_back_lets_the_first_text_out_at_the_first_check():
+    # Below the check interval: the consumer's first token waits one interval, not two.
+    assert 0 < OutputModerationConfig().hold_back < OutputModerationConfig().check_every
     with pytest.raises(ValueError):
         OutputModerationConfig(hold_back=-1)

@@ -51,9 +51,12 @@ class KeywordLanes:
         self.word, self.scored = word, []
 
     async def score(self, prompt):
-        return await self.score_content(prompt[-1]["content"])
+        return await self.score_text(prompt[-1]["content"])
 
-    async def score_content(self, text):
+    async def score_answer(self, messages, text):
+        return await self.score_text(text)
+
+    async def score_text(self, text):
         self.scored.append(text)
         bad = self.word in text
         return Verdict(0.99 if bad else 0.01, "unsafe" if bad else "safe", Tier.UNSAFE if bad else Tier.SAFE,
@@ -225,7 +228,7 @@ def test_a_moderated_proxy_stream_leaks_nothing_of_a_harmful_answer(backbone, se
     assert guard_info(chunks[-1])["replaced"]
 
 
-def test_proxy_moderation_is_the_in_process_judgement_of_content(backbone, seed_prototypes):
+def test_proxy_moderation_is_the_in_process_judgement_of_answers(backbone, seed_prototypes):
     answers = [RECIPE, "Plumbing carries water in and out of a building through pipes, valves and fixtures."]
     guard = Guard(backbone, seed_prototypes, {"output_moderation": {"enabled": True}})
     for answer in answers:
@@ -234,7 +237,7 @@ def test_proxy_moderation_is_the_in_process_judgement_of_content(backbone, seed_
             with serving(create_app(guard, ServerSettings(upstream=f"{upstream}/v1"))) as url:
                 reply = client(url).chat.completions.create(
                     model="m", messages=[{"role": "user", "content": "Tell me about plumbing."}])
-        in_process = guard.check_content(answer)
+        in_process = guard.moderator([{"role": "user", "content": "Tell me about plumbing."}], answer)
         assert guard_info(reply)["output"]["p_unsafe"] == pytest.approx(in_process.p_unsafe, abs=1e-6)
         assert guard_info(reply)["output"]["flagged"] is in_process.unsafe
 

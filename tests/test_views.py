@@ -227,10 +227,16 @@ def test_a_context_sentence_refuses_alone_only_when_confidently_unsafe():
     assert strictest([("message", 0.25), ("sentence 1", 0.95), ("sentence 2", 0.1)], **LIMITS)[1] >= 0.8
 
 
-def test_the_last_sentence_counts_in_full_and_so_does_any_when_the_message_agrees_or_is_too_long():
+def test_the_last_sentence_counts_in_full_and_so_does_any_when_the_message_agrees():
     assert strictest([("message", 0.25), ("sentence 1", 0.1), ("sentence 2", 0.85)], **LIMITS) == (2, 0.85)
     assert strictest([("message", 0.4), ("sentence 1", 0.85), ("sentence 2", 0.1)], **LIMITS) == (1, 0.85)
-    assert strictest([("sentence 1", 0.85), ("sentence 2", 0.1)], **LIMITS) == (0, 0.85)
+
+
+def test_a_text_too_long_to_read_whole_counts_its_last_sentence_in_full_and_the_rest_as_context():
+    assert strictest([("sentence 1", 0.1), ("sentence 2", 0.85)], **LIMITS) == (1, 0.85)
+    best, p = strictest([("sentence 1", 0.85), ("sentence 2", 0.1), ("window 1", 0.3)], **LIMITS)
+    assert best == 0 and LIMITS["controversial"] <= p < LIMITS["threshold"]  # the safety prompt, never PASS
+    assert strictest([("sentence 1", 0.97), ("sentence 2", 0.1)], **LIMITS)[1] >= LIMITS["threshold"]
 
 
 def test_a_last_sentence_refuses_a_confidently_safe_message_only_when_confidently_unsafe():

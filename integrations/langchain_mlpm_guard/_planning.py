@@ -18,7 +18,7 @@ from langchain_core.messages import SystemMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import merge_configs
 
-from mlpm_guard import Decision, Guard, Policy, Route, Verdict, to_verdict
+from mlpm_guard import Decision, Guard, Policy, Route, Verdict
 from mlpm_guard.streaming import OutputWatch
 
 from . import _graph
@@ -145,8 +145,7 @@ class Planning(GuardSettings):
         return merge_configs(config, {"metadata": run_metadata(plan.record)})
 
     def _judge(self, guard: Guard, conversation: list[dict[str, str]], answer: str, policy: Policy) -> Verdict:
-        moderator = self.moderator or guard.moderator
-        return to_verdict(moderator(conversation, answer), policy.output_moderation.threshold)
+        return guard.check_answer(conversation, answer, policy=policy, moderator=self.moderator)
 
     def _finish(self, value: Any, out: Any, plan: Plan, policy: Policy,
                 verdict: Verdict | None) -> tuple[Any, dict[str, Any] | None]:
@@ -187,26 +186,27 @@ class Planning(GuardSettings):
 
 class Watch:
     """Output moderation of one chain's stream: the core :class:`~mlpm_guard.streaming.OutputWatch`
-    (checks every ``check_every`` tokens; a chunk is handed on only after a passing check that also
-    read the ``hold_back`` tokens after it, as in ``Guard.stream``), judging with the runnable's
-    moderator. On a flag the chain stops and the consumer gets the refusal in place of the held chunks
-    (under ``on_flag="replace"``).
+    (checks every ``check_every`` tokens; a chunk is handed on only after a check that also read the
+    ``hold_back`` tokens after it found the answer confidently safe, as in ``Guard.stream``), judging
+    with the runnable's moderator. When the whole answer is flagged the consumer gets the refusal in
+    place of the held chunks (under ``on_flag="replace"``).
     """
 
     def __init__(self, owner: Planning, guard: Guard, conversation: list[dict[str, str]],
                  policy: Policy) -> None:
         self.owner, self.guard, self.conversation, self.policy = owner, guard, conversation, policy
         moderation = policy.output_moderation
-        self.watch: OutputWatch[Any] = OutputWatch(moderation.check_every, moderation.hold_back)
+        self.watch: OutputWatch[Any] = OutputWatch(moderation.check_every, moderation.hold_back, moderation.stop_at)
         self.ready: list[Any] = []  # chunks a passing check let out, not yet handed on
 
     def add(self, chunk: Any) -> bool:
-        """Take a chunk; True when the text so far is flagged (stop the stream)."""
+        """Take a chunk (checking the text so far when a check is due); True when a check was all
+        but certain that the answer is unsafe (stop the stream)."""
         text = output_text(chunk, self.owner.output_key)
         tokens = len(self.guard.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
         if self.watch.add(chunk, text, tokens):
             self.ready += self.watch.checked(self._judge())
-        return self.watch.flagged
+        return self.watch.stopped
 
     def release(self, *, everything: bool = False) -> list[Any]:
         """The held chunks that passing checks let out (all of them once the whole text passed)."""

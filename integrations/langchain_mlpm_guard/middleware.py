@@ -188,6 +188,12 @@ class MLPMGuardMiddleware(AgentMiddleware[GuardState, Any]):
         return out[0]
 
     @staticmethod
+    def _conversation(request: ModelRequest) -> list[dict[str, str]]:
+        """What the model answered: the request's messages (its system prompt first, when it has one)."""
+        system = [SystemMessage(request.system_prompt)] if getattr(request, "system_prompt", None) else []
+        return guard_messages([*system, *request.messages])
+
+    @staticmethod
     def _ai(response: Any) -> AIMessage | None:
         messages = response.result if isinstance(response, ModelResponse) else [response]
         return next((m for m in messages if isinstance(m, AIMessage)), None)
@@ -201,7 +207,8 @@ class MLPMGuardMiddleware(AgentMiddleware[GuardState, Any]):
         ai = self._ai(response)
         if not self._moderates(policy) or ai is None or not self._answer_text(ai):
             return response
-        return self._replace(response, guard.check_content(self._answer_text(ai), policy=policy), policy, route)
+        verdict = guard.check_answer(self._conversation(request), self._answer_text(ai), policy=policy)
+        return self._replace(response, verdict, policy, route)
 
     async def awrap_model_call(self, request: ModelRequest,
                                handler: Callable[[ModelRequest], Awaitable[Any]]) -> Any:
@@ -213,7 +220,7 @@ class MLPMGuardMiddleware(AgentMiddleware[GuardState, Any]):
         ai = self._ai(response)
         if not self._moderates(policy) or ai is None or not self._answer_text(ai):
             return response
-        verdict = await guard.acheck_content(self._answer_text(ai), policy=policy)
+        verdict = await guard.acheck_answer(self._conversation(request), self._answer_text(ai), policy=policy)
         return self._replace(response, verdict, policy, route)
 
     # ------------------------------------------------------------------ tool results

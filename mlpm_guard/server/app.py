@@ -138,11 +138,11 @@ class GuardService:
         except Exception as exc:  # noqa: BLE001
             return failed_verdict(exc, self.guard)
 
-    async def score_content(self, text: str) -> Verdict:
-        """A text's verdict as content (an answer, a passage) through the content lane; internal
-        errors fail closed."""
+    async def score_answer(self, messages: Messages, text: str) -> Verdict:
+        """An answer's verdict in the conversation it answers, through the answer lane (the
+        judgement of ``Guard``'s own output moderation); internal errors fail closed."""
         try:
-            return await self.timed(self.lanes.score_content(text))
+            return await self.timed(self.lanes.score_answer(messages, text))
         except HTTPError:
             raise
         except Exception as exc:  # noqa: BLE001

@@ -201,19 +201,22 @@ def read_batch(guard: Guard, readings: Sequence[Reading]) -> list[Verdict]:
     return out  # type: ignore[return-value]
 
 
-async def judge_in_readings(guard: Guard, item: Messages | str, *, content: bool,
+async def judge_in_readings(guard: Guard, item: Any, *, kind: scoring.Kind,
                             read: Callable[[list[Reading]], Awaitable[Sequence[Verdict]]]) -> Verdict:
-    """One request's (or, with ``content``, one text's) verdict, its readings scored by ``read``.
+    """One request's, text's or answer's verdict (:data:`~mlpm_guard.scoring.Kind`), its readings
+    scored by ``read``.
 
     The views are planned off the model thread (they only count tokens); the readings, each a short
     forward pass, go to ``read`` together, so a batcher can let them take turns with other
     requests' readings: a long request never holds the model for the whole of its scoring. Errors
     propagate: the caller fails them closed.
     """
-    prototypes, policy = guard.prototypes, guard.policy
-    plan = await asyncio.to_thread(scoring.plan, guard.backbone, [item], content=content)
+    prototypes, policy = guard.prototypes.for_kind(kind), guard.policy
+    plan = await asyncio.to_thread(scoring.plan, guard.backbone, [item], kind=kind)
     scored = await read([(r, prototypes) for r in plan.readings])
-    return under_policy(scoring.decide(prototypes, plan, list(scored))[0], policy)
+    verdict = scoring.decide(prototypes, plan, list(scored))[0]
+    # As in process: checks take the policy's tiers; an answer, the output moderation's line (its caller).
+    return verdict if kind == "answer" else under_policy(verdict, policy)
 
 
 def answer_batch(guard: Guard, items: Sequence[tuple[Messages, GenerationConfig]]) -> list[GuardResult]:
@@ -238,7 +241,7 @@ class Lanes(Protocol):
 
     async def score(self, prompt: Messages) -> Verdict: ...
 
-    async def score_content(self, text: str) -> Verdict: ...
+    async def score_answer(self, messages: Messages, text: str) -> Verdict: ...
 
     async def answer(self, prompt: Messages, config: GenerationConfig) -> GuardResult: ...
 
@@ -263,10 +266,10 @@ class BatchedLanes:
         self._answer = DynamicBatcher(lambda items: answer_batch(guard, items), on_batch=observer("answer"), **options)
 
     async def score(self, prompt: Messages) -> Verdict:
-        return await judge_in_readings(self.guard, prompt, content=False, read=self._read_all)
+        return await judge_in_readings(self.guard, prompt, kind="request", read=self._read_all)
 
-    async def score_content(self, text: str) -> Verdict:
-        return await judge_in_readings(self.guard, text, content=True, read=self._read_all)
+    async def score_answer(self, messages: Messages, text: str) -> Verdict:
+        return await judge_in_readings(self.guard, scoring.Answer(messages, text), kind="answer", read=self._read_all)
 
     def _read_all(self, readings: list[Reading]) -> Awaitable[list[Verdict]]:
         return self._read.submit_all(readings)

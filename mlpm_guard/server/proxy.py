@@ -6,16 +6,17 @@ upstream; ``PASS`` is forwarded as it came (streams are passed through chunk by 
 model's activations, which a remote model does not expose, so upstream it takes the closest
 route it can: the safety prompt.
 
-With output moderation on (the policy's ``output_moderation``), the upstream answer is judged as
-content by the same prototypes, on the server's content lane: the judgement the guard makes of its
-own answers in process. A streamed answer is held back as ``Guard.stream`` holds back its own: a
-chunk reaches the caller only after a passing check (every ``check_every`` tokens, and once at the
-end) that also read the ``hold_back`` tokens after it, so a flagged stream stops before any of the
-flagged text reaches the caller.
+With output moderation on (the policy's ``output_moderation``), the upstream answer is judged in
+the conversation it answers by the same prototypes, on the server's answer lane: the judgement the
+guard makes of its own answers in process. A streamed answer is held back as ``Guard.stream`` holds
+back its own (:class:`~mlpm_guard.streaming.OutputWatch`): a chunk reaches the caller only after a
+check that read it and the ``hold_back`` tokens after it found the answer confidently safe, and a
+flagged answer's held text never does.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -27,7 +28,7 @@ import httpx
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..generation import GenerationConfig
-from ..moderation import to_verdict
+from ..moderation import PrototypeModerator, to_verdict
 from ..streaming import OutputWatch
 from ..types import Decision, Route, Verdict
 from . import schemas
@@ -100,10 +101,12 @@ class UpstreamProxy:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     async def moderate(self, messages: Messages, text: str) -> Verdict:
-        """The answer judged as content (as the guard's prototype moderator does), on the content lane."""
-        config = self.service.guard.policy.output_moderation
-        verdict = await self.service.score_content(text if text.strip() else " ")
-        return to_verdict(verdict, config.threshold)
+        """The answer judged as ``Guard.check_answer`` judges it: with the prototypes, its readings on
+        the answer lane (batched with other requests'); with any other moderator, by that moderator."""
+        guard = self.service.guard
+        if not isinstance(guard.moderator, PrototypeModerator):
+            return await asyncio.to_thread(guard.check_answer, messages, text)
+        return to_verdict(await self.service.score_answer(messages, text), guard.policy.output_moderation.threshold)
 
     def moderated(self, decision: Decision, output: Verdict | None, *, broken: bool = False) -> Decision:
         """``decision`` once the answer was judged (``output``) or its stream broke, which ends as a refusal."""
@@ -166,7 +169,7 @@ class UpstreamProxy:
                 last = event
                 for released in await held.add(event):
                     yield sse(released)
-                if held.flagged:
+                if held.watch.stopped:
                     break
             else:
                 await held.finish()
@@ -192,23 +195,21 @@ class UpstreamProxy:
 
 class _HeldBack:
     """Output moderation of one upstream stream under :class:`~mlpm_guard.streaming.OutputWatch`'s
-    rule (as ``Guard.stream``): a chunk goes to the caller only after a passing check that read it
-    and the ``hold_back`` tokens after it. With output moderation off every chunk goes out as it comes."""
+    rule (as ``Guard.stream``): a chunk goes to the caller only after a check that read it and the
+    ``hold_back`` tokens after it found the answer confidently safe; the whole answer's verdict
+    decides the rest. With output moderation off every chunk goes out as it comes."""
 
     def __init__(self, proxy: UpstreamProxy, messages: Messages) -> None:
         self.proxy, self.messages = proxy, messages
         moderation = proxy.service.guard.policy.output_moderation
         self.enabled = moderation.enabled
-        self.watch: OutputWatch[dict[str, Any]] = OutputWatch(moderation.check_every, moderation.hold_back)
+        self.watch: OutputWatch[dict[str, Any]] = OutputWatch(moderation.check_every, moderation.hold_back,
+                                                              moderation.stop_at)
         self.tokenizer = proxy.service.guard.backbone.tokenizer
 
     @property
     def verdict(self) -> Verdict | None:
         return self.watch.verdict
-
-    @property
-    def flagged(self) -> bool:
-        return self.watch.flagged
 
     async def add(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         """Take an upstream chunk; returns the chunks that may go to the caller now."""
@@ -221,7 +222,7 @@ class _HeldBack:
         return self.watch.checked(await self.proxy.moderate(self.messages, self.watch.text))
 
     async def finish(self) -> None:
-        """The check at the end of the stream, unless the last one already covered all of it."""
+        """The whole answer's check at the end of the stream, unless the last one already read all of it."""
         if self.enabled and self.watch.due_at_end:
             self.watch.checked(await self.proxy.moderate(self.messages, self.watch.text))
 

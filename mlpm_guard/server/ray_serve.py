@@ -20,6 +20,7 @@ from ray import serve
 
 from .. import cpu
 from ..backbone import Backbone
+from .. import scoring
 from ..generation import GenerationConfig
 from ..guard import Guard
 from ..types import GuardResult, Verdict
@@ -73,10 +74,10 @@ class GuardDeployment:
 
     # The lanes the app calls (see batching.Lanes).
     async def score(self, prompt: Messages) -> Verdict:
-        return await judge_in_readings(self.guard, prompt, content=False, read=self._read_all)
+        return await judge_in_readings(self.guard, prompt, kind="request", read=self._read_all)
 
-    async def score_content(self, text: str) -> Verdict:
-        return await judge_in_readings(self.guard, text, content=True, read=self._read_all)
+    async def score_answer(self, messages: Messages, text: str) -> Verdict:
+        return await judge_in_readings(self.guard, scoring.Answer(messages, text), kind="answer", read=self._read_all)
 
     def _read_all(self, readings: list[Reading]) -> Any:
         return self._read.submit_all(readings)
