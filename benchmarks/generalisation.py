@@ -45,6 +45,7 @@ from mlpm_guard.toolkit.data import Example, load_examples
 from mlpm_guard.toolkit.features import extract
 from mlpm_guard.toolkit.training import (
     RELEASE_PARAMS,
+    release_heads,
     RELEASE_SOURCES,
     fit_examples,
     recipe_poolings,
@@ -232,11 +233,16 @@ def run(backbone: Any, data_dir: Path, n: int, params: dict[str, Any]) -> dict[s
     row = {e.prompt: i for i, e in enumerate(full)}
     fits: dict[str, Any] = {}
     results: dict[str, Any] = {}
+    heads: dict[str, Any] = {}
     for fam in fams:
         if fam.fit_key not in fits:
             mix = release_examples(data_dir, exclude=fam.exclude)
             fits[fam.fit_key] = fit_examples(backbone, mix, states=states[[row[e.prompt] for e in mix]],
                                              progress=False, **params)
+            # The heads are fitted on the project's own answers and documents, none of them held out here.
+            heads = heads or release_heads(backbone, fits[fam.fit_key], progress=False)
+            for kind, head in heads.items():
+                fits[fam.fit_key].set_head(kind, head)
         protos = fits[fam.fit_key]
         y = np.array([it.label for it in fam.items])
         p_views, p_whole, lines = scorer.proba(protos, fam.items)

@@ -143,7 +143,7 @@ def _report_seed_rows(examples: Sequence[Any], choice: str | int, args: argparse
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from .toolkit.training import fit_examples, recipe_poolings
+    from .toolkit.training import fit_examples, recipe_poolings, release_heads
 
     choice = _seed_set(args, "fit")
     examples = _training_examples(args.data, choice, args)
@@ -161,10 +161,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
                                  recipe_poolings(params), args)
     prototypes = fit_examples(backbone, examples, states=states, cache=not args.no_cache, progress=not args.quiet,
                               **params)
+    if choice != "none":  # the built-in answers and documents come with the built-in seed set
+        for kind, head in release_heads(backbone, prototypes, progress=not args.quiet).items():
+            prototypes.set_head(kind, head)
     prototypes.save(args.out)
     summary = {"out": str(args.out), "n_samples": prototypes.n_samples_, "layers": prototypes.layer_ids_,
                "readings": [r.key for r in prototypes.readings_], "sets": [s.name for s in prototypes.sets_],
-               "seed_set": choice, "seed_rows": seed_rows, "training": prototypes.training_summary_}
+               "seed_set": choice, "seed_rows": seed_rows, "training": prototypes.training_summary_,
+               "heads": sorted(prototypes.heads_)}
     print(json.dumps(summary))
     return 0
 

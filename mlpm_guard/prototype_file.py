@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
 FORMAT = "mlpm-guard-prototypes"
 #: 2: digest-named tensors file, metadata digest, strict schema (1 had a fixed tensors file name).
 #: 3: ``readings`` (layer and pooling of each input; a version-2 file reads last tokens only).
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 META_FILE = "prototypes.json"
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
 _SHA256 = r"^[0-9a-f]{64}$"
@@ -102,13 +104,22 @@ class ReadingRecord(BaseModel):
     pooling: Literal["last", "mean"]
 
 
+class HeadRecord(BaseModel):
+    """Where a head is saved (``heads/<folder>``) and the digest of its metadata."""
+
+    model_config = _STRICT
+
+    folder: str = Field(pattern=r"^(answer|content)-[0-9a-f]{16}$")
+    metadata_sha256: str = Field(pattern=_SHA256)
+
+
 class PrototypeMeta(BaseModel):
     """The schema of ``prototypes.json``."""
 
     model_config = _STRICT
 
     format: Literal["mlpm-guard-prototypes"]
-    format_version: Literal[2, 3]
+    format_version: Literal[2, 3, 4]
     mlpm_guard_version: str
     created: str
     backbone: BackboneRecord | None
@@ -126,6 +137,9 @@ class PrototypeMeta(BaseModel):
     n_samples: int = Field(ge=0)
     training_summary: dict[str, int]
     provenance: dict[str, Any] | None = None  # how the fit was made (the shipped default records its data and licences)
+    # Version 4: heads (prototypes of their own for another kind of text), by kind: the subfolder of
+    # `heads/` that holds each, and its metadata_sha256, so that an edited head is refused.
+    heads: dict[Literal["answer", "content"], HeadRecord] = Field(default_factory=dict)
     tensors_sha256: str = Field(pattern=_SHA256)
     metadata_sha256: str = Field(pattern=_SHA256)
 
@@ -269,10 +283,36 @@ def save_prototypes(prototypes: Prototypes, path: str | Path) -> Path:
     tensors = _tensors(prototypes)
     try:
         check_tensors(tensors, folder)
-        write_folder(folder, _metadata(prototypes), save_bytes(tensors, metadata={"format": FORMAT}))
+        heads = {kind: _save_head(head, folder / HEADS_DIR, kind) for kind, head in getattr(prototypes, "heads_", {}).items()}
+        write_folder(folder, {**_metadata(prototypes), "heads": heads}, save_bytes(tensors, metadata={"format": FORMAT}))
     except (ValidationError, PrototypeFileError) as exc:
         raise ConfigError(f"these prototypes hold values that cannot be saved (refit them):\n{exc}") from None
+    # Heads of earlier saves go once the new metadata names the new ones (a killed save keeps the old).
+    kept = {h["folder"] for h in heads.values()}
+    for old in (folder / HEADS_DIR).glob("*") if (folder / HEADS_DIR).is_dir() else ():
+        if old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+#: The subfolder that holds a prototypes folder's heads, each a prototypes folder of its own.
+HEADS_DIR = "heads"
+
+
+def _save_head(head: Prototypes, root: Path, kind: str) -> dict[str, str]:
+    """Save a head into ``root/<kind>-<digest>`` (written aside first, then renamed into place)."""
+    if getattr(head, "heads_", {}):
+        raise PrototypeFileError("a head cannot have heads of its own")
+    root.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{kind}.", suffix=".tmp", dir=root))
+    save_prototypes(head, scratch)
+    digest = json.loads((scratch / META_FILE).read_text(encoding="utf-8"))["metadata_sha256"]
+    final = root / f"{kind}-{digest[:16]}"
+    if final.is_dir():
+        shutil.rmtree(scratch)
+    else:
+        scratch.rename(final)
+    return {"folder": final.name, "metadata_sha256": digest}
 
 
 def _tensors(p: Prototypes) -> dict[str, np.ndarray]:
@@ -284,11 +324,14 @@ def _tensors(p: Prototypes) -> dict[str, np.ndarray]:
         tensors[f"sets.{i}.labels"] = s.labels.astype(np.int64)
         tensors[f"sets.{i}.counts"] = s.counts.astype(np.int64)
         tensors[f"sets.{i}.means"] = s.means.astype(np.float32)
-        tensors[f"sets.{i}.cov"] = s.cov.astype(np.float32)
+        # A covariance is symmetric: its upper triangle is all there is to keep (half the file).
+        rows, cols = np.triu_indices(s.cov.shape[-1])
+        tensors[f"sets.{i}.cov_triu"] = np.ascontiguousarray(s.cov[:, rows, cols], dtype=np.float32)
     if p.category_means_ is not None:
         tensors["category_means"] = p.category_means_.astype(np.float32)
     tensors["steering_directions"] = p.steering_directions_.astype(np.float32)
-    return tensors
+    # safetensors writes an array's buffer as it lies in memory: every tensor must be C-contiguous.
+    return {k: np.ascontiguousarray(v) for k, v in tensors.items()}
 
 
 def _metadata(p: Prototypes) -> dict[str, Any]:
@@ -349,7 +392,22 @@ def load_prototypes(path: str | Path, backbone: Any = None, *, cls: type[Prototy
     except np.linalg.LinAlgError as exc:
         raise PrototypeFileError(f"{folder}: covariance is not usable ({exc})") from None
     _self_check(prototypes, folder)
+    prototypes.heads_ = {kind: _load_head(folder, kind, record, meta, cls) for kind, record in meta.heads.items()}
     return prototypes.bind(backbone) if backbone is not None else prototypes
+
+
+def _load_head(folder: Path, kind: str, record: HeadRecord, meta: PrototypeMeta, cls: type[Prototypes]) -> Prototypes:
+    """A head, checked like any prototypes folder, and against what its parent recorded."""
+    where = folder / HEADS_DIR / record.folder
+    if not (where / META_FILE).is_file():
+        raise PrototypeFileError(f"{folder}: the {kind} head {HEADS_DIR}/{record.folder} named by {META_FILE} is missing")
+    head = load_prototypes(where, cls=cls)
+    head_meta, _ = read_folder(where)
+    if head_meta.metadata_sha256 != record.metadata_sha256:
+        raise PrototypeFileError(f"{where} is not the {kind} head {folder / META_FILE} was saved with")
+    if head_meta.heads or head.backbone_identity_ != (meta.backbone.model_dump() if meta.backbone else None):
+        raise PrototypeFileError(f"{where}: a head must be plain prototypes fitted on its parent's backbone")
+    return head
 
 
 def _restore(p: Prototypes, meta: PrototypeMeta, t: dict[str, np.ndarray], folder: Path) -> None:
@@ -380,16 +438,29 @@ def _restore(p: Prototypes, meta: PrototypeMeta, t: dict[str, np.ndarray], folde
     p.n_samples_, p.training_summary_ = meta.n_samples, dict(meta.training_summary)
     p.provenance_ = meta.provenance
     p.backbone_identity_ = meta.backbone.model_dump() if meta.backbone is not None else None
+    p.heads_ = {}
 
 
 def _restore_set(i: int, info: SetRecord, t: dict[str, np.ndarray], k: int, d: int, folder: Path) -> PrototypeSet:
     labels, counts = t[f"sets.{i}.labels"], t[f"sets.{i}.counts"]
-    means, cov = t[f"sets.{i}.means"].astype(np.float64), t[f"sets.{i}.cov"].astype(np.float64)
+    means = t[f"sets.{i}.means"].astype(np.float64)
+    cov = t[f"sets.{i}.cov"].astype(np.float64) if f"sets.{i}.cov" in t else _symmetric(t[f"sets.{i}.cov_triu"], d, folder)
     n_protos = len(info.prototypes)
     if (means.shape != (k, n_protos, d) or cov.shape != (k, d, d) or labels.shape != (n_protos,)
             or counts.shape != (n_protos,)):
         raise PrototypeFileError(f"{folder}: set {i} has tensor shapes that do not match {META_FILE}")
     return PrototypeSet(info.name, labels, list(info.prototypes), counts, means, cov, info.n)
+
+
+def _symmetric(triu: np.ndarray, d: int, folder: Path) -> np.ndarray:
+    """Covariances (k, d, d) from their upper triangles (k, d * (d + 1) / 2)."""
+    if triu.ndim != 2 or triu.shape[1] != d * (d + 1) // 2:
+        raise PrototypeFileError(f"{folder}: a covariance's upper triangle has shape {triu.shape}, not (k, {d * (d + 1) // 2})")
+    cov = np.zeros((triu.shape[0], d, d))
+    rows, cols = np.triu_indices(d)
+    cov[:, rows, cols] = triu
+    cov[:, cols, rows] = triu
+    return cov
 
 
 def _self_check(p: Prototypes, where: Path) -> None:

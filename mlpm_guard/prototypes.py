@@ -34,6 +34,10 @@ from .types import Verdict
 from .verdicts import failed_verdict, make_verdict, tier_of
 
 
+#: The kinds of text a head may judge (:meth:`Prototypes.set_head`).
+HEAD_KINDS = ("answer", "content")
+
+
 def as_states(X: Any, layers: Sequence[int], backbone: Any, poolings: Sequence[str] = ("last",)) -> np.ndarray:
     """Hidden states (n_samples, len(poolings) * len(layers), d), pooling-major (:mod:`.readings`):
     given as such, or read from prompts on ``backbone``."""
@@ -263,9 +267,11 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         return getattr(self, "_backbone", None)
 
     def bind(self, backbone: Any) -> Prototypes:
-        """Attach a backbone after checking that it is the one these prototypes were fitted on."""
+        """Attach a backbone (to the heads too) after checking that it is the one these prototypes were fitted on."""
         check_backbone(self.backbone_identity_, backbone)
         self._backbone = backbone
+        for head in getattr(self, "heads_", {}).values():
+            head._backbone = backbone
         return self
 
     def __getstate__(self) -> dict[str, Any]:
@@ -340,7 +346,37 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         self.training_summary_ = {f"{src}/{'unsafe' if lab else 'safe'}": int(n)
                                   for (src, lab), n in sorted(Counter(zip(sources, y)).items())}
         self.backbone_identity_ = backbone.identity() if backbone is not None else None
+        self.heads_ = {}
         return self
+
+    # ------------------------------------------------------------------ heads
+    def set_head(self, kind: str, head: Prototypes) -> Prototypes:
+        """Judge texts of ``kind`` with ``head`` instead of these prototypes (see :meth:`for_kind`).
+
+        A head is fitted prototypes of its own (its own readings, layer combination and lines),
+        on the same backbone, for a kind of text whose form differs from a request's: ``"answer"``
+        (an answer read in its conversation) or ``"content"`` (a passage or tool result).
+
+        Returns:
+            self
+        """
+        self._check_fitted()
+        if kind not in HEAD_KINDS:
+            raise ConfigError(f"a head judges one of {HEAD_KINDS}, got {kind!r}")
+        head._check_fitted()
+        if getattr(head, "heads_", {}):
+            raise ConfigError("a head cannot have heads of its own")
+        if head.backbone_identity_ != self.backbone_identity_:
+            raise ConfigError(f"the {kind} head was fitted on another backbone than these prototypes")
+        self.heads_ = {**getattr(self, "heads_", {}), kind: head}
+        if self.backbone is not None:
+            head._backbone = self.backbone
+        return self
+
+    def for_kind(self, kind: str) -> Prototypes:
+        """The prototypes that judge a text of ``kind`` (``"request"``, ``"content"``, ``"answer"``):
+        its head when there is one, else these."""
+        return getattr(self, "heads_", {}).get(kind, self)
 
     # ------------------------------------------------------------------ predict
     def predict_proba(self, X: Any) -> np.ndarray:

@@ -22,9 +22,9 @@ def shipped_prototypes_dir() -> Path:
     return Path(str(resources.files("mlpm_guard") / "resources" / "default_prototypes"))
 
 
-def seed_digest() -> str:
-    """A short digest of the built-in seed set (names the seed-set fit in the cache)."""
-    ref = resources.files("mlpm_guard") / "resources" / "seed_prompts.jsonl"
+def seed_digest(name: str = "seed_prompts.jsonl") -> str:
+    """A short digest of a built-in seed file (names the seed-set fit in the cache)."""
+    ref = resources.files("mlpm_guard") / "resources" / name
     return hashlib.sha256(ref.read_bytes()).hexdigest()[:12]
 
 
@@ -43,15 +43,18 @@ def default_prototypes(backbone: Any, *, progress: bool = True) -> Prototypes:
             pass  # another backbone: the seed-set fit below
     # Another backbone: the seed-set fit, the one use of the toolkit at run time.
     from .toolkit.data import seed_examples
-    from .toolkit.training import DEFAULT_PARAMS, fit_examples, training_mix
+    from .toolkit.training import DEFAULT_PARAMS, fit_examples, release_heads, training_mix
 
     params = hashlib.sha256(repr(sorted(DEFAULT_PARAMS.items())).encode()).hexdigest()[:8]
-    name = f"seed-{backbone.fingerprint}-{seed_digest()}-{params}-v{__version__}-f{FORMAT_VERSION}"
+    seeds = f"{seed_digest()}{seed_digest('seed_answers.jsonl')[:4]}{seed_digest('seed_content.jsonl')[:4]}"
+    name = f"seed-{backbone.fingerprint}-{seeds}-{params}-v{__version__}-f{FORMAT_VERSION}"
     folder = cache_home() / "prototypes" / name
     if (folder / META_FILE).is_file():
         return Prototypes.load(folder, backbone=backbone)
     logger.warning("no shipped prototypes for backbone %s: fitting default prototypes on the built-in seed set "
                    "(first use only, then cached in %s)", getattr(backbone, "name", backbone), folder)
     prototypes = fit_examples(backbone, training_mix(seed_examples()), progress=progress)
+    for kind, head in release_heads(backbone, prototypes, progress=progress).items():
+        prototypes.set_head(kind, head)
     prototypes.save(folder)
     return prototypes

@@ -224,6 +224,62 @@ def test_save_load_round_trip(tmp_path, fitted):
     assert [v.category for v in q.verdicts(H[:10, cols])] == [v.category for v in p.verdicts(H[:10, cols])]
 
 
+def test_a_head_judges_its_own_kind_and_is_saved_with_its_parent(tmp_path, fitted):
+    p, H, y = fitted
+    head = Prototypes(C=0.5).fit(*make_states(seed=1))
+    assert p.for_kind("answer") is p  # no head: the prototypes judge every kind
+    p.set_head("answer", head)
+    assert p.for_kind("answer") is head and p.for_kind("request") is p and p.for_kind("content") is p
+    folder = p.save(tmp_path / "protos")
+    [saved] = (folder / "heads").iterdir()
+    assert re.fullmatch(r"answer-[0-9a-f]{16}", saved.name)
+    q = Prototypes.load(folder)
+    cols = [layer - 1 for layer in head.layer_ids_]
+    np.testing.assert_allclose(q.for_kind("answer").predict_proba(H[:, cols]), head.predict_proba(H[:, cols]),
+                               rtol=1e-5, atol=1e-6)
+    # A second save replaces the head folder once the new metadata names the new one.
+    p.set_head("answer", Prototypes(C=0.5).fit(*make_states(seed=2)))
+    p.save(folder)
+    assert [f.name for f in (folder / "heads").iterdir()] != [saved.name] and len(list((folder / "heads").iterdir())) == 1
+
+
+def test_an_edited_or_missing_head_is_refused(tmp_path, fitted):
+    p, _, _ = fitted
+    p.set_head("answer", Prototypes(C=0.5).fit(*make_states(seed=1)))
+    folder = p.save(tmp_path / "protos")
+    [head] = (folder / "heads").iterdir()
+    meta = json.loads((head / "prototypes.json").read_text())
+    forged = {**meta, "threshold": 0.99}
+    (head / "prototypes.json").write_text(json.dumps({**forged, "metadata_sha256": metadata_digest(forged)}))
+    with pytest.raises(PrototypeFileError, match="is not the answer head"):
+        Prototypes.load(folder)
+    import shutil
+
+    shutil.rmtree(head)
+    with pytest.raises(PrototypeFileError, match="answer head .* is missing"):
+        Prototypes.load(folder)
+
+
+def test_a_head_must_be_plain_prototypes_of_a_known_kind(fitted):
+    p, _, _ = fitted
+    head = Prototypes(C=0.5).fit(*make_states(seed=1))
+    with pytest.raises(ConfigError, match="a head judges one of"):
+        p.set_head("request", head)
+    nested = Prototypes(C=0.5).fit(*make_states(seed=2)).set_head("answer", Prototypes(C=0.5).fit(*make_states(seed=3)))
+    with pytest.raises(ConfigError, match="heads of its own"):
+        p.set_head("answer", nested)
+
+
+def test_every_covariance_comes_back_exactly_as_float32_holds_it(tmp_path):
+    # Saved as its upper triangle; safetensors writes a buffer as it lies in memory, so a strided
+    # array (the triangles of several readings) once came back scrambled.
+    H, y = make_states(layers=4, d=20)
+    p = Prototypes(C=100.0).fit(H, y)
+    assert len(p.readings_) > 1
+    q = Prototypes.load(p.save(tmp_path / "protos"))
+    np.testing.assert_array_equal(q.sets_[0].cov, p.sets_[0].cov.astype(np.float32).astype(np.float64))
+
+
 def test_the_fit_params_are_saved_with_the_prototypes(tmp_path):
     H, y = make_states()
     p = Prototypes(threshold=0.8, controversial_threshold=0.35, other_language_threshold=0.7,

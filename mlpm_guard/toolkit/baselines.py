@@ -164,7 +164,7 @@ class TfidfBaseline:
         self.pipeline_ = make_pipeline(
             TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, strip_accents="unicode"),
             LogisticRegression(C=self.C, class_weight="balanced", max_iter=2000))
-        self.pipeline_.fit([e.prompt for e in examples], [e.label for e in examples])
+        self.pipeline_.fit([e.text for e in examples], [e.label for e in examples])
         return self
 
     def predict_proba(self, prompts: Sequence[str]) -> np.ndarray:

@@ -17,14 +17,27 @@ from ..labels import parse_label
 
 
 @dataclass(frozen=True)
-class Example:
-    """One labelled prompt."""
+class Turn:
+    """One message of a labelled conversation (hashable, and read by the guard like a message dict)."""
 
-    prompt: str
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled prompt: a string, or a conversation (a tuple of turns)."""
+
+    prompt: str | tuple[Turn, ...]
     label: int  # 0 safe, 1 unsafe
     category: str | None = None
     source: str = ""
     split: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The prompt's text (a conversation's turns joined by newlines)."""
+        return self.prompt if isinstance(self.prompt, str) else "\n".join(t.content for t in self.prompt)
 
 
 def _rows(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
@@ -65,7 +78,8 @@ def load_examples(path: str | Path) -> list[Example]:
     """Read a labelled prompt file (JSONL or CSV with ``prompt`` and ``label``).
 
     Optional columns: ``category``, ``source`` (defaults to the file name without extension)
-    and ``split``.
+    and ``split``. A JSONL row may hold a conversation instead of a prompt: ``messages``, a list
+    of ``{"role", "content"}`` objects.
 
     Raises:
         DataError: naming the file and line of the first problem.
@@ -75,11 +89,14 @@ def load_examples(path: str | Path) -> list[Example]:
         raise DataError(f"{path}: no such file")
     out = []
     for lineno, row in _rows(path):
+        if row.get("prompt") is None and isinstance(row.get("messages"), list):
+            row = {**row, "prompt": _turns(row["messages"], f"{path}:{lineno}")}
         missing = [k for k in ("prompt", "label") if k not in row or row[k] is None]
         if missing:
-            raise DataError(f"{path}:{lineno}: missing column(s) {missing}; each row needs `prompt` and `label`")
+            raise DataError(f"{path}:{lineno}: missing column(s) {missing}; each row needs `prompt` (or `messages`) "
+                            "and `label`")
         prompt = row["prompt"]
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(prompt, tuple) and (not isinstance(prompt, str) or not prompt.strip()):
             raise DataError(f"{path}:{lineno}: `prompt` must be a non-empty string")
         try:
             label = parse_label(row["label"])
@@ -93,6 +110,17 @@ def load_examples(path: str | Path) -> list[Example]:
     if not out:
         raise DataError(f"{path}: the file has no rows")
     return out
+
+
+def _turns(messages: list[Any], where: str) -> tuple[Turn, ...]:
+    turns = []
+    for i, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise DataError(f"{where}: `messages[{i}]` must be an object with string `role` and `content`")
+        turns.append(Turn(m["role"], m["content"]))
+    if not turns:
+        raise DataError(f"{where}: `messages` is empty")
+    return tuple(turns)
 
 
 def cap_per_source(examples: Sequence[Example], max_per_source: int | None, seed: int = 0) -> list[Example]:
@@ -126,6 +154,36 @@ def cap_per_source(examples: Sequence[Example], max_per_source: int | None, seed
 
 def seed_examples() -> list[Example]:
     """The built-in seed set shipped with the package (see ``resources/seed_prompts.jsonl``)."""
-    ref = resources.files("mlpm_guard") / "resources" / "seed_prompts.jsonl"
+    return _resource_examples("seed_prompts.jsonl", "seed")
+
+
+def seed_answers() -> list[Example]:
+    """The built-in answers (``resources/seed_answers.jsonl``): requests with an answer that
+    complies with harm or helps harmlessly, as conversations ending with the assistant's turn, whole
+    and cut after their opening; what the answer head is fitted on."""
+    return _resource_examples("seed_answers.jsonl", "seed answers")
+
+
+def seed_content() -> tuple[list[Example], list[str | None]]:
+    """The built-in documents the content head is fitted on, and where each unsafe one's harm lies.
+
+    ``resources/seed_content.jsonl`` holds documents of many kinds, ordinary ones and ones carrying
+    an instruction aimed at the assistant (with ``span``, the instruction); the seed set's
+    ``content`` rows (short harmful and ordinary passages) join them, each harmful as a whole.
+    """
+    examples, spans = [], []
+    for name, kinds in (("seed_content.jsonl", None), ("seed_prompts.jsonl", {"content"})):
+        ref = resources.files("mlpm_guard") / "resources" / name
+        for line in ref.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line) if line.strip() else None
+            if row is None or (kinds is not None and row.get("kind") not in kinds):
+                continue
+            examples.append(Example(row["prompt"], parse_label(row["label"]), row.get("category"), "seed content"))
+            spans.append(row.get("span"))
+    return examples, spans
+
+
+def _resource_examples(name: str, source: str) -> list[Example]:
+    ref = resources.files("mlpm_guard") / "resources" / name
     with resources.as_file(ref) as path:
-        return [Example(e.prompt, e.label, e.category, "seed", e.split) for e in load_examples(path)]
+        return [Example(e.prompt, e.label, e.category, source, e.split) for e in load_examples(path)]

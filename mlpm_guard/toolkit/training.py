@@ -15,7 +15,7 @@ from ..errors import DataError
 from ..prototypes import Prototypes
 from ..shipped import seed_digest
 from ..views import segments
-from .data import Example, cap_per_source, load_examples, seed_examples
+from .data import Example, cap_per_source, load_examples, seed_answers, seed_content, seed_examples
 from .features import FeatureCache, extract
 
 logger = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def with_sentence_views(examples: Sequence[Example], *, per_prompt: int = SENTEN
     """
     out = list(examples)
     for e in examples:
-        if e.label != 0:
+        if e.label != 0 or not isinstance(e.prompt, str):
             continue
         pieces = segments(e.prompt)
         if len(pieces) > 1:
@@ -118,25 +118,22 @@ RELEASE_SOURCES: dict[str, str] = {
     "self_instruct": "Apache-2.0", "chat_prompts": "Apache-2.0",
 }
 RELEASE_MAX_PER_SOURCE = 400
-#: The shipped default refuses only when confidently unsafe: P(unsafe) >= 0.8 is the unsafe tier
-#: (refusal); 0.35-0.8 is controversial and takes the safety-prompt route, which still answers.
-#: Chosen on the held-out families of ``benchmarks/generalisation.py``: refusing from 0.5 flagged
-#: one Alpaca instruction in eight, from 0.8 one in twenty-six, while held-out direct requests
-#: lost 0-4 points of recall; the wide controversial band keeps borderline harmful requests (a
-#: bomb request in French scored 0.46) off the plain ``PASS`` route. No separate line for other
-#: languages (``other_language_threshold``): from 0.7, held-out-language harmful requests were
-#: refused 56% of the time instead of 40.5%, but the shipped fit then refused 16.8% of ordinary
-#: requests in its ten seed languages instead of 8.8% (docs/quality.md).
-#: Mean-pooled readings next to the last token: held out of the fit, harmful follow-ups caught 65 -> 85%,
-#: held-out languages 40.5 -> 50%, ordinary ToxicChat prompts refused 12.5 -> 11.2% (docs/quality.md).
-#: ``source_invariance`` 1 (stop 27): Arena prompts flagged 12.5 -> 8.8%, look-alikes 16.2 -> 13.8%,
-#: ToxicChat toxic prompts refused 57.5 -> 62.5% with ordinary ones 11.2 -> 10%, harmful F1 mean
-#: 0.844 -> 0.840; 3 and 10 traded more recall for little more (docs/quality.md).
-#: ``content_threshold`` 0.5 (stop 29): a passage is kept or dropped, an answer sent or replaced, so
-#: content is decided at even odds; held out, harmful passages caught 60 -> 88% with none of 75
-#: ordinary ones dropped, ordinary long documents still 0 of 6.
+#: The release recipe's parameters (why each, with the numbers behind it, in docs/quality.md):
+#:
+#: - ``threshold`` 0.8 / ``controversial_threshold`` 0.35: requests are refused only when confidently
+#:   unsafe; in between they are answered under the safety prompt, so a borderline harmful request
+#:   does not take the plain ``PASS`` route either;
+#: - ``pooling`` ``"last+mean"``: each layer read at the last token and averaged over the request, so
+#:   a goal stated turns earlier still counts when the last turn only asks for it;
+#: - ``source_invariance`` 1: the spread between the training sources' class means counts as noise,
+#:   so the prototypes lean on what tells safe from unsafe inside each source, not on what tells the
+#:   sources apart;
+#: - no line of its own for other languages or for content: content is judged by the content head
+#:   (:data:`CONTENT_HEAD_PARAMS`), answers by the answer head.
 RELEASE_PARAMS: dict[str, Any] = {**DEFAULT_PARAMS, "threshold": 0.8, "controversial_threshold": 0.35,
-                                  "pooling": "last+mean", "source_invariance": 1.0, "content_threshold": 0.5}
+                                  "pooling": "last+mean", "source_invariance": 1.0}
+#: The content head's lines: those of requests (a passage is kept or dropped at the refusal line).
+CONTENT_HEAD_PARAMS: dict[str, Any] = {"threshold": 0.8, "controversial_threshold": 0.35}
 #: Longer prompts stay out of the fit: the guard never scores a reading longer than the views'
 #: context budget (longer text is read sentence by sentence), so they would teach nothing it uses.
 RELEASE_MAX_WORDS = 160
@@ -160,20 +157,95 @@ def release_examples(data_dir: str | Path, *, exclude: Any = None) -> list[Examp
     """
     keep = (lambda e: not exclude(e)) if exclude is not None else (lambda e: True)
     rows = [e for path in release_files(data_dir).values() for e in load_examples(path)
-            if e.split not in HELD_OUT_SPLITS and keep(e) and len(e.prompt.split()) <= RELEASE_MAX_WORDS]
+            if e.split not in HELD_OUT_SPLITS and keep(e) and len(e.text.split()) <= RELEASE_MAX_WORDS]
     return (training_mix(rows, max_per_source=RELEASE_MAX_PER_SOURCE)
             + with_sentence_views([e for e in seed_examples() if keep(e)]))
 
 
+def fit_answer_head(backbone: Any, parent: Prototypes, *, examples: Sequence[Example] | None = None,
+                    cache: FeatureCache | bool = True, progress: bool = True) -> Prototypes:
+    """Prototypes that judge answers in their conversation (:meth:`Prototypes.set_head`), fitted on
+    ``examples`` (default: the built-in answers, :func:`~mlpm_guard.toolkit.data.seed_answers`)
+    with the parent's readings, penalty and lines.
+
+    An answer read after its request is a form of text the request prototypes barely know; fitted
+    on answers alone, its own discriminant tells a harmful answer from a helpful one to an alarming
+    question (``benchmarks/holdback.py`` measures both).
+    """
+    rows = list(examples) if examples is not None else seed_answers()
+    params = {k: v for k, v in parent.get_params().items() if k in ANSWER_HEAD_PARAMS}
+    return fit_examples(backbone, rows, cache=cache, progress=progress, **params)
+
+
+#: The parent's parameters a head takes (one source, so no per-source sets or invariance).
+ANSWER_HEAD_PARAMS = ("C", "layers", "pooling", "threshold", "controversial_threshold", "random_state")
+
+
+def content_readings(backbone: Any, examples: Sequence[Example], spans: Sequence[str | None]) -> list[Example]:
+    """The readings the guard takes of each text judged as content (:func:`mlpm_guard.views.content_views`:
+    inside the content request, whole when it fits and in windows), labelled for a content head.
+
+    A reading of a safe text is safe. A reading of an unsafe text is unsafe when it holds the
+    text's harmful part (``span``: the injected instruction, the harmful paragraph; ``None``: the
+    whole text is), safe when it holds none of it, and left out when it holds only some.
+    """
+    from ..scoring import token_counter
+    from ..views import CONTENT_TEMPLATE, content_views
+
+    count = token_counter(backbone)
+    out = []
+    for e, span in zip(examples, spans):
+        text = e.text
+        for view in content_views(text, count):
+            body = view.messages[0][1][len(CONTENT_TEMPLATE.replace("{text}", "")):]
+            if e.label == 0:
+                label = 0
+            elif span is None or span in body:
+                label = 1
+            elif not _overlaps(span, body):
+                label = 0
+            else:
+                continue
+            out.append(Example(view.messages[0][1], label, e.category if label else None, e.source, e.split))
+    return out
+
+
+def _overlaps(span: str, body: str, words: int = 4) -> bool:
+    """Whether ``body`` holds any run of ``words`` consecutive words of ``span``."""
+    tokens = span.split()
+    return any(" ".join(tokens[i:i + words]) in body for i in range(max(1, len(tokens) - words + 1)))
+
+
+def fit_content_head(backbone: Any, parent: Prototypes, examples: Sequence[Example], spans: Sequence[str | None], *,
+                     cache: FeatureCache | bool = True, progress: bool = True, **params: Any) -> Prototypes:
+    """Prototypes that judge content (retrieved passages, tool results: :meth:`Prototypes.set_head`),
+    fitted on the readings the guard takes of ``examples`` judged as content (:func:`content_readings`),
+    with the parent's readings and penalty, and ``params`` over them (e.g. its line)."""
+    rows = content_readings(backbone, examples, spans)
+    merged = {**{k: v for k, v in parent.get_params().items() if k in ANSWER_HEAD_PARAMS}, **params}
+    return fit_examples(backbone, rows, cache=cache, progress=progress, **merged)
+
+
+def release_heads(backbone: Any, parent: Prototypes, *, progress: bool = True) -> dict[str, Prototypes]:
+    """The release recipe's heads for ``parent``: the answer head on the built-in answers, the
+    content head on the built-in documents (:data:`CONTENT_HEAD_PARAMS`)."""
+    return {"answer": fit_answer_head(backbone, parent, progress=progress),
+            "content": fit_content_head(backbone, parent, *seed_content(), progress=progress, **CONTENT_HEAD_PARAMS)}
+
+
 def fit_release(backbone: Any, data_dir: str | Path, *, progress: bool = True) -> Prototypes:
     """Fit the default prototypes with the release recipe: :data:`RELEASE_SOURCES` from ``data_dir``
-    plus the seed set, each source capped at :data:`RELEASE_MAX_PER_SOURCE`, labels balanced.
+    plus the seed set, each source capped at :data:`RELEASE_MAX_PER_SOURCE`, labels balanced; and
+    their answer head on the built-in answers (:func:`fit_answer_head`).
 
     The training mix and each file's licence are recorded in ``prototypes.json`` (``provenance``).
     """
     files = release_files(data_dir)
     examples = release_examples(data_dir)
     prototypes = fit_examples(backbone, examples, progress=progress, **RELEASE_PARAMS)
+    for kind, head in release_heads(backbone, prototypes, progress=progress).items():
+        prototypes.set_head(kind, head)
+    answers, (documents, _) = seed_answers(), seed_content()
     used: dict[str, int] = {}
     for e in examples:
         used[e.source] = used.get(e.source, 0) + 1
@@ -185,6 +257,11 @@ def fit_release(backbone: Any, data_dir: str | Path, *, progress: bool = True) -
         "files": {f"{stem}.jsonl": {"licence": lic, "sha256": _digest(files[stem])} for stem, lic in RELEASE_SOURCES.items()},
         "seed_set": {"licence": SEED_LICENCE, "sha256": seed_digest()},
         "rows_per_source": dict(sorted(used.items())),
+        "answer_head": {"recipe": "mlpm_guard.toolkit.training.fit_answer_head", "licence": SEED_LICENCE,
+                        "sha256": seed_digest("seed_answers.jsonl"), "rows": len(answers)},
+        "content_head": {"recipe": "mlpm_guard.toolkit.training.fit_content_head", "licence": SEED_LICENCE,
+                         "sha256": seed_digest("seed_content.jsonl"), "documents": len(documents),
+                         "params": CONTENT_HEAD_PARAMS},
     }
     return prototypes
 
