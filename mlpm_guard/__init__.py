@@ -3,6 +3,7 @@
 from ._version import __version__
 from .answers import Answer, ExternalSystem
 from .backbone import Backbone, BackboneConfig
+from .decision_log import Correction, DecisionLog, DecisionLogSettings
 from .defaults import default_guard
 from .embedding import content_embeddings
 from .errors import (
@@ -21,6 +22,7 @@ from .guard import Guard, as_policy
 from .loading import resolve_dtype  # public for benchmarks: the dtype "auto" picks on a device
 from .moderation import Moderator, PrototypeModerator, to_verdict
 from .policy import OutputModerationConfig, Policy, SteeringConfig
+from .presets import PRESETS, policy_preset
 from .prototypes import Prototypes
 from .types import Decision, GuardChunk, GuardResult, Route, Tier, Timings, Verdict
 from .verdicts import make_verdict, tier_of
@@ -32,8 +34,11 @@ __all__ = [
     "BackboneLoadError",
     "BackboneMismatchError",
     "ConfigError",
+    "Correction",
     "DataError",
     "Decision",
+    "DecisionLog",
+    "DecisionLogSettings",
     "ExternalSystem",
     "GenerationConfig",
     "Guard",
@@ -45,6 +50,7 @@ __all__ = [
     "Moderator",
     "NotFittedError",
     "OutputModerationConfig",
+    "PRESETS",
     "Policy",
     "PrototypeFileError",
     "PrototypeModerator",
@@ -61,5 +67,6 @@ __all__ = [
     "resolve_dtype",
     "to_verdict",
     "make_verdict",
+    "policy_preset",
     "tier_of",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,12 +29,16 @@ from .moderation import PrototypeModerator
 from .pipeline import RouteHandler
 from .policy import Policy
 from .prototypes import Prototypes
+from .safety_prompt import SafetyPrompt, as_safety_prompt
 from .scoring import views_of
 from .steering import SteeringCache, steering_vectors
 from .types import GuardChunk, GuardResult, Route, Verdict
 from .views import View
 
-__all__ = ["Guard", "RouteHandler", "as_policy"]
+if TYPE_CHECKING:
+    from .decision_log import DecisionLog
+
+__all__ = ["Guard", "RouteHandler", "as_policy", "load_scorer"]
 
 PolicyInput = Policy | Mapping[str, Any] | None
 
@@ -56,6 +60,17 @@ class Guard:
             ``handler(messages, route=..., verdict=..., config=...)`` and returning a string or an
             iterable of text pieces (for example a safer model for flagged prompts only).
         steering_vectors: layer id to vector, replacing the prototypes' directions for ``STEER``.
+        safety_prompt: a trained safety prompt for the ``SAFETY_PROMPT`` route
+            (:class:`~mlpm_guard.safety_prompt.SafetyPrompt` or a folder written by
+            ``mlpm-guard fit-safety-prompt``); ``None``: the one shipped for the backbone, if any;
+            ``False``: none, the policy's written prompt only. It is used while the policy's
+            ``safety_prompt`` is the text it was trained to replace, which traces keep showing.
+
+    ``prototypes`` may also be a :class:`~mlpm_guard.siren.NeuronProbe` (or its folder): the
+    SIREN-style scorer, behind the same verdicts, policy and routes.
+        decision_log: where every decision of this guard is recorded (:class:`~mlpm_guard.DecisionLog`);
+            checks of requests and content and answered requests are logged, answers checked on
+            their own are not (a streamed answer is checked many times).
 
     Example:
         >>> guard = Guard()                                    # doctest: +SKIP
@@ -67,14 +82,16 @@ class Guard:
                  prototypes: Prototypes | str | Path | None = None, policy: PolicyInput | str | Path = None,
                  *, generation: GenerationConfig | None = None, moderator: Callable[..., Any] | None = None,
                  handlers: Mapping[Route | str, RouteHandler] | None = None,
-                 steering_vectors: Mapping[int, Sequence[float]] | None = None) -> None:
+                 steering_vectors: Mapping[int, Sequence[float]] | None = None,
+                 safety_prompt: SafetyPrompt | str | Path | bool | None = None,
+                 decision_log: DecisionLog | None = None) -> None:
         self.backbone = backbone if isinstance(backbone, Backbone) else Backbone(backbone)
         if prototypes is None:
             from .shipped import default_prototypes
 
             prototypes = default_prototypes(self.backbone)
         elif isinstance(prototypes, (str, Path)):
-            prototypes = Prototypes.load(prototypes, backbone=self.backbone)
+            prototypes = load_scorer(prototypes, self.backbone)
         elif prototypes.backbone is not self.backbone:
             prototypes.bind(self.backbone)
         self.prototypes = prototypes
@@ -87,11 +104,13 @@ class Guard:
             raise ConfigError(f"`handlers` keys must be routes {[r.value for r in Route]}: {exc}") from None
         self.user_steering_vectors = dict(steering_vectors) if steering_vectors else None
         self._steering = SteeringCache()
+        self.safety_prompt = as_safety_prompt(safety_prompt, self.backbone)
+        self.decision_log = decision_log
 
     def _stages(self, moderator: Callable[..., Any] | None = None) -> pipeline.Stages:
         # Built per call from the current parts, so a part swapped on the guard takes effect at once.
         return pipeline.Stages(self.backbone, self.prototypes, moderator or self.moderator, self.handlers,
-                               self.steering)
+                               self.steering, self.safety_prompt)
 
     def _policy(self, policy: PolicyInput) -> Policy:
         return self.policy if policy is None else as_policy(policy)
@@ -116,7 +135,10 @@ class Guard:
     def check_batch(self, prompts: Sequence[PromptInput], *, policy: PolicyInput = None) -> list[Verdict]:
         """:meth:`check` for many prompts: every view of every prompt in length-sorted batches."""
         check_prompts(prompts)
-        return pipeline.check_many(self._stages(), prompts, self._policy(policy), kind="request")
+        policy = self._policy(policy)
+        verdicts = pipeline.check_many(self._stages(), prompts, policy, kind="request")
+        self._log_verdicts(prompts, verdicts, policy, "request")
+        return verdicts
 
     def check_content(self, text: str, *, policy: PolicyInput = None) -> Verdict:
         """Judge a text as *content* (a retrieved passage, a tool result, a model answer).
@@ -132,7 +154,10 @@ class Guard:
     def check_content_batch(self, texts: Sequence[str], *, policy: PolicyInput = None) -> list[Verdict]:
         """:meth:`check_content` for many texts in shared batches."""
         check_texts(texts)
-        return pipeline.check_many(self._stages(), texts, self._policy(policy), kind="content")
+        policy = self._policy(policy)
+        verdicts = pipeline.check_many(self._stages(), texts, policy, kind="content")
+        self._log_verdicts(texts, verdicts, policy, "content")
+        return verdicts
 
     def check_answer(self, messages: PromptInput | None, answer: str, *, policy: PolicyInput = None,
                      moderator: Callable[..., Any] | None = None) -> Verdict:
@@ -159,8 +184,11 @@ class Guard:
         ``temperature``, ``stop``, ...).
         """
         check_prompt(prompt)
-        return pipeline.result_of(pipeline.run_one(self._stages(), prompt, self._policy(policy),
-                                                   self.generation.updated(generation), streaming=False))
+        policy = self._policy(policy)
+        result = pipeline.result_of(pipeline.run_one(self._stages(), prompt, policy,
+                                                     self.generation.updated(generation), streaming=False))
+        self._log_results([prompt], [result], policy)
+        return result
 
     def stream(self, prompt: PromptInput, *, policy: PolicyInput = None, **generation: Any) -> Iterator[GuardChunk]:
         """Guard one prompt and stream the answer token by token.
@@ -173,15 +201,45 @@ class Guard:
         ``result.replaced`` is set); with ``on_flag="flag"`` it receives the held text, flagged.
         """
         check_prompt(prompt)  # at the call, not at the first `next`: hence no `yield` in this method
-        return pipeline.run_one(self._stages(), prompt, self._policy(policy), self.generation.updated(generation),
-                                streaming=True)
+        policy = self._policy(policy)
+        chunks = pipeline.run_one(self._stages(), prompt, policy, self.generation.updated(generation), streaming=True)
+        return chunks if self.decision_log is None else self._logged_stream(prompt, chunks, policy)
 
     def batch(self, prompts: Sequence[PromptInput], *, policy: PolicyInput = None,
               **generation: Any) -> list[GuardResult]:
         """Guard and answer many prompts: one batched prefill scores them all, then each route's
         group is decoded as a batch (``PASS`` rows continue from the scoring prefill)."""
         check_prompts(prompts)
-        return pipeline.run_batch(self._stages(), prompts, self._policy(policy), self.generation.updated(generation))
+        policy = self._policy(policy)
+        results = pipeline.run_batch(self._stages(), prompts, policy, self.generation.updated(generation))
+        self._log_results(prompts, results, policy)
+        return results
+
+    # ------------------------------------------------------------------ decision log
+    # Logged here, under the public methods, so every caller (the server's answer lane, the
+    # LangChain and LlamaIndex adapters) is recorded once, with no code of its own.
+    def _log_verdicts(self, prompts: Sequence[Any], verdicts: Sequence[Verdict], policy: Policy, kind: str) -> None:
+        if self.decision_log is not None:
+            from .decision_log import verdict_decision
+
+            self.decision_log.record_many([verdict_decision(v, policy) for v in verdicts], prompts, kind=kind,
+                                          policy=policy, prototypes_version=prototypes_version(self.prototypes))
+
+    def _log_results(self, prompts: Sequence[Any], results: Sequence[GuardResult], policy: Policy) -> None:
+        if self.decision_log is not None:
+            self.decision_log.record_many([r.decision() for r in results], prompts, policy=policy,
+                                          prototypes_version=prototypes_version(self.prototypes))
+
+    def _logged_stream(self, prompt: PromptInput, chunks: Iterator[GuardChunk], policy: Policy) -> Iterator[GuardChunk]:
+        try:
+            for chunk in chunks:
+                if chunk.result is not None:
+                    self._log_results([prompt], [chunk.result], policy)
+                yield chunk
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
 
     # ------------------------------------------------------------------ async
     async def ainvoke(self, prompt: PromptInput, **kwargs: Any) -> GuardResult:
@@ -215,12 +273,32 @@ class Guard:
         return f"Guard(backbone={self.backbone!r}, prototypes={self.prototypes!r})"
 
 
+def prototypes_version(prototypes: Any) -> str | None:
+    """The version a prototype store gave these prototypes (:mod:`mlpm_guard.prototype_store`), if any."""
+    return getattr(prototypes, "version_", None)
+
+
+def load_scorer(path: str | Path, backbone: Backbone) -> Any:
+    """The scorer saved in folder ``path``: a neuron probe (``mlpm-guard fit-siren``) or prototypes."""
+    from .siren import META_FILE as PROBE_FILE, NeuronProbe
+
+    if (Path(path) / PROBE_FILE).is_file():
+        return NeuronProbe.load(path, backbone=backbone)
+    return Prototypes.load(path, backbone=backbone)
+
+
 def as_policy(policy: Policy | Mapping[str, Any] | str | Path | None) -> Policy:
-    """A :class:`Policy` from a policy, a dict of its fields, or a YAML/JSON file path."""
+    """A :class:`Policy` from a policy, a dict of its fields, a preset name (``"strict"``,
+    ``"balanced"``, ``"permissive"``) or a YAML/JSON file path."""
     if policy is None:
         return Policy()
     if isinstance(policy, Policy):
         return policy
+    if isinstance(policy, str) and not Path(policy).exists():
+        from .presets import PRESETS, policy_preset
+
+        if policy in PRESETS:
+            return policy_preset(policy)
     if isinstance(policy, (str, Path)):
         return Policy.from_file(policy)
     if isinstance(policy, Mapping):

@@ -1,0 +1,247 @@
+"""Versioned prototypes: teaching corrections without training, with history, diff and rollback.
+
+A store is a folder of prototypes folders, one per version, and a ``CURRENT`` file naming the one
+in use::
+
+    store/
+      CURRENT          "v0003"
+      v0001/           the prototypes the store was started from
+      v0002/           v0001 + the corrections taught to it
+      v0003/           ...
+
+Teaching (:meth:`PrototypeStore.teach`) loads the current version, adds each corrected text as a
+prototype of its own (:meth:`~mlpm_guard.Prototypes.add_examples`: no refit, the layer combination
+is kept) and saves a new version. What was taught is part of that version's ``prototypes.json``
+(``provenance.store``: its parent, the parent's metadata digest, the corrections), covered by the
+file's digest, so the record cannot drift from the prototypes it describes. Versions are never
+changed after they are written: rollback only moves ``CURRENT``, and the rolled-back version reloads
+bit for bit. A server started with ``--prototypes-store`` watches ``CURRENT`` and loads a new
+version without a restart (:class:`mlpm_guard.server.review.PrototypeReloader`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from ._io import atomic_write_text
+from .decision_log import Correction, teachable_prompt, text_sha256
+from .errors import ConfigError
+from .prototype_file import META_FILE
+from .prototypes import Prototypes
+
+__all__ = ["PrototypeStore", "TaughtCorrection", "VersionDiff", "VersionInfo"]
+
+CURRENT_FILE = "CURRENT"
+_VERSION = re.compile(r"^v(\d{4,})$")
+
+
+class TaughtCorrection(BaseModel):
+    """A correction as a version records it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    text: str
+    label: str
+    category: str | None = None
+    correction_id: int | None = None
+    group: str
+
+    @property
+    def text_sha256(self) -> str:
+        return text_sha256(self.text)
+
+
+class VersionInfo(BaseModel):
+    """One version of a store, read from its ``prototypes.json`` without loading its tensors."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: str
+    parent: str | None
+    created: str
+    metadata_sha256: str
+    corrections: list[TaughtCorrection]
+    n_prototypes: int
+    current: bool = False
+
+
+class VersionDiff(BaseModel):
+    """What lies between two versions: the corrections taught on the way and the prototypes that differ."""
+
+    model_config = ConfigDict(frozen=True)
+
+    old: str
+    new: str
+    added: list[TaughtCorrection]
+    removed: list[TaughtCorrection]
+    prototypes_added: list[str]
+    prototypes_removed: list[str]
+    threshold: tuple[float, float]
+
+
+class PrototypeStore:
+    """A folder of prototype versions (see the module docstring).
+
+    Args:
+        root: the store's folder (made by :meth:`create`).
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not (self.root / CURRENT_FILE).is_file():
+            msg = (f"{self.root} is not a prototypes store (no {CURRENT_FILE} file); start one with "
+                   f"`mlpm-guard prototypes init {self.root}`")
+            raise ConfigError(msg)
+
+    @classmethod
+    def create(cls, root: str | Path, prototypes: Prototypes | str | Path) -> PrototypeStore:
+        """Start a store at ``root`` whose first version ``v0001`` is ``prototypes`` (fitted, or a saved folder)."""
+        root = Path(root)
+        if (root / CURRENT_FILE).exists():
+            raise ConfigError(f"{root} already holds a prototypes store; teach or roll back there instead")
+        root.mkdir(parents=True, exist_ok=True)
+        first = root / "v0001"
+        if isinstance(prototypes, Prototypes):
+            kept = getattr(prototypes, "provenance_", None)  # the caller's prototypes are left as they were
+            try:
+                _with_record(prototypes, {"version": "v0001", "parent": None, "parent_metadata_sha256": None,
+                                          "corrections": []}).save(first)
+            finally:
+                prototypes.provenance_ = kept
+        else:
+            shutil.copytree(prototypes, first)
+        atomic_write_text(root / CURRENT_FILE, "v0001\n")
+        return cls(root)
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def current(self) -> str:
+        name = (self.root / CURRENT_FILE).read_text(encoding="utf-8").strip()
+        if not _VERSION.match(name) or not (self.root / name / META_FILE).is_file():
+            raise ConfigError(f"{self.root / CURRENT_FILE} names {name!r}, which is not a version of this store")
+        return name
+
+    def path(self, version: str | None = None) -> Path:
+        version = version or self.current
+        folder = self.root / version
+        if not _VERSION.match(version) or not (folder / META_FILE).is_file():
+            raise ConfigError(f"no version {version!r} in {self.root}; the versions are "
+                              f"{', '.join(self.version_names()) or 'none'}")
+        return folder
+
+    def version_names(self) -> list[str]:
+        return sorted((p.name for p in self.root.iterdir() if _VERSION.match(p.name) and (p / META_FILE).is_file()),
+                      key=lambda n: int(n[1:]))
+
+    def info(self, version: str | None = None) -> VersionInfo:
+        version = version or self.current
+        meta = json.loads((self.path(version) / META_FILE).read_text(encoding="utf-8"))
+        record = (meta.get("provenance") or {}).get("store") or {}
+        return VersionInfo(version=version, parent=record.get("parent"), created=meta["created"],
+                           metadata_sha256=meta["metadata_sha256"],
+                           corrections=[TaughtCorrection(**c) for c in record.get("corrections", [])],
+                           n_prototypes=sum(len(s["prototypes"]) for s in meta["sets"]),
+                           current=version == self.current)
+
+    def history(self) -> list[VersionInfo]:
+        """Every version, oldest first."""
+        return [self.info(v) for v in self.version_names()]
+
+    def lineage(self, version: str | None = None) -> list[str]:
+        """The version and its ancestors, newest first."""
+        out, at = [], version or self.current
+        while at is not None and at not in out:
+            out.append(at)
+            at = self.info(at).parent
+        return out
+
+    def load(self, version: str | None = None, backbone: Any = None) -> Prototypes:
+        """The prototypes of ``version`` (default: the current one), with ``version_`` set to its name."""
+        version = version or self.current
+        prototypes = Prototypes.load(self.path(version), backbone=backbone)
+        prototypes.version_ = version
+        return prototypes
+
+    def diff(self, old: str, new: str | None = None) -> VersionDiff:
+        """Corrections taught between ``old`` and ``new`` (default: current), and the prototype groups that differ."""
+        new = new or self.current
+        old_line, new_line = self.lineage(old), self.lineage(new)
+
+        def taught(line: list[str], others: list[str]) -> list[TaughtCorrection]:
+            return [c for v in reversed(line) if v not in others for c in self.info(v).corrections]
+
+        groups = {v: _groups(self.path(v)) for v in (old, new)}
+        return VersionDiff(old=old, new=new, added=taught(new_line, old_line), removed=taught(old_line, new_line),
+                           prototypes_added=sorted(groups[new] - groups[old]),
+                           prototypes_removed=sorted(groups[old] - groups[new]),
+                           threshold=(_threshold(self.path(old)), _threshold(self.path(new))))
+
+    # ------------------------------------------------------------------ writing
+    def teach(self, corrections: Sequence[Correction], backbone: Any, *, base: str | None = None) -> VersionInfo:
+        """A new version: ``base`` (default: the current one) plus ``corrections``, made current.
+
+        Each corrected text becomes a prototype of its own (``taught-safe-<hash>`` or
+        ``taught-unsafe-<hash>``), so one correction moves the verdicts of texts like it and no
+        other correction's prototype; harmful corrections with a category also move that category.
+        """
+        if not corrections:
+            raise ConfigError("there are no corrections to teach")
+        base = base or self.current
+        parent = self.info(base)
+        prototypes = self.load(base, backbone=backbone)
+        taught = []
+        for c in corrections:
+            group = f"taught-{c.label}-{c.text_sha256[:12]}"
+            prototypes.add_examples([teachable_prompt(c.text)], [c.label],
+                                    category=c.category if c.label == "unsafe" else None, name=group)
+            taught.append(TaughtCorrection(text=c.text, label=c.label, category=c.category, correction_id=c.id,
+                                           group=group))
+        version = self._next_name()
+        record = {"version": version, "parent": base, "parent_metadata_sha256": parent.metadata_sha256,
+                  "corrections": [t.model_dump() for t in taught]}
+        _with_record(prototypes, record).save(self.root / version)
+        self.set_current(version)
+        return self.info(version)
+
+    def set_current(self, version: str) -> None:
+        self.path(version)  # checks it exists
+        atomic_write_text(self.root / CURRENT_FILE, version + "\n")
+
+    def rollback(self, version: str | None = None) -> str:
+        """Make ``version`` (default: the current version's parent) current again; returns it."""
+        if version is None:
+            version = self.info().parent
+            if version is None:
+                raise ConfigError(f"{self.current} is the first version of {self.root}; there is nothing to roll back to")
+        self.set_current(version)
+        return version
+
+    def _next_name(self) -> str:
+        names = self.version_names()
+        return f"v{(int(names[-1][1:]) + 1 if names else 1):04d}"
+
+    def __repr__(self) -> str:
+        return f"PrototypeStore({str(self.root)!r}, current={self.current!r})"
+
+
+def _with_record(prototypes: Prototypes, record: dict[str, Any]) -> Prototypes:
+    record = {**record, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    prototypes.provenance_ = {**(getattr(prototypes, "provenance_", None) or {}), "store": record}
+    return prototypes
+
+
+def _groups(folder: Path) -> set[str]:
+    meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    return {f"{s['name']}/{name}" for s in meta["sets"] for name in s["prototypes"]}
+
+
+def _threshold(folder: Path) -> float:
+    return float(json.loads((folder / META_FILE).read_text(encoding="utf-8"))["threshold"])
