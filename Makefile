@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # beside other CPU-bound work (a value already in the environment is kept).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test bench-quality bench-speed clean
+.PHONY: install demo test docs bench-quality bench-speed clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q
 
+# The docs site, strict: a broken link or a missing page fails (tests/test_docs.py runs the same build).
+docs: install
+	$(PYTHON) -m mkdocs build --strict --site-dir site
+
 DATA ?= ../shared/data
 bench-quality: install
 	$(PYTHON) benchmarks/quality.py --data $(DATA)
@@ -35,4 +39,4 @@ bench-speed: install
 	$(PYTHON) benchmarks/speed.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info
