@@ -12,8 +12,8 @@ Two ways to put mlpm-guard into LCEL:
 
 The guard's decision reaches a callback handler as the ``mlpm_guard`` custom event.
 
-Run: ``python examples/langchain_guarded_chain.py`` (the first run on a machine also fits and
-caches the default prototypes).
+Run: ``python examples/langchain_guarded_chain.py`` (the default prototypes ship with the package;
+the first run on a machine converts the embedded backbone into the cache once).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ One local model does everything:
 - screens the retrieved passages (``MLPMDocumentFilter``: a poisoned page is dropped);
 - answers (here the backbone run by plain ``generate``, standing in for any chat model).
 
-Run: ``python examples/langchain_rag.py`` (the first run on a machine also fits and caches the
-default prototypes).
+Run: ``python examples/langchain_rag.py`` (the default prototypes ship with the package; the first
+run on a machine converts the embedded backbone into the cache once).
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ query before retrieval (``GuardedQueryEngine``), screens the retrieved passages
 questions answered, harmful ones refused before anything is retrieved, and a poisoned document
 dropped from the context, with the guard's instrumentation events printed as they arrive.
 
-Run: ``python examples/llamaindex_rag.py`` (the first run on a machine also fits and caches the
-default prototypes).
+Run: ``python examples/llamaindex_rag.py`` (the default prototypes ship with the package; the first
+run on a machine converts the embedded backbone into the cache once).
 """
 
 from __future__ import annotations
