@@ -21,6 +21,7 @@ version without a restart (:class:`mlpm_guard.server.review.PrototypeReloader`).
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -37,7 +38,8 @@ from .errors import ConfigError
 from .prototype_file import META_FILE
 from .prototypes import Prototypes
 
-__all__ = ["PrototypeStore", "TaughtCorrection", "VersionDiff", "VersionInfo"]
+__all__ = ["PrototypeStore", "TaughtCorrection", "TeachingCost", "VersionDiff", "VersionInfo", "harmful_probes",
+           "teach_in_memory", "teaching_cost"]
 
 CURRENT_FILE = "CURRENT"
 _VERSION = re.compile(r"^v(\d{4,})$")
@@ -197,13 +199,7 @@ class PrototypeStore:
         base = base or self.current
         parent = self.info(base)
         prototypes = self.load(base, backbone=backbone)
-        taught = []
-        for c in corrections:
-            group = f"taught-{c.label}-{c.text_sha256[:12]}"
-            prototypes.add_examples([teachable_prompt(c.text)], [c.label],
-                                    category=c.category if c.label == "unsafe" else None, name=group)
-            taught.append(TaughtCorrection(text=c.text, label=c.label, category=c.category, correction_id=c.id,
-                                           group=group))
+        taught = _teach(prototypes, corrections)
         version = self._next_name()
         record = {"version": version, "parent": base, "parent_metadata_sha256": parent.metadata_sha256,
                   "corrections": [t.model_dump() for t in taught]}
@@ -230,6 +226,79 @@ class PrototypeStore:
 
     def __repr__(self) -> str:
         return f"PrototypeStore({str(self.root)!r}, current={self.current!r})"
+
+
+class TeachingCost(BaseModel):
+    """What teaching some corrections would do, measured before they are applied.
+
+    Attributes:
+        n_probes: held-back harmful prompts scored (the project's own probes, never taught).
+        flagged_before / flagged_after: how many of them reach the unsafe line.
+        flipped: the probes flagged before and not after.
+        corrected_before / corrected_after: P(unsafe) of each corrected text.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    n_probes: int
+    flagged_before: int
+    flagged_after: int
+    flipped: list[str]
+    corrected_before: list[float]
+    corrected_after: list[float]
+
+    @property
+    def recall_before(self) -> float:
+        return self.flagged_before / self.n_probes if self.n_probes else 1.0
+
+    @property
+    def recall_after(self) -> float:
+        return self.flagged_after / self.n_probes if self.n_probes else 1.0
+
+
+def teach_in_memory(prototypes: Prototypes, corrections: Sequence[Correction]) -> Prototypes:
+    """A copy of ``prototypes`` taught ``corrections`` (the original is left as it is)."""
+    backbone = prototypes.backbone
+    taught = copy.deepcopy(prototypes)  # the estimator's pickled state leaves the backbone out
+    if backbone is not None:
+        taught.bind(backbone)
+    _teach(taught, corrections)
+    return taught
+
+
+def teaching_cost(prototypes: Prototypes, corrections: Sequence[Correction], backbone: Any,
+                  probes: Sequence[str]) -> TeachingCost:
+    """Score ``probes`` (harmful prompts) and the corrected texts before and after teaching ``corrections``."""
+    after = teach_in_memory(prototypes, corrections)
+    texts = [teachable_prompt(c.text) for c in corrections]
+    H = backbone.hidden_states(list(probes) + texts, prototypes.layer_ids_, poolings=prototypes.poolings_)
+    old, new = prototypes.verdicts(H), after.verdicts(H)
+    n = len(probes)
+    flipped = [t for t, a, b in zip(probes, old[:n], new[:n]) if a.unsafe and not b.unsafe]
+    return TeachingCost(n_probes=n, flagged_before=sum(v.unsafe for v in old[:n]),
+                        flagged_after=sum(v.unsafe for v in new[:n]), flipped=flipped,
+                        corrected_before=[v.p_unsafe for v in old[n:]], corrected_after=[v.p_unsafe for v in new[n:]])
+
+
+def harmful_probes() -> list[str]:
+    """The project's held-back harmful requests (``resources/probes/adversarial.jsonl``, label unsafe)."""
+    from importlib.resources import files
+
+    text = files("mlpm_guard").joinpath("resources/probes/adversarial.jsonl").read_text(encoding="utf-8")
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [r["prompt"] for r in rows if r.get("label") == "unsafe"]
+
+
+def _teach(prototypes: Prototypes, corrections: Sequence[Correction]) -> list[TaughtCorrection]:
+    """Add each correction as a prototype of its own (see :meth:`PrototypeStore.teach`)."""
+    taught = []
+    for c in corrections:
+        group = f"taught-{c.label}-{c.text_sha256[:12]}"
+        prototypes.add_examples([teachable_prompt(c.text)], [c.label],
+                                category=c.category if c.label == "unsafe" else None, name=group)
+        taught.append(TaughtCorrection(text=c.text, label=c.label, category=c.category, correction_id=c.id,
+                                       group=group))
+    return taught
 
 
 def _with_record(prototypes: Prototypes, record: dict[str, Any]) -> Prototypes:

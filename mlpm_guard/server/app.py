@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from .._version import __version__
@@ -28,9 +28,12 @@ from ..generation import GenerationConfig
 from ..guard import Guard
 from ..messages import to_messages
 from ..types import GuardResult, Route, Tier, Verdict
+from ..decision_log import DecisionLog, verdict_decision
+from ..guard import prototypes_version
 from . import schemas
 from .batching import BatchedLanes, Lanes, Messages
 from .metrics import Metrics
+from .review import LOGIN_PATH, cookie_ok
 from .settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -39,7 +42,7 @@ M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
 ROUTES = ("/v1/chat/completions", "/v1/moderations", "/v1/guard/check", "/v1/models", "/healthz", "/metrics")
-OPEN_ROUTES = ("/healthz",)
+OPEN_ROUTES = ("/healthz", "/review/login")
 
 
 class HTTPError(Exception):
@@ -90,17 +93,32 @@ class _Middleware:
         finally:
             self.metrics.requests.labels(route, str(status["code"])).inc()
 
-    def _reject(self, path: str, headers: dict[str, str]) -> HTTPError | None:
+    def _reject(self, path: str, headers: dict[str, str]) -> HTTPError | _Redirect | None:
         key = self.settings.api_key
         if key and path not in OPEN_ROUTES:
             given = headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            review = path == "/review" or path.startswith("/review/")
+            if review and cookie_ok(headers.get("cookie", ""), key):
+                pass  # a browser signed in at /review/login
+            elif review and not given:
+                return _Redirect(LOGIN_PATH)
+            elif not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
                 return HTTPError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                                  "authentication_error")
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.settings.max_request_bytes):
             return HTTPError(413, f"request body larger than {self.settings.max_request_bytes} bytes")
         return None
+
+
+class _Redirect:
+    """A browser sent to the review page's sign-in form."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+
+    def response(self) -> RedirectResponse:
+        return RedirectResponse(self.location, status_code=303)
 
 
 def failed_verdict(exc: BaseException, guard: Guard) -> Verdict:
@@ -116,6 +134,7 @@ class GuardService:
 
     def __init__(self, guard: Guard, settings: ServerSettings, lanes: Lanes, metrics: Metrics) -> None:
         self.guard, self.settings, self.lanes, self.metrics = guard, settings, lanes, metrics
+        self.log: DecisionLog | None = guard.decision_log
         self.proxy = None
         if settings.upstream:
             from .proxy import UpstreamProxy
@@ -132,11 +151,17 @@ class GuardService:
     async def score(self, messages: Messages) -> Verdict:
         """One prompt's verdict through the scoring lane; internal errors fail closed."""
         try:
-            return await self.timed(self.lanes.score(messages))
+            verdict = await self.timed(self.lanes.score(messages))
         except HTTPError:
             raise
         except Exception as exc:  # noqa: BLE001
-            return failed_verdict(exc, self.guard)
+            verdict = failed_verdict(exc, self.guard)
+        if self.log is not None:
+            # The lanes read the prototypes directly, not through Guard's logged methods; answers go
+            # through `Guard.batch`/`Guard.stream`, which log them.
+            self.log.record(verdict_decision(verdict, self.guard.policy), messages, source="server",
+                            policy=self.guard.policy, prototypes_version=prototypes_version(self.guard.prototypes))
+        return verdict
 
     async def score_answer(self, messages: Messages, text: str) -> Verdict:
         """An answer's verdict in the conversation it answers, through the answer lane (the
@@ -253,6 +278,17 @@ def create_app(guard: Guard, settings: ServerSettings | None = None, *, lanes: L
     """
     settings = settings or ServerSettings()
     metrics = Metrics()
+    owned_log = None
+    if guard.decision_log is None and settings.decision_log is not None:
+        # The guard logs what it answers; the service logs what the scoring lanes judge.
+        guard.decision_log = owned_log = DecisionLog(settings.decision_log)
+    reloader = None
+    if settings.prototypes_store is not None:
+        from ..prototype_store import PrototypeStore
+        from .review import PrototypeReloader
+
+        reloader = PrototypeReloader(guard, PrototypeStore(settings.prototypes_store))
+        reloader.check()
     executor = None
     if lanes is None:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlpm-guard-model")
@@ -262,8 +298,13 @@ def create_app(guard: Guard, settings: ServerSettings | None = None, *, lanes: L
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        watcher = asyncio.create_task(reloader.watch(settings.reload_every_s)) if reloader is not None else None
         yield
+        if watcher is not None:
+            watcher.cancel()
         await lanes.close()
+        if owned_log is not None:
+            owned_log.close()
         if service.proxy is not None:
             await service.proxy.close()
         if executor is not None:
@@ -279,6 +320,11 @@ def create_app(guard: Guard, settings: ServerSettings | None = None, *, lanes: L
 
     _add_info_routes(app, service)
     _add_guard_routes(app, service)
+    if service.log is not None:
+        from ..prototype_store import harmful_probes
+        from .review import Review, add_review_routes
+
+        add_review_routes(app, Review(service, service.log, reloader, harmful_probes()))
     app.add_middleware(_Middleware, settings=settings, metrics=metrics)
     return app
 
@@ -290,7 +336,9 @@ def _add_info_routes(app: FastAPI, service: GuardService) -> None:
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "backbone": service.guard.backbone.name, "batching": settings.batching,
-                "max_batch_size": settings.effective_batch_size, "upstream": settings.upstream is not None}
+                "max_batch_size": settings.effective_batch_size, "upstream": settings.upstream is not None,
+                "prototypes_version": prototypes_version(service.guard.prototypes),
+                "decision_log": service.log.stats.to_dict() if service.log is not None else None}
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -7,6 +7,8 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..decision_log import DecisionLogSettings
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -33,6 +35,12 @@ class ServerSettings(BaseModel):
         max_tokens_limit: largest ``max_tokens`` a chat request may ask for; also the default.
         request_timeout_s: a request still waiting for the model after this long gets a 504.
         upstream_timeout_s: connect/read timeout of upstream calls.
+        decision_log: where every decision is logged (``None``: not logged, unless the guard
+            has a log of its own); with a log the app also serves the review page at ``/review``.
+        prototypes_store: a prototypes store folder (:mod:`mlpm_guard.prototype_store`): the app
+            serves its current version, follows teaching and rollbacks without a restart, and the
+            review page can apply corrections to it.
+        reload_every_s: how often the store's current version is checked.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -52,6 +60,9 @@ class ServerSettings(BaseModel):
     max_tokens_limit: int = Field(default=512, ge=1)
     request_timeout_s: float = Field(default=120.0, gt=0)
     upstream_timeout_s: float = Field(default=120.0, gt=0)
+    decision_log: DecisionLogSettings | None = None
+    prototypes_store: str | None = None
+    reload_every_s: float = Field(default=2.0, gt=0)
 
     @field_validator("api_key")
     @classmethod
