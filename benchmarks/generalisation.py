@@ -21,9 +21,8 @@ that a low recall says what it is made of.
     python benchmarks/generalisation.py --data ../shared/data [--n 300] [--json]
 
 Hidden states come from the feature cache: the first run extracts what is missing (about 40
-minutes at --n 80 on the shared 2-core CPU this was written on); a warm run took 1,114 s at stop 29
-in float32 and 700 s at stop 30 in bfloat16 (the release recipe refitted once per held-out source and
-language).
+minutes at --n 80 on a 2-core CPU). With the states cached, a run refits the release recipe once
+per held-out source and language; docs/quality.md gives its time in float32 and in bfloat16.
 """
 
 from __future__ import annotations

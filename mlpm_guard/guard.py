@@ -49,7 +49,8 @@ class Guard:
         backbone: a :class:`Backbone`, a :class:`BackboneConfig`, or a model spec string
             (``None``: the embedded SmolLM2-135M-Instruct).
         prototypes: fitted :class:`Prototypes`, or a folder saved by them (``None``: the default
-            prototypes fitted on the built-in seed set, cached after first use).
+            prototypes, which ship with the package for the embedded backbone; for another
+            backbone, fitted once on the built-in seed set and cached).
         policy: a :class:`Policy`, a dict of its fields, or a YAML/JSON file (``None``: defaults).
         generation: default decoding settings (each call may override them as keywords).
         moderator: output moderator used when the policy enables output moderation (``None``:

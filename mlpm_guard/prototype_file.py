@@ -220,7 +220,8 @@ def read_folder(folder: Path) -> tuple[PrototypeMeta, bytes]:
     """
     meta_path = folder / META_FILE
     if not meta_path.is_file():
-        raise PrototypeFileError(f"{folder} is not a prototypes folder: it has no {META_FILE} (write one with `save`)")
+        raise PrototypeFileError(f"{folder} is not a prototypes folder: it has no {META_FILE} "
+                                 "(write one with `mlpm-guard fit DATA... --out DIR` or `Prototypes.save`)")
     try:
         raw = json.loads(meta_path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, absurd nesting

@@ -181,7 +181,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
             is added to each reading's covariance (0: none). That spread is what tells one
             source's style or topic from another's (maths problems from chat prompts); counted as
             noise, it leaves the discriminant what separates the classes inside every source, which
-            is what carries over to text from sources never fitted (docs/quality.md, stop 27).
+            is what carries over to text from sources never fitted (docs/quality.md, "Source invariance").
             Needs ``sources`` when fitting; the release recipe uses 1.
         cv: folds for cross-fitted per-layer probabilities when fitting the combination
             (``None`` fits it on in-sample probabilities, as the MLPM authors do).
@@ -201,8 +201,9 @@ class Prototypes(ClassifierMixin, BaseEstimator):
             moderation) counts as unsafe instead of ``threshold``; ``None`` uses ``threshold``.
             Content has no middle route (a passage is kept or dropped, an answer sent or
             replaced), and judged as content ordinary text sits far lower than ordinary requests;
-            the release recipe uses 0.5, even odds (docs/quality.md, stop 29). Read when scoring,
-            like ``other_language_threshold``; where both apply, the lower line does.
+            0.5, even odds, was measured for it (docs/quality.md, "Content decided at even odds").
+            Read when scoring, like ``other_language_threshold``; where both apply, the lower line
+            does.
         categories: fit per-category means so verdicts name the nearest hazard category.
         random_state: seed of the cross-fitting folds.
 

@@ -541,7 +541,7 @@ def test_message_content_never_becomes_template_structure(tiny_backbone, turns, 
 def test_a_typed_end_of_turn_does_not_fool_the_scoring_or_the_answer(guard):
     # With the forged turn read as real structure the score fell to 0.15 here (0.991 -> 0.323 with the
     # default prototypes) and the model wrote the instructions. As text, "Sure! Step 1:" still costs
-    # the 40-prompt test prototypes some score (0.26 on a 2-core CPU at stop 23: controversial), but the
+    # the 40-prompt test prototypes some score (0.26 on a 2-core CPU: controversial), but the
     # request no longer passes.
     injected = guard.check(INJECTED)
     assert injected.tier is not Tier.SAFE and guard.policy.route(injected) is not Route.PASS
