@@ -76,19 +76,30 @@ def _load_prototypes(args: argparse.Namespace) -> Any:
     folder naming a hub id must not make this command download and run that model. Prototypes
     fitted on another backbone are refused with a message naming it.
     """
+    from .guard import load_scorer
     from .prototype_file import META_FILE
-    from .prototypes import Prototypes
     from .shipped import default_prototypes
+    from .siren import META_FILE as PROBE_FILE
 
-    if args.prototypes and not (Path(args.prototypes) / META_FILE).is_file():
+    folder = Path(args.prototypes) if args.prototypes else None
+    if folder is not None and not ((folder / META_FILE).is_file() or (folder / PROBE_FILE).is_file()):
         # Checked before the backbone loads, and worded for this command line.
         raise ConfigError(f"--prototypes {args.prototypes}: no prototypes folder there (no {META_FILE}); write "
                           f"one with `mlpm-guard fit DATA... --out {args.prototypes}`, or leave --prototypes out "
                           "for the shipped default prototypes")
     backbone = _backbone(args.backbone, args)
     if args.prototypes:
-        return Prototypes.load(args.prototypes, backbone=backbone)
+        return load_scorer(args.prototypes, backbone)
     return default_prototypes(backbone, progress=not args.quiet)
+
+
+def _safety_prompt(args: argparse.Namespace) -> Any:
+    """``--safety-prompt``: absent, the one shipped for the backbone (if any); ``none``, the written
+    prompt only; else a folder written by ``mlpm-guard fit-safety-prompt``."""
+    value = getattr(args, "safety_prompt", None)
+    if value is None:
+        return None
+    return False if value.strip().lower() == "none" else value
 
 
 def _seed_set_choice(text: str) -> str | int:
@@ -185,6 +196,54 @@ def cmd_fit_default(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit_safety_prompt(args: argparse.Namespace) -> int:
+    from .safety_prompt import SafetyPrompt, data_provenance
+    from .toolkit.data import cap_per_source, load_examples
+    from .toolkit.training import HELD_OUT_SPLITS
+
+    # No seed set and no sentence pieces: DRO moves whole requests, and the anchor's refusal
+    # direction is read from the backbone's answers to them.
+    examples = cap_per_source([e for path in args.data for e in load_examples(path) if e.split not in HELD_OUT_SPLITS],
+                              args.max_per_source, args.seed)
+    backbone = _backbone(args.backbone, args)
+    params = {k: getattr(args, k) for k in ("n_tokens", "epochs", "learning_rate", "batch_size") if getattr(args, k)}
+    prompt = SafetyPrompt(**params, random_state=args.seed)
+    prompt.provenance_ = data_provenance(args.data, examples)
+    prompt.fit([e.prompt for e in examples], [e.label for e in examples], backbone=backbone,
+               sources=[e.source for e in examples], progress=not args.quiet)
+    prompt.save(args.out)
+    print(json.dumps({"out": str(args.out), "n_tokens": len(prompt.embeddings_), "n_samples": prompt.n_samples_,
+                      "training": prompt.training_summary_, "elicitation": prompt.elicitation_,
+                      "anchor": prompt.anchor_.scores, "fit_seconds": round(prompt.fit_seconds_, 1)}))
+    return 0
+
+
+def cmd_fit_siren(args: argparse.Namespace) -> int:
+    from .readings import poolings_of
+    from .siren import RELEASE_PARAMS, NeuronProbe
+    from .toolkit.features import extract
+
+    choice = _seed_set(args, "fit-siren")
+    examples = _training_examples(args.data, choice, args)
+    seed_rows = _report_seed_rows(examples, choice, args)
+    backbone = _backbone(args.backbone, args)
+    params = {**RELEASE_PARAMS, "random_state": args.seed}
+    params.update({k: getattr(args, k) for k in ("C", "mass", "max_readings") if getattr(args, k) is not None})
+    layers = backbone.check_layers(_parse_layers(args.layers) or list(range(1, backbone.num_layers + 1)))
+    params["layers"] = layers
+    # Through the feature cache, as `fit` reads its states: a fit after a fit of prototypes on the
+    # same files reads no prompt twice.
+    states = extract(backbone, [e.prompt for e in examples], layers, poolings=poolings_of(params["pooling"]),
+                     cache=not args.no_cache, progress=not args.quiet, desc="fit-siren: hidden states")
+    probe = NeuronProbe(**params)
+    probe.fit(states, [e.label for e in examples], backbone=backbone, sources=[e.source for e in examples])
+    probe.save(args.out)
+    print(json.dumps({"out": str(args.out), "n_samples": probe.n_samples_, "readings": [r.key for r in probe.readings_],
+                      "neurons": int(sum(len(n) for n in probe.neurons_)), "seed_rows": seed_rows,
+                      "fit_seconds": round(probe.fit_seconds_, 1)}))
+    return 0
+
+
 def _ray_options(args: argparse.Namespace) -> Any:
     from .toolkit.ray_engine import RayOptions
 
@@ -245,6 +304,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.no_seed_set or args.seed_set is not None:
         raise ConfigError("--seed-set chooses what joins the --train files; give --train FILE... too")
     prototypes = _load_prototypes(args)
+    if not hasattr(prototypes, "sets_"):
+        raise ConfigError("`eval` measures prototypes; the SIREN-style scorer is measured beside them with "
+                          "--baselines siren")
     with ExitStack() as stack:
         cache: Any = not args.no_cache
         if args.engine == "ray":
@@ -258,7 +320,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .toolkit.endtoend import end_to_end, guard_systems
 
         guard = Guard(prototypes.backbone, prototypes, args.policy,
-                      generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
+                      generation=GenerationConfig(max_new_tokens=args.max_new_tokens),
+                      safety_prompt=_safety_prompt(args))
         with eval_caches(prototypes.backbone, not args.no_cache) as (_, results):
             systems = guard_systems(guard, references=args.references, results=results)
             result["end_to_end"] = end_to_end(systems, datasets, max_new_tokens=args.max_new_tokens,
@@ -342,7 +405,8 @@ def _guard(args: argparse.Namespace, **kwargs: Any) -> Any:
     from .guard import Guard
 
     prototypes = _load_prototypes(args)
-    return Guard(prototypes.backbone, prototypes, getattr(args, "policy", None), **kwargs)
+    return Guard(prototypes.backbone, prototypes, getattr(args, "policy", None), safety_prompt=_safety_prompt(args),
+                 **kwargs)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -480,12 +544,17 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     engine.add_argument("--ray-address", help="a running Ray cluster ('auto', 'ray://host:port'); default: start one here")
     with_protos = argparse.ArgumentParser(add_help=False)
     with_protos.add_argument("--prototypes", metavar="DIR",
-                             help="a folder written by `mlpm-guard fit ... --out DIR` (default: the shipped "
-                                  "default prototypes)")
+                             help="a folder written by `mlpm-guard fit ... --out DIR`, or by `mlpm-guard fit-siren` "
+                                  "for the SIREN-style scorer (default: the shipped default prototypes)")
     with_policy = argparse.ArgumentParser(add_help=False)
     with_policy.add_argument("--policy", help="a policy YAML or JSON file (default: the built-in policy)")
     with_policy.add_argument("--max-new-tokens", type=int, default=128, help="answer length budget")
+    with_policy.add_argument("--safety-prompt", metavar="DIR|none", help=SAFETY_PROMPT_HELP)
     return {"common": common, "engine": engine, "protos": with_protos, "policy": with_policy}
+
+
+SAFETY_PROMPT_HELP = ("the safety-prompt route's trained prompt: a folder written by `mlpm-guard fit-safety-prompt`, "
+                      "or none for the written prompt alone (default: the one shipped for the backbone, if any)")
 
 
 def _add_fit(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -515,6 +584,40 @@ def _add_fit(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("data", help="the folder holding the release recipe's files (e.g. ../shared/data)")
     p.add_argument("--out", help="folder to write into (default: the package's shipped prototypes)")
     p.set_defaults(func=cmd_fit_default)
+
+    p = sub.add_parser("fit-safety-prompt", parents=[parents["common"]],
+                       help="train a safety prompt (soft prompt embeddings, DRO) for the safety-prompt route",
+                       description="Learn soft prompt embeddings on the backbone that move harmful requests toward "
+                                   "the backbone's own refusals and harmless ones away from them (DRO). The guard "
+                                   "uses the folder for its safety-prompt route with --safety-prompt DIR; the "
+                                   "written safety prompt stays the fallback and the text traces show.")
+    p.add_argument("data", nargs="+", help="files with `prompt` and `label` (held-out `test` splits are left out)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the safety prompt into")
+    p.add_argument("--max-per-source", type=int, help="cap each source at N requests, labels balanced")
+    p.add_argument("--n-tokens", type=int, help="soft tokens (default: as many as the written prompt it starts from)")
+    p.add_argument("--epochs", type=int, help="passes over the requests (default 4)")
+    p.add_argument("--learning-rate", type=float, help="AdamW step size (default 1e-3)")
+    p.add_argument("--batch-size", type=int, help="requests per step (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --max-per-source draw and the optimisation")
+    p.set_defaults(func=cmd_fit_safety_prompt)
+
+    p = sub.add_parser("fit-siren", parents=[parents["common"]],
+                       help="fit the SIREN-style scorer (L1 layer-wise probes, selected neurons, an MLP)",
+                       description="Fit a neuron probe in the manner of SIREN: an L1 probe per layer (last token and "
+                                   "mean-pooled) selects the neurons holding 90%% of its weight, and a small MLP on "
+                                   "them gives P(unsafe). The folder is used like prototypes: --prototypes DIR.")
+    p.add_argument("data", nargs="+", help="files with `prompt` and `label` (optional `source`, `split`)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the neuron probe into")
+    p.add_argument("--max-per-source", type=int, help="cap each source at N prompts, labels balanced")
+    p.add_argument("--layers", help="candidate layers, e.g. '1-15' (default: every layer)")
+    p.add_argument("--C", type=float, help="inverse L1 strength of the probes (default 0.05)")
+    p.add_argument("--mass", type=float, help="share of each probe's absolute weight its neurons hold (default 0.9)")
+    p.add_argument("--max-readings", type=int, help="keep at most this many of the best probes (default: all above chance)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws, the probe split and the MLP")
+    _add_seed_set(p, "the built-in seed set joins DATA as one more source: all of it (default), none, or a seeded "
+                     "sample of N rows")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.set_defaults(func=cmd_fit_siren)
 
 
 def _add_eval(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
@@ -549,6 +652,7 @@ def _add_eval(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
                    help="end to end: the guard answers every prompt; routes, refusal rates, ASR, over-refusal")
     p.add_argument("--policy", help="policy YAML or JSON file of the guard in --generate (default: built-in)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer budget in --generate (default 64)")
+    p.add_argument("--safety-prompt", metavar="DIR|none", help=SAFETY_PROMPT_HELP)
     p.add_argument("--references", default="no_guard,always_safety_prompt", metavar="NAMES",
                    help="reference rows in --generate: no_guard, always_safety_prompt, always_steer, all or none "
                         "(default: no_guard,always_safety_prompt)")
@@ -569,6 +673,7 @@ def _add_serve(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--upstream-api-key", help="bearer key for the upstream (default: $MLPM_GUARD_UPSTREAM_API_KEY)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $MLPM_GUARD_API_KEY; none if unset)")
     p.add_argument("--policy", help="a policy YAML or JSON file (default: the built-in policy)")
+    p.add_argument("--safety-prompt", metavar="DIR|none", help=SAFETY_PROMPT_HELP)
     p.add_argument("--moderate-output", action="store_true",
                    help="also moderate answers (the policy's output_moderation, switched on); streams are held back")
     p.add_argument("--no-batching", action="store_true", help="score and answer one request per forward pass")

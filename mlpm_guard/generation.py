@@ -5,7 +5,9 @@ The loop mirrors ``model.generate`` (left padding, positions from the attention 
 ``logits_to_keep=1``) with transformers' own pieces for the choice of each token
 (:func:`logits_processors`: repetition penalty, temperature, top-k, top-p) and for stop strings
 (:class:`~transformers.generation.stopping_criteria.StopStringCriteria`), and yields each step's
-tokens as they come: streaming is real, with no background thread.
+tokens as they come: streaming is real, with no background thread. A prefill may put trained
+input embeddings in place of some of each row's tokens (:class:`SoftTokens`: an optimised safety
+prompt, :mod:`.safety_prompt`).
 """
 
 from __future__ import annotations
@@ -92,19 +94,53 @@ class Prefill:
         return stack_states(self.states, self.pooled, layers, poolings).cpu().numpy()
 
 
+@dataclass(frozen=True)
+class SoftTokens:
+    """Trained input embeddings that take the place of some tokens of every row of a prefill.
+
+    ``embeddings`` (n, hidden_size) replace, in row ``j``, the ``n`` tokens that start at
+    ``starts[j]`` (an index into the row's own ids, before padding); those ids are placeholders
+    the model never reads.
+    """
+
+    embeddings: torch.Tensor
+    starts: tuple[int, ...]
+
+
+def embed_inputs(backbone: Backbone, rows: Sequence[Encoded], input_ids: torch.Tensor,
+                 soft: SoftTokens) -> torch.Tensor:
+    """The input embeddings of left-padded ``input_ids`` (the rows of a batch), with ``soft`` in place."""
+    if len(soft.starts) != len(rows):
+        raise ConfigError(f"soft tokens give {len(soft.starts)} starts for {len(rows)} rows")
+    embeds = backbone.model.get_input_embeddings()(input_ids)
+    values = soft.embeddings.to(device=embeds.device, dtype=embeds.dtype)
+    n, width = len(values), input_ids.shape[1]
+    for j, (row, start) in enumerate(zip(rows, soft.starts)):
+        if not 0 <= start <= len(row) - n:
+            raise ConfigError(f"soft tokens at {start}..{start + n} do not fit in row {j} of {len(row)} tokens")
+        at = width - len(row) + start
+        embeds[j, at:at + n] = values
+    return embeds
+
+
 @torch.inference_mode()
 def prefill(backbone: Backbone, rows: Sequence[Encoded], *, capture: Sequence[int] = (), pool: bool = False,
-            steer: dict[int, torch.Tensor] | None = None) -> Prefill:
+            steer: dict[int, torch.Tensor] | None = None, soft: SoftTokens | None = None) -> Prefill:
     """Run the prompts once through every layer, keeping the KV cache and the last-token logits.
 
     ``capture`` lists layer ids whose last-token states are kept (for scoring), with ``pool``
-    their mean-pooled states too; ``steer`` adds per-layer vectors to every position.
+    their mean-pooled states too; ``steer`` adds per-layer vectors to every position; ``soft``
+    puts trained embeddings in place of some tokens of each row.
     """
-    # Steering acts on every token, so a steered prompt cannot reuse the unsteered prefix cache.
-    batch = backbone.model_inputs(rows, reuse_prefix=not steer)
+    # Steering acts on every token, and soft tokens replace some of the opening, so neither can
+    # reuse the plain prompt's prefix cache.
+    batch = backbone.model_inputs(rows, reuse_prefix=not steer and soft is None)
     weights = pool_weights(backbone, rows, batch) if pool and capture else None
+    inputs = dict(batch)
+    if soft is not None:
+        inputs["inputs_embeds"] = embed_inputs(backbone, rows, inputs.pop("input_ids"), soft)
     with backbone.request(capture=frozenset(capture), steer=steer or {}, pool=weights) as req:
-        out = backbone.model(**batch, use_cache=True, logits_to_keep=1)
+        out = backbone.model(**inputs, use_cache=True, logits_to_keep=1)
     return Prefill(output_cache(out), out.logits[:, -1, :].float(), batch["attention_mask"],
                    batch["position_ids"][:, -1], batch["input_ids"], dict(req.captured), dict(req.pooled))
 

@@ -29,6 +29,7 @@ from .moderation import PrototypeModerator
 from .pipeline import RouteHandler
 from .policy import Policy
 from .prototypes import Prototypes
+from .safety_prompt import SafetyPrompt, as_safety_prompt
 from .scoring import views_of
 from .steering import SteeringCache, steering_vectors
 from .types import GuardChunk, GuardResult, Route, Verdict
@@ -37,7 +38,7 @@ from .views import View
 if TYPE_CHECKING:
     from .decision_log import DecisionLog
 
-__all__ = ["Guard", "RouteHandler", "as_policy"]
+__all__ = ["Guard", "RouteHandler", "as_policy", "load_scorer"]
 
 PolicyInput = Policy | Mapping[str, Any] | None
 
@@ -60,6 +61,14 @@ class Guard:
             ``handler(messages, route=..., verdict=..., config=...)`` and returning a string or an
             iterable of text pieces (for example a safer model for flagged prompts only).
         steering_vectors: layer id to vector, replacing the prototypes' directions for ``STEER``.
+        safety_prompt: a trained safety prompt for the ``SAFETY_PROMPT`` route
+            (:class:`~mlpm_guard.safety_prompt.SafetyPrompt` or a folder written by
+            ``mlpm-guard fit-safety-prompt``); ``None``: the one shipped for the backbone, if any;
+            ``False``: none, the policy's written prompt only. It is used while the policy's
+            ``safety_prompt`` is the text it was trained to replace, which traces keep showing.
+
+    ``prototypes`` may also be a :class:`~mlpm_guard.siren.NeuronProbe` (or its folder): the
+    SIREN-style scorer, behind the same verdicts, policy and routes.
         decision_log: where every decision of this guard is recorded (:class:`~mlpm_guard.DecisionLog`);
             checks of requests and content and answered requests are logged, answers checked on
             their own are not (a streamed answer is checked many times).
@@ -75,6 +84,7 @@ class Guard:
                  *, generation: GenerationConfig | None = None, moderator: Callable[..., Any] | None = None,
                  handlers: Mapping[Route | str, RouteHandler] | None = None,
                  steering_vectors: Mapping[int, Sequence[float]] | None = None,
+                 safety_prompt: SafetyPrompt | str | Path | bool | None = None,
                  decision_log: DecisionLog | None = None) -> None:
         self.backbone = backbone if isinstance(backbone, Backbone) else Backbone(backbone)
         if prototypes is None:
@@ -82,7 +92,7 @@ class Guard:
 
             prototypes = default_prototypes(self.backbone)
         elif isinstance(prototypes, (str, Path)):
-            prototypes = Prototypes.load(prototypes, backbone=self.backbone)
+            prototypes = load_scorer(prototypes, self.backbone)
         elif prototypes.backbone is not self.backbone:
             prototypes.bind(self.backbone)
         self.prototypes = prototypes
@@ -95,12 +105,13 @@ class Guard:
             raise ConfigError(f"`handlers` keys must be routes {[r.value for r in Route]}: {exc}") from None
         self.user_steering_vectors = dict(steering_vectors) if steering_vectors else None
         self._steering = SteeringCache()
+        self.safety_prompt = as_safety_prompt(safety_prompt, self.backbone)
         self.decision_log = decision_log
 
     def _stages(self, moderator: Callable[..., Any] | None = None) -> pipeline.Stages:
         # Built per call from the current parts, so a part swapped on the guard takes effect at once.
         return pipeline.Stages(self.backbone, self.prototypes, moderator or self.moderator, self.handlers,
-                               self.steering)
+                               self.steering, self.safety_prompt)
 
     def _policy(self, policy: PolicyInput) -> Policy:
         return self.policy if policy is None else as_policy(policy)
@@ -266,6 +277,15 @@ class Guard:
 def prototypes_version(prototypes: Any) -> str | None:
     """The version a prototype store gave these prototypes (:mod:`mlpm_guard.prototype_store`), if any."""
     return getattr(prototypes, "version_", None)
+
+
+def load_scorer(path: str | Path, backbone: Backbone) -> Any:
+    """The scorer saved in folder ``path``: a neuron probe (``mlpm-guard fit-siren``) or prototypes."""
+    from .siren import META_FILE as PROBE_FILE, NeuronProbe
+
+    if (Path(path) / PROBE_FILE).is_file():
+        return NeuronProbe.load(path, backbone=backbone)
+    return Prototypes.load(path, backbone=backbone)
 
 
 def as_policy(policy: Policy | Mapping[str, Any] | str | Path | None) -> Policy:

@@ -84,9 +84,12 @@ class Stages:
     """The four stages over the parts of one guard (read per call, so a guard's parts can be swapped)."""
 
     def __init__(self, backbone: Backbone, prototypes: Any, moderator: Callable[..., Any],
-                 handlers: Mapping[Route, RouteHandler], steering: Callable[[Policy], Steer]) -> None:
+                 handlers: Mapping[Route, RouteHandler], steering: Callable[[Policy], Steer],
+                 safety_prompt: Any = None) -> None:
         self.backbone, self.prototypes, self.moderator = backbone, prototypes, moderator
         self.handlers, self.steering = handlers, steering
+        # A trained (soft) safety prompt, :class:`~mlpm_guard.safety_prompt.SafetyPrompt`, or None.
+        self.safety_prompt = safety_prompt
 
     # ------------------------------------------------------------------ score, route
     def score(self, requests: Sequence[Request], policy: Policy) -> Prefill | None:
@@ -160,13 +163,20 @@ class Stages:
         """Where a group of one backbone route starts decoding, and the steering it decodes with.
 
         ``PASS`` continues from the scoring prefill (``passing``, when it was kept);
-        ``SAFETY_PROMPT`` prefills again with the safety prompt first; ``STEER`` prefills with the
-        steering vectors, which act on every token, the prompt's included.
+        ``SAFETY_PROMPT`` prefills again with the safety prompt first: the trained one in place of
+        the written text it was trained to replace, else the policy's written text; ``STEER``
+        prefills with the steering vectors, which act on every token, the prompt's included.
         """
         rows = [r.row for r in requests]
         if route is Route.PASS:
             return (passing if passing is not None else prefill(self.backbone, rows)), None
         if route is Route.SAFETY_PROMPT:
+            trained = self.safety_prompt
+            # A policy with a text of its own asks for that text: the trained prompt stands in
+            # only for the one it was trained to replace.
+            if trained is not None and trained.replaces(policy.safety_prompt):
+                soft_rows, soft = trained.inputs(self.backbone, [r.messages for r in requests])
+                return prefill(self.backbone, soft_rows, soft=soft), None
             safe_rows = self.backbone.encode([r.messages for r in requests], system=policy.safety_prompt)
             return prefill(self.backbone, safe_rows), None
         steer = self.steering(policy)

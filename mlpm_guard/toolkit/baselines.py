@@ -4,6 +4,8 @@
   "yes" and "no" as its next token (one batched forward pass, only the last position's logits).
 * ``last_layer``: prototypes on the last layer alone (no multi-layer combination).
 * ``tfidf``: text only, TF-IDF word n-grams and a logistic regression; no model at all.
+* ``siren``: the SIREN-style neuron probe (:class:`~mlpm_guard.siren.NeuronProbe`): layer-wise L1
+  probes pick safety neurons, a small MLP on them classifies, on the same states as the prototypes.
 
 The trained baselines are fitted on the same examples as the prototypes under comparison. Each
 baseline has ``name``, ``description``, ``threshold``, ``fit(examples)`` and
@@ -173,7 +175,57 @@ class TfidfBaseline:
         return self.pipeline_.predict_proba(list(prompts))[:, 1]
 
 
-BASELINES: dict[str, type] = {"judge": JudgeBaseline, "last_layer": LastLayerBaseline, "tfidf": TfidfBaseline}
+class SirenBaseline:
+    """The SIREN-style scorer fitted on the same examples: every layer read at the last token and
+    mean-pooled, L1 probes per reading, the neurons holding 90% of each probe's weight, an MLP.
+
+    Args:
+        backbone: the backbone whose states are read.
+        cache: the feature cache (as in :func:`~mlpm_guard.toolkit.features.extract`).
+        probe_params: :class:`~mlpm_guard.siren.NeuronProbe` parameters over
+            :data:`~mlpm_guard.siren.RELEASE_PARAMS` (the release lines, so that its F1 is read at
+            the line the guard refuses from, as the prototypes' is).
+    """
+
+    name = "siren"
+
+    def __init__(self, backbone: Any, *, cache: FeatureCache | bool = True, progress: bool = False,
+                 probe_params: Mapping[str, Any] | None = None, **_: Any) -> None:
+        from ..siren import RELEASE_PARAMS
+
+        self.backbone, self.cache, self.progress = backbone, cache, progress
+        self.params = {**RELEASE_PARAMS, **(probe_params or {})}
+        self.description = "SIREN-style neuron probe: L1 layer-wise probes select neurons, an MLP classifies"
+        self.threshold = float(self.params.get("threshold", 0.5))
+
+    def _states(self, prompts: Sequence[Any], desc: str) -> np.ndarray:
+        from ..readings import poolings_of
+
+        layers = list(range(1, self.backbone.num_layers + 1))
+        return extract(self.backbone, list(prompts), layers, poolings=poolings_of(self.params["pooling"]),
+                       cache=self.cache, progress=self.progress, desc=desc)
+
+    def fit(self, examples: Sequence[Example]) -> SirenBaseline:
+        from ..siren import NeuronProbe
+
+        H = self._states([e.prompt for e in examples], "siren baseline: fit")
+        self.probe_ = NeuronProbe(**self.params).fit(H, [e.label for e in examples], backbone=self.backbone,
+                                                     sources=[e.source for e in examples])
+        self.threshold = self.probe_.threshold_
+        return self
+
+    def predict_proba(self, prompts: Sequence[str]) -> np.ndarray:
+        if not hasattr(self, "probe_"):
+            raise ConfigError("the siren baseline is not fitted yet; call `fit(examples)` first")
+        from ..readings import select
+
+        layers = list(range(1, self.backbone.num_layers + 1))
+        H = self._states(prompts, "siren baseline")
+        return self.probe_.predict_proba(select(H, layers, self.probe_.layer_ids_, self.probe_.poolings_))[:, 1]
+
+
+BASELINES: dict[str, type] = {"judge": JudgeBaseline, "last_layer": LastLayerBaseline, "tfidf": TfidfBaseline,
+                              "siren": SirenBaseline}
 
 
 def parse_baselines(names: str | Sequence[str] | None) -> list[str]:

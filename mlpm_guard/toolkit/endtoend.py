@@ -49,6 +49,8 @@ _ANSWER_VERSION = "1"  # bump when what is stored per answer changes
 # ---------------------------------------------------------------------------- the core guard
 def _prototypes_digest(prototypes: Any) -> str:
     """What routing depends on in fitted prototypes, as a digest (public fitted attributes only)."""
+    if hasattr(prototypes, "digest"):  # a scorer that digests itself (the neuron probe)
+        return prototypes.digest()
     h = hashlib.sha256()
     for part in (prototypes.layer_ids_, prototypes.coef_, prototypes.intercept_, prototypes.threshold_,
                  getattr(prototypes, "controversial_threshold_", None), getattr(prototypes, "other_language_threshold", None),
@@ -99,8 +101,10 @@ class GuardSystem:
         bb = self.guard.backbone
         config = self.guard.generation.model_dump()
         config["max_new_tokens"] = max_new_tokens
+        # A trained safety prompt changes the answers of its route; without one the keys stay as they were.
+        trained = getattr(self.guard, "safety_prompt", None)
         base = digest("answer", _ANSWER_VERSION, bb.fingerprint, str(bb.dtype), _prototypes_digest(self.guard.prototypes),
-                      self.policy.model_dump(mode="json"), config)
+                      self.policy.model_dump(mode="json"), config, *([trained.digest()] if trained is not None else []))
         return [digest(base, p) for p in prompts]
 
     def answer(self, prompts: Sequence[str], *, max_new_tokens: int) -> list[Answer]:

@@ -1,0 +1,190 @@
+"""The trained safety prompt (DRO): soft tokens in a prefill, the fit, the file format, the route."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mlpm_guard import Guard, Policy, Prototypes, Route
+from mlpm_guard.errors import BackboneMismatchError, ConfigError, NotFittedError, PrototypeFileError
+from mlpm_guard.generation import SoftTokens, embed_inputs, prefill
+from mlpm_guard.safety_prompt import (
+    META_FILE,
+    SafetyPrompt,
+    as_safety_prompt,
+    estimate_anchor,
+    final_states,
+    soft_layout,
+)
+
+from conftest import SMALL_SAFE, SMALL_UNSAFE
+
+PROMPTS = SMALL_SAFE[:8] + SMALL_UNSAFE[:8]
+LABELS = [0] * 8 + [1] * 8
+ALL_SAFETY_PROMPT = {"safe_route": "safety_prompt", "controversial_route": "safety_prompt",
+                     "unsafe_route": "safety_prompt"}
+
+
+@pytest.fixture
+def odd_refusals(monkeypatch):
+    """A random backbone never declines; count an answer of odd length as a refusal so the anchor
+    has both kinds to learn the refusal direction from."""
+    monkeypatch.setattr("mlpm_guard.safety_prompt.is_refusal", lambda text: len(text) % 2 == 1)
+
+
+@pytest.fixture
+def fitted(tiny_backbone, odd_refusals):
+    return SafetyPrompt(n_tokens=6, epochs=3, max_new_tokens=5, learning_rate=0.05, batch_size=8,
+                        elicit_prompts=[None, "Refuse harmful requests."]).fit(PROMPTS, LABELS,
+                                                                              backbone=tiny_backbone, progress=False)
+
+
+def test_soft_tokens_equal_to_a_texts_embeddings_give_the_prefill_of_that_text(tiny_backbone):
+    text = "Be safe and kind."
+    ids = tiny_backbone.tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompts = ["What is 2 + 2?", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                                  {"role": "user", "content": "Tell me a much longer story about a dragon, please."}]]
+    plain = tiny_backbone.encode(prompts, system=text)
+    rows, starts = soft_layout(tiny_backbone, prompts, len(ids))
+    for p, r, s in zip(plain, rows, starts):
+        assert len(p) == len(r) and p.ids[:s] == r.ids[:s] and p.ids[s + len(ids):] == r.ids[s + len(ids):]
+        assert list(p.ids[s:s + len(ids)]) == ids  # the placeholders sit exactly where the text's tokens were
+    weight = tiny_backbone.model.get_input_embeddings().weight
+    soft = SoftTokens(weight[torch.tensor(ids)].detach(), starts)
+    a, b = prefill(tiny_backbone, plain), prefill(tiny_backbone, rows, soft=soft)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5)
+    h_plain, _ = final_states(tiny_backbone, plain)
+    h_soft, _ = final_states(tiny_backbone, rows, soft)
+    assert torch.allclose(h_plain, h_soft, atol=1e-5)
+
+
+def test_soft_tokens_that_do_not_fit_are_config_errors(tiny_backbone):
+    rows, starts = soft_layout(tiny_backbone, ["Hi"], 3)
+    ids = tiny_backbone.collate(rows)["input_ids"]
+    values = torch.zeros(3, tiny_backbone.hidden_size)
+    with pytest.raises(ConfigError, match="do not fit"):
+        embed_inputs(tiny_backbone, rows, ids, SoftTokens(values, (len(rows[0]) - 1,)))
+    with pytest.raises(ConfigError, match="starts for"):
+        embed_inputs(tiny_backbone, rows, ids, SoftTokens(values, (0, 1)))
+
+
+def test_the_anchor_finds_the_refusal_direction_of_separable_states():
+    rng = np.random.default_rng(0)
+    refused = np.arange(200) % 2 == 0
+    harmful = np.arange(200) % 4 < 2
+    states = rng.normal(size=(200, 32))
+    states[:, 3] += 6.0 * refused  # the one direction that says "refused"
+    anchor = estimate_anchor(states, refused, harmful, n_components=4)
+    assert anchor.scores["refusal_balanced_accuracy"] > 0.95
+    z, rest = anchor.coordinates(torch.as_tensor(states))
+    logits = anchor.logit(z, "refusal").numpy()
+    assert ((logits > 0) == refused).mean() > 0.95
+    # The basis is orthonormal and the rest lies outside it.
+    assert np.allclose(anchor.basis.T @ anchor.basis, np.eye(4), atol=1e-8)
+    assert torch.allclose(rest @ torch.as_tensor(anchor.basis), torch.zeros(200, 4, dtype=rest.dtype), atol=1e-8)
+    with pytest.raises(ConfigError, match="at least 2 refused"):
+        estimate_anchor(states, np.zeros(200, bool) | (np.arange(200) == 0), harmful, n_components=4)
+
+
+def test_fit_trains_the_embeddings_and_lowers_the_dro_loss(fitted, tiny_backbone):
+    h = fitted.history_
+    assert len(h) == 3 and h[-1]["refusal"] < h[0]["refusal"] and h[-1]["total"] < h[0]["total"]
+    start = tiny_backbone.model.get_input_embeddings().weight[torch.tensor(
+        (tiny_backbone.tokenizer(fitted.init_text, add_special_tokens=False)["input_ids"] * 6)[:6])]
+    assert not np.allclose(fitted.embeddings_, start.detach().numpy())  # trained, not the written prompt's
+    assert fitted.embeddings_.shape == (6, tiny_backbone.hidden_size)
+    assert set(fitted.elicitation_) == {"none", "Refuse harmful requests."}
+    assert fitted.training_summary_ == {"all/safe": 8, "all/unsafe": 8}
+    assert fitted.backbone_identity_ == tiny_backbone.identity()
+
+
+def test_save_load_round_trip_and_tampering(fitted, tiny_backbone, tmp_path):
+    fitted.provenance_ = {"files": {"x.jsonl": "0" * 64}}
+    folder = fitted.save(tmp_path / "sp")
+    loaded = SafetyPrompt.load(folder, backbone=tiny_backbone)
+    assert np.array_equal(loaded.embeddings_, fitted.embeddings_)
+    assert loaded.digest() == fitted.digest() and loaded.provenance_ == fitted.provenance_
+    assert loaded.generate(tiny_backbone, PROMPTS[:3], max_new_tokens=6) == fitted.generate(
+        tiny_backbone, PROMPTS[:3], max_new_tokens=6)
+    meta = json.loads((folder / META_FILE).read_text())
+    meta["params"]["text"] = "Something else."
+    (folder / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(PrototypeFileError, match="changed after it was saved"):
+        SafetyPrompt.load(folder)
+    fitted.save(folder)
+    tensors = next(folder.glob("safety_prompt.*.safetensors"))
+    tensors.write_bytes(tensors.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(PrototypeFileError, match="does not match"):
+        SafetyPrompt.load(folder)
+    with pytest.raises(PrototypeFileError, match="no safety_prompt.json"):
+        SafetyPrompt.load(tmp_path)
+
+
+def test_a_prompt_trained_on_another_backbone_is_refused(fitted, backbone, tmp_path):
+    folder = fitted.save(tmp_path / "sp")
+    with pytest.raises(BackboneMismatchError, match="fit-safety-prompt"):
+        SafetyPrompt.load(folder, backbone=backbone)
+    with pytest.raises(BackboneMismatchError):
+        as_safety_prompt(fitted, backbone)
+
+
+def test_unfitted_and_invalid_parameters(tiny_backbone):
+    with pytest.raises(NotFittedError):
+        SafetyPrompt().inputs(tiny_backbone, ["hi"])
+    with pytest.raises(ConfigError, match="n_tokens"):
+        SafetyPrompt(n_tokens=0).fit(PROMPTS, LABELS, backbone=tiny_backbone)
+    with pytest.raises(ConfigError, match="at least 2 harmful"):
+        SafetyPrompt().fit(PROMPTS[:8], LABELS[:8], backbone=tiny_backbone)
+    with pytest.raises(ConfigError, match="`safety_prompt` must be"):
+        as_safety_prompt(3, tiny_backbone)
+    assert as_safety_prompt(False, tiny_backbone) is None
+    assert as_safety_prompt(None, tiny_backbone) is None  # nothing is shipped for a random model
+
+
+def test_the_route_answers_under_the_trained_prompt_while_the_policy_keeps_its_text(fitted, tiny_backbone):
+    protos = Prototypes(C=1.0).fit(SMALL_SAFE + SMALL_UNSAFE, [0] * 20 + [1] * 20, backbone=tiny_backbone)
+    policy = Policy(**ALL_SAFETY_PROMPT, safety_prompt=fitted.text)
+    trained = Guard(tiny_backbone, protos, policy, safety_prompt=fitted)
+    written = Guard(tiny_backbone, protos, policy, safety_prompt=False)
+    prompts = PROMPTS[:4]
+    a = trained.batch(prompts, max_new_tokens=8)
+    b = written.batch(prompts, max_new_tokens=8)
+    assert all(r.route is Route.SAFETY_PROMPT for r in a + b)
+    assert [r.text for r in a] == fitted.generate(tiny_backbone, prompts, max_new_tokens=8)
+    assert [r.text for r in a] != [r.text for r in b]
+    assert trained.invoke(prompts[0], max_new_tokens=8).text == a[0].text  # one request, streamed path too
+    assert "".join(c.text for c in trained.stream(prompts[0], max_new_tokens=8)) == a[0].text
+    # A policy with a text of its own gets that text: the trained prompt replaces only its own.
+    own = Policy(**ALL_SAFETY_PROMPT, safety_prompt="Answer in French.")
+    assert [r.text for r in trained.batch(prompts, policy=own, max_new_tokens=8)] == [
+        r.text for r in written.batch(prompts, policy=own, max_new_tokens=8)]
+
+
+def test_cached_answers_are_keyed_by_the_trained_prompt(fitted, tiny_backbone):
+    from mlpm_guard.toolkit.endtoend import GuardSystem
+
+    protos = Prototypes(C=1.0).fit(SMALL_SAFE + SMALL_UNSAFE, [0] * 20 + [1] * 20, backbone=tiny_backbone)
+    keys = [GuardSystem(Guard(tiny_backbone, protos, safety_prompt=sp))._keys(["hi"], 8)
+            for sp in (fitted, False)]
+    assert keys[0] != keys[1]
+
+
+def test_the_cli_trains_a_folder_the_guard_loads(tiny_backbone, odd_refusals, tmp_path, monkeypatch, capsys):
+    from conftest import write_jsonl
+
+    from mlpm_guard import cli
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": p, "label": "unsafe" if y else "safe"}
+                                              for p, y in zip(PROMPTS, LABELS)]
+                       + [{"prompt": "held out", "label": "safe", "split": "test"}])
+    monkeypatch.setattr(cli, "_backbone", lambda spec, args: tiny_backbone)
+    assert cli.main(["fit-safety-prompt", str(data), "--out", str(tmp_path / "sp"), "--epochs", "1",
+                     "--n-tokens", "4", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n_tokens"] == 4 and summary["n_samples"] == 16  # the test split stays out
+    loaded = SafetyPrompt.load(tmp_path / "sp", backbone=tiny_backbone)
+    assert loaded.provenance_["rows_per_source"] == {"d/safe": 8, "d/unsafe": 8}
+    assert "d.jsonl" in loaded.provenance_["files"]
