@@ -29,7 +29,7 @@ test: install
 
 # The docs site, strict: a broken link or a missing page fails (tests/test_docs.py runs the same build).
 docs: install
-	$(PYTHON) -m mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(PYTHON) -m mkdocs build --strict --site-dir site
 
 DATA ?= ../shared/data
 bench-quality: install

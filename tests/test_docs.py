@@ -187,9 +187,21 @@ def _step_numbers(path: Path, pattern) -> list[str]:
 def test_site_builds_strict(tmp_path):
     pytest.importorskip("mkdocs")
     pytest.importorskip("material")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # Material's banner about its successor
     run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
                           str(ROOT / "mkdocs.yml"), "--site-dir", str(tmp_path / "site")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert (tmp_path / "site" / "index.html").is_file()
     assert (tmp_path / "site" / "quality" / "index.html").is_file()
+
+
+def test_ray_serve_replicas_wait_passively():
+    # The config's ray_actor_options replace the deployment's own, runtime_env included.
+    import yaml
+
+    config = yaml.safe_load((ROOT / "docs" / "ray-serve.yaml").read_text(encoding="utf-8"))
+    for app in config["applications"]:
+        for deployment in app["deployments"]:
+            env = deployment["ray_actor_options"]["runtime_env"]["env_vars"]
+            assert env["OMP_WAIT_POLICY"] == "PASSIVE", deployment["name"]
