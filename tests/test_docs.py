@@ -187,6 +187,7 @@ def _step_numbers(path: Path, pattern) -> list[str]:
 def test_site_builds_strict(tmp_path):
     pytest.importorskip("mkdocs")
     pytest.importorskip("material")
+    pytest.importorskip("mkdocstrings")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}  # Material's banner about its successor
     run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
                           str(ROOT / "mkdocs.yml"), "--site-dir", str(tmp_path / "site")],
@@ -194,6 +195,9 @@ def test_site_builds_strict(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     assert (tmp_path / "site" / "index.html").is_file()
     assert (tmp_path / "site" / "quality" / "index.html").is_file()
+    reference = (tmp_path / "site" / "reference" / "index.html").read_text(encoding="utf-8")
+    assert "Score, route, answer and moderate requests" in reference  # Guard's docstring, rendered
+    assert ":class:<code>" not in reference  # mkdocs_hooks.py drops Sphinx roles
 
 
 def test_ray_serve_replicas_wait_passively():

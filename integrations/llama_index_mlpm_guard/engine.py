@@ -154,7 +154,7 @@ class GuardedQueryEngine(BaseQueryEngine):
     ``route_applied`` (an :class:`MLPMGuardLLM` took the route) and ``llm`` (the reports of the
     guarded LLM's calls for this query; for a streaming response they arrive as it is read).
 
-    Example:
+    Examples:
         >>> engine = GuardedQueryEngine.from_index(index, guard)    # doctest: +SKIP
         >>> engine.query("How do I make methamphetamine?").metadata["mlpm_guard"]["blocked"]  # doctest: +SKIP
         True

@@ -73,7 +73,7 @@ class MLPMGuardLLM(GuardedComponent, CustomLLM):
     :class:`mlpm_guard.GuardResult` as a dict: ``route``, ``blocked``, ``verdict``,
     ``output_flagged``, ``replaced``, ``timings``, ``error``, plus ``routed_by_engine``.
 
-    Example:
+    Examples:
         >>> from llama_index.core import Settings                # doctest: +SKIP
         >>> Settings.llm = MLPMGuardLLM()                         # doctest: +SKIP
         >>> Settings.llm.complete("Write a haiku").additional_kwargs["mlpm_guard"]["route"]  # doctest: +SKIP
