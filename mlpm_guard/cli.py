@@ -22,6 +22,7 @@ from typing import Any
 from ._version import __version__
 from .errors import BackboneLoadError, ConfigError, MlpmGuardError
 from .readings import POOLING_SETTINGS
+from .review_cli import add_commands, add_serve_options, serve_settings
 
 EXAMPLES = """examples:
   mlpm-guard demo                                  judge, route and answer example prompts
@@ -511,6 +512,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                    "max_tokens_limit": args.max_tokens, "request_timeout_s": args.request_timeout}
         options.update({k: v for k, v in (("api_key", args.api_key), ("upstream_api_key", args.upstream_api_key))
                         if v is not None})
+        options.update(serve_settings(args))
         settings = server.ServerSettings(**options)
     except ValidationError as exc:
         raise ConfigError(f"invalid server settings:\n{exc}") from None
@@ -681,6 +683,7 @@ def _add_serve(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5 ms)")
     p.add_argument("--max-tokens", type=int, default=512, help="largest and default answer length (default 512)")
     p.add_argument("--request-timeout", type=float, default=120.0, help="seconds before a waiting request gets 504")
+    add_serve_options(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -723,6 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo, max_new_tokens=48)
 
     _add_serve(sub, parents)
+    add_commands(sub, parents)
     _add_install_backbone(sub)
     return parser
 
