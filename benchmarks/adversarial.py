@@ -352,20 +352,22 @@ def print_tables(result: dict[str, Any], file: Any = sys.stdout) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prototypes", nargs="*", default=[],
-                        help="prototypes folders to compare (default: the shipped default alone)")
+                        help="prototypes folders to compare, or neuron-probe folders (`mlpm-guard fit-siren`) "
+                             "(default: the shipped default alone)")
     parser.add_argument("--n", type=int, default=80, help="most harmful and benign base requests (seeded sample)")
     parser.add_argument("--backbone", default="embedded")
     parser.add_argument("--no-cost", action="store_true", help="skip timing the scoring cost")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
 
-    from mlpm_guard import Backbone, Guard, Prototypes
+    from mlpm_guard import Backbone, Guard
+    from mlpm_guard.guard import load_scorer
     from mlpm_guard.shipped import default_prototypes
 
     start = time.perf_counter()
     backbone = Backbone(args.backbone)
     candidates = {"shipped default": default_prototypes(backbone)} if not args.prototypes else {
-        path: Prototypes.load(path, backbone=backbone) for path in args.prototypes}
+        path: load_scorer(path, backbone) for path in args.prototypes}
     fams = families(args.n)
     poolings = sorted({p for c in candidates.values() for p in c.poolings_}, key=["last", "mean"].index)
     items = [it for fam in fams for it in (*fam.harmful, *fam.benign)]

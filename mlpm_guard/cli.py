@@ -207,7 +207,8 @@ def cmd_fit_safety_prompt(args: argparse.Namespace) -> int:
     examples = cap_per_source([e for path in args.data for e in load_examples(path) if e.split not in HELD_OUT_SPLITS],
                               args.max_per_source, args.seed)
     backbone = _backbone(args.backbone, args)
-    params = {k: getattr(args, k) for k in ("n_tokens", "epochs", "learning_rate", "batch_size") if getattr(args, k)}
+    params = {k: getattr(args, k) for k in ("n_tokens", "epochs", "learning_rate", "batch_size", "init_text")
+              if getattr(args, k)}
     prompt = SafetyPrompt(**params, random_state=args.seed)
     prompt.provenance_ = data_provenance(args.data, examples)
     prompt.fit([e.prompt for e in examples], [e.label for e in examples], backbone=backbone,
@@ -597,6 +598,8 @@ def _add_fit(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the safety prompt into")
     p.add_argument("--max-per-source", type=int, help="cap each source at N requests, labels balanced")
     p.add_argument("--n-tokens", type=int, help="soft tokens (default: as many as the written prompt it starts from)")
+    p.add_argument("--init-text", help="the written prompt whose token embeddings the soft tokens start from "
+                                       "(default: a one-sentence safety prompt)")
     p.add_argument("--epochs", type=int, help="passes over the requests (default 4)")
     p.add_argument("--learning-rate", type=float, help="AdamW step size (default 1e-3)")
     p.add_argument("--batch-size", type=int, help="requests per step (default 16)")
