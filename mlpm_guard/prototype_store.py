@@ -187,18 +187,25 @@ class PrototypeStore:
                            threshold=(_threshold(self.path(old)), _threshold(self.path(new))))
 
     # ------------------------------------------------------------------ writing
-    def teach(self, corrections: Sequence[Correction], backbone: Any, *, base: str | None = None) -> VersionInfo:
+    def teach(self, corrections: Sequence[Correction], backbone: Any, *, base: str | None = None,
+              loaded: Prototypes | None = None) -> VersionInfo:
         """A new version: ``base`` (default: the current one) plus ``corrections``, made current.
 
         Each corrected text becomes a prototype of its own (``taught-safe-<hash>`` or
         ``taught-unsafe-<hash>``), so one correction moves the verdicts of texts like it and no
         other correction's prototype; harmful corrections with a category also move that category.
+
+        ``loaded``: the base version already in memory (a server's), copied instead of read again.
         """
         if not corrections:
             raise ConfigError("there are no corrections to teach")
         base = base or self.current
         parent = self.info(base)
-        prototypes = self.load(base, backbone=backbone)
+        if loaded is not None and getattr(loaded, "version_", None) == base:
+            prototypes = copy.deepcopy(loaded)  # its pickled state leaves the backbone out
+            prototypes.bind(backbone)
+        else:
+            prototypes = self.load(base, backbone=backbone)
         taught = _teach(prototypes, corrections)
         version = self._next_name()
         record = {"version": version, "parent": base, "parent_metadata_sha256": parent.metadata_sha256,

@@ -103,3 +103,31 @@ def test_the_guard_logs_every_public_path_once(tmp_path, backbone, small_prototy
     assert len(bomb) == 3 and all(r.route is Route.REFUSE and r.blocked for r in bomb)
     assert rows[0].text == safe and chunks[-1].result.route.value == rows[0].route.value
     log.close()
+
+
+def test_teaching_from_the_loaded_version_writes_what_teaching_from_disk_writes(tmp_path, backbone, small_prototypes,
+                                                                                 flagged):
+    store = PrototypeStore.create(tmp_path / "store", small_prototypes)
+    fix = [Correction(text=flagged[0], label="safe")]
+    loaded = store.load(backbone=backbone)
+    assert store.teach(fix, backbone).version == "v0002"
+    store.rollback()
+    assert store.teach(fix, backbone, loaded=loaded).version == "v0003"
+    assert loaded.version_ == "v0001" and "taught-safe" not in repr(loaded.sets_[0].names)
+    a, b = (store.load(v, backbone=backbone).verdicts(LOOK_ALIKES) for v in ("v0002", "v0003"))
+    assert [v.p_unsafe for v in a] == [v.p_unsafe for v in b]
+
+
+def test_teaching_cost_counts_the_probes_it_flips(backbone, small_prototypes, flagged):
+    from mlpm_guard.prototype_store import harmful_probes, teach_in_memory, teaching_cost
+
+    probes = harmful_probes()
+    assert len(probes) >= 50
+    fix = [Correction(text=t, label="safe") for t in flagged]
+    cost = teaching_cost(small_prototypes, fix, backbone, probes[:40])
+    taught = teach_in_memory(small_prototypes, fix)
+    old, new = small_prototypes.verdicts(probes[:40]), taught.verdicts(probes[:40])
+    assert cost.flagged_before == sum(v.unsafe for v in old) and cost.flagged_after == sum(v.unsafe for v in new)
+    assert cost.flipped == [t for t, a, b in zip(probes[:40], old, new) if a.unsafe and not b.unsafe]
+    assert all(a < b for a, b in zip(cost.corrected_after, cost.corrected_before))
+    assert "taught-safe" not in repr(small_prototypes.sets_[0].names)  # the original is untouched

@@ -189,7 +189,8 @@ def add_review_routes(app: FastAPI, review: Review) -> None:
         pending = await asyncio.to_thread(review.log.corrections, pending=True)
         if not pending:
             return _back(form, "no pending corrections")
-        info = await asyncio.to_thread(store.teach, pending, review.service.guard.backbone)
+        guard = review.service.guard
+        info = await asyncio.to_thread(store.teach, pending, guard.backbone, loaded=guard.prototypes)
         await asyncio.to_thread(review.log.mark_applied, [c.id for c in pending if c.id is not None], info.version)
         await asyncio.to_thread(review.reloader.check)  # type: ignore[union-attr]
         return _back(form, f"taught {len(pending)} correction(s): now serving {info.version}")
