@@ -22,7 +22,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -286,10 +286,16 @@ class DecisionLog:
         self._last_warning = 0.0
         self._closed = False
         self._next_prune = 0.0
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
         self._thread = threading.Thread(target=self._run, name="mlpm-guard-decision-log", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ writing (request path)
+    def add_listener(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call ``listener(row)`` with every row recorded, on the request's thread (metrics, traces).
+        It must be quick; an error in it is logged and ignored."""
+        self._listeners.append(listener)
+
     def record(self, decision: Decision, prompt: Any, *, kind: Kind = "request", source: str = "guard",
                policy: Any = None, prototypes_version: str | None = None) -> None:
         """Queue one decision about ``prompt`` (a string or messages). Never blocks, never raises."""
@@ -301,6 +307,11 @@ class DecisionLog:
         except Exception:  # noqa: BLE001 - a log must never fail the request it describes
             logger.exception("could not build a decision-log row")
             return
+        for listener in self._listeners:
+            try:
+                listener(row)
+            except Exception:  # noqa: BLE001 - a metric must not fail the request either
+                logger.exception("a decision-log listener failed")
         with self._lock:
             self.stats.recorded += 1
             if self._closed:

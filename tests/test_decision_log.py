@@ -149,10 +149,15 @@ def test_a_full_disk_fails_writes_not_requests(tmp_path):
 
 def test_record_never_raises_on_a_closed_log_or_a_bad_prompt(tmp_path):
     log = make_log(tmp_path)
+    seen = []
+    log.add_listener(lambda row: seen.append((row["route"], row["category"])))
+    log.add_listener(lambda row: 1 / 0)  # a broken listener is logged, not raised
+    log.record(refused(), "hello")
+    assert seen == [("refuse", "S9")]
     log.record(refused(), object())  # not a prompt: logged as an error, not raised
     log.close()
     log.record(refused(), "after close")
-    assert log.stats.dropped == 1
+    assert log.stats.dropped == 1 and log.stats.written == 1
 
 
 def test_a_killed_writer_leaves_no_corrupt_rows(tmp_path):

@@ -105,6 +105,10 @@ def test_sign_in_filter_mark_fine_preview_apply_and_roll_back(tmp_path, tiny_bac
         assert versions == {"v0001", "v0002"}
         health = httpx.get(f"{url}/healthz").json()
         assert health["prototypes_version"] == "v0001" and health["decision_log"]["written"] >= 4
+        metrics = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        assert 'mlpm_guard_logged_decisions_total{category="S9",prototypes_version="v0001",route="refuse"} 2.0' in metrics
+        assert 'mlpm_guard_logged_decisions_total{category="none",prototypes_version="v0002",route="pass"} 1.0' in metrics
+        assert f'mlpm_guard_decision_log_rows_total{{state="written"}} {health["decision_log"]["written"]}.0' in metrics
 
 
 def test_without_kept_text_the_reviewer_pastes_it_and_the_hash_must_match(tmp_path, tiny_backbone, tiny_prototypes,

@@ -295,6 +295,9 @@ def create_app(guard: Guard, settings: ServerSettings | None = None, *, lanes: L
         lanes = BatchedLanes(guard, max_batch_size=settings.effective_batch_size, max_wait_ms=settings.max_wait_ms,
                              executor=executor, on_batch=metrics.observe_batch)
     service = GuardService(guard, settings, lanes, metrics)
+    if service.log is not None:
+        service.log.add_listener(metrics.observe_decision)
+        metrics.watch_log(service.log)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
