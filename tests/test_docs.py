@@ -141,11 +141,16 @@ def test_shell_commands_name_real_options():
                 if words[1].startswith("-"):
                     continue  # mlpm-guard --version / --help
                 assert words[1] in subs, f"{where}: no subcommand {words[1]!r}"
-                options = {opt for action in subs[words[1]]._actions for opt in action.option_strings}
-                for word in words[2:]:
+                command, parser, rest = [words[1]], subs[words[1]], words[2:]
+                while rest and _subcommands(parser):  # mlpm-guard GROUP COMMAND ...
+                    assert rest[0] in _subcommands(parser), f"{where}: no subcommand {' '.join(command)} {rest[0]!r}"
+                    command.append(rest[0])
+                    parser, rest = _subcommands(parser)[rest[0]], rest[1:]
+                options = {opt for action in parser._actions for opt in action.option_strings}
+                for word in rest:
                     flag = word.strip("[]").split("=", 1)[0]
                     if flag.startswith("--"):
-                        assert flag in options, f"{where}: `mlpm-guard {words[1]}` has no option {flag}"
+                        assert flag in options, f"{where}: `mlpm-guard {' '.join(command)}` has no option {flag}"
                 checked += 1
     assert checked >= 10  # the pages do show the command line
 
