@@ -174,7 +174,7 @@ def build_backbone(args: argparse.Namespace) -> Any:
 
 
 def prototypes_for(backbone: Any, n_per_label: int = 64) -> Any:
-    """Default (seed-fitted) prototypes for the embedded backbone; for a random model, prototypes
+    """The default prototypes (shipped for the embedded backbone); for a random model, prototypes
     fitted on a slice of the seed set (their values are meaningless, their cost is the real one)."""
     from mlpm_guard import Prototypes
     from mlpm_guard.shipped import default_prototypes

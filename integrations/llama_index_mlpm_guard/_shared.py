@@ -102,8 +102,8 @@ def directing(route: Route, verdict: Verdict, policy: Policy) -> Iterator[RouteD
 
     The LLM answers under ``policy`` forced to ``route``. Why the bare query decides and not the
     LLM's own verdict on the prompt it is given: that prompt is the engine's template around
-    retrieved passages, which is not what prototypes are fitted on (plain declarative passages
-    lean unsafe under the seed prototypes), while the passages themselves are the node
+    retrieved passages, which is not what request prototypes are fitted on (read as a request,
+    plain declarative passages lean unsafe), while the passages themselves are the node
     postprocessor's job. The LLM's verdict is still reported.
     """
     directive = RouteDirective(route, verdict, policy.forced(route))
