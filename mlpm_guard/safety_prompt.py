@@ -83,6 +83,9 @@ STRICT_TEXT = ("You must refuse harmful, dangerous, illegal or unethical request
 #: The system prompts the backbone answers the training requests under to show where it refuses
 #: (``None``: no system prompt, the template's own opening).
 ELICIT_PROMPTS: tuple[str | None, ...] = (None, DEFAULT_SAFETY_PROMPT, INIT_TEXT, STRICT_TEXT)
+#: The refusal whose opening the optimisation makes more likely for harmful requests and less
+#: likely for harmless ones (the policy's default refusal, as the backbone says it under STRICT_TEXT).
+REFUSAL_TEXT = "I'm sorry, but I can't help with that."
 #: Two system texts that tokenize to different single tokens: where their encodings differ is
 #: where the system turn's text lies (:func:`soft_layout`).
 _MARKS = ("A", "B")
@@ -114,18 +117,31 @@ def soft_layout(backbone: Any, prompts: Sequence[PromptInput], n_tokens: int) ->
 
 
 def final_states(backbone: Any, rows: Sequence[Encoded], soft: SoftTokens | None = None, *,
-                 logits: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 logits: bool = False, suffix: Sequence[int] = ()
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The final last-token state of each row (the normed output of the last layer, which the
-    next token is read from), float32 (n, d), and with ``logits`` the next-token logits too.
+    next token is read from), float32 (n, d); with ``logits`` the next-token logits too; with a
+    ``suffix`` (token ids), the mean log-probability of each row's answer opening with it.
 
-    Gradients flow to ``soft.embeddings`` when it requires them; the backbone stays frozen.
+    The suffix is read in the same forward pass, after the prompt: attention is causal, so the
+    prompt's own states are those of the prompt alone. Gradients flow to ``soft.embeddings`` when
+    it requires them; the backbone stays frozen.
     """
+    k = len(suffix)
+    if k:
+        rows = [Encoded((*r.ids, *suffix), r.n_truncated) for r in rows]
     batch = backbone.collate(rows)
     ids = batch.pop("input_ids")
     embeds = embed_inputs(backbone, rows, ids, soft) if soft is not None else backbone.model.get_input_embeddings()(ids)
     out = backbone.base(inputs_embeds=embeds, **batch, use_cache=False)
-    h = out.last_hidden_state[:, -1]
-    return h.float(), (backbone.model.get_output_embeddings()(h).float() if logits else None)
+    h = out.last_hidden_state[:, -(k + 1)]
+    head = backbone.model.get_output_embeddings()
+    opening = None
+    if k:
+        logp = head(out.last_hidden_state[:, -(k + 1):-1]).float().log_softmax(-1)
+        target = torch.as_tensor(list(suffix), device=logp.device).expand(len(rows), k)
+        opening = logp.gather(-1, target[..., None])[..., 0].mean(-1)
+    return h.float(), (head(h).float() if logits else None), opening
 
 
 def _batched(n: int, size: int) -> list[list[int]]:
@@ -237,6 +253,12 @@ class SafetyPrompt(BaseEstimator):
             (DRO's 1e-3).
         answer_weight: weight of the KL divergence of a harmless request's next-token distribution
             from its unprompted one.
+        refusal_text: a refusal the backbone's answers may open with.
+        refusal_weight: weight of the term that reads DRO's logistic loss from the answer itself:
+            the change, against the unprompted request, of the mean log-probability of an answer
+            opening with ``refusal_text``, up for harmful requests and down for harmless ones
+            (added here: on a small backbone the anchor's direction alone barely moves what it
+            answers; 0 turns it off).
         max_new_tokens: answer length read by the refusal detector when eliciting.
         max_tokens: longer requests (encoded without a system prompt) stay out of the fit.
         random_state: seed of the shuffling and the PCA.
@@ -251,7 +273,8 @@ class SafetyPrompt(BaseEstimator):
     def __init__(self, *, n_tokens: int | None = None, init_text: str = INIT_TEXT, text: str = DEFAULT_SAFETY_PROMPT,
                  elicit_prompts: Sequence[str | None] = ELICIT_PROMPTS, n_components: int = 4, epochs: int = 4,
                  batch_size: int = 16, learning_rate: float = 1e-3, harmfulness_weight: float = 1e-2,
-                 norm_weight: float = 1e-3, answer_weight: float = 1.0, max_new_tokens: int = 24,
+                 norm_weight: float = 1e-3, answer_weight: float = 1.0, refusal_text: str = REFUSAL_TEXT,
+                 refusal_weight: float = 1.0, max_new_tokens: int = 24,
                  max_tokens: int = 96, random_state: int = 0) -> None:
         self.n_tokens = n_tokens
         self.init_text = init_text
@@ -264,6 +287,8 @@ class SafetyPrompt(BaseEstimator):
         self.harmfulness_weight = harmfulness_weight
         self.norm_weight = norm_weight
         self.answer_weight = answer_weight
+        self.refusal_text = refusal_text
+        self.refusal_weight = refusal_weight
         self.max_new_tokens = max_new_tokens
         self.max_tokens = max_tokens
         self.random_state = random_state
@@ -279,11 +304,11 @@ class SafetyPrompt(BaseEstimator):
             raise ConfigError(f"`n_tokens` must be None or an int in 1..256, got {self.n_tokens!r}")
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
             raise ConfigError(f"`learning_rate` must be a positive number, got {self.learning_rate!r}")
-        for name in ("harmfulness_weight", "norm_weight", "answer_weight"):
+        for name in ("harmfulness_weight", "norm_weight", "answer_weight", "refusal_weight"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0):
                 raise ConfigError(f"`{name}` must be a number >= 0, got {value!r}")
-        for name in ("init_text", "text"):
+        for name in ("init_text", "text", "refusal_text"):
             if not (isinstance(getattr(self, name), str) and getattr(self, name).strip()):
                 raise ConfigError(f"`{name}` must be a non-empty string, got {getattr(self, name)!r}")
         if not self.elicit_prompts or not all(p is None or isinstance(p, str) for p in self.elicit_prompts):
@@ -325,9 +350,10 @@ class SafetyPrompt(BaseEstimator):
                               f"got {int((labels == 1).sum())} harmful and {int((labels == 0).sum())} harmless")
         for p in backbone.model.parameters():
             p.requires_grad_(False)
-        base, base_logp, anchor, elicitation = self._elicit(backbone, prompts, labels, progress)
+        base, base_logp, base_opening, anchor, elicitation = self._elicit(backbone, prompts, labels, progress)
         self.anchor_, self.elicitation_ = anchor, elicitation
-        self.embeddings_, self.history_ = self._optimise(backbone, prompts, labels, base, base_logp, progress)
+        self.embeddings_, self.history_ = self._optimise(backbone, prompts, labels, base, base_logp,
+                                                         base_opening, progress)
         self.n_samples_ = len(prompts)
         self.training_summary_ = {f"{src}/{'unsafe' if lab else 'safe'}": n for (src, lab), n in
                                   sorted(Counter((sources[i], int(labels[j])) for j, i in enumerate(keep)).items())}
@@ -337,10 +363,12 @@ class SafetyPrompt(BaseEstimator):
         return self
 
     def _elicit(self, backbone: Any, prompts: Sequence[PromptInput], labels: np.ndarray,
-                progress: bool) -> tuple[torch.Tensor, torch.Tensor, RefusalAnchor, dict[str, dict[str, int]]]:
+                progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, RefusalAnchor,
+                                         dict[str, dict[str, int]]]:
         """Answer every request under each elicitation prompt; return the unprompted final states,
-        the unprompted next-token log-probabilities of the harmless requests, the anchor fitted on
-        all states, and how many answers of each kind were refusals."""
+        the unprompted next-token log-probabilities of the harmless requests, the unprompted
+        log-probability of each answer opening with the refusal text, the anchor fitted on all
+        states, and how many answers of each kind were refusals."""
         states, refused, harmful, counts = [], [], [], {}
         base = base_logp = None
         for system in self.elicit_prompts:
@@ -369,11 +397,25 @@ class SafetyPrompt(BaseEstimator):
                          for idx in _batched(len(rows), self.batch_size)]
             base = torch.cat([p[0] for p in parts])
             base_logp = torch.cat([p[1] for p in parts])[torch.as_tensor(labels == 0)].log_softmax(-1)
+        base_opening = self._openings(backbone, backbone.encode(list(prompts)), None)
         anchor = estimate_anchor(np.concatenate(states), np.concatenate(refused), np.concatenate(harmful),
                                  n_components=self.n_components, random_state=self.random_state)
         if progress:
             logger.info("safety prompt: anchor %s", anchor.scores)
-        return base.clone(), base_logp.clone(), anchor, counts
+        return base.clone(), base_logp.clone(), base_opening, anchor, counts
+
+    def _refusal_ids(self, backbone: Any) -> list[int]:
+        return backbone.tokenizer(self.refusal_text, add_special_tokens=False)["input_ids"] if self.refusal_weight else []
+
+    @torch.inference_mode()
+    def _openings(self, backbone: Any, rows: Sequence[Encoded], soft: SoftTokens | None) -> torch.Tensor | None:
+        """Each request's mean log-probability of an answer opening with the refusal text (None
+        when that term is off)."""
+        suffix = self._refusal_ids(backbone)
+        if not suffix:
+            return None
+        return torch.cat([final_states(backbone, [rows[i] for i in idx], suffix=suffix)[2]
+                          for idx in _batched(len(rows), self.batch_size)])
 
     def _initial_embeddings(self, backbone: Any) -> torch.Tensor:
         ids = backbone.tokenizer(self.init_text, add_special_tokens=False)["input_ids"]
@@ -383,12 +425,14 @@ class SafetyPrompt(BaseEstimator):
         return weight[torch.tensor(ids, device=weight.device)].detach().float().clone()
 
     def _optimise(self, backbone: Any, prompts: Sequence[PromptInput], labels: np.ndarray, base: torch.Tensor,
-                  base_logp: torch.Tensor, progress: bool) -> tuple[np.ndarray, list[dict[str, float]]]:
+                  base_logp: torch.Tensor, base_opening: torch.Tensor | None,
+                  progress: bool) -> tuple[np.ndarray, list[dict[str, float]]]:
         """DRO's optimisation of the soft tokens; returns them and the mean losses of each epoch."""
         torch.manual_seed(self.random_state)
         soft = torch.nn.Parameter(self._initial_embeddings(backbone))
         optimiser = torch.optim.AdamW([soft], lr=self.learning_rate)
         rows, starts = soft_layout(backbone, prompts, len(soft))
+        suffix = self._refusal_ids(backbone)
         anchor = self.anchor_
         with torch.no_grad():
             z0, rest0 = anchor.coordinates(base)
@@ -406,8 +450,9 @@ class SafetyPrompt(BaseEstimator):
             for begin in range(0, len(order), self.batch_size):
                 idx = order[begin:begin + self.batch_size]
                 t = torch.as_tensor(idx)
-                h, logits = final_states(backbone, [rows[i] for i in idx],
-                                         SoftTokens(soft, tuple(starts[i] for i in idx)), logits=self.answer_weight > 0)
+                h, logits, opening = final_states(backbone, [rows[i] for i in idx],
+                                                  SoftTokens(soft, tuple(starts[i] for i in idx)),
+                                                  logits=self.answer_weight > 0, suffix=suffix)
                 z, rest = anchor.coordinates(h)
                 losses = {
                     "refusal": F.binary_cross_entropy_with_logits(anchor.logit(z, "refusal") - refusal0[t], target[t]),
@@ -415,13 +460,18 @@ class SafetyPrompt(BaseEstimator):
                                                                       target[t]),
                     "norm": ((rest - rest0[t]) ** 2).mean(),
                 }
+                if opening is not None and base_opening is not None:
+                    # DRO's logistic loss on the change, read from the answer's opening instead of
+                    # the anchor: a small backbone's refusal is decided in its first few tokens.
+                    losses["refusal_text"] = F.binary_cross_entropy_with_logits(opening - base_opening[t], target[t])
                 mild = harmless_row[t] >= 0
                 if logits is not None and bool(mild.any()):
                     logp = logits[mild].log_softmax(-1)
                     losses["answer"] = F.kl_div(logp, base_logp[harmless_row[t][mild]], log_target=True,
                                                 reduction="batchmean")
                 total = (losses["refusal"] + self.harmfulness_weight * losses["harmfulness"]
-                         + self.norm_weight * losses["norm"] + self.answer_weight * losses.get("answer", 0.0))
+                         + self.norm_weight * losses["norm"] + self.answer_weight * losses.get("answer", 0.0)
+                         + self.refusal_weight * losses.get("refusal_text", 0.0))
                 optimiser.zero_grad()
                 total.backward()
                 torch.nn.utils.clip_grad_norm_([soft], 1.0)
@@ -527,6 +577,8 @@ class SafetyPromptParams(BaseModel):
     harmfulness_weight: float = Field(ge=0)
     norm_weight: float = Field(ge=0)
     answer_weight: float = Field(ge=0)
+    refusal_text: str = Field(min_length=1)
+    refusal_weight: float = Field(ge=0)
     max_new_tokens: int = Field(ge=1)
     max_tokens: int = Field(ge=1)
     random_state: int

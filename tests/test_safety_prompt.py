@@ -56,9 +56,24 @@ def test_soft_tokens_equal_to_a_texts_embeddings_give_the_prefill_of_that_text(t
     soft = SoftTokens(weight[torch.tensor(ids)].detach(), starts)
     a, b = prefill(tiny_backbone, plain), prefill(tiny_backbone, rows, soft=soft)
     assert torch.allclose(a.logits, b.logits, atol=1e-5)
-    h_plain, _ = final_states(tiny_backbone, plain)
-    h_soft, _ = final_states(tiny_backbone, rows, soft)
+    h_plain, _, _ = final_states(tiny_backbone, plain)
+    h_soft, _, _ = final_states(tiny_backbone, rows, soft)
     assert torch.allclose(h_plain, h_soft, atol=1e-5)
+
+
+def test_the_refusal_opening_is_read_after_the_prompt_without_changing_its_state(tiny_backbone):
+    prompts = ["What is 2 + 2?", "Write a long poem about the sea and the wind, please."]
+    rows = tiny_backbone.encode(prompts)
+    suffix = tiny_backbone.tokenizer("I'm sorry", add_special_tokens=False)["input_ids"]
+    h, logits, none = final_states(tiny_backbone, rows, logits=True)
+    h2, logits2, opening = final_states(tiny_backbone, rows, logits=True, suffix=suffix)
+    assert none is None and torch.allclose(h, h2, atol=1e-5) and torch.allclose(logits, logits2, atol=1e-4)
+    for j, row in enumerate(rows):  # the mean log-probability of each suffix token, one prefix at a time
+        total = 0.0
+        for i, token in enumerate(suffix):
+            ids = torch.tensor([[*row.ids, *suffix[:i]]])
+            total += tiny_backbone.model(ids).logits[0, -1].float().log_softmax(-1)[token].item()
+        assert opening[j].item() == pytest.approx(total / len(suffix), abs=1e-4)
 
 
 def test_soft_tokens_that_do_not_fit_are_config_errors(tiny_backbone):
@@ -92,6 +107,7 @@ def test_the_anchor_finds_the_refusal_direction_of_separable_states():
 def test_fit_trains_the_embeddings_and_lowers_the_dro_loss(fitted, tiny_backbone):
     h = fitted.history_
     assert len(h) == 3 and h[-1]["refusal"] < h[0]["refusal"] and h[-1]["total"] < h[0]["total"]
+    assert h[-1]["refusal_text"] < h[0]["refusal_text"]
     start = tiny_backbone.model.get_input_embeddings().weight[torch.tensor(
         (tiny_backbone.tokenizer(fitted.init_text, add_special_tokens=False)["input_ids"] * 6)[:6])]
     assert not np.allclose(fitted.embeddings_, start.detach().numpy())  # trained, not the written prompt's
