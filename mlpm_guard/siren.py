@@ -58,11 +58,13 @@ __all__ = ["NeuronProbe", "RELEASE_PARAMS", "select_neurons"]
 FORMAT = "mlpm-guard-neuron-probe"
 FORMAT_VERSION = 1
 META_FILE = "neuron_probe.json"
-#: What the generalisation benchmark and ``eval --baselines siren`` fit: the release recipe's lines
-#: (refuse from 0.8, safety prompt from 0.35, content from 0.5), so the routes mean what they mean
-#: under the shipped prototypes.
+#: What ``mlpm-guard fit-siren``, ``eval --baselines siren`` and ``benchmarks/siren.py`` fit: the
+#: release recipe's lines (refuse from 0.8, safety prompt from 0.35, content from 0.5), so the
+#: routes mean what they mean under the shipped prototypes; and the 16 best readings of the 60 a
+#: 30-layer backbone has (last token and mean-pooled), which keeps the MLP's input near a thousand
+#: neurons: with all of them, one fit on the release mix (about 6,000 rows) takes many minutes of CPU.
 RELEASE_PARAMS: dict[str, Any] = {"pooling": "last+mean", "threshold": 0.8, "controversial_threshold": 0.35,
-                                  "content_threshold": 0.5}
+                                  "content_threshold": 0.5, "max_readings": 16}
 _ACTIVATIONS = ("relu", "tanh")
 
 
