@@ -200,7 +200,7 @@ def cmd_fit_default(args: argparse.Namespace) -> int:
 def cmd_fit_safety_prompt(args: argparse.Namespace) -> int:
     from .safety_prompt import SafetyPrompt, data_provenance
     from .toolkit.data import cap_per_source, load_examples
-    from .toolkit.training import HELD_OUT_SPLITS
+    from .toolkit.training import HELD_OUT_SPLITS, RELEASE_SOURCES
 
     # No seed set and no sentence pieces: DRO moves whole requests, and the anchor's refusal
     # direction is read from the backbone's answers to them.
@@ -211,6 +211,10 @@ def cmd_fit_safety_prompt(args: argparse.Namespace) -> int:
               if getattr(args, k)}
     prompt = SafetyPrompt(**params, random_state=args.seed)
     prompt.provenance_ = data_provenance(args.data, examples)
+    # The licences the project recorded for the shared sets it knows (a shipped prompt must hold only
+    # permissively licensed data); other files are the user's to vouch for.
+    prompt.provenance_["licences"] = {Path(p).name: RELEASE_SOURCES[Path(p).stem] for p in args.data
+                                      if Path(p).stem in RELEASE_SOURCES}
     prompt.fit([e.prompt for e in examples], [e.label for e in examples], backbone=backbone,
                sources=[e.source for e in examples], progress=not args.quiet)
     prompt.save(args.out)

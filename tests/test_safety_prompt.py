@@ -193,7 +193,7 @@ def test_the_cli_trains_a_folder_the_guard_loads(tiny_backbone, odd_refusals, tm
 
     from mlpm_guard import cli
 
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": p, "label": "unsafe" if y else "safe"}
+    data = write_jsonl(tmp_path / "advbench.jsonl", [{"prompt": p, "label": "unsafe" if y else "safe"}
                                               for p, y in zip(PROMPTS, LABELS)]
                        + [{"prompt": "held out", "label": "safe", "split": "test"}])
     monkeypatch.setattr(cli, "_backbone", lambda spec, args: tiny_backbone)
@@ -202,5 +202,6 @@ def test_the_cli_trains_a_folder_the_guard_loads(tiny_backbone, odd_refusals, tm
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["n_tokens"] == 4 and summary["n_samples"] == 16  # the test split stays out
     loaded = SafetyPrompt.load(tmp_path / "sp", backbone=tiny_backbone)
-    assert loaded.provenance_["rows_per_source"] == {"d/safe": 8, "d/unsafe": 8}
-    assert "d.jsonl" in loaded.provenance_["files"]
+    assert loaded.provenance_["rows_per_source"] == {"advbench/safe": 8, "advbench/unsafe": 8}
+    assert "advbench.jsonl" in loaded.provenance_["files"]
+    assert loaded.provenance_["licences"] == {"advbench.jsonl": "MIT"}  # a shared set the project knows
