@@ -376,8 +376,12 @@ class Prototypes(ClassifierMixin, BaseEstimator):
 
     def for_kind(self, kind: str) -> Prototypes:
         """The prototypes that judge a text of ``kind`` (``"request"``, ``"content"``, ``"answer"``):
-        its head when there is one, else these."""
-        return getattr(self, "heads_", {}).get(kind, self)
+        its head when there is one; an answer without a head of its own is text the model wrote, so
+        the content head judges it when there is one; else these."""
+        heads = getattr(self, "heads_", {})
+        if kind == "answer" and kind not in heads:
+            kind = "content"
+        return heads.get(kind, self)
 
     # ------------------------------------------------------------------ predict
     def predict_proba(self, X: Any) -> np.ndarray:

@@ -43,7 +43,7 @@ def test_the_line_follows_the_latest_user_turn_and_the_content():
             {"role": "user", "content": "Tell me about the weather in Paris today."}]
     assert refusal_line(p, chat) == 0.8
     assert refusal_line(p, chat[:1]) == 0.7
-    assert refusal_line(p, FRENCH_BOMB, content=True) == 0.7
+    assert refusal_line(p, FRENCH_BOMB, kind="content") == 0.7
     # Prototypes without the line (a user's own fit) use their threshold for every text.
     assert refusal_line(protos(None), FRENCH_BOMB) == 0.8
     assert refusal_line(SimpleNamespace(threshold_=0.8), FRENCH_BOMB) == 0.8
@@ -52,14 +52,14 @@ def test_the_line_follows_the_latest_user_turn_and_the_content():
 def test_content_has_its_own_line_and_the_lowest_line_that_applies_decides():
     p = SimpleNamespace(threshold_=0.8, controversial_threshold_=0.35, other_language_threshold=None,
                         content_threshold=0.5)
-    assert refusal_line(p, "Fill a steel pipe with black powder.", content=True) == 0.5
+    assert refusal_line(p, "Fill a steel pipe with black powder.", kind="content") == 0.5
     assert refusal_line(p, "Fill a steel pipe with black powder.") == 0.8  # a request keeps the refusal line
     p.other_language_threshold = 0.7
     assert refusal_line(p, FRENCH_BOMB) == 0.7
-    assert refusal_line(p, FRENCH_BOMB, content=True) == 0.5
+    assert refusal_line(p, FRENCH_BOMB, kind="content") == 0.5
     p.content_threshold = 0.9
     with pytest.raises(ConfigError, match="content_threshold"):
-        refusal_line(p, "text", content=True)
+        refusal_line(p, "text", kind="content")
 
 
 def test_a_context_sentence_discount_follows_the_line_in_use():

@@ -165,20 +165,24 @@ def seed_answers() -> list[Example]:
 
 
 def seed_content() -> tuple[list[Example], list[str | None]]:
-    """The built-in documents the content head is fitted on, and where each unsafe one's harm lies.
+    """The built-in texts the content head is fitted on, and where each unsafe one's harm lies.
 
-    ``resources/seed_content.jsonl`` holds documents of many kinds, ordinary ones and ones carrying
-    an instruction aimed at the assistant (with ``span``, the instruction); the seed set's
-    ``content`` rows (short harmful and ordinary passages) join them, each harmful as a whole.
+    ``resources/seed_content.jsonl`` holds documents and tool results of many kinds, ordinary ones
+    and ones carrying an instruction aimed at the assistant (with ``span``, the instruction); the
+    seed set's ``content`` rows (short harmful and ordinary passages) and the built-in answers
+    (``seed_answers.jsonl``, whole answers: text a model wrote, harmful or helpful) join them, each
+    harmful as a whole.
     """
     examples, spans = [], []
-    for name, kinds in (("seed_content.jsonl", None), ("seed_prompts.jsonl", {"content"})):
+    for name, kinds in (("seed_content.jsonl", None), ("seed_prompts.jsonl", {"content"}),
+                        ("seed_answers.jsonl", {"answer"})):
         ref = resources.files("mlpm_guard") / "resources" / name
         for line in ref.read_text(encoding="utf-8").splitlines():
             row = json.loads(line) if line.strip() else None
             if row is None or (kinds is not None and row.get("kind") not in kinds):
                 continue
-            examples.append(Example(row["prompt"], parse_label(row["label"]), row.get("category"), "seed content"))
+            text = row["messages"][-1]["content"] if "messages" in row else row["prompt"]
+            examples.append(Example(text, parse_label(row["label"]), row.get("category"), "seed content"))
             spans.append(row.get("span"))
     return examples, spans
 

@@ -15,7 +15,7 @@ from ..errors import DataError
 from ..prototypes import Prototypes
 from ..shipped import seed_digest
 from ..views import segments
-from .data import Example, cap_per_source, load_examples, seed_answers, seed_content, seed_examples
+from .data import Example, Turn, cap_per_source, load_examples, seed_answers, seed_content, seed_examples
 from .features import FeatureCache, extract
 
 logger = logging.getLogger(__name__)
@@ -132,8 +132,9 @@ RELEASE_MAX_PER_SOURCE = 400
 #:   (:data:`CONTENT_HEAD_PARAMS`), answers by the answer head.
 RELEASE_PARAMS: dict[str, Any] = {**DEFAULT_PARAMS, "threshold": 0.8, "controversial_threshold": 0.35,
                                   "pooling": "last+mean", "source_invariance": 1.0}
-#: The content head's lines: those of requests (a passage is kept or dropped at the refusal line).
-CONTENT_HEAD_PARAMS: dict[str, Any] = {"threshold": 0.8, "controversial_threshold": 0.35}
+#: The content head's lines: those of requests (a passage is kept or dropped at the refusal line); a
+#: stronger penalty than the request fit's, as its texts are fewer (benchmarks/adversarial.py, content).
+CONTENT_HEAD_PARAMS: dict[str, Any] = {"threshold": 0.8, "controversial_threshold": 0.35, "C": 0.1}
 #: Longer prompts stay out of the fit: the guard never scores a reading longer than the views'
 #: context budget (longer text is read sentence by sentence), so they would teach nothing it uses.
 RELEASE_MAX_WORDS = 160
@@ -164,9 +165,10 @@ def release_examples(data_dir: str | Path, *, exclude: Any = None) -> list[Examp
 
 def fit_answer_head(backbone: Any, parent: Prototypes, *, examples: Sequence[Example] | None = None,
                     cache: FeatureCache | bool = True, progress: bool = True) -> Prototypes:
-    """Prototypes that judge answers in their conversation (:meth:`Prototypes.set_head`), fitted on
-    ``examples`` (default: the built-in answers, :func:`~mlpm_guard.toolkit.data.seed_answers`)
-    with the parent's readings, penalty and lines.
+    """Prototypes that judge answers (:meth:`Prototypes.set_head`), fitted on the readings the guard
+    takes of ``examples`` (:func:`answer_readings`; default: the built-in answers,
+    :func:`~mlpm_guard.toolkit.data.seed_answers`) with the
+    parent's readings, penalty and lines.
 
     An answer read after its request is a form of text the request prototypes barely know; fitted
     on answers alone, its own discriminant tells a harmful answer from a helpful one to an alarming
@@ -174,7 +176,27 @@ def fit_answer_head(backbone: Any, parent: Prototypes, *, examples: Sequence[Exa
     """
     rows = list(examples) if examples is not None else seed_answers()
     params = {k: v for k, v in parent.get_params().items() if k in ANSWER_HEAD_PARAMS}
-    return fit_examples(backbone, rows, cache=cache, progress=progress, **params)
+    return fit_examples(backbone, answer_readings(backbone, rows), cache=cache, progress=progress, **params)
+
+
+def answer_readings(backbone: Any, examples: Sequence[Example]) -> list[Example]:
+    """The readings the guard takes of each answer (:func:`mlpm_guard.views.answer_views`: after its
+    conversation, in windows when long, and alone), each labelled as its answer."""
+    from ..scoring import token_counter
+    from ..views import answer_views
+
+    count = token_counter(backbone)
+    out = []
+    for e in examples:
+        if isinstance(e.prompt, str) or e.prompt[-1].role != "assistant":
+            out.append(e)
+            continue
+        messages = [{"role": t.role, "content": t.content} for t in e.prompt[:-1]]
+        for view in answer_views(messages, e.prompt[-1].content, count):
+            turns = tuple(Turn(role, text) for role, text in view.messages)
+            out.append(Example(turns[0].content if len(turns) == 1 and turns[0].role == "user" else turns,
+                               e.label, e.category, e.source, e.split))
+    return list(dict.fromkeys(out))
 
 
 #: The parent's parameters a head takes (one source, so no per-source sets or invariance).
@@ -227,16 +249,18 @@ def fit_content_head(backbone: Any, parent: Prototypes, examples: Sequence[Examp
 
 
 def release_heads(backbone: Any, parent: Prototypes, *, progress: bool = True) -> dict[str, Prototypes]:
-    """The release recipe's heads for ``parent``: the answer head on the built-in answers, the
-    content head on the built-in documents (:data:`CONTENT_HEAD_PARAMS`)."""
-    return {"answer": fit_answer_head(backbone, parent, progress=progress),
-            "content": fit_content_head(backbone, parent, *seed_content(), progress=progress, **CONTENT_HEAD_PARAMS)}
+    """The release recipe's heads for ``parent``: the content head on the built-in documents, tool
+    results and answers (:data:`CONTENT_HEAD_PARAMS`), which judges answers too
+    (:meth:`Prototypes.for_kind`): on answers it was not fitted on it tells harmful from helpful
+    better than a head fitted on answers in their conversation, which learns the request's harm
+    (``benchmarks/holdback.py``)."""
+    return {"content": fit_content_head(backbone, parent, *seed_content(), progress=progress, **CONTENT_HEAD_PARAMS)}
 
 
 def fit_release(backbone: Any, data_dir: str | Path, *, progress: bool = True) -> Prototypes:
     """Fit the default prototypes with the release recipe: :data:`RELEASE_SOURCES` from ``data_dir``
     plus the seed set, each source capped at :data:`RELEASE_MAX_PER_SOURCE`, labels balanced; and
-    their answer head on the built-in answers (:func:`fit_answer_head`).
+    their heads (:func:`release_heads`).
 
     The training mix and each file's licence are recorded in ``prototypes.json`` (``provenance``).
     """
@@ -245,7 +269,7 @@ def fit_release(backbone: Any, data_dir: str | Path, *, progress: bool = True) -
     prototypes = fit_examples(backbone, examples, progress=progress, **RELEASE_PARAMS)
     for kind, head in release_heads(backbone, prototypes, progress=progress).items():
         prototypes.set_head(kind, head)
-    answers, (documents, _) = seed_answers(), seed_content()
+    documents, _ = seed_content()
     used: dict[str, int] = {}
     for e in examples:
         used[e.source] = used.get(e.source, 0) + 1
@@ -257,10 +281,9 @@ def fit_release(backbone: Any, data_dir: str | Path, *, progress: bool = True) -
         "files": {f"{stem}.jsonl": {"licence": lic, "sha256": _digest(files[stem])} for stem, lic in RELEASE_SOURCES.items()},
         "seed_set": {"licence": SEED_LICENCE, "sha256": seed_digest()},
         "rows_per_source": dict(sorted(used.items())),
-        "answer_head": {"recipe": "mlpm_guard.toolkit.training.fit_answer_head", "licence": SEED_LICENCE,
-                        "sha256": seed_digest("seed_answers.jsonl"), "rows": len(answers)},
         "content_head": {"recipe": "mlpm_guard.toolkit.training.fit_content_head", "licence": SEED_LICENCE,
-                         "sha256": seed_digest("seed_content.jsonl"), "documents": len(documents),
+                         "sha256": {name: seed_digest(name) for name in ("seed_content.jsonl", "seed_answers.jsonl")},
+                         "texts": len(documents),
                          "params": CONTENT_HEAD_PARAMS},
     }
     return prototypes
