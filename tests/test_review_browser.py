@@ -42,6 +42,21 @@ def browser():
     driver.quit()
 
 
+def text_of(driver, element_id: str, expected: str) -> str:
+    """The element's text once it holds ``expected`` (a form's next page may still be loading)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def ready(d):
+        try:
+            text = d.find_element(By.ID, element_id).text
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+        return text if expected in text else False
+
+    return WebDriverWait(driver, 60, ignored_exceptions=(StaleElementReferenceException,)).until(ready)
+
+
 def shot(driver, name: str) -> None:
     folder = os.environ.get("MLPM_GUARD_SCREENSHOTS")
     if folder:
@@ -62,27 +77,27 @@ def test_sign_in_filter_mark_fine_apply_and_pass(tmp_path, tiny_backbone, tiny_p
         browser.find_element(By.ID, "key").send_keys(KEY)
         shot(browser, "review-login")
         browser.find_element(By.ID, "login").click()
-        assert browser.find_element(By.ID, "version").text == "v0001"
+        assert text_of(browser, "version", "v0001") == "v0001"
         assert browser.find_element(By.ID, "histogram").is_displayed()
 
         filter_form = browser.find_element(By.ID, "filter")
         filter_form.find_element(By.NAME, "route").send_keys("refuse")
         filter_form.submit()
-        table = browser.find_element(By.ID, "decisions").text
+        table = text_of(browser, "decisions", look_alike)
         assert look_alike in table and "What is the capital of France?" not in table
         shot(browser, "review-filtered")
 
         row = guard.decision_log.decisions()[-1]
         assert row.text == look_alike
         browser.find_element(By.ID, f"fine-{row.id}").click()
-        assert "marked fine" in browser.find_element(By.ID, "note").text
+        text_of(browser, "note", "marked fine")
         assert look_alike in browser.find_element(By.ID, "corrections").text
 
         browser.find_element(By.ID, "preview").click()
-        assert "held-back harmful probes" in browser.find_element(By.ID, "cost").text
+        text_of(browser, "cost", "held-back harmful probes")
         shot(browser, "review-cost")
         browser.find_element(By.ID, "apply").click()
-        assert "now serving v0002" in browser.find_element(By.ID, "note").text
+        text_of(browser, "note", "now serving v0002")
         assert browser.find_element(By.ID, "version").text == "v0002"
         shot(browser, "review-applied")
 
