@@ -646,7 +646,8 @@ def _add_eval(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--target-flag-rate", type=float, default=0.05,
                    help="largest share of the --benign prompts a method may flag (default 0.05)")
     p.add_argument("--baselines", metavar="NAMES",
-                   help="comma-separated baselines scored on the same prompts: judge, last_layer, tfidf, or all")
+                   help="comma-separated baselines scored on the same prompts: judge, last_layer, tfidf, siren "
+                        "(the SIREN-style neuron probe), or all")
     p.add_argument("--train", nargs="+", action="extend", metavar="FILE",
                    help="training files of the trained baselines; as with `fit`, the built-in seed set joins them "
                         "(default: the seed set alone)")

@@ -75,7 +75,7 @@ def test_jailbreak_wrapping():
 
 def test_option_parsing_names_the_choices():
     assert parse_baselines("tfidf, judge,tfidf") == ["tfidf", "judge"]
-    assert parse_baselines("all") == ["judge", "last_layer", "tfidf"]
+    assert parse_baselines("all") == ["judge", "last_layer", "tfidf", "siren"]
     with pytest.raises(ConfigError, match="choose from"):
         parse_baselines("judge,gpt4")
     assert parse_references("none") == [] and parse_references("all")[0] == "no_guard"
@@ -222,8 +222,8 @@ def test_eval_cli_writes_every_file(small_prototypes, tmp_path, monkeypatch):
     train = write_jsonl(tmp_path / "train.jsonl", [{"prompt": e.prompt, "label": e.label} for e in TRAIN])
     out = tmp_path / "out"
     code = cli.main([
-        "eval", str(mix), str(bad), "--out", str(out), "--no-cache", "-q", "--baselines", "all", "--train", str(train),
-        "--no-seed-set", "--benign", "mix", "--target-flag-rate", "0.1", "--jailbreaks", "dan,fiction", "--generate",
+        "eval", str(mix), str(bad), "--out", str(out), "--no-cache", "-q", "--baselines", "judge,last_layer,tfidf", "--train",
+        str(train), "--seed-set", "none", "--benign", "mix", "--target-flag-rate", "0.1", "--jailbreaks", "dan,fiction", "--generate",
         "--max-new-tokens", "8", "--references", "always_safety_prompt"])
     assert code == 0
     files = {p.name for p in out.iterdir()}
