@@ -205,3 +205,12 @@ def test_the_cli_trains_a_folder_the_guard_loads(tiny_backbone, odd_refusals, tm
     assert loaded.provenance_["rows_per_source"] == {"advbench/safe": 8, "advbench/unsafe": 8}
     assert "advbench.jsonl" in loaded.provenance_["files"]
     assert loaded.provenance_["licences"] == {"advbench.jsonl": "MIT"}  # a shared set the project knows
+
+
+def test_the_shipped_prompt_is_the_embedded_backbones_and_holds_only_permissive_data(backbone):
+    shipped = as_safety_prompt(None, backbone)
+    assert isinstance(shipped, SafetyPrompt)
+    licences = shipped.provenance_["licences"]
+    assert set(licences) == set(shipped.provenance_["files"]) and set(licences.values()) <= {"MIT", "Apache-2.0"}
+    assert Guard(backbone, safety_prompt=None).safety_prompt is not None
+    assert Guard(backbone, safety_prompt=False).safety_prompt is None
