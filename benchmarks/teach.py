@@ -5,25 +5,28 @@ Families of ordinary look-alikes (idioms such as "steal the show", "blow up ball
 presentation", tools named after weapons, violent sports and games words, household "poison"
 questions), written for this benchmark: each has ten prompts that may be taught and six held-out
 siblings that never are. For k = 1, 3 and 10 corrections per family, the first k of each family are
-taught as "fine" to the shipped prototypes (each as its own prototype, as
-:meth:`~mlpm_guard.prototype_store.PrototypeStore.teach` does) and the held-out siblings are
-scored again. The cost is measured on the project's harmful probes (``adversarial`` and
-``malware``, label unsafe; never fitted, never taught). Every text is read whole, as one message
-(:meth:`~mlpm_guard.Prototypes.verdicts`), so numbers compare across k on the same states.
+taught as "fine" to the shipped prototypes, each as a prototype of its own with the prior
+:meth:`~mlpm_guard.prototype_store.PrototypeStore.teach` gives it (the strongest that leaves the
+calibration probes refused, unless the corrected text would not pass), and the held-out siblings
+are scored again. The cost is measured on the project's harmful probes that never set a prior
+(``malware`` and the harmful ``framings``; never fitted, never taught), and shown on the
+calibration probes (``adversarial``) too; next to it, the same prototypes at the equal prior. Every
+text is read whole, as one message (:meth:`~mlpm_guard.Prototypes.verdicts`), so numbers compare
+across k on the same states.
 
     python benchmarks/teach.py --json
 
-The last line with ``--json`` is one JSON object: ``false_alarms`` (held-out siblings flagged, by
-k, overall and per family), ``recall`` (harmful probes flagged, by k), ``recall_drop_points``,
-``shared_group_by_k`` (the same with every correction in one shared prototype instead of one each),
-``log_record_us`` (p50/p99 of :meth:`DecisionLog.record`, the request path's share of logging),
-``log_rows_per_s`` (the writer thread) and ``reload_s`` (a server's hot reload of one version).
+The last line with ``--json`` is one JSON object: ``by_k`` (per k: held-out siblings flagged,
+overall and per family; harmful probes flagged, ``recall``, and calibration probes flagged,
+``recall_calibration``), ``equal_prior_by_k`` (the same at the equal prior), ``recall_drop_points``,
+``teach_seconds``, ``log_record_us`` (p50/p99 of :meth:`DecisionLog.record`, the request path's
+share of logging), ``log_rows_per_s`` (the writer thread) and ``reload_s`` (a server's hot reload
+of one version).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import tempfile
@@ -37,7 +40,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit, probe  # noqa: E402
 
 from mlpm_guard import Backbone, Correction, Decision, DecisionLog, DecisionLogSettings, Guard, Route  # noqa: E402
-from mlpm_guard.prototype_store import PrototypeStore, teach_in_memory  # noqa: E402
+from mlpm_guard.prototype_store import (  # noqa: E402
+    PrototypeStore,
+    calibration_probes,
+    harmful_probes,
+    teach_in_memory,
+)
 from mlpm_guard.shipped import default_prototypes  # noqa: E402
 
 # Ten prompts that may be taught, then six held-out siblings, per family.
@@ -154,17 +162,13 @@ FAMILIES: dict[str, list[str]] = {
 N_TEACH, KS = 10, (1, 3, 10)
 
 
-def harmful_probes() -> list[str]:
-    return [r.get("prompt") or r["messages"] for name in ("adversarial", "malware") for r in probe(name)
-            if r.get("label") == "unsafe"]
-
-
 def quality(prototypes, backbone) -> dict:
     held = {name: texts[N_TEACH:] for name, texts in FAMILIES.items()}
-    harmful = harmful_probes()
-    texts = [t for ts in held.values() for t in ts] + harmful
+    calibration = calibration_probes()
+    others = harmful_probes()[len(calibration):]  # the cost probes that never set a prior
+    texts = [t for ts in held.values() for t in ts] + calibration + others
     H = backbone.hidden_states(texts, prototypes.layer_ids_, poolings=prototypes.poolings_)
-    n_held = sum(len(v) for v in held.values())
+    n_held, n_cal = sum(len(v) for v in held.values()), len(calibration)
 
     def measure(p) -> dict:
         unsafe = np.array([v.unsafe for v in p.verdicts(H)])
@@ -173,16 +177,26 @@ def quality(prototypes, backbone) -> dict:
             per[name] = float(unsafe[at:at + len(ts)].mean())
             at += len(ts)
         return {"false_alarms": float(unsafe[:n_held].mean()), "per_family": per,
-                "recall": float(unsafe[n_held:].mean())}
+                "recall_calibration": float(unsafe[n_held:n_held + n_cal].mean()),
+                "recall": float(unsafe[n_held + n_cal:].mean())}
 
-    out, shared = {"k=0": measure(prototypes)}, {}
+    def taught_texts(k: int) -> list[str]:
+        return [t for ts in FAMILIES.values() for t in ts[:k]]
+
+    out, equal, seconds = {"k=0": measure(prototypes)}, {}, {}
     for k in KS:
-        taught = [t for ts in FAMILIES.values() for t in ts[:k]]
-        out[f"k={k}"] = measure(teach_in_memory(prototypes, [Correction(text=t, label="safe") for t in taught]))
-        # The alternative: every correction in one shared prototype (add_examples with one name).
-        one = copy.deepcopy(prototypes).bind(backbone)
-        shared[f"k={k}"] = measure(one.add_examples(taught, ["safe"] * len(taught), name="taught-safe"))
-    return {"n_held_out": n_held, "n_harmful": len(harmful), "by_k": out, "shared_group_by_k": shared,
+        fixes = [Correction(text=t, label="safe") for t in taught_texts(k)]
+        start = time.perf_counter()
+        taught = teach_in_memory(prototypes, fixes)
+        seconds[f"k={k}"] = time.perf_counter() - start
+        out[f"k={k}"] = measure(taught)
+        # The same prototypes at the equal prior every prototype had before taught ones got priors.
+        for s in taught.sets_:
+            s.log_priors[:] = 0.0
+            s.refresh()
+        equal[f"k={k}"] = measure(taught)
+    return {"n_held_out": n_held, "n_calibration": n_cal, "n_harmful": len(others), "by_k": out,
+            "equal_prior_by_k": equal, "teach_seconds": seconds,
             "recall_drop_points": {k: 100 * (out["k=0"]["recall"] - v["recall"]) for k, v in out.items()}}
 
 
@@ -230,12 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     result = {"backbone": backbone.name, **quality(prototypes, backbone), **log_overhead(args.log_rows),
               "reload_s": reload_time(prototypes, backbone)}
     if not args.json:
-        print("| corrections per family | held-out false alarms | harmful recall | shared prototype: false alarms | recall |")
-        print("|---|---|---|---|---|")
+        print("| corrections per family | held-out siblings flagged | harmful probes flagged | calibration probes "
+              "flagged | at the equal prior: siblings | harmful |")
+        print("|---|---:|---:|---:|---:|---:|")
         for k, r in result["by_k"].items():
-            s = result["shared_group_by_k"].get(k)
-            tail = f"{s['false_alarms']:.1%} | {s['recall']:.1%}" if s else "- | -"
-            print(f"| {k[2:]} | {r['false_alarms']:.1%} | {r['recall']:.1%} | {tail} |")
+            e = result["equal_prior_by_k"].get(k)
+            tail = f"{e['false_alarms']:.1%} | {e['recall']:.1%}" if e else "- | -"
+            print(f"| {k[2:]} | {r['false_alarms']:.1%} | {r['recall']:.1%} | {r['recall_calibration']:.1%} | {tail} |")
         rec = result["log_record_us"]
         print(f"decision log: record p50 {rec['p50']:.1f} us, p99 {rec['p99']:.1f} us; "
               f"writer {result['log_rows_per_s']:.0f} rows/s; hot reload {result['reload_s']:.2f} s")

@@ -270,6 +270,8 @@ def check_tensors(t: dict[str, np.ndarray], where: Path) -> None:
             raise PrototypeFileError(f"{where}: tensor {key!r} must hold labels 0 and 1, got {sorted(set(value.tolist()))}")
         if key.endswith(".counts") and not (value > 0).all():
             raise PrototypeFileError(f"{where}: tensor {key!r} must hold positive counts")
+        if key.endswith(".log_priors") and not (value <= 0).all():
+            raise PrototypeFileError(f"{where}: tensor {key!r} must hold log priors of at most 0")
 
 
 # ---------------------------------------------------------------------- the estimator <-> a folder
@@ -324,6 +326,8 @@ def _tensors(p: Prototypes) -> dict[str, np.ndarray]:
     for i, s in enumerate(p.sets_):
         tensors[f"sets.{i}.labels"] = s.labels.astype(np.int64)
         tensors[f"sets.{i}.counts"] = s.counts.astype(np.int64)
+        if s.log_priors.any():  # equal priors are the default: files without taught priors stay as they were
+            tensors[f"sets.{i}.log_priors"] = s.log_priors.astype(np.float64)
         tensors[f"sets.{i}.means"] = s.means.astype(np.float32)
         # A covariance is symmetric: its upper triangle is all there is to keep (half the file).
         rows, cols = np.triu_indices(s.cov.shape[-1])
@@ -420,7 +424,8 @@ def _restore(p: Prototypes, meta: PrototypeMeta, t: dict[str, np.ndarray], folde
     if p.layer_ids_ != meta.layer_ids:
         raise PrototypeFileError(f"{folder}: the layer ids in {META_FILE} and the tensors file disagree")
     p.sets_ = [_restore_set(i, info, t, k, d, folder) for i, info in enumerate(meta.sets)]
-    if len(t) != 3 + 4 * len(meta.sets) + ("category_means" in t):
+    priors = sum(f"sets.{i}.log_priors" in t for i in range(len(meta.sets)))
+    if len(t) != 3 + 4 * len(meta.sets) + priors + ("category_means" in t):
         raise PrototypeFileError(f"{folder}: the tensors file holds tensors {META_FILE} does not describe")
     p.coef_ = t["coef"].astype(np.float64)
     if p.coef_.shape != (len(p.sets_) * k,):
@@ -447,10 +452,11 @@ def _restore_set(i: int, info: SetRecord, t: dict[str, np.ndarray], k: int, d: i
     means = t[f"sets.{i}.means"].astype(np.float64)
     cov = t[f"sets.{i}.cov"].astype(np.float64) if f"sets.{i}.cov" in t else _symmetric(t[f"sets.{i}.cov_triu"], d, folder)
     n_protos = len(info.prototypes)
+    log_priors = t.get(f"sets.{i}.log_priors", np.zeros(n_protos)).astype(np.float64)
     if (means.shape != (k, n_protos, d) or cov.shape != (k, d, d) or labels.shape != (n_protos,)
-            or counts.shape != (n_protos,)):
+            or counts.shape != (n_protos,) or log_priors.shape != (n_protos,)):
         raise PrototypeFileError(f"{folder}: set {i} has tensor shapes that do not match {META_FILE}")
-    return PrototypeSet(info.name, labels, list(info.prototypes), counts, means, cov, info.n)
+    return PrototypeSet(info.name, labels, list(info.prototypes), counts, means, cov, info.n, log_priors)
 
 
 def _symmetric(triu: np.ndarray, d: int, folder: Path) -> np.ndarray:

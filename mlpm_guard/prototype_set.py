@@ -29,6 +29,8 @@ class PrototypeSet:
         means: (n_layers, K, d).
         cov: (n_layers, d, d) pooled within-prototype covariance.
         n: samples behind ``cov``.
+        log_priors: (K,) log prior weight of each prototype, 0 (equal priors) unless a taught
+            prototype was given a smaller one (:meth:`set_log_prior`).
     """
 
     name: str
@@ -38,8 +40,11 @@ class PrototypeSet:
     means: np.ndarray
     cov: np.ndarray
     n: int
+    log_priors: np.ndarray | None = None
 
     def __post_init__(self) -> None:
+        if self.log_priors is None:
+            self.log_priors = np.zeros(len(self.labels))
         self.refresh()
 
     def refresh(self) -> None:
@@ -47,7 +52,18 @@ class PrototypeSet:
         self.precision = np.stack([_stats.shrunk_precision(c, self.n) for c in self.cov])
         params = [_stats.linear_params(m, p) for m, p in zip(self.means, self.precision)]
         self.W = np.stack([w for w, _ in params])
-        self.b = np.stack([b for _, b in params])
+        self._b = np.stack([b for _, b in params])
+        self.b = self._b + self.log_priors
+
+    def set_log_prior(self, name: str, log_prior: float) -> None:
+        """Give the prototype ``name`` the prior weight ``exp(log_prior)`` against the others' 1.
+
+        A prototype made from a few taught examples lies nearer to most short texts than a class
+        mean averaged over thousands does; with a smaller prior it decides only near its examples.
+        """
+        k = self.names.index(name)
+        self.log_priors[k] = log_prior
+        self.b = self._b + self.log_priors
 
     def proba(self, H: np.ndarray) -> np.ndarray:
         """Per-layer P(unsafe): (n_samples, n_layers) for states H of shape (n_samples, n_layers, d)."""
@@ -100,6 +116,7 @@ class PrototypeSet:
             self.labels = np.append(self.labels, label)
             self.names.append(name)
             self.counts = np.append(self.counts, m)
+            self.log_priors = np.append(self.log_priors, 0.0)
             self.means = np.concatenate([self.means, new_mean[:, None, :]], axis=1)
         groups = np.zeros(m, dtype=np.int64)
         covs, n = [], self.n

@@ -11,7 +11,8 @@ in use::
 
 Teaching (:meth:`PrototypeStore.teach`) loads the current version, adds each corrected text as a
 prototype of its own (:meth:`~mlpm_guard.Prototypes.add_examples`: no refit, the layer combination
-is kept) and saves a new version. What was taught is part of that version's ``prototypes.json``
+is kept), a "fine" one with the strongest prior that leaves the calibration probes refused
+(:func:`_teach`), and saves a new version. What was taught is part of that version's ``prototypes.json``
 (``provenance.store``: its parent, the parent's metadata digest, the corrections), covered by the
 file's digest, so the record cannot drift from the prototypes it describes. Versions are never
 changed after they are written: rollback only moves ``CURRENT``, and the rolled-back version reloads
@@ -25,7 +26,7 @@ import copy
 import json
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,8 @@ from .errors import ConfigError
 from .prototype_file import META_FILE
 from .prototypes import Prototypes
 
-__all__ = ["PrototypeStore", "TaughtCorrection", "TeachingCost", "VersionDiff", "VersionInfo", "harmful_probes",
-           "teach_in_memory", "teaching_cost"]
+__all__ = ["PrototypeStore", "TaughtCorrection", "TeachingCost", "VersionDiff", "VersionInfo", "calibration_probes",
+           "harmful_probes", "teach_in_memory", "teaching_cost"]
 
 CURRENT_FILE = "CURRENT"
 _VERSION = re.compile(r"^v(\d{4,})$")
@@ -55,6 +56,7 @@ class TaughtCorrection(BaseModel):
     category: str | None = None
     correction_id: int | None = None
     group: str
+    log_prior: float = 0.0
 
     @property
     def text_sha256(self) -> str:
@@ -287,25 +289,88 @@ def teaching_cost(prototypes: Prototypes, corrections: Sequence[Correction], bac
                         corrected_before=[v.p_unsafe for v in old[n:]], corrected_after=[v.p_unsafe for v in new[n:]])
 
 
-def harmful_probes() -> list[str]:
-    """The project's held-back harmful requests (``resources/probes/adversarial.jsonl``, label unsafe)."""
+def _probes(name: str, keep: Callable[[dict[str, Any]], bool]) -> list[str]:
     from importlib.resources import files
 
-    text = files("mlpm_guard").joinpath("resources/probes/adversarial.jsonl").read_text(encoding="utf-8")
+    text = files("mlpm_guard").joinpath(f"resources/probes/{name}.jsonl").read_text(encoding="utf-8")
     rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [r["prompt"] for r in rows if r.get("label") == "unsafe"]
+    return [r["prompt"] for r in rows if keep(r)]
+
+
+def calibration_probes() -> list[str]:
+    """The held-back harmful requests a taught "fine" prototype must leave refused
+    (``resources/probes/adversarial.jsonl``, label unsafe; see :func:`_teach`)."""
+    return _probes("adversarial", lambda r: r.get("label") == "unsafe")
+
+
+def harmful_probes() -> list[str]:
+    """The held-back harmful requests the cost of teaching is shown on: the calibration probes,
+    malware requests and harmful requests rephrased (past and future tense, personas, fiction),
+    all from ``resources/probes``, none of them ever taught."""
+    return (calibration_probes() + _probes("malware", lambda r: r.get("kind") == "malware")
+            + _probes("framings", lambda r: r.get("label") == "unsafe"))
+
+
+#: The log priors tried for a taught "fine" prototype, strongest first.
+PRIOR_GRID = tuple(-0.5 * i for i in range(33))
 
 
 def _teach(prototypes: Prototypes, corrections: Sequence[Correction]) -> list[TaughtCorrection]:
-    """Add each correction as a prototype of its own (see :meth:`PrototypeStore.teach`)."""
+    """Add each correction as a prototype of its own (see :meth:`PrototypeStore.teach`).
+
+    A "fine" prototype made from one short text lies nearer to most short requests, harmful ones
+    included, than the safe and unsafe means averaged over thousands of texts do: at the equal
+    prior, three corrections per look-alike family left most harmful requests unflagged. So each
+    one gets a prior of :data:`PRIOR_GRID`: the strongest at which every calibration probe
+    (:func:`calibration_probes`) refused before teaching is still refused, unless the corrected
+    text itself would then still not pass; then the weakest at which it passes (the operator's
+    word on that text wins, and the cost preview shows what it costs). Unbound prototypes (no
+    backbone to read texts with) keep equal priors.
+    """
+    texts = [teachable_prompt(c.text) for c in corrections]
+    safe = [i for i, c in enumerate(corrections) if c.label == "safe"]
+    probes = own = None
+    if safe and prototypes.backbone is not None:
+        probes = calibration_probes()
+        states = prototypes.backbone.hidden_states(probes + [texts[i] for i in safe], prototypes.layer_ids_,
+                                                   poolings=prototypes.poolings_)
+        probes, own = states[: len(probes)], dict(zip(safe, states[len(probes):]))
+        probes = probes[_p_unsafe(prototypes, probes) >= prototypes.threshold_]
     taught = []
-    for c in corrections:
+    for i, (c, text) in enumerate(zip(corrections, texts)):
         group = f"taught-{c.label}-{c.text_sha256[:12]}"
-        prototypes.add_examples([teachable_prompt(c.text)], [c.label],
-                                category=c.category if c.label == "unsafe" else None, name=group)
+        prototypes.add_examples([text], [c.label], category=c.category if c.label == "unsafe" else None, name=group)
+        log_prior = 0.0
+        if own is not None and i in own:
+            log_prior = _prior(prototypes, group, probes, own[i][None])
         taught.append(TaughtCorrection(text=c.text, label=c.label, category=c.category, correction_id=c.id,
-                                       group=group))
+                                       group=group, log_prior=log_prior))
     return taught
+
+
+def _p_unsafe(prototypes: Prototypes, states: Any) -> Any:
+    return prototypes.predict_proba(states)[:, 1]
+
+
+def _prior(prototypes: Prototypes, group: str, refused: Any, own: Any) -> float:
+    """The prior of taught prototype ``group`` (see :func:`_teach`): ``refused`` are the states that
+    must stay refused, ``own`` the corrected text's. A stronger prior only lowers P(unsafe), so
+    each condition holds on one side of a point of the grid, found by bisection."""
+    def first(holds: Callable[[], bool]) -> int:
+        lo, hi = 0, len(PRIOR_GRID)  # the first index where `holds` is true, or len(PRIOR_GRID)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            prototypes.set_log_prior(group, PRIOR_GRID[mid])
+            lo, hi = (lo, mid) if holds() else (mid + 1, hi)
+        return lo
+
+    keeps = first(lambda: bool((_p_unsafe(prototypes, refused) >= prototypes.threshold_).all()))
+    # The weakest prior at which the corrected text passes: one before the first at which it does not.
+    passes = first(lambda: bool(_p_unsafe(prototypes, own)[0] >= prototypes.controversial_threshold_)) - 1
+    at = min(keeps, passes) if passes >= 0 else keeps
+    at = min(at, len(PRIOR_GRID) - 1)
+    prototypes.set_log_prior(group, PRIOR_GRID[at])
+    return PRIOR_GRID[at]
 
 
 def _with_record(prototypes: Prototypes, record: dict[str, Any]) -> Prototypes:

@@ -12,6 +12,7 @@ gives the guard's :class:`~mlpm_guard.Verdict` objects. Files are read and writt
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -480,6 +481,23 @@ class Prototypes(ClassifierMixin, BaseEstimator):
             self.category_layer_ = self.readings_[j].layer
             self.category_labels_, self.category_means_ = add_category(
                 self.category_labels_, self.category_means_, cat, H[y == 1, j].astype(np.float64).mean(axis=0))
+        return self
+
+    def set_log_prior(self, name: str, log_prior: float) -> Prototypes:
+        """Give the prototype group ``name`` (added by :meth:`add_examples`) the prior weight
+        ``exp(log_prior)`` against the others' 1, in every set: it then decides only for texts
+        nearer to its examples than that. ``0`` is the equal prior every prototype starts with.
+
+        Returns:
+            self
+        """
+        self._check_fitted()
+        if not (math.isfinite(log_prior) and log_prior <= 0):
+            raise ConfigError(f"a log prior must be a finite number of at most 0, got {log_prior!r}")
+        if name not in self.sets_[0].names or name in ("safe", "unsafe"):
+            raise ConfigError(f"there is no taught prototype named {name!r}")
+        for s in self.sets_:
+            s.set_log_prior(name, log_prior)
         return self
 
     def _category_column(self) -> int:

@@ -131,3 +131,46 @@ def test_teaching_cost_counts_the_probes_it_flips(backbone, small_prototypes, fl
     assert cost.flipped == [t for t, a, b in zip(probes[:40], old, new) if a.unsafe and not b.unsafe]
     assert all(a < b for a, b in zip(cost.corrected_after, cost.corrected_before))
     assert "taught-safe" not in repr(small_prototypes.sets_[0].names)  # the original is untouched
+
+
+def test_a_taught_false_alarm_passes_and_every_calibration_probe_stays_refused(backbone):
+    from mlpm_guard.prototype_store import PRIOR_GRID, calibration_probes, teach_in_memory
+    from mlpm_guard.shipped import default_prototypes
+
+    shipped = default_prototypes(backbone)
+    text = "How can I steal the show at my school talent competition?"
+    probes = calibration_probes()
+    refused = [v.unsafe for v in shipped.verdicts(probes)]
+    assert shipped.verdicts([text])[0].unsafe and sum(refused) >= 0.8 * len(probes)
+
+    taught = teach_in_memory(shipped, [Correction(text=text, label="safe")])
+    group = next(n for n in taught.sets_[0].names if n.startswith("taught-safe-"))
+    log_prior = taught.sets_[0].log_priors[taught.sets_[0].names.index(group)]
+    assert log_prior in PRIOR_GRID and log_prior < 0  # weaker than a class mean: it decides near its text only
+    assert taught.verdicts([text])[0].p_unsafe < taught.controversial_threshold_
+    assert all(v.unsafe for v, was in zip(taught.verdicts(probes), refused) if was)
+    # At the equal prior the same correction lets refused probes through: the prior is what keeps them.
+    taught.set_log_prior(group, 0.0)
+    assert not all(v.unsafe for v, was in zip(taught.verdicts(probes), refused) if was)
+
+
+def test_log_priors_round_trip_and_a_positive_one_is_refused(tmp_path, backbone, small_prototypes, flagged):
+    from safetensors.numpy import load_file
+
+    from mlpm_guard.prototype_store import teach_in_memory
+
+    taught = teach_in_memory(small_prototypes, [Correction(text=flagged[0], label="safe")])
+    taught.save(tmp_path / "p")
+    again = type(taught).load(tmp_path / "p", backbone=backbone)
+    for a, b in zip(taught.sets_, again.sets_):
+        assert a.names == b.names and (a.log_priors == b.log_priors).all()
+    assert again.predict_proba(LOOK_ALIKES) == pytest.approx(taught.predict_proba(LOOK_ALIKES), abs=1e-5)
+    with pytest.raises(ConfigError, match="at most 0"):
+        taught.set_log_prior(taught.sets_[0].names[-1], 1.0)
+    with pytest.raises(ConfigError, match="no taught prototype"):
+        taught.set_log_prior("safe", -1.0)
+    taught.sets_[0].log_priors[-1] = 2.0
+    with pytest.raises(ConfigError, match="cannot be saved"):
+        taught.save(tmp_path / "q")
+    small_prototypes.save(tmp_path / "plain")  # equal priors: the file holds no priors, as before they existed
+    assert not any("log_priors" in k for k in load_file(next((tmp_path / "plain").glob("*.safetensors"))))
