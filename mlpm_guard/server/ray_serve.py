@@ -36,7 +36,8 @@ class GuardArgs(BaseModel):
     backbone: str = "embedded"
     device: str = "auto"
     dtype: str = "auto"
-    prototypes: str | None = Field(default=None, description="a folder written by `fit` (default: seed prototypes)")
+    prototypes: str | None = Field(default=None, description="a folder written by `fit` or `fit-siren` "
+                                                             "(default: the shipped prototypes)")
     policy: str | None = Field(default=None, description="a policy YAML or JSON file")
     max_new_tokens: int = Field(default=256, ge=1)
     server: dict[str, Any] = Field(default_factory=dict, description="ServerSettings fields (batching, limits, ...)")
