@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from mlpm_guard.readings import select
-from mlpm_guard.scoring import refusal_line, strictest, views_of
+from mlpm_guard.scoring import refusal_line, strictest, tool_turns, views_of, with_tool_turns
+from mlpm_guard.types import Verdict
+from mlpm_guard.verdicts import make_verdict, tier_of
 from mlpm_guard.toolkit.features import extract
 
 
@@ -50,18 +52,19 @@ class Scorer:
         self.backbone = backbone
         self.poolings = tuple(poolings)
         self.views: dict[int, list[tuple[str, str]]] = {}  # (view name, text key) per item
-        self.tool_turns: dict[int, list[list[tuple[str, str]]]] = {}  # the same, per tool turn
+        self.tool_turns: dict[int, list[Item]] = {}  # a request's tool turns, judged as content
         texts: dict[str, Any] = {}
         for item in items:
             views = views_of(backbone, item.prompt, kind=item.kind)
             self.views[id(item)] = [(v.name, json.dumps(v.as_messages())) for v in views]
             texts.update({k: json.loads(k) for _, k in self.views[id(item)]})
             # A request's tool turns are also judged as content (scoring.with_tool_turns).
-            self.tool_turns[id(item)] = [
-                [(v.name, json.dumps(v.as_messages())) for v in views_of(backbone, m["content"], kind="content")]
-                for m in ([] if item.content or isinstance(item.prompt, str) else item.prompt)
-                if m["role"] == "tool" and m["content"].strip()]
-            texts.update({k: json.loads(k) for turn in self.tool_turns[id(item)] for _, k in turn})
+            turns = [] if item.content else tool_turns(item.prompt)
+            self.tool_turns[id(item)] = [Item(text, 1, True) for _, text in turns]
+            for turn in self.tool_turns[id(item)]:
+                self.views[id(turn)] = [(v.name, json.dumps(v.as_messages()))
+                                        for v in views_of(backbone, turn.prompt, kind="content")]
+                texts.update({k: json.loads(k) for _, k in self.views[id(turn)]})
             if whole:
                 key = self.whole_key(item)
                 texts[key] = json.loads(key)
@@ -78,38 +81,32 @@ class Scorer:
         """P(unsafe) per item, with views (as ``Guard.check`` decides) and from the whole prompt alone
         (``None`` unless read whole), and the line each item is refused from (``scoring.refusal_line``)."""
         kinds = {it.kind for it in items}
-        tools = [k for k, it in enumerate(items) if self.tool_turns.get(id(it))]
-        content = tools and self._strictest(prototypes.for_kind("content"),
-                                            [Item(t, 1, True) for k in tools for t in self.tool_turns[id(items[k])]])
-        if len(kinds) == 1:  # a head judges its own kind of text (Prototypes.for_kind)
-            prototypes = prototypes.for_kind(kinds.pop())
-        views, lines, p_all = self._strictest(prototypes, items)
-        if tools:
-            p_tool, line_tool, _ = content
-            at = 0
-            for k in tools:
-                n = len(self.tool_turns[id(items[k])])
-                refused = [p for p, line in zip(p_tool[at:at + n], line_tool[at:at + n]) if p >= line]
-                at += n
-                if refused and views[k] < lines[k]:
-                    views[k] = max(refused)
+        # A head judges its own kind of text (Prototypes.for_kind).
+        scorer = prototypes.for_kind(kinds.pop()) if len(kinds) == 1 else prototypes
+        views, lines, p_all = self._strictest(scorer, items)
+        turns = [(k, t) for k, it in enumerate(items) for t in self.tool_turns.get(id(it), [])]
+        if turns:
+            content = prototypes.for_kind("content")
+            p_turn, line_turn, _ = self._strictest(content, [t for _, t in turns])
+            judged: dict[int, list[tuple[int, Verdict]]] = {}
+            for (k, _), p, line in zip(turns, p_turn, line_turn):
+                tier = tier_of(p, line, content.controversial_threshold_)
+                judged.setdefault(k, []).append((0, make_verdict(p, tier, threshold=line)))
+            for k, turned in judged.items():
+                tier = tier_of(views[k], lines[k], scorer.controversial_threshold_)
+                views[k] = with_tool_turns(make_verdict(views[k], tier, threshold=lines[k]), turned).p_unsafe
         keys = [self.whole_key(it) for it in items]
         whole = np.array([p_all[self.index[k]] for k in keys]) if all(k in self.index for k in keys) else None
         return views, whole, lines
 
-    def _strictest(self, prototypes: Any, items: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The strictest view of each item (an :class:`Item`, or a tool turn's list of (name, key)
-        content views wrapped in one), its refusal line, and every text's P(unsafe)."""
+    def _strictest(self, prototypes: Any, items: Sequence[Item]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The strictest view of each item, its refusal line, and every text's P(unsafe)."""
         p_all = prototypes.predict_proba(select(self.H, self.layers, prototypes.layer_ids_, self.poolings))[:, 1]
-        lines = np.array([refusal_line(prototypes, "" if it.content and not isinstance(it.prompt, str) else it.prompt,
-                                       kind=it.kind) for it in items])
-        views = np.array([strictest([(name, p_all[self.index[k]]) for name, k in self._views(it)],
+        lines = np.array([refusal_line(prototypes, it.prompt, kind=it.kind) for it in items])
+        views = np.array([strictest([(name, p_all[self.index[k]]) for name, k in self.views[id(it)]],
                                     threshold=line, controversial=prototypes.controversial_threshold_)[1]
                           for it, line in zip(items, lines)])
         return views, lines, p_all
-
-    def _views(self, item: Item) -> list[tuple[str, str]]:
-        return item.prompt if item.content and isinstance(item.prompt, list) else self.views[id(item)]
 
 
 def probe(name: str) -> list[dict[str, Any]]:

@@ -165,7 +165,7 @@ N_TEACH, KS = 10, (1, 3, 10)
 def quality(prototypes, backbone) -> dict:
     held = {name: texts[N_TEACH:] for name, texts in FAMILIES.items()}
     calibration = calibration_probes()
-    others = harmful_probes()[len(calibration):]  # the cost probes that never set a prior
+    others = [t for t in harmful_probes() if t not in set(calibration)]  # probes that never set a prior
     texts = [t for ts in held.values() for t in ts] + calibration + others
     H = backbone.hidden_states(texts, prototypes.layer_ids_, poolings=prototypes.poolings_)
     n_held, n_cal = sum(len(v) for v in held.values()), len(calibration)
@@ -191,9 +191,9 @@ def quality(prototypes, backbone) -> dict:
         seconds[f"k={k}"] = time.perf_counter() - start
         out[f"k={k}"] = measure(taught)
         # The same prototypes at the equal prior every prototype had before taught ones got priors.
-        for s in taught.sets_:
-            s.log_priors[:] = 0.0
-            s.refresh()
+        for name in taught.sets_[0].names:
+            if name.startswith("taught-"):
+                taught.set_log_prior(name, 0.0)
         equal[f"k={k}"] = measure(taught)
     return {"n_held_out": n_held, "n_calibration": n_cal, "n_harmful": len(others), "by_k": out,
             "equal_prior_by_k": equal, "teach_seconds": seconds,

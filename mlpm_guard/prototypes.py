@@ -202,8 +202,8 @@ class Prototypes(ClassifierMixin, BaseEstimator):
             moderation) counts as unsafe instead of ``threshold``; ``None`` uses ``threshold``.
             Content has no middle route (a passage is kept or dropped, an answer sent or
             replaced). The shipped prototypes judge content with a head of their own instead
-            (:meth:`set_head`) and leave this ``None``. Read when scoring, like ``other_language_threshold``; where both apply, the lower line
-            does.
+            (:meth:`set_head`) and leave this ``None``. Read when scoring, like
+            ``other_language_threshold``; where both apply, the lower line does.
         categories: fit per-category means so verdicts name the nearest hazard category.
         random_state: seed of the cross-fitting folds.
 

@@ -281,12 +281,30 @@ def judge(backbone: Any, prototypes: Any, items: Sequence[Any], *, kind: Kind = 
     if prefilled is not None:
         pre = scorer.verdicts(prefilled, n_truncated=[r.n_truncated for r in rows] if rows else None)
     verdicts = decide(scorer, work, read(backbone, scorer, work.readings, memo=memo), pre)
-    return with_tool_turns(backbone, prototypes, items, verdicts, memo=memo) if kind == "request" else verdicts
+    if kind != "request":
+        return verdicts
+    turns = [(i, k, text) for i, item in enumerate(items) for k, text in tool_turns(item)]
+    if not turns:
+        return verdicts
+    # No memo: it holds the request head's verdicts, and these readings are the content head's.
+    judged = judge(backbone, prototypes, [text for _, _, text in turns], kind="content")
+    by_item: dict[int, list[tuple[int, Verdict]]] = {}
+    for (i, k, _), verdict in zip(turns, judged):
+        by_item.setdefault(i, []).append((k, verdict))
+    return [with_tool_turns(v, by_item.get(i, [])) for i, v in enumerate(verdicts)]
 
 
-def with_tool_turns(backbone: Any, prototypes: Any, items: Sequence[Any], verdicts: list[Verdict], *,
-                    memo: MutableMapping[MessagesKey, Verdict] | None = None) -> list[Verdict]:
-    """Requests' verdicts, refused where one of their tool turns is refused as content.
+def tool_turns(item: Any) -> list[tuple[int, str]]:
+    """A request's tool turns that hold text, with their positions: each is also judged as
+    content (:func:`with_tool_turns`)."""
+    if isinstance(item, str):
+        return []
+    return [(k, m["content"]) for k, m in enumerate(to_messages(item)) if m["role"] == "tool" and m["content"].strip()]
+
+
+def with_tool_turns(verdict: Verdict, judged: Sequence[tuple[int, Verdict]]) -> Verdict:
+    """A request's verdict, refused where one of its tool turns (position, verdict as content:
+    :func:`tool_turns`) is refused as content.
 
     A tool result is content the model is told to use, and an instruction hidden in it is aimed at
     the assistant, not asked by the user: read as a request ("Ignore previous instructions and
@@ -294,13 +312,9 @@ def with_tool_turns(backbone: Any, prototypes: Any, items: Sequence[Any], verdic
     counts: a tool turn between the lines sends no request to the safety prompt, since ordinary
     documents full of imperatives often sit there.
     """
-    turns = [(i, k, m["content"]) for i, item in enumerate(items) if not isinstance(item, str)
-             for k, m in enumerate(to_messages(item)) if m["role"] == "tool" and m["content"].strip()]
-    if not turns:
-        return verdicts
-    judged = judge(backbone, prototypes, [text for _, _, text in turns], kind="content", memo=memo)
-    out = list(verdicts)
-    for (i, k, _), verdict in zip(turns, judged):
-        if verdict.tier is Tier.UNSAFE and out[i].tier is not Tier.UNSAFE:
-            out[i] = dataclasses.replace(verdict, view=f"tool turn {k + 1} as {verdict.view}")
-    return out
+    if verdict.tier is Tier.UNSAFE:
+        return verdict
+    for k, turn in judged:
+        if turn.tier is Tier.UNSAFE:
+            return dataclasses.replace(turn, view=f"tool turn {k + 1} as {turn.view}")
+    return verdict

@@ -211,12 +211,21 @@ async def judge_in_readings(guard: Guard, item: Any, *, kind: scoring.Kind,
     requests' readings: a long request never holds the model for the whole of its scoring. Errors
     propagate: the caller fails them closed.
     """
-    prototypes, policy = guard.prototypes.for_kind(kind), guard.policy
+    verdict = await _judge_in_readings(guard, item, kind, read)
+    if kind == "request":  # as in process: its tool turns are judged as content too
+        turns = scoring.tool_turns(item)
+        judged = await asyncio.gather(*(_judge_in_readings(guard, text, "content", read) for _, text in turns))
+        verdict = scoring.with_tool_turns(verdict, [(k, v) for (k, _), v in zip(turns, judged)])
+    # As in process: checks take the policy's tiers; an answer, the output moderation's line (its caller).
+    return verdict if kind == "answer" else under_policy(verdict, guard.policy)
+
+
+async def _judge_in_readings(guard: Guard, item: Any, kind: scoring.Kind,
+                             read: Callable[[list[Reading]], Awaitable[Sequence[Verdict]]]) -> Verdict:
+    prototypes = guard.prototypes.for_kind(kind)
     plan = await asyncio.to_thread(scoring.plan, guard.backbone, [item], kind=kind)
     scored = await read([(r, prototypes) for r in plan.readings])
-    verdict = scoring.decide(prototypes, plan, list(scored))[0]
-    # As in process: checks take the policy's tiers; an answer, the output moderation's line (its caller).
-    return verdict if kind == "answer" else under_policy(verdict, policy)
+    return scoring.decide(prototypes, plan, list(scored))[0]
 
 
 def answer_batch(guard: Guard, items: Sequence[tuple[Messages, GenerationConfig]]) -> list[GuardResult]:
