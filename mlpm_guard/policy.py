@@ -55,13 +55,13 @@ class OutputModerationConfig(BaseModel):
     """Optional moderation of the generated text.
 
     An answer is judged in the conversation it answers (:mod:`mlpm_guard.views`). Streamed, it is
-    checked every ``check_every`` tokens, and a piece reaches the consumer only once a check that
-    read it and the ``hold_back`` tokens after it found the answer confidently safe; the verdict
-    of the whole answer decides whether the rest goes out or the refusal replaces it. The two
-    settings trade what a harmful continuation can leak against the wait for the first token: with
-    ``hold_back`` below ``check_every`` the first text leaves at the first check (one interval
-    after unmoderated streaming would send it); a longer ``hold_back`` keeps more of what the
-    checks have not yet read past away from the consumer (``python benchmarks/holdback.py``
+    checked every ``check_every`` tokens and once before, as soon as it runs ``hold_back`` tokens
+    past its first, and a piece reaches the consumer only once a check that read it, the answer before it
+    and the ``hold_back`` tokens after it found the answer confidently safe; the verdict of the
+    whole answer decides whether the rest goes out or the refusal replaces it. The two settings
+    trade what a harmful continuation can leak against the wait for the first token: the first
+    text waits for ``hold_back`` tokens and one check; a longer ``hold_back`` keeps more of what
+    the checks have not yet read past away from the consumer (``python benchmarks/holdback.py``
     measures both). A check that is all but certain (``stop_at``) ends the answer at once instead of
     waiting for its end: early in an answer, less certain flags are often wrong.
     """

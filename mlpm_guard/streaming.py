@@ -69,9 +69,11 @@ class OutputWatch(Generic[P]):
     goes out or the refusal replaces it. The caller runs the checks (synchronously or not) and
     reports each verdict, and stops the answer when a check is all but certain (:attr:`stopped`).
 
-    With ``hold_back`` below ``check_every`` the first release comes at the first check, so the
-    consumer's first token waits one check interval; a larger ``hold_back`` keeps more of a
-    continuation the checks are still reading away from the consumer.
+    Checks fall every ``check_every`` tokens, with one more at the start, as soon as a check can
+    release something (``hold_back`` tokens after the first), so the consumer's first token waits
+    for the held-back tokens and one check, less than a check interval while ``hold_back`` is
+    below ``check_every``. A larger ``hold_back`` keeps more of a continuation the checks are
+    still reading away from the consumer.
     """
 
     def __init__(self, check_every: int, hold_back: int, stop_at: float | None = None) -> None:
@@ -79,7 +81,7 @@ class OutputWatch(Generic[P]):
         self.held: HoldBack[P] = HoldBack(hold_back)
         self.parts: list[str] = []
         self.tokens = 0
-        self.next_check = check_every
+        self.next_check = min(check_every, hold_back + 1)
         self.verdict: Any = None  # the last check's verdict
         self.unjudged = False
 
@@ -105,7 +107,7 @@ class OutputWatch(Generic[P]):
         self.unjudged = self.unjudged or bool(text)
         if self.tokens < self.next_check:
             return False
-        self.next_check = self.tokens + self.check_every
+        self.next_check = (self.tokens // self.check_every + 1) * self.check_every
         return True
 
     def checked(self, verdict: Any) -> list[P]:

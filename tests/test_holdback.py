@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from mlpm_guard import Guard, OutputModerationConfig, Route
+from mlpm_guard import Guard, OutputModerationConfig, Route, Tier
+from mlpm_guard.streaming import OutputWatch
 
 ALL = {"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass", "allow_pass_for_unsafe": True}
 OPENING = "Sure! Happy to help with that project today, here is what you asked for in a few simple steps. "
@@ -81,3 +84,17 @@ def test_the_default_hold_back_lets_the_first_text_out_at_the_first_check():
     assert 0 < OutputModerationConfig().hold_back < OutputModerationConfig().check_every
     with pytest.raises(ValueError):
         OutputModerationConfig(hold_back=-1)
+
+
+@pytest.mark.parametrize("check_every, hold_back, first", [(16, 8, 9), (16, 0, 1), (4, 16, 4), (5, 3, 4)])
+def test_the_first_check_comes_as_soon_as_it_can_release_a_token(check_every, hold_back, first):
+    watch = OutputWatch(check_every, hold_back)
+    due = [n for n in range(1, 40) if watch.add(n, f" w{n}", 1)]
+    # then every check_every tokens, as without the early one
+    assert due == sorted({first, *range(check_every, 40, check_every)})
+    passed = SimpleNamespace(tier=Tier.SAFE, unsafe=False, p_unsafe=0.01)
+    fresh = OutputWatch(check_every, hold_back)
+    for n in range(1, first + 1):
+        fresh.add(n, f" w{n}", 1)
+    # the first check lets out what already has hold_back tokens after it, and nothing more
+    assert fresh.checked(passed) == list(range(1, first - hold_back + 1))
