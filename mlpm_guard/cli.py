@@ -199,22 +199,31 @@ def cmd_fit_default(args: argparse.Namespace) -> int:
 
 def cmd_fit_safety_prompt(args: argparse.Namespace) -> int:
     from .safety_prompt import SafetyPrompt, data_provenance
-    from .toolkit.data import cap_per_source, load_examples
-    from .toolkit.training import HELD_OUT_SPLITS, RELEASE_SOURCES
+    from .shipped import seed_file
+    from .toolkit.data import cap_per_source, load_examples, seed_examples
+    from .toolkit.training import HELD_OUT_SPLITS, RELEASE_SOURCES, SEED_LICENCE
 
-    # No seed set and no sentence pieces: DRO moves whole requests, and the anchor's refusal
-    # direction is read from the backbone's answers to them.
-    examples = cap_per_source([e for path in args.data for e in load_examples(path) if e.split not in HELD_OUT_SPLITS],
-                              args.max_per_source, args.seed)
+    # No sentence pieces: DRO moves whole requests, and the anchor's refusal direction is read
+    # from the backbone's answers to them. Seed rows join only by kind (e.g. ordinary look-alikes,
+    # which the prompt must leave answered).
+    kinds = _seed_kinds(args.seed_kinds)
+    rows = [e for path in args.data for e in load_examples(path) if e.split not in HELD_OUT_SPLITS]
+    for kind, n in kinds.items():
+        rows += cap_per_source(seed_examples([kind]), n, args.seed)
+    examples = cap_per_source(rows, args.max_per_source, args.seed)
     backbone = _backbone(args.backbone, args)
     params = {k: getattr(args, k) for k in ("n_tokens", "epochs", "learning_rate", "batch_size", "init_text")
               if getattr(args, k)}
     prompt = SafetyPrompt(**params, random_state=args.seed)
-    prompt.provenance_ = data_provenance(args.data, examples)
-    # The licences the project recorded for the shared sets it knows (a shipped prompt must hold only
-    # permissively licensed data); other files are the user's to vouch for.
+    files = [*args.data, seed_file()] if kinds else list(args.data)
+    prompt.provenance_ = data_provenance(files, examples)
+    # The licences the project recorded for the shared sets it knows and its own seed set (a shipped
+    # prompt must hold only permissively licensed data); other files are the user's to vouch for.
     prompt.provenance_["licences"] = {Path(p).name: RELEASE_SOURCES[Path(p).stem] for p in args.data
                                       if Path(p).stem in RELEASE_SOURCES}
+    if kinds:
+        prompt.provenance_["licences"][seed_file().name] = SEED_LICENCE.split(" ")[0]
+        prompt.provenance_["seed_kinds"] = {kind: n for kind, n in kinds.items()}
     prompt.fit([e.prompt for e in examples], [e.label for e in examples], backbone=backbone,
                sources=[e.source for e in examples], progress=not args.quiet)
     prompt.save(args.out)
@@ -222,6 +231,19 @@ def cmd_fit_safety_prompt(args: argparse.Namespace) -> int:
                       "training": prompt.training_summary_, "elicitation": prompt.elicitation_,
                       "anchor": prompt.anchor_.scores, "fit_seconds": round(prompt.fit_seconds_, 1)}))
     return 0
+
+
+def _seed_kinds(text: str | None) -> dict[str, int | None]:
+    """``--seed-kinds``: ``KIND[:N],...``, each kind's rows (a seeded sample of N of them)."""
+    out: dict[str, int | None] = {}
+    for spec in (text or "").split(","):
+        kind, _, n = spec.strip().partition(":")
+        if not kind:
+            continue
+        if n and (not n.isdigit() or int(n) < 1):
+            raise ConfigError(f"--seed-kinds: {spec.strip()!r} is not KIND or KIND:N with N a positive number")
+        out[kind] = int(n) if n else None
+    return out
 
 
 def cmd_fit_siren(args: argparse.Namespace) -> int:
@@ -601,11 +623,15 @@ def _add_fit(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("data", nargs="+", help="files with `prompt` and `label` (held-out `test` splits are left out)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the safety prompt into")
     p.add_argument("--max-per-source", type=int, help="cap each source at N requests, labels balanced")
+    p.add_argument("--seed-kinds", metavar="KIND[:N],...",
+                   help="add the built-in seed prompts of these kinds, or a seeded sample of N of each, as a source "
+                        "of their own (e.g. lookalike:16: ordinary requests that look harmful, which the prompt "
+                        "should leave answered)")
     p.add_argument("--n-tokens", type=int, help="soft tokens (default: as many as the written prompt it starts from)")
     p.add_argument("--init-text", help="the written prompt whose token embeddings the soft tokens start from "
                                        "(default: a one-sentence safety prompt)")
     p.add_argument("--epochs", type=int, help="passes over the requests (default 4)")
-    p.add_argument("--learning-rate", type=float, help="AdamW step size (default 1e-3)")
+    p.add_argument("--learning-rate", type=float, help="AdamW step size (default 0.001)")
     p.add_argument("--batch-size", type=int, help="requests per step (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --max-per-source draw and the optimisation")
     p.set_defaults(func=cmd_fit_safety_prompt)

@@ -22,6 +22,11 @@ def shipped_prototypes_dir() -> Path:
     return Path(str(resources.files("mlpm_guard") / "resources" / "default_prototypes"))
 
 
+def seed_file(name: str = "seed_prompts.jsonl") -> Path:
+    """Where a built-in seed file lies on disk."""
+    return Path(str(resources.files("mlpm_guard") / "resources" / name))
+
+
 def seed_digest(name: str = "seed_prompts.jsonl") -> str:
     """A short digest of a built-in seed file (names the seed-set fit in the cache)."""
     ref = resources.files("mlpm_guard") / "resources" / name

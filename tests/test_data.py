@@ -85,6 +85,14 @@ def test_cap_per_source_draw_does_not_depend_on_other_sources():
     assert alone != cap_per_source(a, 10, seed=4)  # the seed still matters
 
 
+def test_seed_rows_are_chosen_by_kind():
+    rows = seed_examples(["malware", "lookalike"])
+    assert rows and len(rows) < len(seed_examples())
+    assert {e.label for e in seed_examples(["malware"])} == {1} and {e.label for e in seed_examples(["lookalike"])} == {0}
+    with pytest.raises(DataError, match="no rows of kind"):
+        seed_examples(["no such kind"])
+
+
 def test_seed_set_is_shipped_and_balanced():
     rows = seed_examples()
     unsafe = [e for e in rows if e.label == 1]

@@ -207,6 +207,26 @@ def test_the_cli_trains_a_folder_the_guard_loads(tiny_backbone, odd_refusals, tm
     assert loaded.provenance_["licences"] == {"advbench.jsonl": "MIT"}  # a shared set the project knows
 
 
+def test_seed_kinds_join_the_fit_as_a_source_with_their_licence(tiny_backbone, odd_refusals, tmp_path, monkeypatch,
+                                                                capsys):
+    from conftest import write_jsonl
+
+    from mlpm_guard import cli
+
+    data = write_jsonl(tmp_path / "advbench.jsonl", [{"prompt": p, "label": "unsafe" if y else "safe"}
+                                              for p, y in zip(PROMPTS, LABELS)])
+    monkeypatch.setattr(cli, "_backbone", lambda spec, args: tiny_backbone)
+    assert cli.main(["fit-safety-prompt", str(data), "--out", str(tmp_path / "sp"), "--epochs", "1",
+                     "--n-tokens", "4", "--seed-kinds", "lookalike:3,contrast:2", "-q"]) == 0
+    loaded = SafetyPrompt.load(tmp_path / "sp", backbone=tiny_backbone)
+    assert loaded.provenance_["rows_per_source"]["seed/safe"] == 5
+    assert loaded.provenance_["licences"] == {"advbench.jsonl": "MIT", "seed_prompts.jsonl": "Apache-2.0"}
+    assert loaded.provenance_["seed_kinds"] == {"lookalike": 3, "contrast": 2}
+    capsys.readouterr()
+    assert cli.main(["fit-safety-prompt", str(data), "--out", str(tmp_path / "x"), "--seed-kinds", "lookalike:0", "-q"]) != 0
+    assert "KIND:N" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_the_shipped_prompt_is_the_embedded_backbones_and_holds_only_permissive_data(backbone):
     shipped = as_safety_prompt(None, backbone)
     assert isinstance(shipped, SafetyPrompt)

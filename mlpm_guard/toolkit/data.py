@@ -152,9 +152,19 @@ def cap_per_source(examples: Sequence[Example], max_per_source: int | None, seed
     return out
 
 
-def seed_examples() -> list[Example]:
-    """The built-in seed set shipped with the package (see ``resources/seed_prompts.jsonl``)."""
-    return _resource_examples("seed_prompts.jsonl", "seed")
+def seed_examples(kinds: Iterable[str] | None = None) -> list[Example]:
+    """The built-in seed set shipped with the package (see ``resources/seed_prompts.jsonl``), or
+    only its rows of the given ``kinds`` (``"lookalike"``, ``"contrast"``, ``"malware"``, ...)."""
+    rows = _resource_examples("seed_prompts.jsonl", "seed")
+    if kinds is None:
+        return rows
+    wanted = set(kinds)
+    ref = resources.files("mlpm_guard") / "resources" / "seed_prompts.jsonl"
+    row_kinds = [json.loads(line).get("kind") for line in ref.read_text(encoding="utf-8").splitlines() if line.strip()]
+    unknown = wanted - set(row_kinds)
+    if unknown:
+        raise DataError(f"the seed set has no rows of kind(s) {sorted(unknown)}; it has {sorted(set(row_kinds))}")
+    return [e for e, kind in zip(rows, row_kinds) if kind in wanted]
 
 
 def seed_answers() -> list[Example]:
