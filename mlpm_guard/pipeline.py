@@ -32,6 +32,7 @@ import torch
 
 from .backbone import Backbone
 from .encoding import Encoded
+from .external import replaces
 from .generation import GenerationConfig, Prefill, decode, prefill
 from .messages import PromptInput, to_messages
 from .moderation import PrototypeModerator
@@ -73,7 +74,7 @@ class Request:
 def assemble(request: Request, policy: Policy) -> GuardResult:
     """The one place a result is built: a flagged answer is replaced by the refusal when the policy says so."""
     flagged = request.output_verdict is not None and request.output_verdict.unsafe
-    replaced = flagged and policy.output_moderation.on_flag == "replace"
+    replaced = replaces(request.output_verdict, policy)
     timings = Timings(request.scoring_ms, request.generation_ms, request.moderation_ms,
                       len(request.row) if request.row is not None else 0, request.completion_tokens)
     return GuardResult(policy.refusal_message if replaced else request.text, request.route, request.verdict,

@@ -36,6 +36,7 @@ from langchain_core.tracers.base import BaseTracer
 from pydantic import ValidationError
 
 from mlpm_guard import ConfigError, Guard, InputError, Policy, as_policy, telemetry
+from mlpm_guard.messages import with_system_prompt
 
 #: Name of the custom event every adapter dispatches (visible in ``astream_events``).
 EVENT_NAME = "mlpm_guard"
@@ -155,12 +156,16 @@ def aggregate(chunks: Sequence[Any], owner: str) -> Any:
 
 
 # ---------------------------------------------------------------------------- the safety prompt route
+def _system_of(message: BaseMessage) -> str | None:
+    return message.content if isinstance(message, SystemMessage) and isinstance(message.content, str) else None
+
+
+def _system_message(text: str, _replaced: BaseMessage | None) -> BaseMessage:
+    return SystemMessage(content=text)
+
+
 def _with_system(messages: Sequence[BaseMessage], safety_prompt: str) -> list[BaseMessage]:
-    # One system turn: many chat models reject a second one, so merge into the caller's.
-    if messages and isinstance(messages[0], SystemMessage) and isinstance(messages[0].content, str):
-        first = SystemMessage(content=f"{safety_prompt}\n\n{messages[0].content}")
-        return [first, *messages[1:]]
-    return [SystemMessage(content=safety_prompt), *messages]
+    return with_system_prompt(messages, safety_prompt, system_of=_system_of, make=_system_message)
 
 
 def with_safety(value: Any, safety_prompt: str, prefix: str, input_key: str | None = None) -> Any:

@@ -18,7 +18,7 @@ from langchain_core.messages import SystemMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import merge_configs
 
-from mlpm_guard import Decision, Guard, Policy, Route, Verdict
+from mlpm_guard import Decision, Guard, Policy, Route, Verdict, external
 from mlpm_guard.streaming import OutputWatch
 
 from . import _graph
@@ -53,11 +53,15 @@ class Plan:
     conversation: list[dict[str, str]]  # what the wrapped model reads, as the guard scored it
     safety_id: str | None = None  # the per-call safety system message put into a graph's state
 
+    @property
+    def decision(self) -> Decision:
+        """The input decision this plan carries out."""
+        return Decision(self.route, blocked=self.applied is Route.REFUSE, verdict=self.verdict,
+                        applied_route=self.applied)
+
     def output_record(self, verdict: Verdict, policy: Policy) -> dict[str, Any]:
         """The record after output moderation judged the answer."""
-        replace = verdict.unsafe and policy.output_moderation.on_flag == "replace"
-        return Decision(self.route, blocked=replace, verdict=self.verdict, stage="output", applied_route=self.applied,
-                        output_verdict=verdict, replaced=replace).to_dict()
+        return external.answered(self.decision, verdict, policy, stage="output").to_dict()
 
 
 class Planning(GuardSettings):
@@ -95,9 +99,8 @@ class Planning(GuardSettings):
         return guard_messages(messages)
 
     def _plan(self, value: Any, verdict: Verdict, policy: Policy, conversation: list[dict[str, str]]) -> Plan:
-        route = policy.route(verdict)
-        applied = Route.SAFETY_PROMPT if route is Route.STEER else route
-        record = Decision(route, blocked=applied is Route.REFUSE, verdict=verdict, applied_route=applied).to_dict()
+        decision = external.decide(verdict, policy)
+        route, applied, record = decision.route, decision.applied_route, decision.to_dict()
         inner, safety_id = None, None
         key = self._graph_key(value)
         if applied is Route.PASS:

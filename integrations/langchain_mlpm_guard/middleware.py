@@ -33,7 +33,8 @@ from langchain_core.runnables import RunnableLambda
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
-from mlpm_guard import Decision, Guard, Policy, Route, Verdict, default_guard, telemetry
+from mlpm_guard import Decision, Guard, Policy, Route, Verdict, default_guard, external, telemetry
+from mlpm_guard.messages import system_text
 
 from ._common import (
     CHECK_RUN_NAME,
@@ -108,12 +109,10 @@ class MLPMGuardMiddleware(AgentMiddleware[GuardState, Any]):
     @staticmethod
     def _input_update(verdict: Verdict, policy: Policy, turn: HumanMessage, start_ns: int,
                       model: str) -> dict[str, Any]:
-        route = policy.route(verdict)
-        applied = Route.SAFETY_PROMPT if route is Route.STEER else route
-        decision = Decision(route, blocked=applied is Route.REFUSE, verdict=verdict, applied_route=applied)
+        decision = external.decide(verdict, policy)
         record = {**decision.to_dict(), "turn": turn.id}
         telemetry.decision_span("input", record, start_ns=start_ns, model=model, framework="langchain")
-        if applied is Route.REFUSE:
+        if decision.blocked:
             refusal = AIMessage(content=policy.refusal_message, response_metadata={FLAG_KEY: record})
             return {"messages": [refusal], "mlpm_guard": record, "jump_to": "end"}
         return {"mlpm_guard": record}
@@ -159,9 +158,8 @@ class MLPMGuardMiddleware(AgentMiddleware[GuardState, Any]):
     @staticmethod
     def _with_safety(request: ModelRequest, policy: Policy) -> ModelRequest:
         # Only this call's request changes: the state (and so the checkpointer) never sees it.
-        current = request.system_message.text if request.system_message is not None else ""
-        text = f"{policy.safety_prompt}\n\n{current}" if current else policy.safety_prompt
-        return request.override(system_message=SystemMessage(content=text))
+        current = request.system_message.text if request.system_message is not None else None
+        return request.override(system_message=SystemMessage(content=system_text(policy.safety_prompt, current)))
 
     @staticmethod
     def _answer_text(message: AIMessage) -> str:
@@ -172,8 +170,8 @@ class MLPMGuardMiddleware(AgentMiddleware[GuardState, Any]):
     @staticmethod
     def _replace(response: Any, verdict: Verdict, policy: Policy, route: Route) -> Any:
         """The response with its AI message replaced by the refusal when the answer was flagged."""
-        replace = verdict.unsafe and policy.output_moderation.on_flag == "replace"
-        record = Decision(route, blocked=replace, stage="output", output_verdict=verdict, replaced=replace).to_dict()
+        decision = external.answered(Decision(route, blocked=False), verdict, policy, stage="output")
+        replace, record = decision.replaced, decision.to_dict()
         telemetry.decision_span("output", record, framework="langchain")
         messages = response.result if isinstance(response, ModelResponse) else [response]
         out = []
