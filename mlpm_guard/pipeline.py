@@ -354,6 +354,14 @@ def fail(stages: Stages, request: Request, exc: BaseException, policy: Policy,
     return assemble(request, policy)
 
 
+def failed_result(error: str, policy: Policy) -> GuardResult:
+    """The result of a request that failed outside the stages (a server's lane, a broken stream):
+    refused, with its error recorded (a policy that fails open answers through :func:`fail`)."""
+    request = Request(None)
+    request.text, request.error = policy.refusal_message, error
+    return assemble(request, policy)
+
+
 def _failed_chunks(result: GuardResult, streaming: bool) -> Iterator[GuardChunk]:
     """The end of a request that failed: in a stream the refusal (or the unguarded answer) is
     sent as text too, since a consumer that joins the chunks' text never reads ``result``."""
