@@ -22,7 +22,7 @@ from typing import Any
 from ._version import __version__
 from .errors import BackboneLoadError, ConfigError, MlpmGuardError
 from .readings import POOLING_SETTINGS
-from .review_cli import add_commands, add_serve_options, serve_settings
+from .review_cli import add_commands, add_serve_options, load_backbone, serve_settings
 
 EXAMPLES = """examples:
   mlpm-guard demo                                  judge, route and answer example prompts
@@ -60,16 +60,6 @@ def _parse_layers(text: str | None) -> list[int] | None:
     return layers
 
 
-def _backbone(spec: str | None, args: argparse.Namespace) -> Any:
-    from .backbone import Backbone
-
-    threads = getattr(args, "threads", None)
-    if threads is not None and threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {threads}")
-    return Backbone(spec or "embedded", device=args.device, dtype=args.dtype,
-                    **({"num_threads": threads} if threads else {}))
-
-
 def _load_prototypes(args: argparse.Namespace) -> Any:
     """Prototypes from ``--prototypes`` or the shipped default, on the backbone ``--backbone`` names.
 
@@ -88,7 +78,7 @@ def _load_prototypes(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--prototypes {args.prototypes}: no prototypes folder there (no {META_FILE}); write "
                           f"one with `mlpm-guard fit DATA... --out {args.prototypes}`, or leave --prototypes out "
                           "for the shipped default prototypes")
-    backbone = _backbone(args.backbone, args)
+    backbone = load_backbone(args.backbone, args)
     if args.prototypes:
         return load_scorer(args.prototypes, backbone)
     return default_prototypes(backbone, progress=not args.quiet)
@@ -160,7 +150,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     choice = _seed_set(args, "fit")
     examples = _training_examples(args.data, choice, args)
     seed_rows = _report_seed_rows(examples, choice, args)
-    backbone = _backbone(args.backbone, args)
+    backbone = load_backbone(args.backbone, args)
     params: dict[str, Any] = {"per_source": args.per_source, "random_state": args.seed}
     for key in ("C", "cv", "pooling", "source_invariance"):
         if getattr(args, key) is not None:
@@ -189,7 +179,7 @@ def cmd_fit_default(args: argparse.Namespace) -> int:
     from .shipped import shipped_prototypes_dir
     from .toolkit.training import fit_release
 
-    prototypes = fit_release(_backbone(args.backbone, args), args.data, progress=not args.quiet)
+    prototypes = fit_release(load_backbone(args.backbone, args), args.data, progress=not args.quiet)
     out = prototypes.save(args.out or shipped_prototypes_dir())
     print(json.dumps({"out": str(out), "n_samples": prototypes.n_samples_, "layers": prototypes.layer_ids_,
                       "readings": [r.key for r in prototypes.readings_],
@@ -206,7 +196,7 @@ def cmd_fit_safety_prompt(args: argparse.Namespace) -> int:
     # direction is read from the backbone's answers to them.
     examples = cap_per_source([e for path in args.data for e in load_examples(path) if e.split not in HELD_OUT_SPLITS],
                               args.max_per_source, args.seed)
-    backbone = _backbone(args.backbone, args)
+    backbone = load_backbone(args.backbone, args)
     params = {k: getattr(args, k) for k in ("n_tokens", "epochs", "learning_rate", "batch_size", "init_text")
               if getattr(args, k)}
     prompt = SafetyPrompt(**params, random_state=args.seed)
@@ -232,7 +222,7 @@ def cmd_fit_siren(args: argparse.Namespace) -> int:
     choice = _seed_set(args, "fit-siren")
     examples = _training_examples(args.data, choice, args)
     seed_rows = _report_seed_rows(examples, choice, args)
-    backbone = _backbone(args.backbone, args)
+    backbone = load_backbone(args.backbone, args)
     params = {**RELEASE_PARAMS, "random_state": args.seed}
     params.update({k: getattr(args, k) for k in ("C", "mass", "max_readings") if getattr(args, k) is not None})
     layers = backbone.check_layers(_parse_layers(args.layers) or list(range(1, backbone.num_layers + 1)))

@@ -36,11 +36,11 @@ from .external import replaces
 from .generation import GenerationConfig, Prefill, decode, prefill
 from .messages import PromptInput, to_messages
 from .moderation import PrototypeModerator
-from .policy import Policy
+from .policy import Policy, under_policy
 from .scoring import Kind, judge
 from .streaming import Detokenizer, OutputWatch, StopCut, cut_at_stop
 from .types import GuardChunk, GuardResult, Route, Timings, Verdict
-from .verdicts import failed_verdict, to_verdict, under_policy
+from .verdicts import failed_verdict, to_verdict
 
 logger = logging.getLogger(__name__)
 

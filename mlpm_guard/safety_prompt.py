@@ -541,13 +541,13 @@ def _short(text: str, n: int = 40) -> str:
 
 def check_backbone(recorded: dict[str, Any], backbone: Any) -> None:
     """Raise :class:`BackboneMismatchError` if ``backbone`` is not the one the prompt was trained on."""
-    from .prototypes import _same_weights
+    from .prototypes import same_weights
 
     current = backbone.identity()
     problems = [f"{key}: trained on {recorded.get(key)!r}, this backbone has {current[key]!r}"
                 for key in ("num_layers", "hidden_size", "vocab_size", "chat_template_hash")
                 if recorded.get(key) != current[key]]
-    if not problems and not _same_weights(recorded.get("weights_probe"), current["weights_probe"]):
+    if not problems and not same_weights(recorded.get("weights_probe"), current["weights_probe"]):
         problems.append("weights differ (same shape, different model or fine-tune)")
     if problems:
         raise BackboneMismatchError(

@@ -11,8 +11,8 @@ from typing import Any
 from ._io import cache_home
 from ._version import __version__
 from .errors import BackboneMismatchError
-from .prototype_file import FORMAT_VERSION
-from .prototypes import META_FILE, Prototypes
+from .prototype_file import FORMAT_VERSION, META_FILE
+from .prototypes import Prototypes
 
 logger = logging.getLogger(__name__)
 
@@ -20,12 +20,6 @@ logger = logging.getLogger(__name__)
 def shipped_prototypes_dir() -> Path:
     """Where the package keeps the prototypes fitted at release time for the embedded backbone."""
     return Path(str(resources.files("mlpm_guard") / "resources" / "default_prototypes"))
-
-
-def seed_digest(name: str = "seed_prompts.jsonl") -> str:
-    """A short digest of a built-in seed file (names the seed-set fit in the cache)."""
-    ref = resources.files("mlpm_guard") / "resources" / name
-    return hashlib.sha256(ref.read_bytes()).hexdigest()[:12]
 
 
 def default_prototypes(backbone: Any, *, progress: bool = True) -> Prototypes:
@@ -42,7 +36,7 @@ def default_prototypes(backbone: Any, *, progress: bool = True) -> Prototypes:
         except BackboneMismatchError:
             pass  # another backbone: the seed-set fit below
     # Another backbone: the seed-set fit, the one use of the toolkit at run time.
-    from .toolkit.data import seed_examples
+    from .toolkit.data import seed_digest, seed_examples
     from .toolkit.training import DEFAULT_PARAMS, fit_examples, release_heads, training_mix
 
     params = hashlib.sha256(repr(sorted(DEFAULT_PARAMS.items())).encode()).hexdigest()[:8]

@@ -95,7 +95,7 @@ def guard_messages(messages: Sequence[Any]) -> list[dict[str, str]]:
     return out
 
 
-def _dict_key(value: Mapping[str, Any], input_key: str | None) -> str:
+def dict_key(value: Mapping[str, Any], input_key: str | None) -> str:
     if input_key is not None:
         if input_key not in value:
             msg = f"`input_key` is {input_key!r} but the input dict has keys {sorted(value)}; set `input_key` to " \
@@ -121,7 +121,7 @@ def prompt_messages(value: Any, input_key: str | None = None) -> list[dict[str, 
     if isinstance(value, BaseMessage):
         return guard_messages([value])
     if isinstance(value, Mapping):
-        return prompt_messages(value[_dict_key(value, input_key)], input_key)
+        return prompt_messages(value[dict_key(value, input_key)], input_key)
     if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
         if not value:
             raise InputError("the input is an empty message list; give at least one human message")
@@ -179,7 +179,7 @@ def with_safety(value: Any, safety_prompt: str, prefix: str, input_key: str | No
     if isinstance(value, PromptValue):
         return ChatPromptValue(messages=_with_system(value.to_messages(), safety_prompt))
     if isinstance(value, Mapping):
-        key = _dict_key(value, input_key)
+        key = dict_key(value, input_key)
         out = dict(value)
         out[key] = with_safety(value[key], safety_prompt, prefix, input_key)
         return out

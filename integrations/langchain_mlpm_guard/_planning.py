@@ -25,7 +25,7 @@ from . import _graph
 from ._common import (
     FLAG_KEY,
     OutputKind,
-    _dict_key,
+    dict_key,
     flag_chunk,
     guard_messages,
     input_kind,
@@ -87,7 +87,7 @@ class Planning(GuardSettings):
         """The messages key of a graph's state input (``None``: not a state-dict call)."""
         if not isinstance(value, Mapping) or not _graph.is_graph(self.runnable):
             return None
-        return _dict_key(value, self.input_key)
+        return dict_key(value, self.input_key)
 
     def _conversation(self, value: Any, config: RunnableConfig | None) -> list[dict[str, str]]:
         """Everything the wrapped model will read of this input: for a graph on a checkpointed

@@ -22,7 +22,7 @@ from .. import scoring
 from ..generation import GenerationConfig
 from ..guard import Guard
 from ..types import GuardResult, Verdict
-from ..verdicts import under_policy
+from ..policy import under_policy
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -35,9 +35,7 @@ from ..types import Decision, Route, Verdict
 from . import schemas
 from .schemas import SSE_DONE, sse
 from .batching import Messages
-
-if TYPE_CHECKING:
-    from .app import GuardService
+from .service import Service
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +48,7 @@ def _delta_text(event: dict[str, Any]) -> str:
 
 
 class UpstreamProxy:
-    def __init__(self, service: GuardService) -> None:
+    def __init__(self, service: Service) -> None:
         self.service = service
         settings = service.settings
         headers = {"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}

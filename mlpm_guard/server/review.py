@@ -34,10 +34,10 @@ from ..errors import MlpmGuardError
 from ..prototype_store import PrototypeStore, TeachingCost, teaching_cost
 from ..steering import SteeringCache
 from ..types import Route
+from .service import Service
 
 if TYPE_CHECKING:
     from ..guard import Guard
-    from .app import GuardService
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class PrototypeReloader:
 class Review:
     """What the review routes work with."""
 
-    service: GuardService
+    service: Service
     log: DecisionLog
     reloader: PrototypeReloader | None
     harmful_probes: Sequence[str]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 from collections import defaultdict
@@ -150,6 +151,13 @@ def cap_per_source(examples: Sequence[Example], max_per_source: int | None, seed
         for lab in (0, 1):
             out.extend(pools[lab][: share[lab]])
     return out
+
+
+def seed_digest(name: str = "seed_prompts.jsonl") -> str:
+    """A short digest of a built-in seed file (names the seed-set fit in the cache, and the seed
+    set in a release fit's provenance)."""
+    ref = resources.files("mlpm_guard") / "resources" / name
+    return hashlib.sha256(ref.read_bytes()).hexdigest()[:12]
 
 
 def seed_examples() -> list[Example]:

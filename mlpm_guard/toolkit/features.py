@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .._io import cache_home
 from .._sqlite import SqliteStore
 
-_CHUNK = 256  # prompts per forward-and-store round, so an interrupted run keeps what it did
+CHUNK = 256  # prompts per forward-and-store round, so an interrupted run keeps what it did
 
 
 class FeatureCache(SqliteStore):
@@ -96,8 +96,8 @@ def extract(backbone: Any, prompts: Sequence[Any], layers: Sequence[int], *,
     todo = sorted({tuple(ks): i for i, ks in enumerate(keys) if any(k not in found for k in ks)}.values())
     bar = tqdm(total=len(todo), desc=desc, unit="prompt", disable=not progress or not todo)
     with bar:
-        for start in range(0, len(todo), _CHUNK):
-            part = todo[start:start + _CHUNK]
+        for start in range(0, len(todo), CHUNK):
+            part = todo[start:start + CHUNK]
             states = backbone.layer_states([rows[i] for i in part], all_layers, poolings=poolings)
             blocks = np.split(states, len(poolings), axis=1)  # pooling-major: one (n, depth, d) block each
             found.update(cache.put({keys[i][p]: block[j] for p, block in enumerate(blocks) for j, i in enumerate(part)}))

@@ -13,9 +13,8 @@ import numpy as np
 
 from ..errors import DataError
 from ..prototypes import Prototypes
-from ..shipped import seed_digest
 from ..views import segments
-from .data import Example, Turn, cap_per_source, load_examples, seed_answers, seed_content, seed_examples
+from .data import Example, Turn, cap_per_source, load_examples, seed_answers, seed_content, seed_digest, seed_examples
 from .features import FeatureCache, extract
 
 logger = logging.getLogger(__name__)
