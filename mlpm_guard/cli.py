@@ -17,12 +17,16 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .errors import BackboneLoadError, ConfigError, MlpmGuardError
 from .readings import POOLING_SETTINGS
 from .review_cli import add_commands, add_serve_options, load_backbone, serve_settings
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
+    from .prototypes import Prototypes
 
 EXAMPLES = """examples:
   mlpm-guard demo                                  judge, route and answer example prompts
@@ -248,7 +252,7 @@ def _ray_options(args: argparse.Namespace) -> Any:
     return RayOptions(actors=args.ray_actors, address=args.ray_address, threads=args.ray_threads)
 
 
-def _ray_fit_states(backbone: Any, prompts: list[str], layers: list[int] | None, poolings: tuple[str, ...],
+def _ray_fit_states(backbone: Backbone, prompts: list[str], layers: list[int] | None, poolings: tuple[str, ...],
                     args: argparse.Namespace) -> Any:
     """``fit --engine ray``: the states the local fit would extract, computed on Ray actors.
 
@@ -329,7 +333,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ray_eval_cache(prototypes: Any, datasets: dict[str, Any], args: argparse.Namespace, stack: ExitStack) -> Any:
+def _ray_eval_cache(prototypes: Prototypes, datasets: dict[str, Any], args: argparse.Namespace,
+                    stack: ExitStack) -> Any:
     """``eval --engine ray``: the feature cache the evaluation reads, filled on Ray actors with the
     states of every evaluated prompt (a temporary one with ``--no-cache``). Jailbreak framings,
     the judge baseline and a ``--benign`` file outside the datasets still run locally."""

@@ -26,6 +26,7 @@ from .encoding import Encoded
 from .errors import ConfigError
 from .readings import check_poolings
 
+
 class Model(Protocol):
     """What a forward pass reads of a loaded model (:class:`~mlpm_guard.Backbone` is one): the
     model and its decoder stack, where tensors go, the prefix-cache setting and cache, and how

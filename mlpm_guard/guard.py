@@ -36,6 +36,7 @@ from .types import GuardChunk, GuardResult, Route, Verdict
 from .views import View
 
 if TYPE_CHECKING:
+    from .scorer import Scorer
     from .decision_log import DecisionLog
 
 __all__ = ["Guard", "RouteHandler", "as_policy", "load_scorer"]
@@ -274,7 +275,7 @@ class Guard:
         return f"Guard(backbone={self.backbone!r}, prototypes={self.prototypes!r})"
 
 
-def prototypes_version(prototypes: Any) -> str | None:
+def prototypes_version(prototypes: Scorer) -> str | None:
     """The version a prototype store gave these prototypes (:mod:`mlpm_guard.prototype_store`), if any."""
     return getattr(prototypes, "version_", None)
 

@@ -26,7 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,6 +41,9 @@ from .scoring import Kind, judge
 from .streaming import Detokenizer, OutputWatch, StopCut, cut_at_stop
 from .types import GuardChunk, GuardResult, Route, Timings, Verdict
 from .verdicts import failed_verdict, to_verdict
+
+if TYPE_CHECKING:
+    from .scorer import Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ def assemble(request: Request, policy: Policy) -> GuardResult:
 class Stages:
     """The four stages over the parts of one guard (read per call, so a guard's parts can be swapped)."""
 
-    def __init__(self, backbone: Backbone, prototypes: Any, moderator: Callable[..., Any],
+    def __init__(self, backbone: Backbone, prototypes: Scorer, moderator: Callable[..., Any],
                  handlers: Mapping[Route, RouteHandler], steering: Callable[[Policy], Steer],
                  safety_prompt: Any = None) -> None:
         self.backbone, self.prototypes, self.moderator = backbone, prototypes, moderator

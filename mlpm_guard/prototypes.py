@@ -16,7 +16,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -34,12 +34,16 @@ from .readings import Reading, columns, layout, poolings_of
 from .types import Verdict
 from .verdicts import failed_verdict, make_verdict, tier_of
 
+if TYPE_CHECKING:
+    from .backbone import Backbone
+
 
 #: The kinds of text a head may judge (:meth:`Prototypes.set_head`).
 HEAD_KINDS = ("answer", "content")
 
 
-def as_states(X: Any, layers: Sequence[int], backbone: Any, poolings: Sequence[str] = ("last",)) -> np.ndarray:
+def as_states(X: Any, layers: Sequence[int], backbone: Backbone | None,
+              poolings: Sequence[str] = ("last",)) -> np.ndarray:
     """Hidden states (n_samples, len(poolings) * len(layers), d), pooling-major (:mod:`.readings`):
     given as such, or read from prompts on ``backbone``."""
     if isinstance(X, np.ndarray):
@@ -57,7 +61,7 @@ def as_states(X: Any, layers: Sequence[int], backbone: Any, poolings: Sequence[s
     return backbone.hidden_states(list(X), layers, poolings=poolings)
 
 
-def candidate_layers(layers: Sequence[int] | None, X: Any, backbone: Any, n_poolings: int = 1) -> list[int]:
+def candidate_layers(layers: Sequence[int] | None, X: Any, backbone: Backbone | None, n_poolings: int = 1) -> list[int]:
     """The layer ids a fit starts from: ``layers``, else every layer of the states or of the backbone."""
     if layers is not None:
         out = sorted({int(x) for x in layers})
@@ -267,7 +271,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         """The bound backbone (used when texts are passed instead of states), or ``None``."""
         return getattr(self, "_backbone", None)
 
-    def bind(self, backbone: Any) -> Prototypes:
+    def bind(self, backbone: Backbone) -> Prototypes:
         """Attach a backbone (to the heads too) after checking that it is the one these prototypes were fitted on."""
         check_backbone(self.backbone_identity_, backbone)
         self._backbone = backbone
@@ -293,7 +297,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         return H[:, columns(self.readings_, self.layer_ids_, self.poolings_)]
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X: Any, y: Sequence[Any], *, backbone: Any = None, sources: Sequence[str] | None = None,
+    def fit(self, X: Any, y: Sequence[Any], *, backbone: Backbone | None = None, sources: Sequence[str] | None = None,
             categories: Sequence[str | None] | None = None) -> Prototypes:
         """Fit prototypes and the layer combination.
 
@@ -515,7 +519,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         return prototype_file.save_record(self._record(), path)
 
     @classmethod
-    def load(cls, path: str | Path, backbone: Any = None) -> Prototypes:
+    def load(cls, path: str | Path, backbone: Backbone | None = None) -> Prototypes:
         """Load a prototypes folder; with ``backbone``, check it is the one they were fitted on.
 
         Every field is checked (:func:`~mlpm_guard.prototype_file.load_record`), and the loaded
@@ -626,7 +630,7 @@ def same_weights(recorded: Any, current: Any) -> bool:
     return a.shape == b.shape and bool(np.allclose(a, b, rtol=2e-2, atol=2e-3))
 
 
-def check_backbone(recorded: dict[str, Any] | None, backbone: Any) -> None:
+def check_backbone(recorded: dict[str, Any] | None, backbone: Backbone) -> None:
     """Raise :class:`BackboneMismatchError` if ``backbone`` is not the recorded one."""
     if recorded is None:
         # Without a record nothing says these states mean anything on this backbone.

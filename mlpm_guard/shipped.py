@@ -6,13 +6,16 @@ import hashlib
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ._io import cache_home
 from ._version import __version__
 from .errors import BackboneMismatchError
 from .prototype_file import FORMAT_VERSION, META_FILE
 from .prototypes import Prototypes
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +25,7 @@ def shipped_prototypes_dir() -> Path:
     return Path(str(resources.files("mlpm_guard") / "resources" / "default_prototypes"))
 
 
-def default_prototypes(backbone: Any, *, progress: bool = True) -> Prototypes:
+def default_prototypes(backbone: Backbone, *, progress: bool = True) -> Prototypes:
     """The default prototypes for ``backbone``.
 
     For the embedded backbone these are the prototypes shipped in the package (fitted at release

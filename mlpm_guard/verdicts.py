@@ -1,8 +1,8 @@
 """Verdicts and tiers, built in one place.
 
 Every verdict the guard hands out comes from here: the prototypes' own, one moved to another tier
-(by a policy's thresholds: :func:`mlpm_guard.policy.under_policy`), an output moderator's answer, and the verdict of a text that could not be
-scored. So a tier always means the same comparison with two thresholds, the label always follows
+(by a policy's thresholds: :func:`mlpm_guard.policy.under_policy`), an output moderator's answer,
+and the verdict of a text that could not be scored. So a tier always means the same comparison with two thresholds, the label always follows
 the tier (``unsafe`` exactly in the unsafe tier), and a category is named only outside the safe tier.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+
 from .categories import category_name
 from .types import Tier, Verdict
 

@@ -145,3 +145,19 @@ def test_the_private_name_check_reads_both_forms(tmp_path, source, expected):
     path = tmp_path / "safety_prompt.py"
     path.write_text(source, encoding="utf-8")
     assert list(_private_names("mlpm_guard.safety_prompt", path)) == expected
+
+
+def _any_typed(path: Path) -> Iterator[str]:
+    """``line: parameter`` for each ``backbone``/``prototypes`` parameter annotated ``Any``."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs]:
+                if arg.arg in ("backbone", "prototypes") and arg.annotation is not None \
+                        and "Any" in ast.unparse(arg.annotation):
+                    yield f"{node.lineno}: {node.name}({arg.arg}: {ast.unparse(arg.annotation)})"
+
+
+def test_backbone_and_prototypes_parameters_have_real_types():
+    found = {name: hits for name, path in MODULES.items() if (hits := list(_any_typed(path)))}
+    assert found == {}

@@ -1,4 +1,4 @@
-"""What every LangChain adapter shares: per-call policies, reading LangChain inputs, shaping
+"""What every LangChain adapter shares: reading LangChain inputs, shaping
 outputs, and putting the decision record (:meth:`mlpm_guard.Decision.to_dict`) where events,
 metadata and traces carry it.
 
@@ -33,9 +33,8 @@ from langchain_core.prompt_values import ChatPromptValue, PromptValue, StringPro
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.utils import AddableDict
 from langchain_core.tracers.base import BaseTracer
-from pydantic import ValidationError
 
-from mlpm_guard import ConfigError, Guard, InputError, Policy, as_policy, telemetry
+from mlpm_guard import InputError, telemetry
 from mlpm_guard.messages import with_system_prompt
 
 #: Name of the custom event every adapter dispatches (visible in ``astream_events``).
@@ -48,23 +47,6 @@ CHECK_RUN_NAME = "mlpm_guard_check"
 DEFAULT_INPUT_KEYS = ("input", "question", "query", "messages")
 
 OutputKind = Literal["str", "message", "dict"]
-PolicyLike = Policy | Mapping[str, Any] | str | None
-
-# ---------------------------------------------------------------------------- policies
-def effective_policy(guard: Guard, policy: PolicyLike, unsafe_at: float | None,
-                     controversial_at: float | None) -> Policy:
-    """The policy of one call: the adapter's own (or the guard's), with run-time thresholds on top."""
-    base = guard.policy if policy is None else as_policy(policy)
-    updates = {k: v for k, v in (("unsafe_at", unsafe_at), ("controversial_at", controversial_at)) if v is not None}
-    if not updates:
-        return base
-    try:
-        return Policy.model_validate({**base.model_dump(), **updates})
-    except ValidationError as exc:
-        msg = f"invalid thresholds {updates} for the guard policy; each must be in (0, 1) and " \
-              f"`controversial_at` <= `unsafe_at`:\n{exc}"
-        raise ConfigError(msg) from None
-
 
 # ---------------------------------------------------------------------------- reading inputs
 def content_text(content: Any) -> str:

@@ -1,7 +1,7 @@
 """What :func:`~langchain_mlpm_guard.with_guard` decides for one input, and the outputs that carry
 the decision: no model call here but the guard's check and the output moderation's judge.
 
-:class:`Planning` holds the guarded runnable's fields and turns a verdict into a :class:`Plan`
+:class:`Planner` holds the settings of a guarded runnable and turns a verdict into a :class:`Plan`
 (the route taken and the input the wrapped chain gets), a refusal of the chain's own output type,
 or the chain's output with the decision attached; :class:`Watch` moderates one output stream.
 ``GuardedRunnable`` (``guarded.py``) runs the wrapped chain through LangChain's call paths.
@@ -38,7 +38,6 @@ from ._common import (
     with_flag,
     with_safety,
 )
-from ._settings import GuardSettings
 
 
 @dataclass(frozen=True)
@@ -64,8 +63,10 @@ class Plan:
         return external.answered(self.decision, verdict, policy, stage="output").to_dict()
 
 
-class Planning(GuardSettings):
-    """The fields of a guarded runnable, and its decisions (see :func:`~langchain_mlpm_guard.with_guard`)."""
+@dataclass(frozen=True)
+class Planner:
+    """The decisions of a guarded runnable (see :func:`~langchain_mlpm_guard.with_guard`), over
+    the settings that shape them; ``GuardedRunnable`` builds one from its fields for each call."""
 
     runnable: Runnable[Any, Any]
     input_key: str | None = None
@@ -75,34 +76,34 @@ class Planning(GuardSettings):
     output_moderation: bool | None = None
     moderator: Callable[..., Any] | None = None
 
-    def _kind(self, value: Any) -> OutputKind:
+    def kind(self, value: Any) -> OutputKind:
         if self.output_type != "auto":
             return self.output_type
         return type_kind(self.runnable.OutputType) or input_kind(value)
 
-    def _moderates(self, policy: Policy) -> bool:
+    def moderates(self, policy: Policy) -> bool:
         return policy.output_moderation.enabled if self.output_moderation is None else self.output_moderation
 
-    def _graph_key(self, value: Any) -> str | None:
+    def graph_key(self, value: Any) -> str | None:
         """The messages key of a graph's state input (``None``: not a state-dict call)."""
         if not isinstance(value, Mapping) or not _graph.is_graph(self.runnable):
             return None
         return dict_key(value, self.input_key)
 
-    def _conversation(self, value: Any, config: RunnableConfig | None) -> list[dict[str, str]]:
+    def conversation(self, value: Any, config: RunnableConfig | None) -> list[dict[str, str]]:
         """Everything the wrapped model will read of this input: for a graph on a checkpointed
         thread, the thread's messages too (the guard scores the conversation, not one turn)."""
-        key = self._graph_key(value)
+        key = self.graph_key(value)
         if key is None:
             return prompt_messages(value, self.input_key)
         messages = [*_graph.history(self.runnable, config, key), *_graph.new_messages(value, key)]
         return guard_messages(messages)
 
-    def _plan(self, value: Any, verdict: Verdict, policy: Policy, conversation: list[dict[str, str]]) -> Plan:
+    def plan(self, value: Any, verdict: Verdict, policy: Policy, conversation: list[dict[str, str]]) -> Plan:
         decision = external.decide(verdict, policy)
         route, applied, record = decision.route, decision.applied_route, decision.to_dict()
         inner, safety_id = None, None
-        key = self._graph_key(value)
+        key = self.graph_key(value)
         if applied is Route.PASS:
             inner = value
         elif applied is Route.SAFETY_PROMPT and key is not None:
@@ -115,27 +116,27 @@ class Planning(GuardSettings):
             inner = with_safety(value, policy.safety_prompt, prefix, self.input_key)
         return Plan(verdict, route, applied, inner, record, conversation, safety_id)
 
-    def _clean(self, out: Any, plan: Plan, config: RunnableConfig | None) -> Any:
+    def clean(self, out: Any, plan: Plan, config: RunnableConfig | None) -> Any:
         """A graph's output without the per-call safety prompt, which its thread does not keep either."""
         if plan.safety_id is None:
             return out
-        key = self._graph_key(plan.inner)
+        key = self.graph_key(plan.inner)
         _graph.forget(self.runnable, config, key, plan.safety_id)
         return _graph.without(out, key, plan.safety_id)
 
-    def _refusal(self, value: Any, policy: Policy, record: dict[str, Any], config: RunnableConfig | None = None,
+    def refusal(self, value: Any, policy: Policy, record: dict[str, Any], config: RunnableConfig | None = None,
                  *, chunk: bool = False) -> Any:
-        key = self._graph_key(value)
+        key = self.graph_key(value)
         if key is not None:  # a state of the graph's own shape, kept in its thread
             refusal = _graph.refusal_message(policy.refusal_message, record, FLAG_KEY)
             return _graph.refused_state(self.runnable, value, key, refusal, config)
-        return make_output(self._kind(value), policy.refusal_message, record, self.output_key, chunk=chunk)
+        return make_output(self.kind(value), policy.refusal_message, record, self.output_key, chunk=chunk)
 
-    def _refusal_stream(self, value: Any, policy: Policy, record: dict[str, Any], config: RunnableConfig,
+    def refusal_stream(self, value: Any, policy: Policy, record: dict[str, Any], config: RunnableConfig,
                         kwargs: dict[str, Any]) -> Iterator[Any]:
-        key = self._graph_key(value)
+        key = self.graph_key(value)
         if key is None:
-            yield self._refusal(value, policy, record, chunk=True)
+            yield self.refusal(value, policy, record, chunk=True)
             return
         refusal = _graph.refusal_message(policy.refusal_message, record, FLAG_KEY)
         state = _graph.refused_state(self.runnable, value, key, refusal, config)
@@ -143,42 +144,42 @@ class Planning(GuardSettings):
         yield from _graph.refused_stream(state, key, refusal, record, mode, bool(kwargs.get("subgraphs")))
 
     @staticmethod
-    def _inner_config(config: RunnableConfig, plan: Plan) -> RunnableConfig:
+    def inner_config(config: RunnableConfig, plan: Plan) -> RunnableConfig:
         # The decision rides in the wrapped chain's run metadata (inherited by its children).
         return merge_configs(config, {"metadata": run_metadata(plan.record)})
 
-    def _judge(self, guard: Guard, conversation: list[dict[str, str]], answer: str, policy: Policy) -> Verdict:
+    def judge(self, guard: Guard, conversation: list[dict[str, str]], answer: str, policy: Policy) -> Verdict:
         return guard.check_answer(conversation, answer, policy=policy, moderator=self.moderator)
 
-    def _finish(self, value: Any, out: Any, plan: Plan, policy: Policy,
+    def finish(self, value: Any, out: Any, plan: Plan, policy: Policy,
                 verdict: Verdict | None) -> tuple[Any, dict[str, Any] | None]:
         """The output to return after the chain ran, and the output-stage record (if moderation ran)."""
         if verdict is None:
             return (out if plan.applied is Route.PASS else with_flag(out, plan.record)), None
         record = plan.output_record(verdict, policy)
         if record["replaced"]:
-            return make_output(value_kind(out) or self._kind(value), policy.refusal_message, record,
+            return make_output(value_kind(out) or self.kind(value), policy.refusal_message, record,
                                self.output_key), record
         if verdict.unsafe or plan.applied is not Route.PASS:
             return with_flag(out, record), record
         return out, record  # PASS and a clean answer: exactly what the chain made
 
-    def _stream_end(self, value: Any, first: Any, plan: Plan, policy: Policy, watch: Watch | None,
+    def stream_end(self, value: Any, first: Any, plan: Plan, policy: Policy, watch: Watch | None,
                     record: dict[str, Any] | None) -> Iterator[Any]:
         """What follows the released chunks: the refusal in place of a flagged rest, or the checked
         rest; then a chunk carrying the decision when there is one to tell."""
         if record is not None and record["replaced"]:
-            yield make_output(value_kind(first) or self._kind(value), policy.refusal_message, record,
+            yield make_output(value_kind(first) or self.kind(value), policy.refusal_message, record,
                               self.output_key, chunk=True)
             return
         if watch is not None:
             yield from watch.release(everything=True)
-        end = self._end_chunk(first, plan, record)
+        end = self.end_chunk(first, plan, record)
         if end is not None:
             yield end
 
     @staticmethod
-    def _end_chunk(first: Any, plan: Plan, record: dict[str, Any] | None) -> Any | None:
+    def end_chunk(first: Any, plan: Plan, record: dict[str, Any] | None) -> Any | None:
         """A last chunk carrying the decision, when there is one to tell (never after a clean PASS)."""
         if record is None:
             return None if plan.applied is Route.PASS else flag_chunk(first, plan.record)
@@ -195,7 +196,7 @@ class Watch:
     place of the held chunks (under ``on_flag="replace"``).
     """
 
-    def __init__(self, owner: Planning, guard: Guard, conversation: list[dict[str, str]],
+    def __init__(self, owner: Planner, guard: Guard, conversation: list[dict[str, str]],
                  policy: Policy) -> None:
         self.owner, self.guard, self.conversation, self.policy = owner, guard, conversation, policy
         moderation = policy.output_moderation
@@ -208,7 +209,7 @@ class Watch:
         text = output_text(chunk, self.owner.output_key)
         tokens = len(self.guard.backbone.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
         if self.watch.add(chunk, text, tokens):
-            self.ready += self.watch.checked(self._judge())
+            self.ready += self.watch.checked(self.judge())
         return self.watch.stopped
 
     def release(self, *, everything: bool = False) -> list[Any]:
@@ -219,8 +220,8 @@ class Watch:
     def finish(self) -> Verdict:
         """The verdict on the whole streamed text (judged again only if text came since)."""
         if self.watch.due_at_end:
-            self.watch.checked(self._judge())
+            self.watch.checked(self.judge())
         return self.watch.verdict
 
-    def _judge(self) -> Verdict:
-        return self.owner._judge(self.guard, self.conversation, self.watch.text, self.policy)
+    def judge(self) -> Verdict:
+        return self.owner.judge(self.guard, self.conversation, self.watch.text, self.policy)

@@ -7,9 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mlpm_guard import Guard, Policy, as_policy, default_guard
-
-from ._common import effective_policy
+from mlpm_guard import Guard, Policy, as_policy
+from mlpm_guard.binding import call_policy, resolve_guard
 
 
 class GuardSettings(BaseModel):
@@ -40,8 +39,8 @@ class GuardSettings(BaseModel):
 
     def resolved_guard(self) -> Guard:
         """This adapter's guard, or the shared default one (loaded on first use)."""
-        return self.guard if self.guard is not None else default_guard()
+        return resolve_guard(self.guard)
 
     def call_policy(self, guard: Guard) -> Policy:
         """The policy of a call, built from the fields as they are for this run."""
-        return effective_policy(guard, self.policy, self.unsafe_at, self.controversial_at)
+        return call_policy(guard, self.policy, unsafe_at=self.unsafe_at, controversial_at=self.controversial_at)

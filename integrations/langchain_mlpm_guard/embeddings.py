@@ -9,7 +9,8 @@ from __future__ import annotations
 from langchain_core.embeddings import Embeddings
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlpm_guard import Backbone, content_embeddings, default_guard
+from mlpm_guard import Backbone, content_embeddings
+from mlpm_guard.binding import resolve_backbone
 
 
 class MLPMEmbeddings(BaseModel, Embeddings):
@@ -36,7 +37,7 @@ class MLPMEmbeddings(BaseModel, Embeddings):
     batch_size: int | None = Field(default=None, ge=1)
 
     def _backbone(self) -> Backbone:
-        return self.backbone if self.backbone is not None else default_guard().backbone
+        return resolve_backbone(self.backbone)
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         if not texts:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing, closing
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForChainRun, CallbackManagerForChainRun
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializable
@@ -25,16 +25,31 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableSerializa
 from mlpm_guard import Guard, Policy, Route, Verdict
 
 from ._common import aemit, aggregate, areport, emit, output_text, report
-from ._planning import Plan, Planning, Watch
+from ._planning import Plan, Planner, Watch
 from ._plumbing import LCELPlumbing
+from ._settings import GuardSettings
 
 
-class GuardedRunnable(Planning, LCELPlumbing, RunnableSerializable[Any, Any]):
+class GuardedRunnable(GuardSettings, LCELPlumbing, RunnableSerializable[Any, Any]):
     """A runnable checked by the guard before it runs (see :func:`with_guard`).
 
-    Its fields and decisions are :class:`~langchain_mlpm_guard._planning.Planning`'s; this class
-    runs the wrapped chain through LangChain's invoke, batch and stream paths.
+    Its decisions are a :class:`~langchain_mlpm_guard._planning.Planner`'s, built from its fields;
+    this class runs the wrapped chain through LangChain's invoke, batch and stream paths.
     """
+
+    runnable: Runnable[Any, Any]
+    input_key: str | None = None
+    output_key: str = "output"
+    output_type: Literal["auto", "str", "message", "dict"] = "auto"
+    safety_prefix: str | None = None
+    output_moderation: bool | None = None
+    moderator: Callable[..., Any] | None = None
+
+    @property
+    def planner(self) -> Planner:
+        """The decisions of a call, over the fields as they are for this run."""
+        return Planner(self.runnable, self.input_key, self.output_key, self.output_type, self.safety_prefix,
+                       self.output_moderation, self.moderator)
 
     @classmethod
     def is_lc_serializable(cls) -> bool:
@@ -61,8 +76,8 @@ class GuardedRunnable(Planning, LCELPlumbing, RunnableSerializable[Any, Any]):
     def _check(self, value: Any, guard: Guard, policy: Policy, config: RunnableConfig,
                run_manager: Any) -> Plan:
         start = time.time_ns()
-        conversation = self._conversation(value, config)
-        plan = self._plan(value, guard.check(conversation, policy=policy), policy, conversation)
+        conversation = self.planner.conversation(value, config)
+        plan = self.planner.plan(value, guard.check(conversation, policy=policy), policy, conversation)
         emit(plan.record, config)
         report(run_manager, {"messages": conversation}, plan.record, start_ns=start, model=guard.backbone.name)
         return plan
@@ -70,8 +85,8 @@ class GuardedRunnable(Planning, LCELPlumbing, RunnableSerializable[Any, Any]):
     async def _acheck(self, value: Any, guard: Guard, policy: Policy, config: RunnableConfig,
                       run_manager: Any) -> Plan:
         start = time.time_ns()
-        conversation = await asyncio.to_thread(self._conversation, value, config)
-        plan = self._plan(value, await guard.acheck(conversation, policy=policy), policy, conversation)
+        conversation = await asyncio.to_thread(self.planner.conversation, value, config)
+        plan = self.planner.plan(value, await guard.acheck(conversation, policy=policy), policy, conversation)
         await aemit(plan.record, config)
         await areport(run_manager, {"messages": conversation}, plan.record, start_ns=start,
                       model=guard.backbone.name)
@@ -87,12 +102,12 @@ class GuardedRunnable(Planning, LCELPlumbing, RunnableSerializable[Any, Any]):
         policy = self.call_policy(guard)
         plan = self._check(input, guard, policy, config, run_manager)
         if plan.applied is Route.REFUSE:
-            return self._refusal(input, policy, plan.record, config)
-        out = self._clean(self.runnable.invoke(plan.inner, self._inner_config(config, plan), **kwargs), plan, config)
+            return self.planner.refusal(input, policy, plan.record, config)
+        out = self.planner.clean(self.runnable.invoke(plan.inner, self.planner.inner_config(config, plan), **kwargs), plan, config)
         verdict = None
-        if self._moderates(policy):
-            verdict = self._judge(guard, plan.conversation, output_text(out, self.output_key), policy)
-        out, record = self._finish(input, out, plan, policy, verdict)
+        if self.planner.moderates(policy):
+            verdict = self.planner.judge(guard, plan.conversation, output_text(out, self.output_key), policy)
+        out, record = self.planner.finish(input, out, plan, policy, verdict)
         if record is not None:
             emit(record, config)
         return out
@@ -106,14 +121,14 @@ class GuardedRunnable(Planning, LCELPlumbing, RunnableSerializable[Any, Any]):
         policy = self.call_policy(guard)
         plan = await self._acheck(input, guard, policy, config, run_manager)
         if plan.applied is Route.REFUSE:
-            return await asyncio.to_thread(self._refusal, input, policy, plan.record, config)
-        out = await self.runnable.ainvoke(plan.inner, self._inner_config(config, plan), **kwargs)
-        out = await asyncio.to_thread(self._clean, out, plan, config)
+            return await asyncio.to_thread(self.planner.refusal, input, policy, plan.record, config)
+        out = await self.runnable.ainvoke(plan.inner, self.planner.inner_config(config, plan), **kwargs)
+        out = await asyncio.to_thread(self.planner.clean, out, plan, config)
         verdict = None
-        if self._moderates(policy):
-            verdict = await asyncio.to_thread(self._judge, guard, plan.conversation,
+        if self.planner.moderates(policy):
+            verdict = await asyncio.to_thread(self.planner.judge, guard, plan.conversation,
                                               output_text(out, self.output_key), policy)
-        out, record = self._finish(input, out, plan, policy, verdict)
+        out, record = self.planner.finish(input, out, plan, policy, verdict)
         if record is not None:
             await aemit(record, config)
         return out
@@ -124,7 +139,7 @@ class GuardedRunnable(Planning, LCELPlumbing, RunnableSerializable[Any, Any]):
         queries = {}
         for i, value in enumerate(inputs):
             try:
-                queries[i] = self._conversation(value, config[i])
+                queries[i] = self.planner.conversation(value, config[i])
             except Exception as exc:  # noqa: BLE001 - that input fails alone
                 out[i] = exc
         return queries
@@ -133,10 +148,10 @@ class GuardedRunnable(Planning, LCELPlumbing, RunnableSerializable[Any, Any]):
                config: list[RunnableConfig], run_manager: list[Any], out: list[Any]) -> dict[int, Plan]:
         plans = {}
         for i, verdict in zip(queries, verdicts):
-            plans[i] = self._plan(inputs[i], verdict, policy, queries[i])
+            plans[i] = self.planner.plan(inputs[i], verdict, policy, queries[i])
             report(run_manager[i], {"messages": queries[i]}, plans[i].record)
             if plans[i].applied is Route.REFUSE:
-                out[i] = self._refusal(inputs[i], policy, plans[i].record, config[i])
+                out[i] = self.planner.refusal(inputs[i], policy, plans[i].record, config[i])
         return plans
 
     def _batch(self, inputs: list[Any], run_manager: list[CallbackManagerForChainRun],
@@ -153,17 +168,17 @@ class GuardedRunnable(Planning, LCELPlumbing, RunnableSerializable[Any, Any]):
         if not todo:
             return out
         answers = self.runnable.batch([plans[i].inner for i in todo],
-                                      [self._inner_config(config[i], plans[i]) for i in todo],
+                                      [self.planner.inner_config(config[i], plans[i]) for i in todo],
                                       return_exceptions=True, **kwargs)
         for i, answer in zip(todo, answers):
             if isinstance(answer, Exception):
                 out[i] = answer
                 continue
-            answer = self._clean(answer, plans[i], config[i])
+            answer = self.planner.clean(answer, plans[i], config[i])
             verdict = None
-            if self._moderates(policy):
-                verdict = self._judge(guard, queries[i], output_text(answer, self.output_key), policy)
-            out[i], record = self._finish(inputs[i], answer, plans[i], policy, verdict)
+            if self.planner.moderates(policy):
+                verdict = self.planner.judge(guard, queries[i], output_text(answer, self.output_key), policy)
+            out[i], record = self.planner.finish(inputs[i], answer, plans[i], policy, verdict)
             if record is not None:
                 emit(record, config[i])
         return out
@@ -182,18 +197,18 @@ class GuardedRunnable(Planning, LCELPlumbing, RunnableSerializable[Any, Any]):
         if not todo:
             return out
         answers = await self.runnable.abatch([plans[i].inner for i in todo],
-                                             [self._inner_config(config[i], plans[i]) for i in todo],
+                                             [self.planner.inner_config(config[i], plans[i]) for i in todo],
                                              return_exceptions=True, **kwargs)
         for i, answer in zip(todo, answers):
             if isinstance(answer, Exception):
                 out[i] = answer
                 continue
-            answer = await asyncio.to_thread(self._clean, answer, plans[i], config[i])
+            answer = await asyncio.to_thread(self.planner.clean, answer, plans[i], config[i])
             verdict = None
-            if self._moderates(policy):
-                verdict = await asyncio.to_thread(self._judge, guard, queries[i],
+            if self.planner.moderates(policy):
+                verdict = await asyncio.to_thread(self.planner.judge, guard, queries[i],
                                                   output_text(answer, self.output_key), policy)
-            out[i], record = self._finish(inputs[i], answer, plans[i], policy, verdict)
+            out[i], record = self.planner.finish(inputs[i], answer, plans[i], policy, verdict)
             if record is not None:
                 await aemit(record, config[i])
         return out
@@ -206,11 +221,11 @@ class GuardedRunnable(Planning, LCELPlumbing, RunnableSerializable[Any, Any]):
         value = aggregate(list(input), self.get_name())
         plan = self._check(value, guard, policy, config, run_manager)
         if plan.applied is Route.REFUSE:
-            yield from self._refusal_stream(value, policy, plan.record, config, kwargs)
+            yield from self.planner.refusal_stream(value, policy, plan.record, config, kwargs)
             return
-        watch = Watch(self, guard, plan.conversation, policy) if self._moderates(policy) else None
+        watch = Watch(self.planner, guard, plan.conversation, policy) if self.planner.moderates(policy) else None
         first = None
-        stream = self.runnable.stream(plan.inner, self._inner_config(config, plan), **kwargs)
+        stream = self.runnable.stream(plan.inner, self.planner.inner_config(config, plan), **kwargs)
         with closing(stream):  # stops the chain's LLM when the consumer or the moderation stops
             for chunk in stream:
                 first = chunk if first is None else first
@@ -220,11 +235,11 @@ class GuardedRunnable(Planning, LCELPlumbing, RunnableSerializable[Any, Any]):
                 if watch.add(chunk):
                     break
                 yield from watch.release()
-        self._clean(None, plan, config)
+        self.planner.clean(None, plan, config)
         record = plan.output_record(watch.finish(), policy) if watch is not None else None
         if record is not None:
             emit(record, config)
-        yield from self._stream_end(value, first, plan, policy, watch, record)
+        yield from self.planner.stream_end(value, first, plan, policy, watch, record)
 
     async def _atransform(self, input: AsyncIterator[Any], run_manager: AsyncCallbackManagerForChainRun,
                           config: RunnableConfig, **kwargs: Any) -> AsyncIterator[Any]:
@@ -233,12 +248,12 @@ class GuardedRunnable(Planning, LCELPlumbing, RunnableSerializable[Any, Any]):
         value = aggregate([x async for x in input], self.get_name())
         plan = await self._acheck(value, guard, policy, config, run_manager)
         if plan.applied is Route.REFUSE:
-            for chunk in await asyncio.to_thread(list, self._refusal_stream(value, policy, plan.record, config, kwargs)):
+            for chunk in await asyncio.to_thread(list, self.planner.refusal_stream(value, policy, plan.record, config, kwargs)):
                 yield chunk
             return
-        watch = Watch(self, guard, plan.conversation, policy) if self._moderates(policy) else None
+        watch = Watch(self.planner, guard, plan.conversation, policy) if self.planner.moderates(policy) else None
         first = None
-        stream = self.runnable.astream(plan.inner, self._inner_config(config, plan), **kwargs)
+        stream = self.runnable.astream(plan.inner, self.planner.inner_config(config, plan), **kwargs)
         async with aclosing(stream):
             async for chunk in stream:
                 first = chunk if first is None else first
@@ -249,12 +264,12 @@ class GuardedRunnable(Planning, LCELPlumbing, RunnableSerializable[Any, Any]):
                     break
                 for released in watch.release():
                     yield released
-        await asyncio.to_thread(self._clean, None, plan, config)
+        await asyncio.to_thread(self.planner.clean, None, plan, config)
         record = None
         if watch is not None:
             record = plan.output_record(await asyncio.to_thread(watch.finish), policy)
             await aemit(record, config)
-        for chunk in self._stream_end(value, first, plan, policy, watch, record):
+        for chunk in self.planner.stream_end(value, first, plan, policy, watch, record):
             yield chunk
 
 

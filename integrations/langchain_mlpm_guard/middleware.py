@@ -33,15 +33,14 @@ from langchain_core.runnables import RunnableLambda
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
-from mlpm_guard import Decision, Guard, Policy, Route, Verdict, default_guard, external, telemetry
+from mlpm_guard import Decision, Guard, Policy, Route, Verdict, external, telemetry
+from mlpm_guard.binding import PolicyLike, call_policy, resolve_guard
 from mlpm_guard.messages import system_text
 
 from ._common import (
     CHECK_RUN_NAME,
     FLAG_KEY,
-    PolicyLike,
     content_text,
-    effective_policy,
     guard_messages,
 )
 
@@ -94,8 +93,8 @@ class MLPMGuardMiddleware(AgentMiddleware[GuardState, Any]):
         return "MLPMGuardMiddleware"
 
     def _setup(self) -> tuple[Guard, Policy]:
-        guard = self.guard if self.guard is not None else default_guard()
-        return guard, effective_policy(guard, self.policy, self.unsafe_at, self.controversial_at)
+        guard = resolve_guard(self.guard)
+        return guard, call_policy(guard, self.policy, unsafe_at=self.unsafe_at, controversial_at=self.controversial_at)
 
     def _moderates(self, policy: Policy) -> bool:
         return policy.output_moderation.enabled if self.output_moderation is None else self.output_moderation

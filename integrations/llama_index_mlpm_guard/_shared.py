@@ -18,7 +18,8 @@ from typing import Any, Optional
 from llama_index.core.bridge.pydantic import PrivateAttr
 from llama_index.core.schema import BaseComponent
 
-from mlpm_guard import Decision, Guard, GuardResult, Policy, Route, Verdict, default_guard
+from mlpm_guard import Decision, Guard, GuardResult, Policy, Route, Verdict
+from mlpm_guard.binding import resolve_guard
 
 #: The key under which every piece puts its guard report (response metadata, additional_kwargs).
 METADATA_KEY = "mlpm_guard"
@@ -36,7 +37,7 @@ class GuardedComponent(BaseComponent):
     @property
     def guard(self) -> Guard:
         """The guard this component serves (the shared default is built here on first use)."""
-        return self._guard if self._guard is not None else default_guard()
+        return resolve_guard(self._guard)
 
 
 def check_guard(guard: Any, owner: str) -> Guard | None:

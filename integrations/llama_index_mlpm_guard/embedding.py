@@ -13,7 +13,8 @@ from typing import Any, List, Optional
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 
-from mlpm_guard import Backbone, Guard, content_embeddings, default_guard
+from mlpm_guard import Backbone, Guard, content_embeddings
+from mlpm_guard.binding import resolve_backbone
 
 
 class BackboneEmbedding(BaseEmbedding):
@@ -46,7 +47,7 @@ class BackboneEmbedding(BaseEmbedding):
 
     @property
     def backbone(self) -> Backbone:
-        return self._backbone if self._backbone is not None else default_guard().backbone
+        return resolve_backbone(self._backbone)
 
     def _embed(self, texts: List[str]) -> List[Embedding]:
         return content_embeddings(self.backbone, texts, max_tokens=self.max_length).tolist()

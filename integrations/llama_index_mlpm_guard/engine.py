@@ -37,7 +37,8 @@ from llama_index.core.memory import Memory
 from llama_index.core.prompts.mixin import PromptMixinType
 from llama_index.core.schema import QueryBundle
 
-from mlpm_guard import BackboneConfig, Guard, Policy, Route, Verdict, default_guard
+from mlpm_guard import BackboneConfig, Guard, Policy, Route, Verdict
+from mlpm_guard.binding import call_policy, resolve_guard
 
 from ._shared import METADATA_KEY, RouteDirective, check_guard, directing, handing, verdict_report
 from .events import GuardDecisionEvent, traced
@@ -51,7 +52,7 @@ _NEEDS_GUARDED_LLM = (Route.SAFETY_PROMPT, Route.STEER)
 
 
 def _decide(stage: str, guard: Guard, verdict: Verdict) -> tuple[Route, Policy]:
-    policy = guard.policy
+    policy = call_policy(guard)
     route = policy.route(verdict)
     dispatcher.event(traced(GuardDecisionEvent.from_verdict(stage, route, verdict, blocked=route is Route.REFUSE)))
     return route, policy
@@ -188,7 +189,7 @@ class GuardedQueryEngine(BaseQueryEngine):
 
     @property
     def guard(self) -> Guard:
-        return self._guard if self._guard is not None else default_guard()
+        return resolve_guard(self._guard)
 
     @property
     def query_engine(self) -> Optional[BaseQueryEngine]:
@@ -315,7 +316,7 @@ class GuardedChatEngine(BaseChatEngine):
 
     @property
     def guard(self) -> Guard:
-        return self._guard if self._guard is not None else default_guard()
+        return resolve_guard(self._guard)
 
     @property
     def chat_engine(self) -> BaseChatEngine:

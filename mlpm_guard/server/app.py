@@ -23,15 +23,14 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from pydantic import BaseModel, ValidationError
 
 from .._version import __version__
+from ..decision_log import DecisionLog, verdict_decision
 from ..errors import InputError
 from ..generation import GenerationConfig
-from ..guard import Guard
+from ..guard import Guard, prototypes_version
 from ..messages import to_messages
 from ..pipeline import failed_result
 from ..types import GuardResult, Route, Verdict
 from ..verdicts import failed_verdict
-from ..decision_log import DecisionLog, verdict_decision
-from ..guard import prototypes_version
 from . import schemas
 from .batching import BatchedLanes, Lanes, Messages
 from .metrics import Metrics

@@ -21,8 +21,8 @@ from typing import Any, Generic, Protocol, TypeVar
 from .. import scoring
 from ..generation import GenerationConfig
 from ..guard import Guard
-from ..types import GuardResult, Verdict
 from ..policy import under_policy
+from ..types import GuardResult, Verdict
 
 T = TypeVar("T")
 R = TypeVar("R")

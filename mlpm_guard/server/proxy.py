@@ -33,8 +33,8 @@ from ..moderation import PrototypeModerator, to_verdict
 from ..streaming import OutputWatch
 from ..types import Decision, Route, Verdict
 from . import schemas
-from .schemas import SSE_DONE, sse
 from .batching import Messages
+from .schemas import SSE_DONE, sse
 from .service import Service
 
 logger = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -32,6 +32,9 @@ from ..result_cache import ResultCache, digest
 from ..types import Route
 from .data import Example
 from .metrics import rate
+
+if TYPE_CHECKING:
+    from ..scorer import Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ _ANSWER_VERSION = "1"  # bump when what is stored per answer changes
 
 
 # ---------------------------------------------------------------------------- the core guard
-def _prototypes_digest(prototypes: Any) -> str:
+def _prototypes_digest(prototypes: Scorer) -> str:
     """What routing depends on in fitted prototypes, as a digest (public fitted attributes only)."""
     if hasattr(prototypes, "digest"):  # a scorer that digests itself (the neuron probe)
         return prototypes.digest()

@@ -11,13 +11,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .._io import cache_home
 from .._sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from ..backbone import Backbone
 
 CHUNK = 256  # prompts per forward-and-store round, so an interrupted run keeps what it did
 
@@ -33,7 +36,7 @@ class FeatureCache(SqliteStore):
     schema = "CREATE TABLE IF NOT EXISTS states (key TEXT PRIMARY KEY, depth INTEGER, dtype TEXT, data BLOB)"
 
     @classmethod
-    def for_backbone(cls, backbone: Any, root: str | Path | None = None) -> FeatureCache:
+    def for_backbone(cls, backbone: Backbone, root: str | Path | None = None) -> FeatureCache:
         dtype = str(backbone.dtype).replace("torch.", "")
         root = Path(root) if root is not None else cache_home() / "features"
         return cls(root / f"{backbone.fingerprint}-{dtype}.sqlite")
@@ -67,7 +70,7 @@ class FeatureCache(SqliteStore):
         return stored
 
 
-def extract(backbone: Any, prompts: Sequence[Any], layers: Sequence[int], *,
+def extract(backbone: Backbone, prompts: Sequence[Any], layers: Sequence[int], *,
             poolings: Sequence[str] = ("last",), cache: FeatureCache | bool | None = True,
             progress: bool = True, desc: str = "hidden states") -> np.ndarray:
     """States of ``layers`` at ``poolings`` for ``prompts``, served from the cache where possible.
