@@ -60,8 +60,8 @@ PAD_MULTIPLE = 8
 def padded_length(n: int) -> int:
     """The length a row of ``n`` tokens is left-padded to, whatever batch it runs in.
 
-    In bfloat16 the amount of left padding changes a row's states (by ~0.5%, up to 0.06 in
-    P(unsafe) for one prompt alone vs batched), while the other rows of its batch do not. So
+    In bfloat16 the amount of left padding changes a row's states (enough to move P(unsafe) of a
+    prompt scored alone and in a batch apart), while the other rows of its batch do not. So
     every row gets the same padding alone as in company: up to a multiple of PAD_MULTIPLE,
     with batches formed of rows that share it (:func:`plan_batches`).
     """
