@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Where each runtime package lives (the integrations' from their distributions' folders).
+#: Where each runtime package lives (the integrations' in their distributions' folders).
 PACKAGES = {"mlpm_guard": ROOT / "mlpm_guard",
-            "langchain_mlpm_guard": ROOT / "integrations" / "langchain_mlpm_guard",
-            "llama_index_mlpm_guard": ROOT / "integrations" / "llama_index_mlpm_guard"}
+            "langchain_mlpm_guard": ROOT / "integrations" / "langchain-mlpm-guard" / "langchain_mlpm_guard",
+            **{f"llama_index.{kind}.mlpm_guard": ROOT / "integrations" / f"llama-index-{kind}-mlpm-guard" / "llama_index"
+               / kind / "mlpm_guard" for kind in ("llms", "postprocessor", "embeddings")},
+            "llama_index_mlpm_guard": ROOT / "integrations" / "llama-index-llms-mlpm-guard" / "llama_index_mlpm_guard"}
 
 
 def runtime_modules() -> dict[str, Path]:
@@ -96,7 +98,8 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_walk_sees_every_package_and_finds_a_cycle_when_there_is_one():
     assert {"mlpm_guard.guard", "mlpm_guard.server.proxy", "langchain_mlpm_guard.middleware",
-            "llama_index_mlpm_guard.engine"} <= set(MODULES)
+            "llama_index.llms.mlpm_guard.engine", "llama_index.postprocessor.mlpm_guard.base",
+            "llama_index.embeddings.mlpm_guard.base", "llama_index_mlpm_guard"} <= set(MODULES)
     graph = import_graph(MODULES)
     assert "mlpm_guard.pipeline" in graph["mlpm_guard.guard"]
     assert cycles({**graph, "mlpm_guard.types": graph["mlpm_guard.types"] | {"mlpm_guard.guard"}})
@@ -117,7 +120,7 @@ def _private_names(name: str, path: Path) -> Iterator[str]:
                 if alias.name in MODULES:
                     bound_modules[alias.asname or alias.name] = alias.name
             continue
-        if module.split(".")[0] not in PACKAGES:
+        if not any(module == p or module.startswith(f"{p}.") for p in PACKAGES):
             continue
         for alias in node.names:
             full = f"{module}.{alias.name}"

@@ -38,7 +38,7 @@ except ImportError as _exc:  # pragma: no cover - depends on what is installed
 
     def __getattr__(name: str) -> Any:
         if name == "MLPMGuardMiddleware":
-            msg = f"MLPMGuardMiddleware needs `langchain>=1.0` and `langgraph` (pip install 'mlpm-guard[langchain]'): " \
+            msg = f"MLPMGuardMiddleware needs `langchain>=1.0` and `langgraph` (pip install langchain-mlpm-guard): " \
                   f"{_MIDDLEWARE_ERROR}"
             raise ImportError(msg)
         raise AttributeError(name)

@@ -17,7 +17,7 @@ from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
 
 from mlpm_guard import Verdict
 
-from ._shared import GuardedComponent
+from .common import GuardedComponent
 from .events import GuardNodesEvent
 
 dispatcher = get_dispatcher(__name__)

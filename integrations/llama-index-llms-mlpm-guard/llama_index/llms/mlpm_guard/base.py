@@ -34,16 +34,10 @@ from llama_index.core.llms.custom import CustomLLM
 
 from mlpm_guard import GenerationConfig, GuardChunk, GuardResult, Policy, Route
 
-from ._shared import (
-    METADATA_KEY,
-    GuardedComponent,
-    RouteDirective,
-    as_program,
-    claim_directive,
-    in_program,
-    result_report,
-)
-from .events import GuardDecisionEvent, traced
+from llama_index.postprocessor.mlpm_guard.common import METADATA_KEY, GuardedComponent
+from llama_index.postprocessor.mlpm_guard.events import GuardDecisionEvent, traced
+
+from ._routing import RouteDirective, as_program, claim_directive, in_program, result_report
 
 dispatcher = get_dispatcher(__name__)
 

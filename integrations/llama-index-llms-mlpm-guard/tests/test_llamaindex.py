@@ -4,12 +4,12 @@ engines (refusal before retrieval, routes reaching the LLM per request), async p
 import asyncio
 import logging
 
-import numpy as np
 import pytest
 
 pytest.importorskip("llama_index.core")
 
-import llama_index_mlpm_guard as li  # noqa: E402
+from llama_index.llms.mlpm_guard import GuardedChatEngine, GuardedQueryEngine, MLPMGuardLLM, evaluation_system  # noqa: E402
+from llama_index.postprocessor.mlpm_guard import GuardDecisionEvent, MLPMGuardNodePostprocessor  # noqa: E402
 from llama_index.core.base.response.schema import Response, StreamingResponse  # noqa: E402
 from llama_index.core.chat_engine import ContextChatEngine  # noqa: E402
 from llama_index.core.chat_engine.types import AgentChatResponse  # noqa: E402
@@ -19,8 +19,8 @@ from llama_index.core.llms import ChatMessage  # noqa: E402
 from llama_index.core.llms.mock import MockLLM  # noqa: E402
 from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402
 from llama_index.core.retrievers import BaseRetriever  # noqa: E402
-from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode  # noqa: E402
-from llama_index_mlpm_guard import _shared  # noqa: E402
+from llama_index.core.schema import NodeWithScore, TextNode  # noqa: E402
+from llama_index.llms.mlpm_guard import _routing  # noqa: E402
 
 from mlpm_guard import GenerationConfig, Guard, Route, defaults  # noqa: E402
 
@@ -44,7 +44,7 @@ def careful(backbone, small_prototypes):
 
 @pytest.fixture(scope="module")
 def llm(guard):
-    return li.MLPMGuardLLM(guard)
+    return MLPMGuardLLM(guard)
 
 
 class SpyRetriever(BaseRetriever):
@@ -84,15 +84,15 @@ def test_default_objects_build_one_shared_guard_lazily(guard, monkeypatch):
     built = []
     monkeypatch.setattr(defaults, "_guard", None)
     monkeypatch.setattr(defaults, "_build", lambda: built.append(1) or guard)
-    pieces = [li.MLPMGuardLLM(), li.MLPMGuardNodePostprocessor(), li.GuardedQueryEngine(), li.GuardedChatEngine()]
+    pieces = [MLPMGuardLLM(), MLPMGuardNodePostprocessor(), GuardedQueryEngine(), GuardedChatEngine()]
     assert built == []  # nothing loads until a piece is used
     assert all(p.guard is guard for p in pieces) and built == [1]
     with pytest.raises(TypeError, match="`guard`"):
-        li.MLPMGuardLLM(guard="embedded")
+        MLPMGuardLLM(guard="embedded")
     with pytest.raises(TypeError, match="by keyword"):
-        li.GuardedQueryEngine(guard)
+        GuardedQueryEngine(guard)
     with pytest.raises(ValueError, match="generate_kwargs"):
-        li.MLPMGuardLLM(guard, generate_kwargs={"max_tokens": 5})
+        MLPMGuardLLM(guard, generate_kwargs={"max_tokens": 5})
 
 
 def test_llm_answers_refuses_and_reports(llm, guard):
@@ -144,26 +144,9 @@ def test_async_paths_run_off_the_loop(llm, guard):
     assert ticks > 5  # the loop kept running while the model worked
 
 
-def test_node_postprocessor_drops_or_flags(guard, recorder):
-    nodes = SpyRetriever([SAFE_DOC, UNSAFE_DOC]).nodes
-    kept = li.MLPMGuardNodePostprocessor(guard).postprocess_nodes(nodes)
-    assert [n.node.get_content() for n in kept] == [SAFE_DOC]
-    flagged = li.MLPMGuardNodePostprocessor(guard, mode="flag").postprocess_nodes(nodes)
-    assert [n.node.metadata["mlpm_guard_unsafe"] for n in flagged] == [False, True]
-    assert flagged[1].node.metadata["mlpm_guard_p_unsafe"] > flagged[0].node.metadata["mlpm_guard_p_unsafe"]
-    assert "mlpm_guard" not in flagged[1].node.get_content(metadata_mode=MetadataMode.LLM)
-    assert nodes[1].node.metadata == {}  # the retrieved node itself is left alone
-    lenient = li.MLPMGuardNodePostprocessor(guard, threshold=0.999999).postprocess_nodes(nodes)
-    assert len(lenient) == 2
-    kept_async = asyncio.run(li.MLPMGuardNodePostprocessor(guard).apostprocess_nodes(nodes))
-    assert [n.node.get_content() for n in kept_async] == [SAFE_DOC]
-    node_events = [e for e in recorder.events if isinstance(e, li.GuardNodesEvent)]
-    assert [(e.mode, e.n_unsafe, e.n_dropped) for e in node_events][:2] == [("drop", 1, 1), ("flag", 1, 0)]
-
-
 def test_query_is_refused_before_retrieval(llm, guard, recorder):
     retriever = SpyRetriever([SAFE_DOC])
-    engine = li.GuardedQueryEngine(RetrieverQueryEngine.from_args(retriever, llm=llm), guard)
+    engine = GuardedQueryEngine(RetrieverQueryEngine.from_args(retriever, llm=llm), guard)
     refused = engine.query(UNSAFE_Q)
     assert isinstance(refused, Response) and str(refused) == guard.policy.refusal_message
     assert refused.metadata["mlpm_guard"]["blocked"] and refused.source_nodes == []
@@ -172,19 +155,19 @@ def test_query_is_refused_before_retrieval(llm, guard, recorder):
     report = answered.metadata["mlpm_guard"]
     assert retriever.calls == 1 and str(answered) and report["route"] == "pass" and not report["blocked"]
     assert report["route_applied"] and report["llm"] and all(r["routed_by_engine"] for r in report["llm"])
-    decisions = [e for e in recorder.events if isinstance(e, li.GuardDecisionEvent)]
+    decisions = [e for e in recorder.events if isinstance(e, GuardDecisionEvent)]
     query_events = [e for e in decisions if e.stage == "query"]
     assert [e.route for e in query_events] == ["refuse", "pass"] and query_events[0].blocked
     assert query_events[0].span_id.startswith("GuardedQueryEngine._query")  # dispatched inside our span
     assert any(e.stage == "llm" and e.routed_by_engine for e in decisions)
-    streaming = li.GuardedQueryEngine(RetrieverQueryEngine.from_args(retriever, llm=llm, streaming=True), guard)
+    streaming = GuardedQueryEngine(RetrieverQueryEngine.from_args(retriever, llm=llm, streaming=True), guard)
     refused = streaming.query(UNSAFE_Q)  # a block keeps the engine's response type
     assert isinstance(refused, StreamingResponse) and "".join(refused.response_gen) == guard.policy.refusal_message
 
 
 def test_streamed_answers_take_the_engines_route(careful, llm):
     # The synthesizer calls the LLM only once the stream is read, after the engine returned.
-    engine = li.GuardedQueryEngine(RetrieverQueryEngine.from_args(SpyRetriever([SAFE_DOC]), llm=llm,
+    engine = GuardedQueryEngine(RetrieverQueryEngine.from_args(SpyRetriever([SAFE_DOC]), llm=llm,
                                                                   streaming=True), careful)
     response = engine.query(SAFE_Q)
     report = response.metadata["mlpm_guard"]
@@ -206,45 +189,32 @@ def test_each_request_gets_its_own_route(careful, guard, llm, caplog):
     plain = guard
 
     async def both():
-        return await asyncio.gather(li.GuardedQueryEngine(inner, careful).aquery(SAFE_Q),
-                                    li.GuardedQueryEngine(inner, plain).aquery(SAFE_Q))
+        return await asyncio.gather(GuardedQueryEngine(inner, careful).aquery(SAFE_Q),
+                                    GuardedQueryEngine(inner, plain).aquery(SAFE_Q))
 
     a, b = asyncio.run(both())  # one LLM, one inner engine, two routes at once
     assert a.metadata["mlpm_guard"]["route"] == "safety_prompt" and b.metadata["mlpm_guard"]["route"] == "pass"
     assert {r["route"] for r in a.metadata["mlpm_guard"]["llm"]} == {"safety_prompt"}
     assert {r["route"] for r in b.metadata["mlpm_guard"]["llm"]} == {"pass"}
     assert llm.complete(SAFE_Q).additional_kwargs["mlpm_guard"]["routed_by_engine"] is False
-    foreign = li.GuardedQueryEngine(RetrieverQueryEngine.from_args(SpyRetriever([SAFE_DOC]), llm=MockLLM()), careful)
+    foreign = GuardedQueryEngine(RetrieverQueryEngine.from_args(SpyRetriever([SAFE_DOC]), llm=MockLLM()), careful)
     with caplog.at_level(logging.WARNING):
         response = foreign.query(SAFE_Q)
     assert response.metadata["mlpm_guard"]["route_applied"] is False and "was not applied" in caplog.text
 
 
 def test_engine_report_is_blocked_when_the_llm_answer_was_replaced(guard):
-    from llama_index_mlpm_guard.engine import _report
+    from llama_index.llms.mlpm_guard.engine import _report
 
     verdict = guard.check(SAFE_Q)
-    with _shared.directing(Route.PASS, verdict, guard.policy) as directive:
+    with _routing.directing(Route.PASS, verdict, guard.policy) as directive:
         assert _report("query", Route.PASS, verdict, directive)["blocked"] is False
         directive.reports.append({"blocked": True})  # an answer output moderation replaced
         assert _report("query", Route.PASS, verdict, directive)["blocked"] is True
 
 
-def test_backbone_embedding_is_normalised_batch_independent_and_ranks(guard):
-    embed = li.BackboneEmbedding(guard)
-    docs = [SAFE_DOC, "Photosynthesis turns sunlight, water and carbon dioxide into glucose.",
-            "Members may borrow up to five books for three weeks."]
-    D = np.array(embed.get_text_embedding_batch(docs))
-    assert np.allclose(np.linalg.norm(D, axis=1), 1.0, atol=1e-5)
-    alone = np.array(embed.get_text_embedding(docs[1]))
-    assert D[1] @ alone > 0.999  # padding does not leak in (beyond bfloat16 rounding)
-    queries = ["How do plants make sugar?", "How many books can I borrow?"]
-    Q = np.array([embed.get_query_embedding(q) for q in queries])
-    assert (Q @ D.T).argmax(axis=1).tolist() == [1, 2]
-
-
 def test_guarded_query_engine_without_an_engine_answers_with_the_guarded_llm(guard):
-    engine = li.GuardedQueryEngine(guard=guard)
+    engine = GuardedQueryEngine(guard=guard)
     answered = engine.query(SAFE_Q)
     assert str(answered) and answered.metadata["mlpm_guard"]["route"] == "pass"
     refused = asyncio.run(engine.aquery(UNSAFE_Q))
@@ -252,7 +222,7 @@ def test_guarded_query_engine_without_an_engine_answers_with_the_guarded_llm(gua
 
 
 def test_guarded_chat_engine(guard):
-    engine = li.GuardedChatEngine(guard=guard)
+    engine = GuardedChatEngine(guard=guard)
     first = engine.chat(SAFE_Q)
     assert isinstance(first, AgentChatResponse) and first.response and first.metadata["mlpm_guard"]["route"] == "pass"
     assert len(engine.chat_history) == 2
@@ -268,7 +238,7 @@ def test_guarded_chat_engine(guard):
 def test_retrieval_chat_engine_streams_a_routed_turn_whole(careful, llm):
     # A context engine reads the LLM stream on a background thread that cannot see the route.
     retriever = SpyRetriever([SAFE_DOC])
-    engine = li.GuardedChatEngine(ContextChatEngine.from_defaults(retriever, llm=llm), careful)
+    engine = GuardedChatEngine(ContextChatEngine.from_defaults(retriever, llm=llm), careful)
     response = engine.stream_chat("When is the office open?")
     pieces = [d for d in response.response_gen if d]
     report = response.metadata["mlpm_guard"]
@@ -288,19 +258,10 @@ PASSAGES = ["The city library is open from 9 am to 6 pm on weekdays and from 10 
 MARGIN = 0.1
 
 
-def test_retrieved_passages_are_judged_as_content(guard, monkeypatch):
-    calls = []
-    real = guard.check_content_batch
-    monkeypatch.setattr(guard, "check_content_batch", lambda texts, **k: calls.append(list(texts)) or real(texts, **k))
-    nodes = [NodeWithScore(node=TextNode(text=t), score=1.0) for t in PASSAGES]
-    kept = li.MLPMGuardNodePostprocessor(guard).postprocess_nodes(nodes, query_str="When is the library open?")
-    assert calls == [PASSAGES] and len(kept) == len(PASSAGES)  # ordinary documents are not dropped
-
-
 def test_benign_question_over_ordinary_documents_is_answered_with_nodes_dropped_mode(guard, llm):
     retriever = SpyRetriever(PASSAGES)
-    engine = li.GuardedQueryEngine(RetrieverQueryEngine.from_args(
-        retriever, llm=llm, node_postprocessors=[li.MLPMGuardNodePostprocessor(guard)]), guard)
+    engine = GuardedQueryEngine(RetrieverQueryEngine.from_args(
+        retriever, llm=llm, node_postprocessors=[MLPMGuardNodePostprocessor(guard)]), guard)
     response = engine.query("When is the library open on Saturday?")
     assert str(response) != "Empty Response" and len(response.source_nodes) == len(PASSAGES)
 
@@ -312,7 +273,7 @@ def test_program_prompts_are_not_judged_as_user_input(backbone, small_prototypes
     guard = Guard(backbone, small_prototypes, generation=GenerationConfig(max_new_tokens=4),
                   handlers={Route.REFUSE: lambda m, **k: seen.append("refuse") or "no",
                             Route.PASS: lambda m, **k: seen.append("pass") or "ok"})
-    llm = li.MLPMGuardLLM(guard)
+    llm = MLPMGuardLLM(guard)
     # A prompt the fixture judges unsafe when it is the user's request, used here as a program's template.
     template = PromptTemplate("Rewrite the question for a search engine: {question}")
     assert guard.check(template.format(question=UNSAFE_Q)).unsafe
@@ -335,10 +296,10 @@ LI_PADDINGS = {"1 exchange": _padded(1), "3 exchanges": _padded(3), "10 exchange
 @pytest.mark.parametrize("name", list(LI_PADDINGS))
 def test_benign_padding_does_not_dilute_a_harmful_request(guard, name):
     history, message = LI_PADDINGS[name]
-    response = li.GuardedChatEngine(guard=guard).chat(message, chat_history=list(history))
+    response = GuardedChatEngine(guard=guard).chat(message, chat_history=list(history))
     report = response.metadata["mlpm_guard"]
     assert report["blocked"] and report["p_unsafe"] >= report["verdict"]["threshold"] + MARGIN
-    answer = li.MLPMGuardLLM(guard).chat([*history, ChatMessage(role="user", content=message)])
+    answer = MLPMGuardLLM(guard).chat([*history, ChatMessage(role="user", content=message)])
     assert answer.additional_kwargs["mlpm_guard"]["blocked"]
 
 
@@ -347,17 +308,17 @@ def test_evaluation_system_reads_query_engine_responses(guard):
     from mlpm_guard.toolkit.endtoend import end_to_end
 
     data = {"mix": [Example(SAFE_Q, 0), Example(UNSAFE_Q, 1)]}
-    engine = li.GuardedQueryEngine(RetrieverQueryEngine.from_args(SpyRetriever([SAFE_DOC]), llm=li.MLPMGuardLLM(guard)),
+    engine = GuardedQueryEngine(RetrieverQueryEngine.from_args(SpyRetriever([SAFE_DOC]), llm=MLPMGuardLLM(guard)),
                                    guard)
-    out = end_to_end({"engine": li.evaluation_system(engine, name="engine")}, data, max_new_tokens=4, progress=False)
+    out = end_to_end({"engine": evaluation_system(engine, name="engine")}, data, max_new_tokens=4, progress=False)
     mix = out["systems"]["engine"]["datasets"]["mix"]
     assert mix["routes"] == {"pass": 1, "refuse": 1} and mix["refusal_rate_unsafe"] == 1.0
     assert mix["blocked_by_guard"] == 0.5 and "via .query()" in out["systems"]["engine"]["description"]
-    from llama_index_mlpm_guard.evaluation import read_answer
+    from llama_index.llms.mlpm_guard.evaluation import read_answer
 
     # A streamed response is read to its end.
     answer = read_answer(StreamingResponse(response_gen=iter(["Par", "is."]),
                                            metadata={"mlpm_guard": {"route": "pass", "blocked": False}}))
     assert (answer.text, answer.route, answer.blocked) == ("Paris.", "pass", False)
     with pytest.raises(TypeError, match="query engine"):
-        li.evaluation_system(MockLLM())
+        evaluation_system(MockLLM())

@@ -14,7 +14,7 @@ from llama_index.core.base.response.schema import StreamingResponse
 
 from mlpm_guard import Answer, ExternalSystem
 
-from ._shared import METADATA_KEY
+from llama_index.postprocessor.mlpm_guard.common import METADATA_KEY
 
 
 def evaluation_system(engine: BaseQueryEngine, *, name: str = "system") -> ExternalSystem:

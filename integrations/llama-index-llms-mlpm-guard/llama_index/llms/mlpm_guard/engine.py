@@ -40,10 +40,12 @@ from llama_index.core.schema import QueryBundle
 from mlpm_guard import BackboneConfig, Guard, Policy, Route, Verdict
 from mlpm_guard.binding import call_policy, resolve_guard
 
-from ._shared import METADATA_KEY, RouteDirective, check_guard, directing, handing, verdict_report
-from .events import GuardDecisionEvent, traced
-from .llm import MLPMGuardLLM, to_core_messages
-from .postprocessor import MLPMGuardNodePostprocessor
+from llama_index.postprocessor.mlpm_guard import MLPMGuardNodePostprocessor
+from llama_index.postprocessor.mlpm_guard.common import METADATA_KEY, check_guard, verdict_report
+from llama_index.postprocessor.mlpm_guard.events import GuardDecisionEvent, traced
+
+from ._routing import RouteDirective, directing, handing
+from .base import MLPMGuardLLM, to_core_messages
 
 logger = logging.getLogger(__name__)
 dispatcher = get_dispatcher(__name__)
