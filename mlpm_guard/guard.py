@@ -117,6 +117,12 @@ class Guard:
     def _policy(self, policy: PolicyInput) -> Policy:
         return self.policy if policy is None else as_policy(policy)
 
+    def use_prototypes(self, prototypes: Scorer) -> None:
+        """Judge with ``prototypes`` from now on (a hot reload); the steering directions, which
+        come from the prototypes, are computed again on their next use."""
+        self.prototypes = prototypes
+        self._steering = SteeringCache()
+
     def steering(self, policy: Policy | None = None) -> dict[int, torch.Tensor]:
         """The per-layer vectors the ``STEER`` route adds (computed once per steering config)."""
         return self._steering.get((policy or self.policy).steering, lambda config: steering_vectors(

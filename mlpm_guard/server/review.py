@@ -32,7 +32,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from ..decision_log import Correction, DecisionFilter, DecisionLog, LoggedDecision
 from ..errors import MlpmGuardError
 from ..prototype_store import PrototypeStore, TeachingCost, teaching_cost
-from ..steering import SteeringCache
 from ..types import Route
 from .service import Service
 
@@ -86,8 +85,7 @@ class PrototypeReloader:
                 return None
             start = time.perf_counter()
             prototypes = self.store.load(current, backbone=self.guard.backbone)
-            self.guard.prototypes = prototypes
-            self.guard._steering = SteeringCache()  # steering directions come from the prototypes
+            self.guard.use_prototypes(prototypes)
             self.last_reload_ms = (time.perf_counter() - start) * 1000.0
         logger.info("prototypes %s loaded in %.0f ms", current, self.last_reload_ms)
         return current
