@@ -153,13 +153,6 @@ def cap_per_source(examples: Sequence[Example], max_per_source: int | None, seed
     return out
 
 
-def seed_digest(name: str = "seed_prompts.jsonl") -> str:
-    """A short digest of a built-in seed file (names the seed-set fit in the cache, and the seed
-    set in a release fit's provenance)."""
-    ref = resources.files("mlpm_guard") / "resources" / name
-    return hashlib.sha256(ref.read_bytes()).hexdigest()[:12]
-
-
 def seed_examples() -> list[Example]:
     """The built-in seed set shipped with the package (see ``resources/seed_prompts.jsonl``)."""
     return _resource_examples("seed_prompts.jsonl", "seed")
@@ -199,3 +192,10 @@ def _resource_examples(name: str, source: str) -> list[Example]:
     ref = resources.files("mlpm_guard") / "resources" / name
     with resources.as_file(ref) as path:
         return [Example(e.prompt, e.label, e.category, source, e.split) for e in load_examples(path)]
+
+
+def seed_digest(name: str = "seed_prompts.jsonl") -> str:
+    """A short digest of a built-in seed file (names the seed-set fit in the cache, and the seed
+    set in a release fit's provenance)."""
+    ref = resources.files("mlpm_guard") / "resources" / name
+    return hashlib.sha256(ref.read_bytes()).hexdigest()[:12]
