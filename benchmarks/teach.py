@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import emit, probe  # noqa: E402
+from _common import emit  # noqa: E402
 
 from mlpm_guard import Backbone, Correction, Decision, DecisionLog, DecisionLogSettings, Guard, Route  # noqa: E402
 from mlpm_guard.prototype_store import (  # noqa: E402

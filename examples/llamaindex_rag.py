@@ -19,13 +19,9 @@ from llama_index.core import Settings, SimpleDirectoryReader, VectorStoreIndex
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 
-from llama_index_mlpm_guard import (
-    BackboneEmbedding,
-    GuardDecisionEvent,
-    GuardedQueryEngine,
-    GuardNodesEvent,
-    MLPMGuardLLM,
-)
+from llama_index.embeddings.mlpm_guard import BackboneEmbedding
+from llama_index.llms.mlpm_guard import GuardedQueryEngine, MLPMGuardLLM
+from llama_index.postprocessor.mlpm_guard import GuardDecisionEvent, GuardNodesEvent
 from mlpm_guard import GenerationConfig, Guard
 
 DOCUMENTS = {

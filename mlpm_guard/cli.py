@@ -17,12 +17,16 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .errors import BackboneLoadError, ConfigError, MlpmGuardError
 from .readings import POOLING_SETTINGS
-from .review_cli import add_commands, add_serve_options, serve_settings
+from .review_cli import add_commands, add_serve_options, load_backbone, serve_settings
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
+    from .prototypes import Prototypes
 
 EXAMPLES = """examples:
   mlpm-guard demo                                  judge, route and answer example prompts
@@ -60,16 +64,6 @@ def _parse_layers(text: str | None) -> list[int] | None:
     return layers
 
 
-def _backbone(spec: str | None, args: argparse.Namespace) -> Any:
-    from .backbone import Backbone
-
-    threads = getattr(args, "threads", None)
-    if threads is not None and threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {threads}")
-    return Backbone(spec or "embedded", device=args.device, dtype=args.dtype,
-                    **({"num_threads": threads} if threads else {}))
-
-
 def _load_prototypes(args: argparse.Namespace) -> Any:
     """Prototypes from ``--prototypes`` or the shipped default, on the backbone ``--backbone`` names.
 
@@ -88,7 +82,7 @@ def _load_prototypes(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--prototypes {args.prototypes}: no prototypes folder there (no {META_FILE}); write "
                           f"one with `mlpm-guard fit DATA... --out {args.prototypes}`, or leave --prototypes out "
                           "for the shipped default prototypes")
-    backbone = _backbone(args.backbone, args)
+    backbone = load_backbone(args.backbone, args)
     if args.prototypes:
         return load_scorer(args.prototypes, backbone)
     return default_prototypes(backbone, progress=not args.quiet)
@@ -160,7 +154,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     choice = _seed_set(args, "fit")
     examples = _training_examples(args.data, choice, args)
     seed_rows = _report_seed_rows(examples, choice, args)
-    backbone = _backbone(args.backbone, args)
+    backbone = load_backbone(args.backbone, args)
     params: dict[str, Any] = {"per_source": args.per_source, "random_state": args.seed}
     for key in ("C", "cv", "pooling", "source_invariance"):
         if getattr(args, key) is not None:
@@ -189,7 +183,7 @@ def cmd_fit_default(args: argparse.Namespace) -> int:
     from .shipped import shipped_prototypes_dir
     from .toolkit.training import fit_release
 
-    prototypes = fit_release(_backbone(args.backbone, args), args.data, progress=not args.quiet)
+    prototypes = fit_release(load_backbone(args.backbone, args), args.data, progress=not args.quiet)
     out = prototypes.save(args.out or shipped_prototypes_dir())
     print(json.dumps({"out": str(out), "n_samples": prototypes.n_samples_, "layers": prototypes.layer_ids_,
                       "readings": [r.key for r in prototypes.readings_],
@@ -199,8 +193,7 @@ def cmd_fit_default(args: argparse.Namespace) -> int:
 
 def cmd_fit_safety_prompt(args: argparse.Namespace) -> int:
     from .safety_prompt import SafetyPrompt, data_provenance
-    from .shipped import seed_file
-    from .toolkit.data import cap_per_source, load_examples, seed_examples
+    from .toolkit.data import cap_per_source, load_examples, seed_examples, seed_file
     from .toolkit.training import HELD_OUT_SPLITS, RELEASE_SOURCES, SEED_LICENCE
 
     # No sentence pieces: DRO moves whole requests, and the anchor's refusal direction is read
@@ -211,7 +204,7 @@ def cmd_fit_safety_prompt(args: argparse.Namespace) -> int:
     for kind, n in kinds.items():
         rows += cap_per_source(seed_examples([kind]), n, args.seed)
     examples = cap_per_source(rows, args.max_per_source, args.seed)
-    backbone = _backbone(args.backbone, args)
+    backbone = load_backbone(args.backbone, args)
     params = {k: getattr(args, k) for k in ("n_tokens", "epochs", "learning_rate", "batch_size", "init_text")
               if getattr(args, k)}
     prompt = SafetyPrompt(**params, random_state=args.seed)
@@ -254,7 +247,7 @@ def cmd_fit_siren(args: argparse.Namespace) -> int:
     choice = _seed_set(args, "fit-siren")
     examples = _training_examples(args.data, choice, args)
     seed_rows = _report_seed_rows(examples, choice, args)
-    backbone = _backbone(args.backbone, args)
+    backbone = load_backbone(args.backbone, args)
     params = {**RELEASE_PARAMS, "random_state": args.seed}
     params.update({k: getattr(args, k) for k in ("C", "mass", "max_readings") if getattr(args, k) is not None})
     layers = backbone.check_layers(_parse_layers(args.layers) or list(range(1, backbone.num_layers + 1)))
@@ -280,7 +273,7 @@ def _ray_options(args: argparse.Namespace) -> Any:
     return RayOptions(actors=args.ray_actors, address=args.ray_address, threads=args.ray_threads)
 
 
-def _ray_fit_states(backbone: Any, prompts: list[str], layers: list[int] | None, poolings: tuple[str, ...],
+def _ray_fit_states(backbone: Backbone, prompts: list[str], layers: list[int] | None, poolings: tuple[str, ...],
                     args: argparse.Namespace) -> Any:
     """``fit --engine ray``: the states the local fit would extract, computed on Ray actors.
 
@@ -361,7 +354,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ray_eval_cache(prototypes: Any, datasets: dict[str, Any], args: argparse.Namespace, stack: ExitStack) -> Any:
+def _ray_eval_cache(prototypes: Prototypes, datasets: dict[str, Any], args: argparse.Namespace,
+                    stack: ExitStack) -> Any:
     """``eval --engine ray``: the feature cache the evaluation reads, filled on Ray actors with the
     states of every evaluated prompt (a temporary one with ``--no-cache``). Jailbreak framings,
     the judge baseline and a ``--benign`` file outside the datasets still run locally."""

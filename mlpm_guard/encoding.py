@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InputError
-from .messages import render_plain
+from .messages import render_plain, with_system_prompt
 
 
 @dataclass(frozen=True)
@@ -26,11 +26,7 @@ class Encoded:
 
 def with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
     """``messages`` with ``system`` first, merged into the caller's own system turn if there is one."""
-    if system is None:
-        return messages
-    if messages[0]["role"] == "system":  # one system turn: many templates allow no second
-        return [{"role": "system", "content": f"{system}\n\n{messages[0]['content']}"}, *messages[1:]]
-    return [{"role": "system", "content": system}, *messages]
+    return messages if system is None else with_system_prompt(messages, system)
 
 
 def apply_template(tokenizer: Any, chat_template: str | None, messages: list[dict[str, str]],

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,8 +26,32 @@ from .encoding import Encoded
 from .errors import ConfigError
 from .readings import check_poolings
 
-if TYPE_CHECKING:
-    from .backbone import Backbone
+
+class Model(Protocol):
+    """What a forward pass reads of a loaded model (:class:`~mlpm_guard.Backbone` is one): the
+    model and its decoder stack, where tensors go, the prefix-cache setting and cache, and how
+    rows are encoded, batched, collated and hooked."""
+
+    model: Any  # a transformers causal LM
+    base: Any  # its decoder stack, without the lm_head
+    device: torch.device
+    hidden_size: int
+    cache_kw: str
+    prefix: PrefixCache
+
+    @property
+    def config(self) -> Any: ...
+
+    def encode(self, prompts: Sequence[Any], *, system: str | None = None) -> list[Encoded]: ...
+
+    def collate(self, rows: Sequence[Encoded], width: int = 0) -> dict[str, torch.Tensor]: ...
+
+    def check_layers(self, layers: Sequence[int]) -> list[int]: ...
+
+    def batches(self, lengths: Sequence[int], batch_size: int | None = None) -> list[list[int]]: ...
+
+    def request(self, **state: Any) -> Any: ...
+
 
 #: Rows are left-padded to a multiple of this many tokens, alone or in a batch (see `padded_length`).
 PAD_MULTIPLE = 8
@@ -36,8 +60,8 @@ PAD_MULTIPLE = 8
 def padded_length(n: int) -> int:
     """The length a row of ``n`` tokens is left-padded to, whatever batch it runs in.
 
-    In bfloat16 the amount of left padding changes a row's states (by ~0.5%, up to 0.06 in
-    P(unsafe) for one prompt alone vs batched), while the other rows of its batch do not. So
+    In bfloat16 the amount of left padding changes a row's states (enough to move P(unsafe) of a
+    prompt scored alone and in a batch apart), while the other rows of its batch do not. So
     every row gets the same padding alone as in company: up to a multiple of PAD_MULTIPLE,
     with batches formed of rows that share it (:func:`plan_batches`).
     """
@@ -195,7 +219,7 @@ class PrefixCache:
         self._kv: Any = None
         self._lock = threading.Lock()
 
-    def ids(self, backbone: Backbone) -> tuple[int, ...]:
+    def ids(self, backbone: Model) -> tuple[int, ...]:
         """Found by encoding two different prompts; the last common token is left out in case it
         merges with the text."""
         if self._ids is None:
@@ -204,7 +228,7 @@ class PrefixCache:
         return self._ids
 
     @torch.inference_mode()
-    def kv(self, backbone: Backbone) -> Any:
+    def kv(self, backbone: Model) -> Any:
         """The KV cache of the opening (all layers); callers copy it before extending it."""
         from transformers import DynamicCache
 
@@ -217,7 +241,7 @@ class PrefixCache:
             return self._kv
 
 
-def model_inputs(backbone: Backbone, rows: Sequence[Encoded], *, reuse_prefix: bool = True) -> dict[str, Any]:
+def model_inputs(backbone: Model, rows: Sequence[Encoded], *, reuse_prefix: bool = True) -> dict[str, Any]:
     """Forward-pass inputs for rows, with a KV cache always present (under ``backbone.cache_kw``).
 
     When every row starts with the template's shared opening, that opening comes from the
@@ -241,7 +265,7 @@ def model_inputs(backbone: Backbone, rows: Sequence[Encoded], *, reuse_prefix: b
             backbone.cache_kw: cache}
 
 
-def pool_weights(backbone: Backbone, rows: Sequence[Encoded], inputs: dict[str, Any]) -> torch.Tensor:
+def pool_weights(backbone: Model, rows: Sequence[Encoded], inputs: dict[str, Any]) -> torch.Tensor:
     """Weights over the input positions of :func:`model_inputs` that average each row's tokens
     after the chat template's shared opening (all of them for a template without one).
 
@@ -266,7 +290,7 @@ def stack_states(captured: dict[int, torch.Tensor], pooled: dict[int, torch.Tens
 
 
 @torch.inference_mode()
-def layer_states(backbone: Backbone, rows: Sequence[Encoded], layers: Sequence[int], *,
+def layer_states(backbone: Model, rows: Sequence[Encoded], layers: Sequence[int], *,
                  poolings: Sequence[str] = ("last",), batch_size: int | None = None,
                  progress: bool = False) -> np.ndarray:
     """Hidden states of ``layers`` at ``poolings`` for encoded prompts, from one forward pass per

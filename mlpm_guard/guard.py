@@ -36,6 +36,7 @@ from .types import GuardChunk, GuardResult, Route, Verdict
 from .views import View
 
 if TYPE_CHECKING:
+    from .scorer import Scorer
     from .decision_log import DecisionLog
 
 __all__ = ["Guard", "RouteHandler", "as_policy", "load_scorer"]
@@ -115,6 +116,12 @@ class Guard:
 
     def _policy(self, policy: PolicyInput) -> Policy:
         return self.policy if policy is None else as_policy(policy)
+
+    def use_prototypes(self, prototypes: Scorer) -> None:
+        """Judge with ``prototypes`` from now on (a hot reload); the steering directions, which
+        come from the prototypes, are computed again on their next use."""
+        self.prototypes = prototypes
+        self._steering = SteeringCache()
 
     def steering(self, policy: Policy | None = None) -> dict[int, torch.Tensor]:
         """The per-layer vectors the ``STEER`` route adds (computed once per steering config)."""
@@ -274,7 +281,7 @@ class Guard:
         return f"Guard(backbone={self.backbone!r}, prototypes={self.prototypes!r})"
 
 
-def prototypes_version(prototypes: Any) -> str | None:
+def prototypes_version(prototypes: Scorer) -> str | None:
     """The version a prototype store gave these prototypes (:mod:`mlpm_guard.prototype_store`), if any."""
     return getattr(prototypes, "version_", None)
 

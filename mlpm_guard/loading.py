@@ -134,9 +134,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def _cpu_has_bf16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX).
 
-    There bf16 scores about 1.9x faster than fp32 (``benchmarks/speed.py``: bf16 vs prefix) and
-    decodes about 1.3x faster (``benchmarks/overhead.py`` against ``--dtype float32``) with the same
-    verdicts; without the instructions bf16 is emulated and slower, so fp32 stays.
+    There bf16 scores and decodes faster than fp32 with the same verdicts (``benchmarks/speed.py``
+    and ``benchmarks/overhead.py`` measure both); without the instructions bf16 is emulated and
+    slower, so fp32 stays.
     """
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, TypeVar, Union
 
 from .errors import InputError, InputTypeError
 
@@ -63,6 +63,42 @@ def to_messages(prompt: Any) -> list[dict[str, str]]:
             raise InputError(msg)
         out.append({"role": role, "content": clean_text(content)})
     return out
+
+
+def system_text(system: str, current: str | None) -> str:
+    """The text of the one system turn a conversation gets when ``system`` is added: ``system``
+    first, then the caller's own system text (many chat templates and APIs allow one system turn)."""
+    return f"{system}\n\n{current}" if current else system
+
+
+M = TypeVar("M")
+
+
+def _dict_system(message: Any) -> str | None:
+    if isinstance(message, Mapping) and message.get("role") in ("system", "developer") \
+            and isinstance(message.get("content"), str):
+        return message["content"]
+    return None
+
+
+def _dict_merged(text: str, message: Any) -> Any:
+    return {"role": "system", "content": text} if message is None else {**message, "content": text}
+
+
+def with_system_prompt(messages: Sequence[M], system: str, *,
+                       system_of: Callable[[M], str | None] = _dict_system,
+                       make: Callable[[str, M | None], M] = _dict_merged) -> list[M]:
+    """``messages`` with ``system`` first, merged into a leading system turn (:func:`system_text`).
+
+    The default works on ``{"role", "content"}`` dicts (a ``developer`` turn counts as a system
+    turn, other keys of a merged message are kept); an adapter passes its framework's own
+    ``system_of`` (the text of a system message that can take the merge, else ``None``) and
+    ``make`` (the system message with a text, built from the one it replaces or from ``None``).
+    """
+    current = system_of(messages[0]) if messages else None
+    if current is not None:
+        return [make(system_text(system, current), messages[0]), *messages[1:]]
+    return [make(system, None), *messages]
 
 
 def last_user_text(messages: Sequence[Message]) -> str:

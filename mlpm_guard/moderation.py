@@ -5,12 +5,15 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .prototypes import Prototypes
 from .scoring import Answer, judge
 from .types import Verdict
 from .verdicts import to_verdict
+
+if TYPE_CHECKING:
+    from .scorer import Scorer
 
 __all__ = ["Moderator", "PrototypeModerator", "to_verdict"]  # to_verdict: where callers found it first
 
@@ -70,7 +73,7 @@ class _Memo(collections.OrderedDict):
         super().__init__()
         self.size, self.owner, self.lock = size, None, threading.Lock()
 
-    def of(self, prototypes: Any) -> _Memo:
+    def of(self, prototypes: Scorer) -> _Memo:
         with self.lock:
             if self.owner is not prototypes:  # other prototypes read differently: start over
                 self.clear()

@@ -26,20 +26,24 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .backbone import Backbone
 from .encoding import Encoded
+from .external import replaces
 from .generation import GenerationConfig, Prefill, decode, prefill
 from .messages import PromptInput, to_messages
 from .moderation import PrototypeModerator
-from .policy import Policy
+from .policy import Policy, under_policy
 from .scoring import Kind, judge
 from .streaming import Detokenizer, OutputWatch, StopCut, cut_at_stop
 from .types import GuardChunk, GuardResult, Route, Timings, Verdict
-from .verdicts import failed_verdict, to_verdict, under_policy
+from .verdicts import failed_verdict, to_verdict
+
+if TYPE_CHECKING:
+    from .scorer import Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +77,7 @@ class Request:
 def assemble(request: Request, policy: Policy) -> GuardResult:
     """The one place a result is built: a flagged answer is replaced by the refusal when the policy says so."""
     flagged = request.output_verdict is not None and request.output_verdict.unsafe
-    replaced = flagged and policy.output_moderation.on_flag == "replace"
+    replaced = replaces(request.output_verdict, policy)
     timings = Timings(request.scoring_ms, request.generation_ms, request.moderation_ms,
                       len(request.row) if request.row is not None else 0, request.completion_tokens)
     return GuardResult(policy.refusal_message if replaced else request.text, request.route, request.verdict,
@@ -83,7 +87,7 @@ def assemble(request: Request, policy: Policy) -> GuardResult:
 class Stages:
     """The four stages over the parts of one guard (read per call, so a guard's parts can be swapped)."""
 
-    def __init__(self, backbone: Backbone, prototypes: Any, moderator: Callable[..., Any],
+    def __init__(self, backbone: Backbone, prototypes: Scorer, moderator: Callable[..., Any],
                  handlers: Mapping[Route, RouteHandler], steering: Callable[[Policy], Steer],
                  safety_prompt: Any = None) -> None:
         self.backbone, self.prototypes, self.moderator = backbone, prototypes, moderator
@@ -350,6 +354,14 @@ def fail(stages: Stages, request: Request, exc: BaseException, policy: Policy,
         except Exception as exc2:  # noqa: BLE001
             error = f"{error}; answering unguarded failed too: {type(exc2).__name__}: {exc2}"
     request.error = error
+    return assemble(request, policy)
+
+
+def failed_result(error: str, policy: Policy) -> GuardResult:
+    """The result of a request that failed outside the stages (a server's lane, a broken stream):
+    refused, with its error recorded (a policy that fails open answers through :func:`fail`)."""
+    request = Request(None)
+    request.text, request.error = policy.refusal_message, error
     return assemble(request, policy)
 
 

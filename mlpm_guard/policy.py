@@ -23,7 +23,7 @@ from .canonical import has_visible_text
 from .categories import hazard_code
 from .errors import ConfigError
 from .types import Route, Tier, Verdict
-from .verdicts import tier_of
+from .verdicts import retiered, tier_of
 
 
 DEFAULT_SAFETY_PROMPT = (
@@ -287,3 +287,11 @@ class Policy(BaseModel):
             else json.dumps(data, indent=2)
         atomic_write_text(path, text)
         return path
+
+
+def under_policy(verdict: Verdict, policy: Policy) -> Verdict:
+    """The verdict with the policy's tier (when the policy sets its own thresholds)."""
+    tier = policy.tier(verdict)
+    if tier is verdict.tier:
+        return verdict
+    return retiered(verdict, tier, policy.unsafe_at if policy.unsafe_at is not None else verdict.threshold)

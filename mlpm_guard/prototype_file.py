@@ -1,6 +1,7 @@
 """The on-disk form of fitted prototypes: a strict schema for ``prototypes.json`` and its digests,
-and the saving and loading of a :class:`~mlpm_guard.Prototypes` estimator (:func:`save_prototypes`,
-:func:`load_prototypes`; ``Prototypes.save``/``load`` call them).
+and the writing and reading of a plain record of an estimator (:class:`PrototypeRecord`,
+:func:`save_record`, :func:`load_record`; ``Prototypes.save``/``load`` turn the estimator into
+one and back).
 
 A prototypes folder decides verdicts, so nothing in it is taken on trust: every field is checked
 for type and range (no NaN, no threshold outside (0, 1), no unknown keys), the metadata and the
@@ -8,7 +9,7 @@ tensors are both covered by SHA-256 digests, and the tensors file is named by it
 that ``prototypes.json`` is the single commit point of a save (see :func:`write_folder`).
 The digests catch corruption and files from two different saves; a person who edits the folder
 and recomputes them is caught by the schema and by the self-check in ``Prototypes.load`` (the
-prototypes must still call their own unsafe mean unsafe, :func:`_self_check`), not by the digests.
+prototypes must still call their own unsafe mean unsafe), not by the digests.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import hashlib
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -29,11 +31,8 @@ from safetensors.numpy import load as load_bytes, save as save_bytes
 from ._io import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from ._version import __version__
 from .errors import ConfigError, PrototypeFileError
-from .prototype_set import CLASSES, PrototypeSet
+from .prototype_set import PrototypeSet
 from .readings import Reading, poolings_of
-
-if TYPE_CHECKING:
-    from .prototypes import Prototypes
 
 FORMAT = "mlpm-guard-prototypes"
 #: 2: digest-named tensors file, metadata digest, strict schema (1 had a fixed tensors file name).
@@ -274,20 +273,49 @@ def check_tensors(t: dict[str, np.ndarray], where: Path) -> None:
             raise PrototypeFileError(f"{where}: tensor {key!r} must hold log priors of at most 0")
 
 
-# ---------------------------------------------------------------------- the estimator <-> a folder
-def save_prototypes(prototypes: Prototypes, path: str | Path) -> Path:
-    """Write fitted prototypes into folder ``path``: ``prototypes.json`` and a digest-named tensors file.
+# ---------------------------------------------------------------------- a record <-> a folder
+@dataclass
+class PrototypeRecord:
+    """What a prototypes folder holds, as plain values: an estimator's parameters (``params``, as
+    ``get_params`` gives them) and its fitted attributes (named as on the estimator, without the
+    trailing ``_``), with the heads as records of their own.
+
+    :meth:`~mlpm_guard.Prototypes.save` and :meth:`~mlpm_guard.Prototypes.load` turn an
+    estimator into a record and back; this module only writes and reads records.
+    """
+
+    params: dict[str, Any]
+    readings: list[Reading]
+    layer_ids: list[int]
+    sets: list[PrototypeSet]
+    coef: np.ndarray
+    intercept: float
+    threshold: float
+    controversial_threshold: float
+    category_layer: int | None
+    category_labels: list[str]
+    category_means: np.ndarray | None
+    steering_layers: list[int]
+    steering_directions: np.ndarray
+    n_samples: int
+    training_summary: dict[str, int]
+    provenance: dict[str, Any] | None
+    backbone_identity: dict[str, Any] | None
+    heads: dict[str, PrototypeRecord] = field(default_factory=dict)
+
+
+def save_record(record: PrototypeRecord, path: str | Path) -> Path:
+    """Write a record into folder ``path``: ``prototypes.json`` and a digest-named tensors file.
 
     A save interrupted at any point (even ``kill -9``) leaves the previous save loadable; see
     :func:`write_folder`.
     """
-    prototypes._check_fitted()
     folder = Path(path)
-    tensors = _tensors(prototypes)
+    tensors = _tensors(record)
     try:
         check_tensors(tensors, folder)
-        heads = {kind: _save_head(head, folder / HEADS_DIR, kind) for kind, head in getattr(prototypes, "heads_", {}).items()}
-        write_folder(folder, {**_metadata(prototypes), "heads": heads}, save_bytes(tensors, metadata={"format": FORMAT}))
+        heads = {kind: _save_head(head, folder / HEADS_DIR, kind) for kind, head in record.heads.items()}
+        write_folder(folder, {**_metadata(record), "heads": heads}, save_bytes(tensors, metadata={"format": FORMAT}))
     except (ValidationError, PrototypeFileError) as exc:
         raise ConfigError(f"these prototypes hold values that cannot be saved (refit them):\n{exc}") from None
     # Heads of earlier saves go once the new metadata names the new ones (a killed save keeps the old).
@@ -302,13 +330,13 @@ def save_prototypes(prototypes: Prototypes, path: str | Path) -> Path:
 HEADS_DIR = "heads"
 
 
-def _save_head(head: Prototypes, root: Path, kind: str) -> dict[str, str]:
+def _save_head(head: PrototypeRecord, root: Path, kind: str) -> dict[str, str]:
     """Save a head into ``root/<kind>-<digest>`` (written aside first, then renamed into place)."""
-    if getattr(head, "heads_", {}):
+    if head.heads:
         raise PrototypeFileError("a head cannot have heads of its own")
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{kind}.", suffix=".tmp", dir=root))
-    save_prototypes(head, scratch)
+    save_record(head, scratch)
     digest = json.loads((scratch / META_FILE).read_text(encoding="utf-8"))["metadata_sha256"]
     final = root / f"{kind}-{digest[:16]}"
     if final.is_dir():
@@ -318,12 +346,12 @@ def _save_head(head: Prototypes, root: Path, kind: str) -> dict[str, str]:
     return {"folder": final.name, "metadata_sha256": digest}
 
 
-def _tensors(p: Prototypes) -> dict[str, np.ndarray]:
+def _tensors(r: PrototypeRecord) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {
-        "layer_ids": np.array(p.layer_ids_, dtype=np.int64),
-        "coef": np.asarray(p.coef_, dtype=np.float64),
+        "layer_ids": np.array(r.layer_ids, dtype=np.int64),
+        "coef": np.asarray(r.coef, dtype=np.float64),
     }
-    for i, s in enumerate(p.sets_):
+    for i, s in enumerate(r.sets):
         tensors[f"sets.{i}.labels"] = s.labels.astype(np.int64)
         tensors[f"sets.{i}.counts"] = s.counts.astype(np.int64)
         if s.log_priors.any():  # equal priors are the default: files without taught priors stay as they were
@@ -332,52 +360,49 @@ def _tensors(p: Prototypes) -> dict[str, np.ndarray]:
         # A covariance is symmetric: its upper triangle is all there is to keep (half the file).
         rows, cols = np.triu_indices(s.cov.shape[-1])
         tensors[f"sets.{i}.cov_triu"] = np.ascontiguousarray(s.cov[:, rows, cols], dtype=np.float32)
-    if p.category_means_ is not None:
-        tensors["category_means"] = p.category_means_.astype(np.float32)
-    tensors["steering_directions"] = p.steering_directions_.astype(np.float32)
+    if r.category_means is not None:
+        tensors["category_means"] = r.category_means.astype(np.float32)
+    tensors["steering_directions"] = r.steering_directions.astype(np.float32)
     # safetensors writes an array's buffer as it lies in memory: every tensor must be C-contiguous.
     return {k: np.ascontiguousarray(v) for k, v in tensors.items()}
 
 
-def _metadata(p: Prototypes) -> dict[str, Any]:
-    params = p.get_params()
+def _metadata(r: PrototypeRecord) -> dict[str, Any]:
+    params = dict(r.params)
     params["layers"] = [int(x) for x in params["layers"]] if params["layers"] is not None else None
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "mlpm_guard_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backbone": p.backbone_identity_,
-        "hidden_size": int(p.sets_[0].means.shape[-1]),
-        "layer_ids": [int(x) for x in p.layer_ids_],
-        "readings": [{"layer": int(r.layer), "pooling": r.pooling} for r in p.readings_],
+        "backbone": r.backbone_identity,
+        "hidden_size": int(r.sets[0].means.shape[-1]),
+        "layer_ids": [int(x) for x in r.layer_ids],
+        "readings": [{"layer": int(x.layer), "pooling": x.pooling} for x in r.readings],
         "params": params,
-        "intercept": float(p.intercept_),
-        "threshold": float(p.threshold_),
-        "controversial_threshold": float(p.controversial_threshold_),
-        "sets": [{"name": s.name, "n": int(s.n), "prototypes": list(s.names)} for s in p.sets_],
-        "category_layer": p.category_layer_,
-        "category_labels": list(p.category_labels_),
-        "steering_layers": [int(x) for x in p.steering_layers_],
-        "n_samples": int(p.n_samples_),
-        "training_summary": {str(k): int(v) for k, v in p.training_summary_.items()},
-        "provenance": getattr(p, "provenance_", None),
+        "intercept": float(r.intercept),
+        "threshold": float(r.threshold),
+        "controversial_threshold": float(r.controversial_threshold),
+        "sets": [{"name": s.name, "n": int(s.n), "prototypes": list(s.names)} for s in r.sets],
+        "category_layer": r.category_layer,
+        "category_labels": list(r.category_labels),
+        "steering_layers": [int(x) for x in r.steering_layers],
+        "n_samples": int(r.n_samples),
+        "training_summary": {str(k): int(v) for k, v in r.training_summary.items()},
+        "provenance": r.provenance,
     }
 
 
-def load_prototypes(path: str | Path, backbone: Any = None, *, cls: type[Prototypes] | None = None) -> Prototypes:
-    """Load prototypes saved by :func:`save_prototypes`; with ``backbone``, check it is the one they were fitted on.
+def load_record(path: str | Path) -> PrototypeRecord:
+    """Read a folder written by :func:`save_record`, its heads included.
 
-    Every field is checked (types, ranges, finite numbers, digests of both files), and the
-    loaded prototypes must still score their own unsafe mean unsafe and their safe mean safe.
+    Every field is checked (types, ranges, finite numbers, digests of both files, every tensor's
+    shape against the metadata); what the numbers mean is the estimator's to check
+    (``Prototypes.load`` refuses a layer combination that no longer calls its own unsafe mean unsafe).
 
     Raises:
         PrototypeFileError: missing, truncated, corrupted, edited or unknown files.
-        BackboneMismatchError: the backbone differs from the recorded one (or none is recorded).
     """
-    if cls is None:
-        from .prototypes import Prototypes as cls  # the estimator imports this module
-
     folder = Path(path)
     meta, blob = read_folder(folder)
     try:
@@ -385,66 +410,59 @@ def load_prototypes(path: str | Path, backbone: Any = None, *, cls: type[Prototy
     except (SafetensorError, OSError, ValueError) as exc:
         raise PrototypeFileError(f"{folder}: the tensors file is truncated or corrupted: {exc}") from None
     check_tensors(t, folder)
-    prototypes = cls(**meta.params.model_dump())
     try:
-        prototypes._check_params()
-    except ConfigError as exc:
-        raise PrototypeFileError(f"{folder}: invalid `params`: {exc}") from None
-    try:
-        _restore(prototypes, meta, t, folder)
+        record = _restore(meta, t, folder)
     except KeyError as exc:
         raise PrototypeFileError(f"{folder}: missing tensor {exc} (file truncated or from another tool)") from None
     except np.linalg.LinAlgError as exc:
         raise PrototypeFileError(f"{folder}: covariance is not usable ({exc})") from None
-    _self_check(prototypes, folder)
-    prototypes.heads_ = {kind: _load_head(folder, kind, record, meta, cls) for kind, record in meta.heads.items()}
-    return prototypes.bind(backbone) if backbone is not None else prototypes
+    record.heads = {kind: _load_head(folder, kind, head, meta) for kind, head in meta.heads.items()}
+    return record
 
 
-def _load_head(folder: Path, kind: str, record: HeadRecord, meta: PrototypeMeta, cls: type[Prototypes]) -> Prototypes:
+def _load_head(folder: Path, kind: str, record: HeadRecord, meta: PrototypeMeta) -> PrototypeRecord:
     """A head, checked like any prototypes folder, and against what its parent recorded."""
     where = folder / HEADS_DIR / record.folder
     if not (where / META_FILE).is_file():
         raise PrototypeFileError(f"{folder}: the {kind} head {HEADS_DIR}/{record.folder} named by {META_FILE} is missing")
-    head = load_prototypes(where, cls=cls)
+    head = load_record(where)
     head_meta, _ = read_folder(where)
     if head_meta.metadata_sha256 != record.metadata_sha256:
         raise PrototypeFileError(f"{where} is not the {kind} head {folder / META_FILE} was saved with")
-    if head_meta.heads or head.backbone_identity_ != (meta.backbone.model_dump() if meta.backbone else None):
+    if head_meta.heads or head.backbone_identity != (meta.backbone.model_dump() if meta.backbone else None):
         raise PrototypeFileError(f"{where}: a head must be plain prototypes fitted on its parent's backbone")
     return head
 
 
-def _restore(p: Prototypes, meta: PrototypeMeta, t: dict[str, np.ndarray], folder: Path) -> None:
-    """Set the fitted attributes from checked metadata and tensors, every shape checked against the metadata."""
-    p.readings_ = meta.reading_list()
-    k, d = len(p.readings_), meta.hidden_size
-    p.classes_ = CLASSES.copy()
-    p.layer_ids_ = [int(x) for x in t["layer_ids"]]
-    if p.layer_ids_ != meta.layer_ids:
+def _restore(meta: PrototypeMeta, t: dict[str, np.ndarray], folder: Path) -> PrototypeRecord:
+    """The record of checked metadata and tensors, every shape checked against the metadata."""
+    readings = meta.reading_list()
+    k, d = len(readings), meta.hidden_size
+    layer_ids = [int(x) for x in t["layer_ids"]]
+    if layer_ids != meta.layer_ids:
         raise PrototypeFileError(f"{folder}: the layer ids in {META_FILE} and the tensors file disagree")
-    p.sets_ = [_restore_set(i, info, t, k, d, folder) for i, info in enumerate(meta.sets)]
+    sets = [_restore_set(i, info, t, k, d, folder) for i, info in enumerate(meta.sets)]
     priors = sum(f"sets.{i}.log_priors" in t for i in range(len(meta.sets)))
     if len(t) != 3 + 4 * len(meta.sets) + priors + ("category_means" in t):
         raise PrototypeFileError(f"{folder}: the tensors file holds tensors {META_FILE} does not describe")
-    p.coef_ = t["coef"].astype(np.float64)
-    if p.coef_.shape != (len(p.sets_) * k,):
+    coef = t["coef"].astype(np.float64)
+    if coef.shape != (len(sets) * k,):
         raise PrototypeFileError(f"{folder}: the layer weights do not match {META_FILE}")
-    p.intercept_, p.threshold_, p.controversial_threshold_ = meta.intercept, meta.threshold, meta.controversial_threshold
-    p.category_layer_, p.category_labels_ = meta.category_layer, list(meta.category_labels)
-    p.category_means_ = t["category_means"].astype(np.float64) if "category_means" in t else None
-    n_categories = 0 if p.category_means_ is None else len(p.category_means_)
-    if n_categories != len(p.category_labels_) or (
-            p.category_means_ is not None and p.category_means_.shape != (n_categories, d)):
+    category_means = t["category_means"].astype(np.float64) if "category_means" in t else None
+    n_categories = 0 if category_means is None else len(category_means)
+    if n_categories != len(meta.category_labels) or (
+            category_means is not None and category_means.shape != (n_categories, d)):
         raise PrototypeFileError(f"{folder}: category means do not match the category labels")
-    p.steering_layers_ = list(meta.steering_layers)
-    p.steering_directions_ = t["steering_directions"].astype(np.float64)
-    if p.steering_directions_.shape != (len(p.steering_layers_), d):
+    steering_directions = t["steering_directions"].astype(np.float64)
+    if steering_directions.shape != (len(meta.steering_layers), d):
         raise PrototypeFileError(f"{folder}: steering directions do not match {META_FILE}")
-    p.n_samples_, p.training_summary_ = meta.n_samples, dict(meta.training_summary)
-    p.provenance_ = meta.provenance
-    p.backbone_identity_ = meta.backbone.model_dump() if meta.backbone is not None else None
-    p.heads_ = {}
+    return PrototypeRecord(
+        params=meta.params.model_dump(), readings=readings, layer_ids=layer_ids, sets=sets, coef=coef,
+        intercept=meta.intercept, threshold=meta.threshold, controversial_threshold=meta.controversial_threshold,
+        category_layer=meta.category_layer, category_labels=list(meta.category_labels), category_means=category_means,
+        steering_layers=list(meta.steering_layers), steering_directions=steering_directions,
+        n_samples=meta.n_samples, training_summary=dict(meta.training_summary), provenance=meta.provenance,
+        backbone_identity=meta.backbone.model_dump() if meta.backbone is not None else None)
 
 
 def _restore_set(i: int, info: SetRecord, t: dict[str, np.ndarray], k: int, d: int, folder: Path) -> PrototypeSet:
@@ -468,21 +486,3 @@ def _symmetric(triu: np.ndarray, d: int, folder: Path) -> np.ndarray:
     cov[:, rows, cols] = triu
     cov[:, cols, rows] = triu
     return cov
-
-
-def _self_check(p: Prototypes, where: Path) -> None:
-    """Refuse prototypes whose layer combination is upside down, or whose maths gives NaN.
-
-    A file that passes the schema can still be edited (and its digests recomputed) into
-    passing everything, e.g. with a huge negative intercept. Whatever the fit, a prompt that
-    every layer calls unsafe must come out unsafe, and no less unsafe than one that every
-    layer calls safe. (A degenerate fit that calls everything unsafe is allowed: it fails closed.)
-    """
-    if not all(np.isfinite(x).all() for s in p.sets_ for x in (s.W, s.b)):
-        raise PrototypeFileError(f"{where}: the covariance gives non-finite discriminants")
-    p_safe, p_unsafe = p._combine(np.array([np.zeros_like(p.coef_), np.ones_like(p.coef_)]))
-    if not (p_unsafe >= p.threshold_ and p_unsafe >= p_safe):
-        msg = (f"{where}: the layer combination gives {p_unsafe:.3g} when every layer says unsafe and "
-               f"{p_safe:.3g} when every layer says safe, against threshold {p.threshold_:.3g}; "
-               "the file was edited into nonsense. Fit the prototypes again.")
-        raise PrototypeFileError(msg)

@@ -29,7 +29,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -38,6 +38,9 @@ from .decision_log import Correction, teachable_prompt, text_sha256
 from .errors import ConfigError
 from .prototype_file import META_FILE
 from .prototypes import Prototypes
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
 
 __all__ = ["PrototypeStore", "TaughtCorrection", "TeachingCost", "VersionDiff", "VersionInfo", "calibration_probes",
            "harmful_probes", "teach_in_memory", "teaching_cost"]
@@ -167,7 +170,7 @@ class PrototypeStore:
             at = self.info(at).parent
         return out
 
-    def load(self, version: str | None = None, backbone: Any = None) -> Prototypes:
+    def load(self, version: str | None = None, backbone: Backbone | None = None) -> Prototypes:
         """The prototypes of ``version`` (default: the current one), with ``version_`` set to its name."""
         version = version or self.current
         prototypes = Prototypes.load(self.path(version), backbone=backbone)
@@ -189,7 +192,7 @@ class PrototypeStore:
                            threshold=(_threshold(self.path(old)), _threshold(self.path(new))))
 
     # ------------------------------------------------------------------ writing
-    def teach(self, corrections: Sequence[Correction], backbone: Any, *, base: str | None = None,
+    def teach(self, corrections: Sequence[Correction], backbone: Backbone, *, base: str | None = None,
               loaded: Prototypes | None = None) -> VersionInfo:
         """A new version: ``base`` (default: the current one) plus ``corrections``, made current.
 
@@ -275,7 +278,7 @@ def teach_in_memory(prototypes: Prototypes, corrections: Sequence[Correction]) -
     return taught
 
 
-def teaching_cost(prototypes: Prototypes, corrections: Sequence[Correction], backbone: Any,
+def teaching_cost(prototypes: Prototypes, corrections: Sequence[Correction], backbone: Backbone,
                   probes: Sequence[str]) -> TeachingCost:
     """Score ``probes`` (harmful prompts) and the corrected texts before and after teaching ``corrections``."""
     after = teach_in_memory(prototypes, corrections)

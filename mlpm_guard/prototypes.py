@@ -7,7 +7,7 @@ over the per-layer probabilities picks and weighs the layers. See ``_stats`` for
 The estimator follows scikit-learn: ``predict_proba`` gives one column per class of ``classes_``
 (0 safe, 1 unsafe), ``predict`` the class, ``score`` the mean accuracy; :meth:`Prototypes.verdicts`
 gives the guard's :class:`~mlpm_guard.Verdict` objects. Files are read and written by
-:mod:`.prototype_file`.
+:mod:`.prototype_file`, on a plain record of the estimator.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -26,20 +26,24 @@ from sklearn.model_selection import StratifiedKFold
 
 from . import _stats, prototype_file
 from .categories import category_label
-from .errors import BackboneMismatchError, ConfigError, NotFittedError
+from .errors import BackboneMismatchError, ConfigError, NotFittedError, PrototypeFileError
 from .labels import parse_label
-from .prototype_file import META_FILE  # noqa: F401 - where callers import it from
+from .prototype_file import PrototypeRecord
 from .prototype_set import CLASSES, PrototypeSet
 from .readings import Reading, columns, layout, poolings_of
 from .types import Verdict
 from .verdicts import failed_verdict, make_verdict, tier_of
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
 
 
 #: The kinds of text a head may judge (:meth:`Prototypes.set_head`).
 HEAD_KINDS = ("answer", "content")
 
 
-def as_states(X: Any, layers: Sequence[int], backbone: Any, poolings: Sequence[str] = ("last",)) -> np.ndarray:
+def as_states(X: Any, layers: Sequence[int], backbone: Backbone | None,
+              poolings: Sequence[str] = ("last",)) -> np.ndarray:
     """Hidden states (n_samples, len(poolings) * len(layers), d), pooling-major (:mod:`.readings`):
     given as such, or read from prompts on ``backbone``."""
     if isinstance(X, np.ndarray):
@@ -57,7 +61,7 @@ def as_states(X: Any, layers: Sequence[int], backbone: Any, poolings: Sequence[s
     return backbone.hidden_states(list(X), layers, poolings=poolings)
 
 
-def candidate_layers(layers: Sequence[int] | None, X: Any, backbone: Any, n_poolings: int = 1) -> list[int]:
+def candidate_layers(layers: Sequence[int] | None, X: Any, backbone: Backbone | None, n_poolings: int = 1) -> list[int]:
     """The layer ids a fit starts from: ``layers``, else every layer of the states or of the backbone."""
     if layers is not None:
         out = sorted({int(x) for x in layers})
@@ -267,7 +271,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         """The bound backbone (used when texts are passed instead of states), or ``None``."""
         return getattr(self, "_backbone", None)
 
-    def bind(self, backbone: Any) -> Prototypes:
+    def bind(self, backbone: Backbone) -> Prototypes:
         """Attach a backbone (to the heads too) after checking that it is the one these prototypes were fitted on."""
         check_backbone(self.backbone_identity_, backbone)
         self._backbone = backbone
@@ -293,7 +297,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         return H[:, columns(self.readings_, self.layer_ids_, self.poolings_)]
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X: Any, y: Sequence[Any], *, backbone: Any = None, sources: Sequence[str] | None = None,
+    def fit(self, X: Any, y: Sequence[Any], *, backbone: Backbone | None = None, sources: Sequence[str] | None = None,
             categories: Sequence[str | None] | None = None) -> Prototypes:
         """Fit prototypes and the layer combination.
 
@@ -509,13 +513,74 @@ class Prototypes(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
-        """Write the prototypes into folder ``path`` (see :func:`~mlpm_guard.prototype_file.save_prototypes`)."""
-        return prototype_file.save_prototypes(self, path)
+        """Write the prototypes into folder ``path``: ``prototypes.json`` and a digest-named tensors
+        file (see :func:`~mlpm_guard.prototype_file.save_record`)."""
+        self._check_fitted()
+        return prototype_file.save_record(self._record(), path)
 
     @classmethod
-    def load(cls, path: str | Path, backbone: Any = None) -> Prototypes:
-        """Load a prototypes folder (see :func:`~mlpm_guard.prototype_file.load_prototypes`)."""
-        return prototype_file.load_prototypes(path, backbone=backbone, cls=cls)
+    def load(cls, path: str | Path, backbone: Backbone | None = None) -> Prototypes:
+        """Load a prototypes folder; with ``backbone``, check it is the one they were fitted on.
+
+        Every field is checked (:func:`~mlpm_guard.prototype_file.load_record`), and the loaded
+        prototypes must still score their own unsafe mean unsafe and their safe mean safe.
+
+        Raises:
+            PrototypeFileError: missing, truncated, corrupted, edited or unknown files.
+            BackboneMismatchError: the backbone differs from the recorded one (or none is recorded).
+        """
+        folder = Path(path)
+        prototypes = cls._from_record(prototype_file.load_record(folder), folder)
+        return prototypes.bind(backbone) if backbone is not None else prototypes
+
+    def _record(self) -> PrototypeRecord:
+        return PrototypeRecord(
+            params=self.get_params(), readings=list(self.readings_), layer_ids=list(self.layer_ids_),
+            sets=list(self.sets_), coef=self.coef_, intercept=self.intercept_, threshold=self.threshold_,
+            controversial_threshold=self.controversial_threshold_, category_layer=self.category_layer_,
+            category_labels=list(self.category_labels_), category_means=self.category_means_,
+            steering_layers=list(self.steering_layers_), steering_directions=self.steering_directions_,
+            n_samples=self.n_samples_, training_summary=dict(self.training_summary_),
+            provenance=getattr(self, "provenance_", None), backbone_identity=self.backbone_identity_,
+            heads={kind: head._record() for kind, head in getattr(self, "heads_", {}).items()})
+
+    @classmethod
+    def _from_record(cls, record: PrototypeRecord, where: Path) -> Prototypes:
+        """The estimator a checked record describes, refused when its numbers are nonsense."""
+        p = cls(**record.params)
+        try:
+            p._check_params()
+        except ConfigError as exc:
+            raise PrototypeFileError(f"{where}: invalid `params`: {exc}") from None
+        p.readings_, p.classes_, p.layer_ids_, p.sets_ = record.readings, CLASSES.copy(), record.layer_ids, record.sets
+        p.coef_, p.intercept_ = record.coef, record.intercept
+        p.threshold_, p.controversial_threshold_ = record.threshold, record.controversial_threshold
+        p.category_layer_, p.category_labels_ = record.category_layer, record.category_labels
+        p.category_means_ = record.category_means
+        p.steering_layers_, p.steering_directions_ = record.steering_layers, record.steering_directions
+        p.n_samples_, p.training_summary_ = record.n_samples, record.training_summary
+        p.provenance_, p.backbone_identity_ = record.provenance, record.backbone_identity
+        p._self_check(where)
+        p.heads_ = {kind: cls._from_record(head, where / prototype_file.HEADS_DIR / kind)
+                    for kind, head in record.heads.items()}
+        return p
+
+    def _self_check(self, where: Path) -> None:
+        """Refuse prototypes whose layer combination is upside down, or whose maths gives NaN.
+
+        A file that passes the schema can still be edited (and its digests recomputed) into
+        passing everything, e.g. with a huge negative intercept. Whatever the fit, a prompt that
+        every layer calls unsafe must come out unsafe, and no less unsafe than one that every
+        layer calls safe. (A degenerate fit that calls everything unsafe is allowed: it fails closed.)
+        """
+        if not all(np.isfinite(x).all() for s in self.sets_ for x in (s.W, s.b)):
+            raise PrototypeFileError(f"{where}: the covariance gives non-finite discriminants")
+        p_safe, p_unsafe = self._combine(np.array([np.zeros_like(self.coef_), np.ones_like(self.coef_)]))
+        if not (p_unsafe >= self.threshold_ and p_unsafe >= p_safe):
+            msg = (f"{where}: the layer combination gives {p_unsafe:.3g} when every layer says unsafe and "
+                   f"{p_safe:.3g} when every layer says safe, against threshold {self.threshold_:.3g}; "
+                   "the file was edited into nonsense. Fit the prototypes again.")
+            raise PrototypeFileError(msg)
 
     def __repr__(self) -> str:
         if not hasattr(self, "sets_"):
@@ -558,14 +623,14 @@ def check_line(name: str, line: float | None, controversial: float, threshold: f
         raise ConfigError(msg)
 
 
-def _same_weights(recorded: Any, current: Any) -> bool:
+def same_weights(recorded: Any, current: Any) -> bool:
     """Whether two weights probes agree, up to bf16 rounding; a probe of another length never does
     (an edited file can record any list)."""
     a, b = np.asarray(recorded, dtype=float), np.asarray(current, dtype=float)
     return a.shape == b.shape and bool(np.allclose(a, b, rtol=2e-2, atol=2e-3))
 
 
-def check_backbone(recorded: dict[str, Any] | None, backbone: Any) -> None:
+def check_backbone(recorded: dict[str, Any] | None, backbone: Backbone) -> None:
     """Raise :class:`BackboneMismatchError` if ``backbone`` is not the recorded one."""
     if recorded is None:
         # Without a record nothing says these states mean anything on this backbone.
@@ -578,7 +643,7 @@ def check_backbone(recorded: dict[str, Any] | None, backbone: Any) -> None:
                 for key in ("num_layers", "hidden_size", "vocab_size", "chat_template_hash")
                 if recorded.get(key) != current[key]]
     probe_a, probe_b = recorded.get("weights_probe"), current["weights_probe"]
-    if not problems and probe_a is not None and not _same_weights(probe_a, probe_b):
+    if not problems and probe_a is not None and not same_weights(probe_a, probe_b):
         problems.append("weights differ (same shape, different model or fine-tune)")
     if problems:
         msg = (f"these prototypes were fitted on backbone {recorded.get('name')!r} (model {recorded.get('model')!r}) "

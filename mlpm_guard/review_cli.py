@@ -9,7 +9,6 @@ the database.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,18 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["add_commands", "add_serve_options", "serve_settings"]
+__all__ = ["add_commands", "add_serve_options", "load_backbone", "serve_settings"]
+
+
+def load_backbone(spec: str | None, args: argparse.Namespace) -> Any:
+    """The backbone a command names (``--backbone``, default embedded) on ``--device``/``--dtype``/``--threads``."""
+    from .backbone import Backbone
+
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    return Backbone(spec or "embedded", device=args.device, dtype=args.dtype,
+                    **({"num_threads": threads} if threads else {}))
 
 
 # ---------------------------------------------------------------------- serve
@@ -115,7 +125,6 @@ def cmd_prototypes_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_prototypes_teach(args: argparse.Namespace) -> int:
-    from .cli import _backbone
     from .decision_log import Correction, DecisionLog
     from .prototype_store import PrototypeStore, harmful_probes, teaching_cost
 
@@ -128,7 +137,7 @@ def cmd_prototypes_teach(args: argparse.Namespace) -> int:
     if not corrections:
         raise ConfigError("nothing to teach: give --safe/--unsafe texts, or --log DB with pending corrections "
                           "(marked on the review page)")
-    backbone = _backbone(args.backbone, args)
+    backbone = load_backbone(args.backbone, args)
     cost = teaching_cost(store.load(backbone=backbone), corrections, backbone, harmful_probes())
     print(f"{len(corrections)} correction(s) on {store.current}; held-back harmful probes flagged: "
           f"{cost.flagged_before}/{cost.n_probes} now, {cost.flagged_after}/{cost.n_probes} after")

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -64,6 +64,9 @@ from .messages import PromptInput
 from .policy import DEFAULT_SAFETY_PROMPT
 from .prototype_file import BackboneRecord, metadata_digest
 from .refusals import is_refusal
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +95,8 @@ _MARKS = ("A", "B")
 
 
 # ---------------------------------------------------------------------- layout and forward passes
-def soft_layout(backbone: Any, prompts: Sequence[PromptInput], n_tokens: int) -> tuple[list[Encoded], tuple[int, ...]]:
+def soft_layout(backbone: Backbone, prompts: Sequence[PromptInput],
+                n_tokens: int) -> tuple[list[Encoded], tuple[int, ...]]:
     """Each prompt encoded with a system turn of ``n_tokens`` placeholder tokens, and where they start.
 
     The system turn is found by encoding each prompt under two one-token system texts: the ids
@@ -116,7 +120,7 @@ def soft_layout(backbone: Any, prompts: Sequence[PromptInput], n_tokens: int) ->
     return rows, tuple(starts)
 
 
-def final_states(backbone: Any, rows: Sequence[Encoded], soft: SoftTokens | None = None, *,
+def final_states(backbone: Backbone, rows: Sequence[Encoded], soft: SoftTokens | None = None, *,
                  logits: bool = False, suffix: Sequence[int] = ()
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The final last-token state of each row (the normed output of the last layer, which the
@@ -149,7 +153,7 @@ def _batched(n: int, size: int) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def answers(backbone: Any, rows: Sequence[Encoded], *, max_new_tokens: int, batch_size: int = 16,
+def answers(backbone: Backbone, rows: Sequence[Encoded], *, max_new_tokens: int, batch_size: int = 16,
             soft: SoftTokens | None = None) -> list[str]:
     """Greedy answers of ``max_new_tokens`` tokens at most to encoded prompts (``soft``: soft tokens
     in every row, one start per row)."""
@@ -321,7 +325,7 @@ class SafetyPrompt(BaseEstimator):
                                  "requests and a backbone, or 'SafetyPrompt.load(path)'.")
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X: Sequence[PromptInput], y: Sequence[Any], *, backbone: Any,
+    def fit(self, X: Sequence[PromptInput], y: Sequence[Any], *, backbone: Backbone,
             sources: Sequence[str] | None = None, progress: bool = True) -> SafetyPrompt:
         """Learn the soft prompt on ``backbone`` from labelled requests.
 
@@ -362,7 +366,7 @@ class SafetyPrompt(BaseEstimator):
         self.provenance_ = getattr(self, "provenance_", None)
         return self
 
-    def _elicit(self, backbone: Any, prompts: Sequence[PromptInput], labels: np.ndarray,
+    def _elicit(self, backbone: Backbone, prompts: Sequence[PromptInput], labels: np.ndarray,
                 progress: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, RefusalAnchor,
                                          dict[str, dict[str, int]]]:
         """Answer every request under each elicitation prompt; return the unprompted final states,
@@ -404,11 +408,11 @@ class SafetyPrompt(BaseEstimator):
             logger.info("safety prompt: anchor %s", anchor.scores)
         return base.clone(), base_logp.clone(), base_opening, anchor, counts
 
-    def _refusal_ids(self, backbone: Any) -> list[int]:
+    def _refusal_ids(self, backbone: Backbone) -> list[int]:
         return backbone.tokenizer(self.refusal_text, add_special_tokens=False)["input_ids"] if self.refusal_weight else []
 
     @torch.inference_mode()
-    def _openings(self, backbone: Any, rows: Sequence[Encoded], soft: SoftTokens | None) -> torch.Tensor | None:
+    def _openings(self, backbone: Backbone, rows: Sequence[Encoded], soft: SoftTokens | None) -> torch.Tensor | None:
         """Each request's mean log-probability of an answer opening with the refusal text (None
         when that term is off)."""
         suffix = self._refusal_ids(backbone)
@@ -417,14 +421,14 @@ class SafetyPrompt(BaseEstimator):
         return torch.cat([final_states(backbone, [rows[i] for i in idx], suffix=suffix)[2]
                           for idx in _batched(len(rows), self.batch_size)])
 
-    def _initial_embeddings(self, backbone: Any) -> torch.Tensor:
+    def _initial_embeddings(self, backbone: Backbone) -> torch.Tensor:
         ids = backbone.tokenizer(self.init_text, add_special_tokens=False)["input_ids"]
         n = self.n_tokens or len(ids)
         ids = (ids * (n // len(ids) + 1))[:n]
         weight = backbone.model.get_input_embeddings().weight
         return weight[torch.tensor(ids, device=weight.device)].detach().float().clone()
 
-    def _optimise(self, backbone: Any, prompts: Sequence[PromptInput], labels: np.ndarray, base: torch.Tensor,
+    def _optimise(self, backbone: Backbone, prompts: Sequence[PromptInput], labels: np.ndarray, base: torch.Tensor,
                   base_logp: torch.Tensor, base_opening: torch.Tensor | None,
                   progress: bool) -> tuple[np.ndarray, list[dict[str, float]]]:
         """DRO's optimisation of the soft tokens; returns them and the mean losses of each epoch."""
@@ -485,7 +489,7 @@ class SafetyPrompt(BaseEstimator):
         return soft.detach().cpu().numpy().astype(np.float32), history
 
     # ------------------------------------------------------------------ use
-    def inputs(self, backbone: Any, prompts: Sequence[PromptInput]) -> tuple[list[Encoded], SoftTokens]:
+    def inputs(self, backbone: Backbone, prompts: Sequence[PromptInput]) -> tuple[list[Encoded], SoftTokens]:
         """What a prefill under this prompt takes: each prompt encoded with placeholders where the
         system text goes, and the soft tokens that fill them."""
         self._check_fitted()
@@ -504,7 +508,7 @@ class SafetyPrompt(BaseEstimator):
         """Whether this prompt stands in for the written safety prompt ``text``."""
         return text == self.text
 
-    def generate(self, backbone: Any, prompts: Sequence[PromptInput], *, max_new_tokens: int = 48,
+    def generate(self, backbone: Backbone, prompts: Sequence[PromptInput], *, max_new_tokens: int = 48,
                  batch_size: int = 16) -> list[str]:
         """Greedy answers of ``backbone`` to ``prompts`` under this prompt."""
         rows, soft = self.inputs(backbone, prompts)
@@ -517,7 +521,7 @@ class SafetyPrompt(BaseEstimator):
         return _save(self, Path(path))
 
     @classmethod
-    def load(cls, path: str | Path, backbone: Any = None) -> SafetyPrompt:
+    def load(cls, path: str | Path, backbone: Backbone | None = None) -> SafetyPrompt:
         """Load a folder written by :meth:`save`; with ``backbone``, check it is the one trained on.
 
         Raises:
@@ -539,15 +543,15 @@ def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def check_backbone(recorded: dict[str, Any], backbone: Any) -> None:
+def check_backbone(recorded: dict[str, Any], backbone: Backbone) -> None:
     """Raise :class:`BackboneMismatchError` if ``backbone`` is not the one the prompt was trained on."""
-    from .prototypes import _same_weights
+    from .prototypes import same_weights
 
     current = backbone.identity()
     problems = [f"{key}: trained on {recorded.get(key)!r}, this backbone has {current[key]!r}"
                 for key in ("num_layers", "hidden_size", "vocab_size", "chat_template_hash")
                 if recorded.get(key) != current[key]]
-    if not problems and not _same_weights(recorded.get("weights_probe"), current["weights_probe"]):
+    if not problems and not same_weights(recorded.get("weights_probe"), current["weights_probe"]):
         problems.append("weights differ (same shape, different model or fine-tune)")
     if problems:
         raise BackboneMismatchError(
@@ -738,7 +742,7 @@ def shipped_safety_prompt_dir() -> Path:
     return Path(str(resources.files("mlpm_guard") / "resources" / "default_safety_prompt"))
 
 
-def default_safety_prompt(backbone: Any) -> SafetyPrompt | None:
+def default_safety_prompt(backbone: Backbone) -> SafetyPrompt | None:
     """The shipped safety prompt when it was trained on ``backbone`` (the embedded default), else
     ``None``: another backbone answers the route under the written prompt (nothing is trained at
     run time; ``mlpm-guard fit-safety-prompt`` trains one)."""
@@ -751,7 +755,7 @@ def default_safety_prompt(backbone: Any) -> SafetyPrompt | None:
         return None
 
 
-def as_safety_prompt(value: SafetyPrompt | str | Path | bool | None, backbone: Any) -> SafetyPrompt | None:
+def as_safety_prompt(value: SafetyPrompt | str | Path | bool | None, backbone: Backbone) -> SafetyPrompt | None:
     """What a guard's ``safety_prompt`` argument means: ``None`` the shipped prompt for ``backbone``
     (if any), ``False`` none (the written prompt only), a folder or a fitted :class:`SafetyPrompt`
     (checked against ``backbone``)."""

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -24,6 +24,10 @@ from .types import Tier, Verdict
 from .verdicts import make_verdict, tier_of
 from .views import View, answer_views, content_views, form_of, part_of, request_views
 
+if TYPE_CHECKING:
+    from .backbone import Backbone
+    from .scorer import Scorer
+
 MessagesKey = tuple[tuple[str, str], ...]
 
 #: Below this, a whole reading of a request is confidently safe: a single sentence then refuses it
@@ -35,7 +39,8 @@ def _key(messages: Sequence[dict[str, str]]) -> MessagesKey:
     return tuple((m["role"], m["content"]) for m in messages)
 
 
-def token_counter(backbone: Any, known: dict[MessagesKey, int] | None = None) -> Callable[[list[dict[str, str]]], int]:
+def token_counter(backbone: Backbone,
+                  known: dict[MessagesKey, int] | None = None) -> Callable[[list[dict[str, str]]], int]:
     """Tokens a message list takes through the backbone's chat template (what the views budget).
 
     ``known`` holds counts already paid for (a request encoded for its prefill): the common
@@ -65,7 +70,7 @@ class Answer:
     text: str
 
 
-def views_of(backbone: Any, item: Any, *, kind: Kind = "request", row: Encoded | None = None) -> list[View]:
+def views_of(backbone: Backbone, item: Any, *, kind: Kind = "request", row: Encoded | None = None) -> list[View]:
     """The readings of a request, a text judged as content, or an answer (see :data:`Kind`).
 
     ``row``: the request already encoded whole (its length is reused, not computed again).
@@ -143,7 +148,7 @@ def strictest(readings: Sequence[tuple[str, float]], *, threshold: float, contro
     return best, counted[best]
 
 
-def refusal_line(prototypes: Any, item: Any, *, kind: Kind = "request") -> float:
+def refusal_line(prototypes: Scorer, item: Any, *, kind: Kind = "request") -> float:
     """The P(unsafe) from which ``item`` is refused: the lowest of the lines that apply to it. The
     prototypes' ``threshold_`` always does; their ``content_threshold``, when set, to a text judged
     as content (an answer is not content: it is judged in its conversation, at the request line);
@@ -200,7 +205,7 @@ class Plan:
     readings: list[list[dict[str, str]]]
 
 
-def plan(backbone: Any, items: Sequence[Any], *, kind: Kind = "request", rows: Sequence[Encoded] | None = None,
+def plan(backbone: Backbone, items: Sequence[Any], *, kind: Kind = "request", rows: Sequence[Encoded] | None = None,
          prefilled: bool = False) -> Plan:
     """The readings that judge ``items`` (see :func:`judge`); with ``prefilled``, a view equal to the
     whole of a request is taken from its prefill instead of being read again."""
@@ -219,7 +224,7 @@ def plan(backbone: Any, items: Sequence[Any], *, kind: Kind = "request", rows: S
     return Plan(list(items), kind, entries, readings)
 
 
-def read(backbone: Any, prototypes: Any, readings: Sequence[list[dict[str, str]]], *,
+def read(backbone: Backbone, prototypes: Scorer, readings: Sequence[list[dict[str, str]]], *,
          memo: MutableMapping[MessagesKey, Verdict] | None = None) -> list[Verdict]:
     """The prototypes' verdict of each reading, in length-sorted batches.
 
@@ -240,7 +245,7 @@ def read(backbone: Any, prototypes: Any, readings: Sequence[list[dict[str, str]]
     return [known[k] for k in keys]
 
 
-def decide(prototypes: Any, plan: Plan, scored: Sequence[Verdict], pre: Sequence[Verdict] = ()) -> list[Verdict]:
+def decide(prototypes: Scorer, plan: Plan, scored: Sequence[Verdict], pre: Sequence[Verdict] = ()) -> list[Verdict]:
     """Each item's verdict: the strictest of its views' (:func:`strictest`), at its refusal line."""
     out = []
     for item, entries in zip(plan.items, plan.entries):
@@ -258,7 +263,7 @@ def decide(prototypes: Any, plan: Plan, scored: Sequence[Verdict], pre: Sequence
     return out
 
 
-def judge(backbone: Any, prototypes: Any, items: Sequence[Any], *, kind: Kind = "request",
+def judge(backbone: Backbone, prototypes: Scorer, items: Sequence[Any], *, kind: Kind = "request",
           rows: Sequence[Encoded] | None = None, prefilled: np.ndarray | None = None,
           memo: MutableMapping[MessagesKey, Verdict] | None = None) -> list[Verdict]:
     """The strictest verdict over each item's views (``verdict.view`` names the one that decided).

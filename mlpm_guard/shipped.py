@@ -6,13 +6,16 @@ import hashlib
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ._io import cache_home
 from ._version import __version__
 from .errors import BackboneMismatchError
-from .prototype_file import FORMAT_VERSION
-from .prototypes import META_FILE, Prototypes
+from .prototype_file import FORMAT_VERSION, META_FILE
+from .prototypes import Prototypes
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -22,18 +25,7 @@ def shipped_prototypes_dir() -> Path:
     return Path(str(resources.files("mlpm_guard") / "resources" / "default_prototypes"))
 
 
-def seed_file(name: str = "seed_prompts.jsonl") -> Path:
-    """Where a built-in seed file lies on disk."""
-    return Path(str(resources.files("mlpm_guard") / "resources" / name))
-
-
-def seed_digest(name: str = "seed_prompts.jsonl") -> str:
-    """A short digest of a built-in seed file (names the seed-set fit in the cache)."""
-    ref = resources.files("mlpm_guard") / "resources" / name
-    return hashlib.sha256(ref.read_bytes()).hexdigest()[:12]
-
-
-def default_prototypes(backbone: Any, *, progress: bool = True) -> Prototypes:
+def default_prototypes(backbone: Backbone, *, progress: bool = True) -> Prototypes:
     """The default prototypes for ``backbone``.
 
     For the embedded backbone these are the prototypes shipped in the package (fitted at release
@@ -47,7 +39,7 @@ def default_prototypes(backbone: Any, *, progress: bool = True) -> Prototypes:
         except BackboneMismatchError:
             pass  # another backbone: the seed-set fit below
     # Another backbone: the seed-set fit, the one use of the toolkit at run time.
-    from .toolkit.data import seed_examples
+    from .toolkit.data import seed_digest, seed_examples
     from .toolkit.training import DEFAULT_PARAMS, fit_examples, release_heads, training_mix
 
     params = hashlib.sha256(repr(sorted(DEFAULT_PARAMS.items())).encode()).hexdigest()[:8]

@@ -31,7 +31,7 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -52,6 +52,9 @@ from .prototypes import as_states, candidate_layers, check_backbone, check_line,
 from .readings import Reading, columns, layout, poolings_of
 from .types import Verdict
 from .verdicts import failed_verdict, make_verdict, tier_of
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
 
 __all__ = ["NeuronProbe", "RELEASE_PARAMS", "select_neurons"]
 
@@ -186,7 +189,7 @@ class NeuronProbe(ClassifierMixin, BaseEstimator):
         """The bound backbone (used when texts are passed instead of states), or ``None``."""
         return getattr(self, "_backbone", None)
 
-    def bind(self, backbone: Any) -> NeuronProbe:
+    def bind(self, backbone: Backbone) -> NeuronProbe:
         """Attach a backbone after checking that it is the one the probe was fitted on."""
         check_backbone(self.backbone_identity_, backbone)
         self._backbone = backbone
@@ -205,7 +208,7 @@ class NeuronProbe(ClassifierMixin, BaseEstimator):
         return self
 
     # ------------------------------------------------------------------ fit
-    def fit(self, X: Any, y: Sequence[Any], *, backbone: Any = None,
+    def fit(self, X: Any, y: Sequence[Any], *, backbone: Backbone | None = None,
             sources: Sequence[str] | None = None) -> NeuronProbe:
         """Fit the probes, pick the neurons and train the MLP.
 
@@ -363,7 +366,7 @@ class NeuronProbe(ClassifierMixin, BaseEstimator):
         return _save(self, Path(path))
 
     @classmethod
-    def load(cls, path: str | Path, backbone: Any = None) -> NeuronProbe:
+    def load(cls, path: str | Path, backbone: Backbone | None = None) -> NeuronProbe:
         """Load a folder written by :meth:`save`; with ``backbone``, check it is the one fitted on and bind it.
 
         Raises:

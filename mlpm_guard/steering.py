@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .errors import ConfigError
 from .policy import SteeringConfig
+
+if TYPE_CHECKING:
+    from .prototypes import Prototypes
 
 
 def default_layers(num_layers: int) -> list[int]:
@@ -19,7 +22,7 @@ def default_layers(num_layers: int) -> list[int]:
     return list(range(lo, hi + 1))
 
 
-def steering_vectors(config: SteeringConfig, *, num_layers: int, prototypes: Any = None,
+def steering_vectors(config: SteeringConfig, *, num_layers: int, prototypes: Prototypes | None = None,
                      vectors: Mapping[int, Sequence[float]] | None = None, device: Any = "cpu",
                      dtype: torch.dtype = torch.float32) -> dict[int, torch.Tensor]:
     """Per-layer vectors to add to the residual stream: ``alpha * (mu_unsafe - mu_safe)``.

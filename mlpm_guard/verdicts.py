@@ -1,8 +1,8 @@
 """Verdicts and tiers, built in one place.
 
 Every verdict the guard hands out comes from here: the prototypes' own, one moved to another tier
-by a policy's thresholds, an output moderator's answer, and the verdict of a text that could not be
-scored. So a tier always means the same comparison with two thresholds, the label always follows
+(by a policy's thresholds: :func:`mlpm_guard.policy.under_policy`), an output moderator's answer,
+and the verdict of a text that could not be scored. So a tier always means the same comparison with two thresholds, the label always follows
 the tier (``unsafe`` exactly in the unsafe tier), and a category is named only outside the safe tier.
 """
 
@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from .categories import category_name
 from .types import Tier, Verdict
 
-if TYPE_CHECKING:
-    from .policy import Policy
-
-__all__ = ["failed_verdict", "make_verdict", "retiered", "tier_of", "to_verdict", "under_policy"]
+__all__ = ["failed_verdict", "make_verdict", "retiered", "tier_of", "to_verdict"]
 
 
 def tier_of(p_unsafe: float, unsafe_at: float, controversial_at: float) -> Tier:
@@ -58,14 +54,6 @@ def failed_verdict(error: str, *, fail_open: bool = False, threshold: float = 0.
     tier = Tier.SAFE if fail_open else Tier.UNSAFE
     return make_verdict(0.0 if fail_open else 1.0, tier, threshold=threshold, n_truncated_tokens=n_truncated_tokens,
                         error=error)
-
-
-def under_policy(verdict: Verdict, policy: Policy) -> Verdict:
-    """The verdict with the policy's tier (when the policy sets its own thresholds)."""
-    tier = policy.tier(verdict)
-    if tier is verdict.tier:
-        return verdict
-    return retiered(verdict, tier, policy.unsafe_at if policy.unsafe_at is not None else verdict.threshold)
 
 
 def to_verdict(result: Verdict | bool | float, threshold: float | None = None) -> Verdict:

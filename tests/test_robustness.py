@@ -504,7 +504,7 @@ def test_a_failed_langchain_stream_carries_the_refusal_text(broken_scoring):
 def test_a_failed_llamaindex_stream_carries_the_refusal_text(broken_scoring):
     pytest.importorskip("llama_index.core")
     from llama_index.core.llms import ChatMessage
-    from llama_index_mlpm_guard import MLPMGuardLLM
+    from llama_index.llms.mlpm_guard import MLPMGuardLLM
 
     refusal = broken_scoring.policy.refusal_message
     llm = MLPMGuardLLM(broken_scoring)

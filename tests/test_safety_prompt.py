@@ -196,7 +196,7 @@ def test_the_cli_trains_a_folder_the_guard_loads(tiny_backbone, odd_refusals, tm
     data = write_jsonl(tmp_path / "advbench.jsonl", [{"prompt": p, "label": "unsafe" if y else "safe"}
                                               for p, y in zip(PROMPTS, LABELS)]
                        + [{"prompt": "held out", "label": "safe", "split": "test"}])
-    monkeypatch.setattr(cli, "_backbone", lambda spec, args: tiny_backbone)
+    monkeypatch.setattr(cli, "load_backbone", lambda spec, args: tiny_backbone)
     assert cli.main(["fit-safety-prompt", str(data), "--out", str(tmp_path / "sp"), "--epochs", "1",
                      "--n-tokens", "4", "-q"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -215,7 +215,7 @@ def test_seed_kinds_join_the_fit_as_a_source_with_their_licence(tiny_backbone, o
 
     data = write_jsonl(tmp_path / "advbench.jsonl", [{"prompt": p, "label": "unsafe" if y else "safe"}
                                               for p, y in zip(PROMPTS, LABELS)])
-    monkeypatch.setattr(cli, "_backbone", lambda spec, args: tiny_backbone)
+    monkeypatch.setattr(cli, "load_backbone", lambda spec, args: tiny_backbone)
     assert cli.main(["fit-safety-prompt", str(data), "--out", str(tmp_path / "sp"), "--epochs", "1",
                      "--n-tokens", "4", "--seed-kinds", "lookalike:3,contrast:2", "-q"]) == 0
     loaded = SafetyPrompt.load(tmp_path / "sp", backbone=tiny_backbone)

@@ -230,16 +230,24 @@ def test_a_moderated_proxy_stream_leaks_nothing_of_a_harmful_answer(backbone, se
 
 def test_proxy_moderation_is_the_in_process_judgement_of_answers(backbone, seed_prototypes):
     answers = [RECIPE, "Plumbing carries water in and out of a building through pipes, valves and fixtures."]
+    question = [{"role": "user", "content": "Tell me about plumbing."}]
     guard = Guard(backbone, seed_prototypes, {"output_moderation": {"enabled": True}})
+    flagged = []
     for answer in answers:
+        in_process = guard.check_answer(question, answer)
         up, _ = upstream_app([answer])
         with serving(up) as upstream:
             with serving(create_app(guard, ServerSettings(upstream=f"{upstream}/v1"))) as url:
-                reply = client(url).chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": "Tell me about plumbing."}])
-        in_process = guard.moderator([{"role": "user", "content": "Tell me about plumbing."}], answer)
-        assert guard_info(reply)["output"]["p_unsafe"] == pytest.approx(in_process.p_unsafe, abs=1e-6)
-        assert guard_info(reply)["output"]["flagged"] is in_process.unsafe
+                whole = guard_info(client(url).chat.completions.create(model="m", messages=question))
+                streamed = guard_info(list(client(url).chat.completions.create(
+                    model="m", messages=question, stream=True))[-1])
+        for info in (whole, streamed):  # one chunk upstream: the stream's last check read the whole answer
+            assert info["output_verdict"]["p_unsafe"] == pytest.approx(in_process.p_unsafe, abs=1e-6)
+            assert (info["output_verdict"]["tier"], info["output_verdict"]["category"], info["output_flagged"]) \
+                == (in_process.tier.value, in_process.category, in_process.unsafe)
+            assert info["replaced"] is in_process.unsafe
+        flagged.append(in_process.unsafe)
+    assert flagged == [True, False]  # the comparison covers a flagged answer and a clean one
 
 
 def test_the_server_judges_tool_turns_as_content_as_in_process(backbone):

@@ -5,7 +5,8 @@ import math
 import pytest
 
 from mlpm_guard import Policy, Tier, make_verdict, tier_of
-from mlpm_guard.verdicts import failed_verdict, to_verdict, under_policy
+from mlpm_guard.policy import under_policy
+from mlpm_guard.verdicts import failed_verdict, to_verdict
 
 
 @pytest.mark.parametrize("p,tier", [(0.0, Tier.SAFE), (0.29, Tier.SAFE), (0.3, Tier.CONTROVERSIAL),

@@ -23,13 +23,14 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from pydantic import BaseModel, ValidationError
 
 from .._version import __version__
+from ..decision_log import DecisionLog, verdict_decision
 from ..errors import InputError
 from ..generation import GenerationConfig
-from ..guard import Guard
+from ..guard import Guard, prototypes_version
 from ..messages import to_messages
-from ..types import GuardResult, Route, Tier, Verdict
-from ..decision_log import DecisionLog, verdict_decision
-from ..guard import prototypes_version
+from ..pipeline import failed_result
+from ..types import GuardResult, Route, Verdict
+from ..verdicts import failed_verdict
 from . import schemas
 from .batching import BatchedLanes, Lanes, Messages
 from .metrics import Metrics
@@ -121,12 +122,10 @@ class _Redirect:
         return RedirectResponse(self.location, status_code=303)
 
 
-def failed_verdict(exc: BaseException, guard: Guard) -> Verdict:
-    """The verdict of a prompt the server could not score: unsafe (fail closed) unless the policy fails open."""
+def _failed(exc: BaseException, guard: Guard) -> Verdict:
+    """The verdict of a prompt or answer the server could not score: unsafe (fail closed) unless the policy fails open."""
     logger.error("scoring failed: %s: %s", type(exc).__name__, exc)
-    if guard.policy.fail_open:
-        return Verdict(0.0, "safe", Tier.SAFE, error=type(exc).__name__)
-    return Verdict(1.0, "unsafe", Tier.UNSAFE, error=type(exc).__name__)
+    return failed_verdict(type(exc).__name__, fail_open=guard.policy.fail_open)
 
 
 class GuardService:
@@ -155,7 +154,7 @@ class GuardService:
         except HTTPError:
             raise
         except Exception as exc:  # noqa: BLE001
-            verdict = failed_verdict(exc, self.guard)
+            verdict = _failed(exc, self.guard)
         if self.log is not None:
             # The lanes read the prototypes directly, not through Guard's logged methods; answers go
             # through `Guard.batch`/`Guard.stream`, which log them.
@@ -171,7 +170,7 @@ class GuardService:
         except HTTPError:
             raise
         except Exception as exc:  # noqa: BLE001
-            return failed_verdict(exc, self.guard)
+            return _failed(exc, self.guard)
 
     async def score_many(self, prompts: list[Messages]) -> list[Verdict]:
         # Submitted one by one, so they can share batches with other callers' prompts.
@@ -213,7 +212,7 @@ class GuardService:
             raise
         except Exception as exc:  # noqa: BLE001 - fail closed
             logger.error("answering failed: %s: %s", type(exc).__name__, exc)
-            result = GuardResult(self.guard.policy.refusal_message, Route.REFUSE, None, error=type(exc).__name__)
+            result = failed_result(type(exc).__name__, self.guard.policy)
         self.record(result.route, result.verdict, result.output_verdict)
         return result
 
@@ -242,7 +241,7 @@ class GuardService:
                 result = chunk.result or result
         except Exception as exc:  # noqa: BLE001 - a broken stream ends as a refusal, never silently
             logger.error("streaming failed: %s: %s", type(exc).__name__, exc)
-            result = GuardResult(self.guard.policy.refusal_message, Route.REFUSE, None, error=type(exc).__name__)
+            result = failed_result(type(exc).__name__, self.guard.policy)
         finally:
             await stream.aclose()
         assert result is not None

@@ -4,7 +4,7 @@ A batch closes when it holds ``max_batch_size`` items or ``max_wait_ms`` after i
 arrived; while one batch runs, the next one fills, so under load batches grow with concurrency.
 Under load the wait stretches to a tenth of the previous batch's run time: callers answered by
 one batch send their next request a few milliseconds after the next batch started collecting, and
-a fixed 5 ms wait left them out, so batches alternated between half sizes (8 and 8 at 16 clients).
+a fixed short wait would leave them out, so batches would alternate between half sizes.
 All lanes of one server share a single model thread: batches never run two at a time on the same
 CPU cores.
 """
@@ -21,8 +21,8 @@ from typing import Any, Generic, Protocol, TypeVar
 from .. import scoring
 from ..generation import GenerationConfig
 from ..guard import Guard
+from ..policy import under_policy
 from ..types import GuardResult, Verdict
-from ..verdicts import under_policy
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -162,8 +162,8 @@ def padding_groups(lengths: Sequence[int], slack: float = PADDING_SLACK) -> list
     """Indices grouped longest first so that no group pads to more than ``slack`` times its real tokens.
 
     A request batch holds whatever arrived together; one long prompt would pad every other row to
-    its length, and on a CPU the padded tokens cost as much as real ones (on mixed chat traffic a
-    plain batch of 16 scored slower than the same prompts one by one).
+    its length, and on a CPU the padded tokens cost as much as real ones (on mixed traffic a plain
+    batch can score slower than the same prompts one by one).
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups: list[list[int]] = []

@@ -17,35 +17,27 @@ flagged answer's held text never does.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from .. import external
 from ..generation import GenerationConfig
+from ..messages import with_system_prompt
 from ..moderation import PrototypeModerator, to_verdict
 from ..streaming import OutputWatch
 from ..types import Decision, Route, Verdict
 from . import schemas
-from .schemas import SSE_DONE, sse
 from .batching import Messages
-
-if TYPE_CHECKING:
-    from .app import GuardService
+from .schemas import SSE_DONE, sse
+from .service import Service
 
 logger = logging.getLogger(__name__)
-
-
-def with_system(messages: list[dict[str, Any]], system: str) -> list[dict[str, Any]]:
-    """The caller's messages with ``system`` first (merged into a leading system message, as templates allow one)."""
-    if messages and messages[0].get("role") in ("system", "developer") and isinstance(messages[0].get("content"), str):
-        return [{**messages[0], "content": f"{system}\n\n{messages[0]['content']}"}, *messages[1:]]
-    return [{"role": "system", "content": system}, *messages]
 
 
 def _delta_text(event: dict[str, Any]) -> str:
@@ -56,7 +48,7 @@ def _delta_text(event: dict[str, Any]) -> str:
 
 
 class UpstreamProxy:
-    def __init__(self, service: GuardService) -> None:
+    def __init__(self, service: Service) -> None:
         self.service = service
         settings = service.settings
         headers = {"Authorization": f"Bearer {settings.upstream_api_key}"} if settings.upstream_api_key else {}
@@ -70,18 +62,15 @@ class UpstreamProxy:
     async def chat(self, req: schemas.ChatCompletionRequest, messages: Messages, config: GenerationConfig) -> Any:
         service, policy = self.service, self.service.guard.policy
         verdict = await service.score(messages)
-        route = policy.route(verdict)
-        # STEER needs the local model's activations: upstream it is applied as the safety prompt.
-        applied = Route.SAFETY_PROMPT if route is Route.STEER else route
-        decision = Decision(route, blocked=route is Route.REFUSE, verdict=verdict, applied_route=applied)
-        if route is Route.REFUSE:
-            service.record(route, verdict)
+        decision = external.decide(verdict, policy)
+        if decision.blocked:
+            service.record(decision.route, verdict)
             return self._local(req, policy.refusal_message, decision)
         body = req.model_dump(exclude_none=True)
         body["max_tokens"] = config.max_new_tokens
         body.pop("max_completion_tokens", None)
-        if applied is Route.SAFETY_PROMPT:
-            body["messages"] = with_system(body["messages"], policy.safety_prompt)
+        if decision.applied_route is Route.SAFETY_PROMPT:
+            body["messages"] = with_system_prompt(body["messages"], policy.safety_prompt)
         if req.stream:
             return await self._stream(body, messages, decision)
         return await self._complete(body, messages, decision)
@@ -110,11 +99,8 @@ class UpstreamProxy:
 
     def moderated(self, decision: Decision, output: Verdict | None, *, broken: bool = False) -> Decision:
         """``decision`` once the answer was judged (``output``) or its stream broke, which ends as a refusal."""
-        replaced = broken or (output is not None and output.unsafe
-                              and self.service.guard.policy.output_moderation.on_flag == "replace")
         self.service.record(decision.route, decision.verdict, output)
-        return dataclasses.replace(decision, output_verdict=output, replaced=replaced,
-                                   blocked=decision.blocked or replaced)
+        return external.answered(decision, output, self.service.guard.policy, broken=broken)
 
     @staticmethod
     def _upstream_error(exc: Exception | None = None, status: int = 502) -> JSONResponse:

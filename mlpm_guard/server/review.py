@@ -32,12 +32,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from ..decision_log import Correction, DecisionFilter, DecisionLog, LoggedDecision
 from ..errors import MlpmGuardError
 from ..prototype_store import PrototypeStore, TeachingCost, teaching_cost
-from ..steering import SteeringCache
 from ..types import Route
+from .service import Service
 
 if TYPE_CHECKING:
     from ..guard import Guard
-    from .app import GuardService
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +85,7 @@ class PrototypeReloader:
                 return None
             start = time.perf_counter()
             prototypes = self.store.load(current, backbone=self.guard.backbone)
-            self.guard.prototypes = prototypes
-            self.guard._steering = SteeringCache()  # steering directions come from the prototypes
+            self.guard.use_prototypes(prototypes)
             self.last_reload_ms = (time.perf_counter() - start) * 1000.0
         logger.info("prototypes %s loaded in %.0f ms", current, self.last_reload_ms)
         return current
@@ -106,7 +104,7 @@ class PrototypeReloader:
 class Review:
     """What the review routes work with."""
 
-    service: GuardService
+    service: Service
     log: DecisionLog
     reloader: PrototypeReloader | None
     harmful_probes: Sequence[str]

@@ -15,7 +15,7 @@ baseline has ``name``, ``description``, ``threshold``, ``fit(examples)`` and
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from ..errors import ConfigError
 from ..result_cache import ResultCache, digest
 from .data import Example
 from .features import FeatureCache, extract
+
+if TYPE_CHECKING:
+    from ..backbone import Backbone
 
 
 class Baseline(Protocol):
@@ -64,7 +67,7 @@ class JudgeBaseline:
     name = "judge"
     threshold = 0.5
 
-    def __init__(self, backbone: Any, *, results: ResultCache | None = None, progress: bool = False,
+    def __init__(self, backbone: Backbone, *, results: ResultCache | None = None, progress: bool = False,
                  template: str = JUDGE_PROMPT, **_: Any) -> None:
         if "{prompt}" not in template:
             raise ConfigError(f"the judge `template` must contain '{{prompt}}', got {template!r}")
@@ -117,7 +120,7 @@ class LastLayerBaseline:
 
     name = "last_layer"
 
-    def __init__(self, backbone: Any, *, layer: int | None = None, cache: FeatureCache | bool = True,
+    def __init__(self, backbone: Backbone, *, layer: int | None = None, cache: FeatureCache | bool = True,
                  progress: bool = False, prototype_params: Mapping[str, Any] | None = None, **_: Any) -> None:
         self.backbone, self.cache, self.progress = backbone, cache, progress
         self.params = dict(prototype_params or {})
@@ -152,7 +155,7 @@ class TfidfBaseline:
     description = "TF-IDF word 1-2 grams + logistic regression (text only)"
     threshold = 0.5
 
-    def __init__(self, backbone: Any = None, *, C: float = 1.0, **_: Any) -> None:
+    def __init__(self, backbone: Backbone | None = None, *, C: float = 1.0, **_: Any) -> None:
         self.C = C
 
     def fit(self, examples: Sequence[Example]) -> TfidfBaseline:
@@ -189,7 +192,7 @@ class SirenBaseline:
 
     name = "siren"
 
-    def __init__(self, backbone: Any, *, cache: FeatureCache | bool = True, progress: bool = False,
+    def __init__(self, backbone: Backbone, *, cache: FeatureCache | bool = True, progress: bool = False,
                  probe_params: Mapping[str, Any] | None = None, **_: Any) -> None:
         from ..siren import RELEASE_PARAMS
 
@@ -248,8 +251,8 @@ def parse_baselines(names: str | Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def make_baseline(name: str, backbone: Any, *, cache: FeatureCache | bool = True, results: ResultCache | None = None,
-                  progress: bool = False) -> Baseline:
+def make_baseline(name: str, backbone: Backbone, *, cache: FeatureCache | bool = True,
+                  results: ResultCache | None = None, progress: bool = False) -> Baseline:
     """An unfitted baseline by name, sharing the evaluation's backbone and caches."""
     if name not in BASELINES:
         raise ConfigError(f"unknown baseline {name!r}; choose from {sorted(BASELINES)}")

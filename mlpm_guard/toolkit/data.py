@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 from collections import defaultdict
@@ -201,3 +202,15 @@ def _resource_examples(name: str, source: str) -> list[Example]:
     ref = resources.files("mlpm_guard") / "resources" / name
     with resources.as_file(ref) as path:
         return [Example(e.prompt, e.label, e.category, source, e.split) for e in load_examples(path)]
+
+
+def seed_file(name: str = "seed_prompts.jsonl") -> Path:
+    """Where a built-in seed file lies on disk."""
+    return Path(str(resources.files("mlpm_guard") / "resources" / name))
+
+
+def seed_digest(name: str = "seed_prompts.jsonl") -> str:
+    """A short digest of a built-in seed file (names the seed-set fit in the cache, and the seed
+    set in a release fit's provenance)."""
+    ref = resources.files("mlpm_guard") / "resources" / name
+    return hashlib.sha256(ref.read_bytes()).hexdigest()[:12]

@@ -5,7 +5,7 @@ under a policy (:class:`GuardSystem`, answered with ``guard.batch`` so prefill i
 cached on disk), or an :class:`ExternalSystem`: a function that answers a prompt, with an adapter
 that reads its output. A plain callable returning text is one; the integrations build them for
 their frameworks (``langchain_mlpm_guard.evaluation_system`` for a runnable,
-``llama_index_mlpm_guard.evaluation_system`` for a query engine), reading the answer text and the
+``llama_index.llms.mlpm_guard.evaluation_system`` for a query engine), reading the answer text and the
 guard's decision from the framework's own output types. This module reads no framework's types.
 
 A refusal is the guard's own block (``REFUSE``, or an answer replaced after output moderation)
@@ -21,7 +21,7 @@ import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -32,6 +32,9 @@ from ..result_cache import ResultCache, digest
 from ..types import Route
 from .data import Example
 from .metrics import rate
+
+if TYPE_CHECKING:
+    from ..scorer import Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ _ANSWER_VERSION = "1"  # bump when what is stored per answer changes
 
 
 # ---------------------------------------------------------------------------- the core guard
-def _prototypes_digest(prototypes: Any) -> str:
+def _prototypes_digest(prototypes: Scorer) -> str:
     """What routing depends on in fitted prototypes, as a digest (public fitted attributes only)."""
     if hasattr(prototypes, "digest"):  # a scorer that digests itself (the neuron probe)
         return prototypes.digest()
@@ -170,7 +173,7 @@ def as_system(obj: Any, *, name: str = "system", results: ResultCache | None = N
     msg = (f"cannot evaluate a {type(obj).__name__}: give a mlpm_guard.Guard, a System (`.answer` and "
            "`.description`) or a callable answering a prompt string; for a LangChain runnable use "
            "langchain_mlpm_guard.evaluation_system(runnable), for a LlamaIndex query engine "
-           "llama_index_mlpm_guard.evaluation_system(engine)")
+           "llama_index.llms.mlpm_guard.evaluation_system(engine)")
     raise ConfigError(msg)
 
 

@@ -17,7 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from .features import FeatureCache, extract
 from .jailbreaks import JAILBREAK_TEMPLATES, jailbreak_variants
 from .metrics import (at_threshold, average_f1, calibration, curves, moderation_metrics,
                       threshold_for_flag_rate)
+
+if TYPE_CHECKING:
+    from ..backbone import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +71,8 @@ def load_eval_sets(paths: Sequence[str | Path], *, split: str | None = None, sam
 
 
 @contextmanager
-def eval_caches(backbone: Any, cache: FeatureCache | str | Path | bool = True) -> Iterator[tuple[FeatureCache, ResultCache]]:
+def eval_caches(backbone: Backbone,
+                cache: FeatureCache | str | Path | bool = True) -> Iterator[tuple[FeatureCache, ResultCache]]:
     """The feature cache and the result cache (judge scores, answers) of one run.
 
     Args:
@@ -245,7 +249,7 @@ def _check_arguments(prototypes: Prototypes, datasets: dict[str, Sequence[Exampl
     return framings
 
 
-def _baseline_blocks(names: Sequence[str], backbone: Any, train: list[Example], datasets: dict[str, Sequence[Example]],
+def _baseline_blocks(names: Sequence[str], backbone: Backbone, train: list[Example], datasets: dict[str, Sequence[Example]],
                      options: dict[str, Any], *, features: FeatureCache, results: ResultCache,
                      progress: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """Each baseline fitted on ``train`` and scored like the prototypes: its metrics, and its per-row scores."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -19,7 +19,10 @@ from tqdm.auto import tqdm
 from .._io import cache_home
 from .._sqlite import SqliteStore
 
-_CHUNK = 256  # prompts per forward-and-store round, so an interrupted run keeps what it did
+if TYPE_CHECKING:
+    from ..backbone import Backbone
+
+CHUNK = 256  # prompts per forward-and-store round, so an interrupted run keeps what it did
 
 
 class FeatureCache(SqliteStore):
@@ -33,7 +36,7 @@ class FeatureCache(SqliteStore):
     schema = "CREATE TABLE IF NOT EXISTS states (key TEXT PRIMARY KEY, depth INTEGER, dtype TEXT, data BLOB)"
 
     @classmethod
-    def for_backbone(cls, backbone: Any, root: str | Path | None = None) -> FeatureCache:
+    def for_backbone(cls, backbone: Backbone, root: str | Path | None = None) -> FeatureCache:
         dtype = str(backbone.dtype).replace("torch.", "")
         root = Path(root) if root is not None else cache_home() / "features"
         return cls(root / f"{backbone.fingerprint}-{dtype}.sqlite")
@@ -67,7 +70,7 @@ class FeatureCache(SqliteStore):
         return stored
 
 
-def extract(backbone: Any, prompts: Sequence[Any], layers: Sequence[int], *,
+def extract(backbone: Backbone, prompts: Sequence[Any], layers: Sequence[int], *,
             poolings: Sequence[str] = ("last",), cache: FeatureCache | bool | None = True,
             progress: bool = True, desc: str = "hidden states") -> np.ndarray:
     """States of ``layers`` at ``poolings`` for ``prompts``, served from the cache where possible.
@@ -96,8 +99,8 @@ def extract(backbone: Any, prompts: Sequence[Any], layers: Sequence[int], *,
     todo = sorted({tuple(ks): i for i, ks in enumerate(keys) if any(k not in found for k in ks)}.values())
     bar = tqdm(total=len(todo), desc=desc, unit="prompt", disable=not progress or not todo)
     with bar:
-        for start in range(0, len(todo), _CHUNK):
-            part = todo[start:start + _CHUNK]
+        for start in range(0, len(todo), CHUNK):
+            part = todo[start:start + CHUNK]
             states = backbone.layer_states([rows[i] for i in part], all_layers, poolings=poolings)
             blocks = np.split(states, len(poolings), axis=1)  # pooling-major: one (n, depth, d) block each
             found.update(cache.put({keys[i][p]: block[j] for p, block in enumerate(blocks) for j, i in enumerate(part)}))

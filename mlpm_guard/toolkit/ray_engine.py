@@ -25,7 +25,7 @@ from .. import cpu
 from ..backbone import Backbone, BackboneConfig, Encoded
 from ..errors import ConfigError
 from ..readings import select
-from .features import _CHUNK, FeatureCache
+from .features import CHUNK, FeatureCache
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def warm_cache(backbone: Backbone, prompt_sets: Iterable[Sequence[Any]], depth: 
         todo_rows = [encoded[i] for i in todo]
         offset = len(rows)
         rows.extend(todo_rows)
-        plan.extend([[offset + i for i in batch] for batch in _plan(backbone, todo_rows, _CHUNK)])
+        plan.extend([[offset + i for i in batch] for batch in _plan(backbone, todo_rows, CHUNK)])
     states, stats = run_batches(backbone, rows, plan, depth, options, poolings=poolings, progress=progress)
     if rows:
         blocks = np.split(states, len(poolings), axis=1)  # pooling-major: one (n, depth, d) block each

@@ -7,16 +7,18 @@ import logging
 import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import DataError
 from ..prototypes import Prototypes
-from ..shipped import seed_digest
 from ..views import segments
-from .data import Example, Turn, cap_per_source, load_examples, seed_answers, seed_content, seed_examples
+from .data import Example, Turn, cap_per_source, load_examples, seed_answers, seed_content, seed_digest, seed_examples
 from .features import FeatureCache, extract
+
+if TYPE_CHECKING:
+    from ..backbone import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +90,7 @@ def recipe_poolings(params: dict[str, Any]) -> tuple[str, ...]:
     return Prototypes(**{**DEFAULT_PARAMS, **params}).poolings_
 
 
-def fit_examples(backbone: Any, examples: Sequence[Example], *, states: np.ndarray | None = None,
+def fit_examples(backbone: Backbone, examples: Sequence[Example], *, states: np.ndarray | None = None,
                  cache: FeatureCache | bool = True, progress: bool = True, **params: Any) -> Prototypes:
     """Extract (cached) states for ``examples`` and fit :class:`Prototypes` on them.
 
@@ -163,7 +165,7 @@ def release_examples(data_dir: str | Path, *, exclude: Any = None) -> list[Examp
             + with_sentence_views([e for e in seed_examples() if keep(e)]))
 
 
-def fit_answer_head(backbone: Any, parent: Prototypes, *, examples: Sequence[Example] | None = None,
+def fit_answer_head(backbone: Backbone, parent: Prototypes, *, examples: Sequence[Example] | None = None,
                     cache: FeatureCache | bool = True, progress: bool = True) -> Prototypes:
     """Prototypes that judge answers (:meth:`Prototypes.set_head`), fitted on the readings the guard
     takes of ``examples`` (:func:`answer_readings`; default: the built-in answers,
@@ -179,7 +181,7 @@ def fit_answer_head(backbone: Any, parent: Prototypes, *, examples: Sequence[Exa
     return fit_examples(backbone, answer_readings(backbone, rows), cache=cache, progress=progress, **params)
 
 
-def answer_readings(backbone: Any, examples: Sequence[Example]) -> list[Example]:
+def answer_readings(backbone: Backbone, examples: Sequence[Example]) -> list[Example]:
     """The readings the guard takes of each answer (:func:`mlpm_guard.views.answer_views`: after its
     conversation, in windows when long, and alone), each labelled as its answer."""
     from ..scoring import token_counter
@@ -203,7 +205,7 @@ def answer_readings(backbone: Any, examples: Sequence[Example]) -> list[Example]
 ANSWER_HEAD_PARAMS = ("C", "layers", "pooling", "threshold", "controversial_threshold", "random_state")
 
 
-def content_readings(backbone: Any, examples: Sequence[Example], spans: Sequence[str | None]) -> list[Example]:
+def content_readings(backbone: Backbone, examples: Sequence[Example], spans: Sequence[str | None]) -> list[Example]:
     """The readings the guard takes of each text judged as content (:func:`mlpm_guard.views.content_views`:
     inside the content request, whole when it fits and in windows), labelled for a content head.
 
@@ -238,7 +240,7 @@ def _overlaps(span: str, body: str, words: int = 4) -> bool:
     return any(" ".join(tokens[i:i + words]) in body for i in range(max(1, len(tokens) - words + 1)))
 
 
-def fit_content_head(backbone: Any, parent: Prototypes, examples: Sequence[Example], spans: Sequence[str | None], *,
+def fit_content_head(backbone: Backbone, parent: Prototypes, examples: Sequence[Example], spans: Sequence[str | None], *,
                      cache: FeatureCache | bool = True, progress: bool = True, **params: Any) -> Prototypes:
     """Prototypes that judge content (retrieved passages, tool results: :meth:`Prototypes.set_head`),
     fitted on the readings the guard takes of ``examples`` judged as content (:func:`content_readings`),
@@ -248,7 +250,7 @@ def fit_content_head(backbone: Any, parent: Prototypes, examples: Sequence[Examp
     return fit_examples(backbone, rows, cache=cache, progress=progress, **merged)
 
 
-def release_heads(backbone: Any, parent: Prototypes, *, progress: bool = True) -> dict[str, Prototypes]:
+def release_heads(backbone: Backbone, parent: Prototypes, *, progress: bool = True) -> dict[str, Prototypes]:
     """The release recipe's heads for ``parent``: the content head on the built-in documents, tool
     results and answers (:data:`CONTENT_HEAD_PARAMS`), which judges answers too
     (:meth:`Prototypes.for_kind`): on answers it was not fitted on it tells harmful from helpful
@@ -257,7 +259,7 @@ def release_heads(backbone: Any, parent: Prototypes, *, progress: bool = True) -
     return {"content": fit_content_head(backbone, parent, *seed_content(), progress=progress, **CONTENT_HEAD_PARAMS)}
 
 
-def fit_release(backbone: Any, data_dir: str | Path, *, progress: bool = True) -> Prototypes:
+def fit_release(backbone: Backbone, data_dir: str | Path, *, progress: bool = True) -> Prototypes:
     """Fit the default prototypes with the release recipe: :data:`RELEASE_SOURCES` from ``data_dir``
     plus the seed set, each source capped at :data:`RELEASE_MAX_PER_SOURCE`, labels balanced; and
     their heads (:func:`release_heads`).

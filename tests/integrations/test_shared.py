@@ -11,7 +11,9 @@ pytest.importorskip("langchain_core")
 pytest.importorskip("llama_index.core")
 
 import langchain_mlpm_guard as lc  # noqa: E402
-import llama_index_mlpm_guard as li  # noqa: E402
+from llama_index.llms.mlpm_guard import GuardedQueryEngine, MLPMGuardLLM  # noqa: E402
+from llama_index.postprocessor.mlpm_guard import GuardDecisionEvent, METADATA_KEY, MLPMGuardNodePostprocessor  # noqa: E402
+from llama_index.embeddings.mlpm_guard import BackboneEmbedding  # noqa: E402
 from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
 from langchain_core.runnables import RunnableLambda  # noqa: E402
 
@@ -40,9 +42,9 @@ def counted_default(monkeypatch):
 
 
 def test_both_integrations_share_the_core_default_guard(counted_default):
-    assert lc.default_guard is mlpm_guard.default_guard and li.default_guard is mlpm_guard.default_guard
-    pieces = [lc.MLPMGuardRunnable(), lc.with_guard(lc.MLPMGuardRunnable()), li.MLPMGuardLLM(),
-              li.MLPMGuardNodePostprocessor(), li.GuardedQueryEngine()]
+    assert lc.default_guard is mlpm_guard.default_guard
+    pieces = [lc.MLPMGuardRunnable(), lc.with_guard(lc.MLPMGuardRunnable()), MLPMGuardLLM(),
+              MLPMGuardNodePostprocessor(), GuardedQueryEngine()]
     assert counted_default == []  # building adapters of either framework loads nothing
     guards = [p.resolved_guard() for p in pieces[:2]] + [p.guard for p in pieces[2:]]
     assert len(counted_default) == 1 and all(g is counted_default[0] for g in guards)
@@ -64,14 +66,14 @@ def test_both_integrations_embed_with_the_core_definition(backbone):
     assert core.dtype == np.float32 and core.shape == (3, backbone.hidden_size)
     assert np.allclose(np.linalg.norm(core, axis=1), 1.0, atol=1e-6)
     langchain = lc.MLPMEmbeddings(backbone=backbone)
-    llama_index = li.BackboneEmbedding(backbone)
+    llama_index = BackboneEmbedding(backbone)
     assert np.allclose(langchain.embed_documents(texts), core, atol=1e-6)
     assert np.allclose(langchain.embed_query(texts[2]), core[2], atol=1e-6)
     assert np.allclose(llama_index.get_text_embedding_batch(texts), core, atol=1e-6)
     assert np.allclose(llama_index.get_query_embedding(texts[2]), core[2], atol=1e-6)
     # `max_length` keeps the start of a text, as the core's `max_tokens` does
     head = backbone.tokenizer.decode(backbone.tokenizer(texts[2], add_special_tokens=False)["input_ids"][:3])
-    cut = li.BackboneEmbedding(backbone, max_length=3).get_text_embedding(texts[2])
+    cut = BackboneEmbedding(backbone, max_length=3).get_text_embedding(texts[2])
     assert np.allclose(cut, mlpm_guard.content_embeddings(backbone, [head])[0], atol=1e-6)
     assert mlpm_guard.content_embeddings(backbone, []).shape == (0, backbone.hidden_size)
     with pytest.raises(mlpm_guard.ConfigError, match="layer"):
@@ -123,16 +125,16 @@ def test_every_surface_emits_the_keys_of_the_one_decision_record(guard):
         .response_metadata[lc.FLAG_KEY],
         "langchain chat model": lc.ChatMLPMGuard(guard=guard).invoke(SAFE).response_metadata[lc.FLAG_KEY],
         "langchain with_guard": lc.with_guard(RunnableLambda(lambda x: "ok"), guard).invoke(UNSAFE).mlpm_guard,
-        "llama_index llm": li.MLPMGuardLLM(guard).complete(SAFE).additional_kwargs[li.METADATA_KEY],
-        "llama_index engine": li.GuardedQueryEngine(guard=guard).query(UNSAFE).metadata[li.METADATA_KEY],
-        "llama_index event": li.GuardDecisionEvent.from_result(guard.invoke(SAFE), routed_by_engine=False).record(),
+        "llama_index llm": MLPMGuardLLM(guard).complete(SAFE).additional_kwargs[METADATA_KEY],
+        "llama_index engine": GuardedQueryEngine(guard=guard).query(UNSAFE).metadata[METADATA_KEY],
+        "llama_index event": GuardDecisionEvent.from_result(guard.invoke(SAFE), routed_by_engine=False).record(),
     }
     records["langchain event"] = handler.data[-1]
     records["server"], records["server stream"] = server_records(guard)
     for surface, record in records.items():
         assert keys <= set(record), (surface, keys - set(record))
         assert mlpm_guard.Decision.from_dict(record).to_dict() == {k: record[k] for k in keys}, surface
-    assert set(li.GuardDecisionEvent.model_fields) >= keys
+    assert set(GuardDecisionEvent.model_fields) >= keys
     # OpenTelemetry: every scalar key of the record, as `mlpm_guard.*` attributes.
     decision = guard.invoke(UNSAFE).decision()
     span = Span()
