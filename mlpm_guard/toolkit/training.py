@@ -38,8 +38,8 @@ def load_training_examples(paths: Sequence[str | Path], *, max_per_source: int |
 
     The seed set carries what public data rarely has: benign look-alikes written next to the
     harmful requests they resemble ("how do I kill a Python process"). Fitted along with the
-    user's files it lowers the false flags on look-alikes held out from the fit (F1 0.72 -> 0.79
-    and 39% -> 32% flagged, leave-one-source-out over the shared data, ``benchmarks/quality.py``).
+    user's files it lowers the false flags on look-alikes held out from the fit
+    (``benchmarks/quality.py`` measures it, leaving one source out at a time).
     """
     examples: list[Example] = []
     for path in paths:
@@ -69,8 +69,8 @@ def with_sentence_views(examples: Sequence[Example], *, per_prompt: int = SENTEN
 
     The guard reads each sentence of a request on its own (:mod:`.views`), so the fit must know
     what ordinary sentences look like alone: without them a sentence of a maths word problem or of
-    a security question was flagged far more often than the whole prompt (gsm8k held out: 29% of
-    prompts flagged with sentence readings against 0% read whole; ``benchmarks/generalisation.py``).
+    a security question is flagged far more often than the whole prompt
+    (``benchmarks/generalisation.py`` measures both readings).
     Only benign prompts are split: a sentence of a harmful request need not be harmful.
     """
     out = list(examples)
