@@ -28,9 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_bytes, save as save_bytes
 
-from ._io import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
-from ._version import __version__
-from .errors import ConfigError, PrototypeFileError
+from .._io import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+from .._version import __version__
+from ..vocabulary.errors import ConfigError, PrototypeFileError
 from .prototype_set import PrototypeSet
 from .readings import Reading, poolings_of
 
@@ -95,7 +95,7 @@ class SetRecord(BaseModel):
 
 
 class ReadingRecord(BaseModel):
-    """One input of the prototypes (:class:`~mlpm_guard.readings.Reading`)."""
+    """One input of the prototypes (:class:`~mlpm_guard.estimator.readings.Reading`)."""
 
     model_config = _STRICT
 

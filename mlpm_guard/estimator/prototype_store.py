@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from ._io import atomic_write_text
-from .decision_log import Correction, teachable_prompt, text_sha256
-from .errors import ConfigError
+from .._io import atomic_write_text
+from ..guardrail.decision_log import Correction, teachable_prompt, text_sha256
+from ..vocabulary.errors import ConfigError
 from .prototype_file import META_FILE
 from .prototypes import Prototypes
 
 if TYPE_CHECKING:
-    from .backbone import Backbone
+    from ..model.backbone import Backbone
 
 __all__ = ["PrototypeStore", "TaughtCorrection", "TeachingCost", "VersionDiff", "VersionInfo", "calibration_probes",
            "harmful_probes", "teach_in_memory", "teaching_cost"]

@@ -25,17 +25,17 @@ from sklearn.metrics import accuracy_score
 from sklearn.model_selection import StratifiedKFold
 
 from . import _stats, prototype_file
-from .categories import category_label
-from .errors import BackboneMismatchError, ConfigError, NotFittedError, PrototypeFileError
+from ..vocabulary.categories import category_label
+from ..vocabulary.errors import BackboneMismatchError, ConfigError, NotFittedError, PrototypeFileError
 from .labels import parse_label
 from .prototype_file import PrototypeRecord
 from .prototype_set import CLASSES, PrototypeSet
 from .readings import Reading, columns, layout, poolings_of
-from .types import Verdict
-from .verdicts import failed_verdict, make_verdict, tier_of
+from ..vocabulary.types import Verdict
+from ..vocabulary.verdicts import failed_verdict, make_verdict, tier_of
 
 if TYPE_CHECKING:
-    from .backbone import Backbone
+    from ..model.backbone import Backbone
 
 
 #: The kinds of text a head may judge (:meth:`Prototypes.set_head`).
@@ -212,7 +212,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         random_state: seed of the cross-fitting folds.
 
     Fitted attributes end in ``_``: ``classes_`` (``[0, 1]``: safe, unsafe), ``readings_`` (the
-    kept :class:`~mlpm_guard.readings.Reading` inputs, in the order of the sets' statistics),
+    kept :class:`~mlpm_guard.estimator.readings.Reading` inputs, in the order of the sets' statistics),
     ``layer_ids_`` (the layers they read, ascending), ``sets_``, ``coef_``, ``intercept_``,
     ``threshold_`` (and ``controversial_threshold_``), ``category_labels_``, ``category_means_``,
     ``category_layer_`` (a layer with a kept last-token reading), ``steering_layers_``/
@@ -514,7 +514,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
         """Write the prototypes into folder ``path``: ``prototypes.json`` and a digest-named tensors
-        file (see :func:`~mlpm_guard.prototype_file.save_record`)."""
+        file (see :func:`~mlpm_guard.estimator.prototype_file.save_record`)."""
         self._check_fitted()
         return prototype_file.save_record(self._record(), path)
 
@@ -522,7 +522,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
     def load(cls, path: str | Path, backbone: Backbone | None = None) -> Prototypes:
         """Load a prototypes folder; with ``backbone``, check it is the one they were fitted on.
 
-        Every field is checked (:func:`~mlpm_guard.prototype_file.load_record`), and the loaded
+        Every field is checked (:func:`~mlpm_guard.estimator.prototype_file.load_record`), and the loaded
         prototypes must still score their own unsafe mean unsafe and their safe mean safe.
 
         Raises:

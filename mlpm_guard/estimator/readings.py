@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .errors import ConfigError
+from ..vocabulary.errors import ConfigError
 
 #: The poolings a backbone can read, in the order they lie in an array of states.
 POOLINGS = ("last", "mean")

@@ -1,7 +1,7 @@
 """What the guard reads of fitted prototypes: the :class:`Scorer` protocol.
 
 :class:`~mlpm_guard.Prototypes` is the scorer the guard ships with; the SIREN-style
-:class:`~mlpm_guard.siren.NeuronProbe` is another. The scoring path, the pipeline and the server
+:class:`~mlpm_guard.estimator.siren.NeuronProbe` is another. The scoring path, the pipeline and the server
 take any object of this shape.
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .types import Verdict
+from ..vocabulary.types import Verdict
 
 if TYPE_CHECKING:
-    from .backbone import Backbone
+    from ..model.backbone import Backbone
 
 
 class Scorer(Protocol):

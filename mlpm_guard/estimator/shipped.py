@@ -8,14 +8,14 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._io import cache_home
-from ._version import __version__
-from .errors import BackboneMismatchError
+from .._io import cache_home
+from .._version import __version__
+from ..vocabulary.errors import BackboneMismatchError
 from .prototype_file import FORMAT_VERSION, META_FILE
 from .prototypes import Prototypes
 
 if TYPE_CHECKING:
-    from .backbone import Backbone
+    from ..model.backbone import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ def default_prototypes(backbone: Backbone, *, progress: bool = True) -> Prototyp
         except BackboneMismatchError:
             pass  # another backbone: the seed-set fit below
     # Another backbone: the seed-set fit, the one use of the toolkit at run time.
-    from .toolkit.data import seed_digest, seed_examples
-    from .toolkit.training import DEFAULT_PARAMS, fit_examples, release_heads, training_mix
+    from ..toolkit.data import seed_digest, seed_examples
+    from ..toolkit.training import DEFAULT_PARAMS, fit_examples, release_heads, training_mix
 
     params = hashlib.sha256(repr(sorted(DEFAULT_PARAMS.items())).encode()).hexdigest()[:8]
     seeds = f"{seed_digest()}{seed_digest('seed_answers.jsonl')[:4]}{seed_digest('seed_content.jsonl')[:4]}"

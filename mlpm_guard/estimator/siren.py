@@ -43,18 +43,18 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
-from ._io import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
-from ._version import __version__
-from .errors import ConfigError, NotFittedError, PrototypeFileError
+from .._io import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+from .._version import __version__
+from ..vocabulary.errors import ConfigError, NotFittedError, PrototypeFileError
 from .labels import parse_label
 from .prototype_file import BackboneRecord, metadata_digest
 from .prototypes import as_states, candidate_layers, check_backbone, check_line, fit_labels
 from .readings import Reading, columns, layout, poolings_of
-from .types import Verdict
-from .verdicts import failed_verdict, make_verdict, tier_of
+from ..vocabulary.types import Verdict
+from ..vocabulary.verdicts import failed_verdict, make_verdict, tier_of
 
 if TYPE_CHECKING:
-    from .backbone import Backbone
+    from ..model.backbone import Backbone
 
 __all__ = ["NeuronProbe", "RELEASE_PARAMS", "select_neurons"]
 

@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .errors import ConfigError
+from ..vocabulary.errors import ConfigError
+from ..vocabulary.types import Route
 from .refusals import is_refusal
-from .types import Route
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Any, Union
 
 from pydantic import ValidationError
 
-from .backbone import Backbone
+from ..model.backbone import Backbone
+from ..vocabulary.errors import ConfigError
 from .defaults import default_guard
-from .errors import ConfigError
 from .guard import Guard, as_policy
 from .policy import Policy
 

@@ -14,11 +14,11 @@ from collections import Counter
 
 from pydantic import BaseModel, ConfigDict
 
+from ..vocabulary.errors import ConfigError
+from ..vocabulary.types import Route, Tier, Verdict
 from .decision_log import DecisionFilter, DecisionLog, LoggedDecision
-from .errors import ConfigError
 from .policy import Policy
 from .presets import PRESETS, policy_preset
-from .types import Route, Tier, Verdict
 
 __all__ = ["CalibrationReport", "calibrate_from_log", "replay"]
 

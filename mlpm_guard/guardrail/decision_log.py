@@ -11,7 +11,7 @@ matched), the text itself only when the operator opts in (``store_text``). Rows 
 ``retention_days`` are deleted by the writer.
 
 The same database holds the reviewers' corrections (:class:`Correction`), which
-:mod:`mlpm_guard.prototype_store` teaches to the prototypes.
+:mod:`mlpm_guard.estimator.prototype_store` teaches to the prototypes.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .types import Decision, Route
+from ..vocabulary.types import Decision, Route
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from .types import Decision, Route, Verdict
+from ..vocabulary.types import Decision, Route, Verdict
 
 if TYPE_CHECKING:
     from .policy import Policy

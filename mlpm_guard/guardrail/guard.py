@@ -21,22 +21,22 @@ import torch
 
 from . import pipeline
 from .async_bridge import iterate_in_thread
-from .backbone import Backbone, BackboneConfig
-from .errors import ConfigError, InputTypeError
-from .generation import GenerationConfig
-from .messages import PromptInput, check_prompt, check_prompts, check_texts, to_messages
+from ..model.backbone import Backbone, BackboneConfig
+from ..vocabulary.errors import ConfigError, InputTypeError
+from ..model.generation import GenerationConfig
+from ..vocabulary.messages import PromptInput, check_prompt, check_prompts, check_texts, to_messages
 from .moderation import PrototypeModerator
 from .pipeline import RouteHandler
 from .policy import Policy
-from .prototypes import Prototypes
-from .safety_prompt import SafetyPrompt, as_safety_prompt
+from ..estimator.prototypes import Prototypes
+from ..model.safety_prompt import SafetyPrompt, as_safety_prompt
 from .scoring import views_of
-from .steering import SteeringCache, steering_vectors
-from .types import GuardChunk, GuardResult, Route, Verdict
+from ..model.steering import SteeringCache, steering_vectors
+from ..vocabulary.types import GuardChunk, GuardResult, Route, Verdict
 from .views import View
 
 if TYPE_CHECKING:
-    from .scorer import Scorer
+    from ..estimator.scorer import Scorer
     from .decision_log import DecisionLog
 
 __all__ = ["Guard", "RouteHandler", "as_policy", "load_scorer"]
@@ -63,12 +63,12 @@ class Guard:
             iterable of text pieces (for example a safer model for flagged prompts only).
         steering_vectors: layer id to vector, replacing the prototypes' directions for ``STEER``.
         safety_prompt: a trained safety prompt for the ``SAFETY_PROMPT`` route
-            (:class:`~mlpm_guard.safety_prompt.SafetyPrompt` or a folder written by
+            (:class:`~mlpm_guard.model.safety_prompt.SafetyPrompt` or a folder written by
             ``mlpm-guard fit-safety-prompt``); ``None``: the one shipped for the backbone, if any;
             ``False``: none, the policy's written prompt only. It is used while the policy's
             ``safety_prompt`` is the text it was trained to replace, which traces keep showing.
 
-    ``prototypes`` may also be a :class:`~mlpm_guard.siren.NeuronProbe` (or its folder): the
+    ``prototypes`` may also be a :class:`~mlpm_guard.estimator.siren.NeuronProbe` (or its folder): the
     SIREN-style scorer, behind the same verdicts, policy and routes.
         decision_log: where every decision of this guard is recorded (:class:`~mlpm_guard.DecisionLog`);
             checks of requests and content and answered requests are logged, answers checked on
@@ -89,7 +89,7 @@ class Guard:
                  decision_log: DecisionLog | None = None) -> None:
         self.backbone = backbone if isinstance(backbone, Backbone) else Backbone(backbone)
         if prototypes is None:
-            from .shipped import default_prototypes
+            from ..estimator.shipped import default_prototypes
 
             prototypes = default_prototypes(self.backbone)
         elif isinstance(prototypes, (str, Path)):
@@ -152,7 +152,7 @@ class Guard:
         """Judge a text as *content* (a retrieved passage, a tool result, a model answer).
 
         Content is not the user's request: it is judged inside a request for it
-        (:data:`~mlpm_guard.views.CONTENT_TEMPLATE`), as a whole and in windows of a few
+        (:data:`~mlpm_guard.guardrail.views.CONTENT_TEMPLATE`), as a whole and in windows of a few
         sentences, so an ordinary passage passes and a harmful paragraph inside a long one does not.
         """
         if not isinstance(text, str):
@@ -282,13 +282,13 @@ class Guard:
 
 
 def prototypes_version(prototypes: Scorer) -> str | None:
-    """The version a prototype store gave these prototypes (:mod:`mlpm_guard.prototype_store`), if any."""
+    """The version a prototype store gave these prototypes (:mod:`mlpm_guard.estimator.prototype_store`), if any."""
     return getattr(prototypes, "version_", None)
 
 
 def load_scorer(path: str | Path, backbone: Backbone) -> Any:
     """The scorer saved in folder ``path``: a neuron probe (``mlpm-guard fit-siren``) or prototypes."""
-    from .siren import META_FILE as PROBE_FILE, NeuronProbe
+    from ..estimator.siren import META_FILE as PROBE_FILE, NeuronProbe
 
     if (Path(path) / PROBE_FILE).is_file():
         return NeuronProbe.load(path, backbone=backbone)

@@ -7,13 +7,13 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from .prototypes import Prototypes
+from ..estimator.prototypes import Prototypes
+from ..vocabulary.types import Verdict
+from ..vocabulary.verdicts import to_verdict
 from .scoring import Answer, judge
-from .types import Verdict
-from .verdicts import to_verdict
 
 if TYPE_CHECKING:
-    from .scorer import Scorer
+    from ..estimator.scorer import Scorer
 
 __all__ = ["Moderator", "PrototypeModerator", "to_verdict"]  # to_verdict: where callers found it first
 
@@ -30,7 +30,7 @@ class PrototypeModerator:
 
     The answer is read as the assistant's turn after the request (in windows when it is long),
     and alone as content, whole and in windows of a few sentences; the strictest reading decides,
-    at the prototypes' refusal line (:func:`mlpm_guard.views.answer_views`). What an answer means
+    at the prototypes' refusal line (:func:`mlpm_guard.guardrail.views.answer_views`). What an answer means
     depends on what it answers: "Sure! To make one, fill a steel pipe with" reads as harmless
     text alone and as what it is after the request it answers.
 

@@ -30,20 +30,20 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .backbone import Backbone
-from .encoding import Encoded
+from ..model.backbone import Backbone
+from ..model.encoding import Encoded
+from ..model.generation import GenerationConfig, Prefill, decode, prefill
+from ..vocabulary.messages import PromptInput, to_messages
+from ..vocabulary.types import GuardChunk, GuardResult, Route, Timings, Verdict
+from ..vocabulary.verdicts import failed_verdict, to_verdict
 from .external import replaces
-from .generation import GenerationConfig, Prefill, decode, prefill
-from .messages import PromptInput, to_messages
 from .moderation import PrototypeModerator
 from .policy import Policy, under_policy
 from .scoring import Kind, judge
 from .streaming import Detokenizer, OutputWatch, StopCut, cut_at_stop
-from .types import GuardChunk, GuardResult, Route, Timings, Verdict
-from .verdicts import failed_verdict, to_verdict
 
 if TYPE_CHECKING:
-    from .scorer import Scorer
+    from ..estimator.scorer import Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class Stages:
                  safety_prompt: Any = None) -> None:
         self.backbone, self.prototypes, self.moderator = backbone, prototypes, moderator
         self.handlers, self.steering = handlers, steering
-        # A trained (soft) safety prompt, :class:`~mlpm_guard.safety_prompt.SafetyPrompt`, or None.
+        # A trained (soft) safety prompt, :class:`~mlpm_guard.model.safety_prompt.SafetyPrompt`, or None.
         self.safety_prompt = safety_prompt
 
     # ------------------------------------------------------------------ score, route
@@ -282,7 +282,7 @@ class _Answer:
     """One request's answer on its way to the consumer.
 
     Streamed with output moderation on, the answer so far is checked every ``check_every`` tokens;
-    text leaves under :class:`~mlpm_guard.streaming.OutputWatch`'s rule (only after a check that
+    text leaves under :class:`~mlpm_guard.guardrail.streaming.OutputWatch`'s rule (only after a check that
     read it and the ``hold_back`` tokens after it found the answer confidently safe), and the whole
     answer's verdict decides at its end whether the held rest goes out or the refusal replaces it.
     """
@@ -426,7 +426,7 @@ def _run_chunk(stages: Stages, prompts: Sequence[PromptInput], policy: Policy,
 
 
 def check_many(stages: Stages, items: Sequence[Any], policy: Policy, *, kind: Kind) -> list[Verdict]:
-    """The score stage alone, for requests, content or answers (:data:`~mlpm_guard.scoring.Kind`):
+    """The score stage alone, for requests, content or answers (:data:`~mlpm_guard.guardrail.scoring.Kind`):
     a bad item or a failed scoring gets the failed verdict (unsafe, or safe when the policy fails open)."""
     out: list[Verdict | None] = [None] * len(items)
     valid: list[int] = []

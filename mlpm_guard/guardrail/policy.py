@@ -18,12 +18,12 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ._io import atomic_write_text
+from .._io import atomic_write_text
 from .canonical import has_visible_text
-from .categories import hazard_code
-from .errors import ConfigError
-from .types import Route, Tier, Verdict
-from .verdicts import retiered, tier_of
+from ..vocabulary.categories import hazard_code
+from ..vocabulary.errors import ConfigError
+from ..vocabulary.types import Route, Tier, Verdict
+from ..vocabulary.verdicts import retiered, tier_of
 
 
 DEFAULT_SAFETY_PROMPT = (
@@ -54,7 +54,7 @@ class SteeringConfig(BaseModel):
 class OutputModerationConfig(BaseModel):
     """Optional moderation of the generated text.
 
-    An answer is judged in the conversation it answers (:mod:`mlpm_guard.views`). Streamed, it is
+    An answer is judged in the conversation it answers (:mod:`mlpm_guard.guardrail.views`). Streamed, it is
     checked every ``check_every`` tokens and once before, as soon as it runs ``hold_back`` tokens
     past its first, and a piece reaches the consumer only once a check that read it, the answer before it
     and the ``hold_back`` tokens after it found the answer confidently safe; the verdict of the

@@ -17,9 +17,9 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from .errors import ConfigError
+from ..vocabulary.errors import ConfigError
+from ..vocabulary.types import Route
 from .policy import Policy
-from .types import Route
 
 __all__ = ["PRESETS", "policy_preset", "preset_name"]
 

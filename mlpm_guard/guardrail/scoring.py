@@ -15,18 +15,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .encoding import Encoded
-from .errors import InputError
+from ..estimator.prototypes import check_line
+from ..model.encoding import Encoded
+from ..vocabulary.errors import InputError
+from ..vocabulary.messages import clean_text, to_messages
+from ..vocabulary.types import Tier, Verdict
+from ..vocabulary.verdicts import make_verdict, tier_of
 from .language import is_other_language
-from .messages import clean_text, to_messages
-from .prototypes import check_line
-from .types import Tier, Verdict
-from .verdicts import make_verdict, tier_of
 from .views import View, answer_views, content_views, form_of, part_of, request_views
 
 if TYPE_CHECKING:
-    from .backbone import Backbone
-    from .scorer import Scorer
+    from ..estimator.scorer import Scorer
+    from ..model.backbone import Backbone
 
 MessagesKey = tuple[tuple[str, str], ...]
 

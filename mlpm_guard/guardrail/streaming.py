@@ -8,7 +8,7 @@ import collections
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
-from .types import Tier
+from ..vocabulary.types import Tier
 
 P = TypeVar("P")
 

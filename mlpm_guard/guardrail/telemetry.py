@@ -12,7 +12,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .types import Decision
+from ..vocabulary.types import Decision
 
 try:
     from opentelemetry import trace as _trace

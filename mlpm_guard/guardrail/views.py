@@ -4,7 +4,7 @@ A last-token probe reads one position, and what comes before it can drown the si
 opening or one benign exchange before a harmful request pulls its score down, and a long text
 drifts with its length alone. And what the answering model reads is everything it is given, in
 whatever form a capable model can read. So a request is read several ways, and the strictest
-reading wins (:func:`mlpm_guard.scoring.strictest`):
+reading wins (:func:`mlpm_guard.guardrail.scoring.strictest`):
 
 - the conversation the model will read, most recent turns first, as far as ``context_tokens``
   allows (so "Give me the steps." after a harmful turn is judged with that turn);
@@ -16,7 +16,7 @@ reading wins (:func:`mlpm_guard.scoring.strictest`):
 - every other turn (system, tool, assistant, earlier user turns) sentence by sentence and in
   windows of a few sentences, so an instruction hidden in a long tool result or system message is
   read at the length of a request. Read alone, a sentence that is not the request itself is weak
-  evidence and counts at a discount unless a whole reading agrees (:func:`~mlpm_guard.scoring.strictest`);
+  evidence and counts at a discount unless a whole reading agrees (:func:`~mlpm_guard.guardrail.scoring.strictest`);
 - the same again in the request's canonical form (:mod:`.canonical`: letters spread out,
   invisible characters, look-alike letters, leetspeak, encoded payloads), when it has one.
 
@@ -41,8 +41,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ..vocabulary.messages import Message
 from .canonical import canonical, label
-from .messages import Message
 
 #: The longest reading scored as one piece. Longer conversations keep their most recent turns,
 #: longer texts are read sentence by sentence and in windows: length itself must never look like
@@ -64,7 +64,7 @@ WINDOW_VIEW = "window"
 #: The reading of the user's turns alone, joined (see :func:`request_views`).
 USER_TURNS_VIEW = "user turns"
 #: The readings of an answer as the assistant's turn of its conversation, and alone (see
-#: :func:`answer_views`); both are context to :func:`~mlpm_guard.scoring.strictest`.
+#: :func:`answer_views`); both are context to :func:`~mlpm_guard.guardrail.scoring.strictest`.
 ANSWER_VIEW = "answer in context"
 ANSWER_ALONE = "answer alone"
 #: Separates a canonical form's name from the reading's ("normalised + spread: sentence 2").
@@ -91,7 +91,7 @@ class View:
 
 
 def part_of(name: str) -> tuple[Part, int]:
-    """What a reading named ``name`` is to :func:`~mlpm_guard.scoring.strictest`: a whole reading,
+    """What a reading named ``name`` is to :func:`~mlpm_guard.guardrail.scoring.strictest`: a whole reading,
     sentence ``k`` of the latest user turn, or context (a window, a sentence of another turn)."""
     name = name.rpartition(FORM_SEPARATOR)[2]
     head, _, number = name.partition(" ")

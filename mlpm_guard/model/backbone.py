@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..vocabulary.errors import ConfigError
+from ..vocabulary.messages import PromptInput, to_messages
 from . import cpu, encoding, forward, loading
 from .encoding import Encoded
-from .errors import ConfigError
 from .forward import PAD_MULTIPLE, LayerHooks, LayerRequest, PrefixCache, output_cache
 from .loading import EMBEDDED, EMBEDDED_NAME, embedded_gguf_path
-from .messages import PromptInput, to_messages
 
 # Imported from here by callers that predate the split.
 __all__ = ["EMBEDDED", "EMBEDDED_NAME", "PAD_MULTIPLE", "Backbone", "BackboneConfig", "Encoded",
@@ -54,7 +54,7 @@ class BackboneConfig(BaseModel):
         max_batch_tokens: most padded tokens per forward pass (rows x longest row).
         trust_remote_code: allow model code from the hub; off unless you ask for it.
         num_threads: torch CPU threads (``None``: torch's choice, lowered on the CPU to the cores
-            this process may use, see :func:`mlpm_guard.cpu.fit_threads`).
+            this process may use, see :func:`mlpm_guard.model.cpu.fit_threads`).
         prefix_cache: compute the chat template's fixed opening (system prompt and user header)
             once and reuse its KV cache for every prompt that starts with it.
     """
@@ -215,7 +215,7 @@ class Backbone:
         return self.prefix.kv(self)
 
     def model_inputs(self, rows: Sequence[Encoded], *, reuse_prefix: bool = True) -> dict[str, Any]:
-        """Forward-pass inputs for rows (see :func:`~mlpm_guard.forward.model_inputs`)."""
+        """Forward-pass inputs for rows (see :func:`~mlpm_guard.model.forward.model_inputs`)."""
         return forward.model_inputs(self, rows, reuse_prefix=reuse_prefix)
 
     def last_token_states(self, rows: Sequence[Encoded], layers: Sequence[int], *,

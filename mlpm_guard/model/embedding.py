@@ -19,8 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..vocabulary.errors import ConfigError
 from .backbone import Backbone
-from .errors import ConfigError
 
 
 def content_embeddings(backbone: Backbone, texts: Sequence[str], *, layer: int | None = None,

@@ -9,8 +9,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InputError
-from .messages import render_plain, with_system_prompt
+from ..vocabulary.errors import InputError
+from ..vocabulary.messages import render_plain, with_system_prompt
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..estimator.readings import check_poolings
+from ..vocabulary.errors import ConfigError
 from .encoding import Encoded
-from .errors import ConfigError
-from .readings import check_poolings
 
 
 class Model(Protocol):

@@ -27,7 +27,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList, Stop
 
 from .backbone import Backbone
 from .encoding import Encoded
-from .errors import ConfigError
+from ..vocabulary.errors import ConfigError
 from .forward import output_cache, pool_weights, stack_states
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ._io import atomic_directory, cache_home
-from .errors import BackboneLoadError, ConfigError
+from .._io import atomic_directory, cache_home
+from ..vocabulary.errors import BackboneLoadError, ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ harmful ones far enough for the model to refuse. DRO learns the prompt instead, 
 
 1. **Anchor** (:func:`estimate_anchor`): the backbone answers labelled requests with no system
    prompt and under a few written safety prompts (:data:`ELICIT_PROMPTS`), and
-   :func:`~mlpm_guard.refusals.is_refusal` says which answers decline. The final state of the last
+   :func:`~mlpm_guard.guardrail.refusals.is_refusal` says which answers decline. The final state of the last
    token of all those prefills (the normed output of the last layer, which the next token is read
    from) spans a low-dimensional space (PCA), where one logistic regression estimates the refusal
    direction (refused vs answered) and another the harmfulness direction (harmful vs harmless).
@@ -53,17 +53,17 @@ from sklearn.base import BaseEstimator
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 
-from ._io import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
-from ._version import __version__
+from .._io import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+from .._version import __version__
 from .encoding import Encoded
-from .errors import BackboneMismatchError, ConfigError, NotFittedError, PrototypeFileError
+from ..vocabulary.errors import BackboneMismatchError, ConfigError, NotFittedError, PrototypeFileError
 from .forward import common_length
 from .generation import GenerationConfig, SoftTokens, decode, embed_inputs, prefill
-from .labels import parse_label
-from .messages import PromptInput
-from .policy import DEFAULT_SAFETY_PROMPT
-from .prototype_file import BackboneRecord, metadata_digest
-from .refusals import is_refusal
+from ..estimator.labels import parse_label
+from ..vocabulary.messages import PromptInput
+from ..guardrail.policy import DEFAULT_SAFETY_PROMPT
+from ..estimator.prototype_file import BackboneRecord, metadata_digest
+from ..guardrail.refusals import is_refusal
 
 if TYPE_CHECKING:
     from .backbone import Backbone
@@ -545,7 +545,7 @@ def _short(text: str, n: int = 40) -> str:
 
 def check_backbone(recorded: dict[str, Any], backbone: Backbone) -> None:
     """Raise :class:`BackboneMismatchError` if ``backbone`` is not the one the prompt was trained on."""
-    from .prototypes import same_weights
+    from ..estimator.prototypes import same_weights
 
     current = backbone.identity()
     problems = [f"{key}: trained on {recorded.get(key)!r}, this backbone has {current[key]!r}"

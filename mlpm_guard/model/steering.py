@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .errors import ConfigError
-from .policy import SteeringConfig
+from ..guardrail.policy import SteeringConfig
+from ..vocabulary.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .prototypes import Prototypes
+    from ..estimator.prototypes import Prototypes
 
 
 def default_layers(num_layers: int) -> list[int]:

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ._io import cache_home
-from ._sqlite import SqliteStore
+from .._io import cache_home
+from .._sqlite import SqliteStore
 
 
 def digest(*parts: Any) -> str:

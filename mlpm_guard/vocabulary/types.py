@@ -47,13 +47,13 @@ class Verdict:
             or no category prototypes were fitted.
         category_name: readable name of ``category``.
         layer_scores: P(unsafe) of each reading the combination uses, keyed by layer id for a
-            last-token reading and ``"mean <layer>"`` for a mean-pooled one (:mod:`mlpm_guard.readings`).
+            last-token reading and ``"mean <layer>"`` for a mean-pooled one (:mod:`mlpm_guard.estimator.readings`).
         threshold: decision threshold that produced ``label``.
         n_truncated_tokens: tokens dropped from the middle of an over-long prompt (0 if none).
         error: set when the text could not be scored; the verdict is then unsafe (fail closed).
         view: which reading of the request gave this (strictest) score: ``"message"``,
             ``"conversation"``, ``"latest user turn"``, ``"user turns"``, ``"sentence N"``, ``"content"`` or
-            ``"passage N"`` (see :mod:`mlpm_guard.views`); ``None`` for a directly scored text.
+            ``"passage N"`` (see :mod:`mlpm_guard.guardrail.views`); ``None`` for a directly scored text.
     """
 
     p_unsafe: float

@@ -1,7 +1,7 @@
 """Verdicts and tiers, built in one place.
 
 Every verdict the guard hands out comes from here: the prototypes' own, one moved to another tier
-(by a policy's thresholds: :func:`mlpm_guard.policy.under_policy`), an output moderator's answer,
+(by a policy's thresholds: :func:`mlpm_guard.guardrail.policy.under_policy`), an output moderator's answer,
 and the verdict of a text that could not be scored. So a tier always means the same comparison with two thresholds, the label always follows
 the tier (``unsafe`` exactly in the unsafe tier), and a category is named only outside the safe tier.
 """
