@@ -3,7 +3,7 @@
 OpenMP reads ``OMP_WAIT_POLICY`` once, when torch is imported, and importing anything from
 ``mlpm_guard`` imports torch. So the script sets the variable here first, then runs
 :func:`mlpm_guard.cli.main`: its threads sleep instead of spinning while they wait, which keeps the
-command fast beside other CPU-bound processes (see :mod:`mlpm_guard.cpu`). A value the user set is kept.
+command fast beside other CPU-bound processes (see :mod:`mlpm_guard.model.cpu`). A value the user set is kept.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def tiny_backbone(backbone):
 
 @pytest.fixture(scope="session")
 def seed_prototypes(backbone):
-    from mlpm_guard.shipped import default_prototypes
+    from mlpm_guard.estimator.shipped import default_prototypes
 
     return default_prototypes(backbone, progress=False)
 

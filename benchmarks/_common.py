@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlpm_guard.readings import select
-from mlpm_guard.scoring import refusal_line, strictest, tool_turns, views_of, with_tool_turns
-from mlpm_guard.types import Verdict
-from mlpm_guard.verdicts import make_verdict, tier_of
+from mlpm_guard.estimator.readings import select
+from mlpm_guard.guardrail.scoring import refusal_line, strictest, tool_turns, views_of, with_tool_turns
+from mlpm_guard.vocabulary.types import Verdict
+from mlpm_guard.vocabulary.verdicts import make_verdict, tier_of
 from mlpm_guard.toolkit.features import extract
 
 
@@ -203,7 +203,7 @@ def prototypes_for(backbone: Any, n_per_label: int = 64) -> Any:
     """The default prototypes (shipped for the embedded backbone); for a random model, prototypes
     fitted on a slice of the seed set (their values are meaningless, their cost is the real one)."""
     from mlpm_guard import Prototypes
-    from mlpm_guard.shipped import default_prototypes
+    from mlpm_guard.estimator.shipped import default_prototypes
     from mlpm_guard.toolkit.data import seed_examples
     from mlpm_guard.toolkit.training import DEFAULT_PARAMS
 

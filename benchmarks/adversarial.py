@@ -361,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from mlpm_guard import Backbone, Guard
-    from mlpm_guard.guard import load_scorer
-    from mlpm_guard.shipped import default_prototypes
+    from mlpm_guard.estimator.shipped import default_prototypes
+    from mlpm_guard.guardrail.guard import load_scorer
 
     start = time.perf_counter()
     backbone = Backbone(args.backbone)

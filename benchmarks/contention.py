@@ -284,7 +284,7 @@ def machine() -> dict[str, Any]:
     """What the numbers depend on: CPU model, the CPUs this process may use, bf16, load average."""
     import torch
 
-    from mlpm_guard import cpu
+    from mlpm_guard.model import cpu
 
     try:
         info = Path("/proc/cpuinfo").read_text(encoding="utf-8")

@@ -13,7 +13,7 @@ number here comes from a family held out of the fit as a whole:
   languages get).
 
 Every prompt is scored the way ``Guard.check`` scores it (its views: the conversation, the latest
-user turn alone, each sentence; ``mlpm_guard.scoring.strictest`` decides) and passages the way ``Guard.check_content``
+user turn alone, each sentence; ``mlpm_guard.guardrail.scoring.strictest`` decides) and passages the way ``Guard.check_content``
 does; the ``message only`` column reads the whole prompt once, as before views existed. A second
 table breaks each harmful set's refusals down by the set's own categories (where it has them), so
 that a low recall says what it is made of.

@@ -3,7 +3,7 @@
 
 The guard scores each prompt from the prefill that starts its answer and continues from that
 prefill's KV cache, so for a one-sentence prompt the only extra work is the prototype maths. A
-longer request is also read in parts (its latest turn alone, each sentence: :mod:`mlpm_guard.views`),
+longer request is also read in parts (its latest turn alone, each sentence: :mod:`mlpm_guard.guardrail.views`),
 one more forward pass per reading; ``--prompts-from`` times real prompts that have them. Runs are interleaved (the order
 alternates per prompt and repeat) so that drift in machine speed hits both sides alike.
 
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PROMPTS, add_backbone_args, build_backbone, device_name, emit, prototypes_for, timed  # noqa: E402
 
 from mlpm_guard import GenerationConfig, Guard, Policy  # noqa: E402
-from mlpm_guard.generation import decode, prefill  # noqa: E402
-from mlpm_guard.scoring import views_of  # noqa: E402
+from mlpm_guard.model.generation import decode, prefill  # noqa: E402
+from mlpm_guard.guardrail.scoring import views_of  # noqa: E402
 from mlpm_guard.toolkit.data import load_examples  # noqa: E402
 
 ALWAYS_PASS = Policy(safe_route="pass", controversial_route="pass", unsafe_route="pass", allow_pass_for_unsafe=True)

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from mlpm_guard.readings import select
+from mlpm_guard.estimator.readings import select
 from mlpm_guard.toolkit.data import Example, load_examples, seed_examples
 from mlpm_guard.toolkit.features import extract
 from mlpm_guard.toolkit.metrics import moderation_metrics

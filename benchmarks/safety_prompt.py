@@ -6,7 +6,7 @@ Every system is the guard with every verdict forced to one route and no output m
 ``mlpm-guard eval --generate`` runs its reference rows: ``no prompt`` is the ``PASS`` route (the
 backbone unguarded); ``written`` is the ``SAFETY_PROMPT`` route under the policy's written prompt;
 ``trained`` is the same route under the trained prompt (``--safety-prompt DIR``). A refusal is an
-answer that opens by declining (``mlpm_guard.refusals.is_refusal``). The capability cost is read
+answer that opens by declining (``mlpm_guard.guardrail.refusals.is_refusal``). The capability cost is read
 on the benign answers against the unguarded ones: the share that open with the same eight words,
 and their word overlap (unigram F1).
 
@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from mlpm_guard import Guard
-    from mlpm_guard.generation import GenerationConfig
-    from mlpm_guard.safety_prompt import as_safety_prompt
+    from mlpm_guard.model.generation import GenerationConfig
+    from mlpm_guard.model.safety_prompt import as_safety_prompt
     from mlpm_guard.toolkit.evaluation import eval_caches
 
     start = time.perf_counter()

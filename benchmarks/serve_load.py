@@ -170,7 +170,7 @@ def server_dtype() -> str:
     """The dtype the servers score in: what ``dtype="auto"`` picks on this machine's default device (a
     CPU without native bf16 runs float32, about half as fast)."""
     from mlpm_guard import resolve_dtype
-    from mlpm_guard.loading import resolve_device
+    from mlpm_guard.model.loading import resolve_device
 
     return str(resolve_dtype("auto", resolve_device("auto"))).replace("torch.", "")
 

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Scorer  # noqa: E402
 from generalisation import _metrics, families  # noqa: E402
 
-from mlpm_guard.readings import select  # noqa: E402
-from mlpm_guard.siren import RELEASE_PARAMS as SIREN_PARAMS, NeuronProbe  # noqa: E402
+from mlpm_guard.estimator.readings import select  # noqa: E402
+from mlpm_guard.estimator.siren import RELEASE_PARAMS as SIREN_PARAMS, NeuronProbe  # noqa: E402
 from mlpm_guard.toolkit.features import extract  # noqa: E402
 from mlpm_guard.toolkit.training import RELEASE_PARAMS, fit_examples, recipe_poolings, release_examples  # noqa: E402
 

@@ -54,8 +54,8 @@ from _common import (  # noqa: E402
 )
 
 from mlpm_guard import Backbone, Prototypes, resolve_dtype  # noqa: E402
-from mlpm_guard.forward import PrefixCache  # noqa: E402
-from mlpm_guard.shipped import default_prototypes  # noqa: E402
+from mlpm_guard.estimator.shipped import default_prototypes  # noqa: E402
+from mlpm_guard.model.forward import PrefixCache  # noqa: E402
 from mlpm_guard.toolkit.data import Example, load_examples, seed_examples  # noqa: E402
 from mlpm_guard.toolkit.metrics import moderation_metrics  # noqa: E402
 from mlpm_guard.toolkit.training import DEFAULT_PARAMS  # noqa: E402

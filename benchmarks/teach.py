@@ -6,7 +6,7 @@ presentation", tools named after weapons, violent sports and games words, househ
 questions), written for this benchmark: each has ten prompts that may be taught and six held-out
 siblings that never are. For k = 1, 3 and 10 corrections per family, the first k of each family are
 taught as "fine" to the shipped prototypes, each as a prototype of its own with the prior
-:meth:`~mlpm_guard.prototype_store.PrototypeStore.teach` gives it (the strongest that leaves the
+:meth:`~mlpm_guard.estimator.prototype_store.PrototypeStore.teach` gives it (the strongest that leaves the
 calibration probes refused, unless the corrected text would not pass), and the held-out siblings
 are scored again. The cost is measured on the project's harmful probes that never set a prior
 (``malware`` and the harmful ``framings``; never fitted, never taught), and shown on the
@@ -40,13 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import emit  # noqa: E402
 
 from mlpm_guard import Backbone, Correction, Decision, DecisionLog, DecisionLogSettings, Guard, Route  # noqa: E402
-from mlpm_guard.prototype_store import (  # noqa: E402
+from mlpm_guard.estimator.prototype_store import (  # noqa: E402
     PrototypeStore,
     calibration_probes,
     harmful_probes,
     teach_in_memory,
 )
-from mlpm_guard.shipped import default_prototypes  # noqa: E402
+from mlpm_guard.estimator.shipped import default_prototypes  # noqa: E402
 
 # Ten prompts that may be taught, then six held-out siblings, per family.
 FAMILIES: dict[str, list[str]] = {

@@ -1,12 +1,19 @@
 """mlpm-guard: a guardrail that reads a local LLM's own hidden states (multi-layer latent prototypes)."""
 
 from ._version import __version__
-from .answers import Answer, ExternalSystem
-from .backbone import Backbone, BackboneConfig
-from .decision_log import Correction, DecisionLog, DecisionLogSettings
-from .defaults import default_guard
-from .embedding import content_embeddings
-from .errors import (
+from .estimator.prototypes import Prototypes
+from .guardrail.answers import Answer, ExternalSystem
+from .guardrail.decision_log import Correction, DecisionLog, DecisionLogSettings
+from .guardrail.defaults import default_guard
+from .guardrail.guard import Guard, as_policy
+from .guardrail.moderation import Moderator, PrototypeModerator, to_verdict
+from .guardrail.policy import OutputModerationConfig, Policy, SteeringConfig
+from .guardrail.presets import PRESETS, policy_preset
+from .model.backbone import Backbone, BackboneConfig
+from .model.embedding import content_embeddings
+from .model.generation import GenerationConfig
+from .model.loading import resolve_dtype  # public for benchmarks: the dtype "auto" picks on a device
+from .vocabulary.errors import (
     BackboneLoadError,
     BackboneMismatchError,
     ConfigError,
@@ -17,15 +24,8 @@ from .errors import (
     NotFittedError,
     PrototypeFileError,
 )
-from .generation import GenerationConfig
-from .guard import Guard, as_policy
-from .loading import resolve_dtype  # public for benchmarks: the dtype "auto" picks on a device
-from .moderation import Moderator, PrototypeModerator, to_verdict
-from .policy import OutputModerationConfig, Policy, SteeringConfig
-from .presets import PRESETS, policy_preset
-from .prototypes import Prototypes
-from .types import Decision, GuardChunk, GuardResult, Route, Tier, Timings, Verdict
-from .verdicts import make_verdict, tier_of
+from .vocabulary.types import Decision, GuardChunk, GuardResult, Route, Tier, Timings, Verdict
+from .vocabulary.verdicts import make_verdict, tier_of
 
 __all__ = [
     "Answer",

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .errors import BackboneLoadError, ConfigError, MlpmGuardError
-from .readings import POOLING_SETTINGS
+from .estimator.readings import POOLING_SETTINGS
 from .review_cli import add_commands, add_serve_options, load_backbone, serve_settings
+from .vocabulary.errors import BackboneLoadError, ConfigError, MlpmGuardError
 
 if TYPE_CHECKING:
-    from .backbone import Backbone
-    from .prototypes import Prototypes
+    from .estimator.prototypes import Prototypes
+    from .model.backbone import Backbone
 
 EXAMPLES = """examples:
   mlpm-guard demo                                  judge, route and answer example prompts
@@ -71,10 +71,10 @@ def _load_prototypes(args: argparse.Namespace) -> Any:
     folder naming a hub id must not make this command download and run that model. Prototypes
     fitted on another backbone are refused with a message naming it.
     """
-    from .guard import load_scorer
-    from .prototype_file import META_FILE
-    from .shipped import default_prototypes
-    from .siren import META_FILE as PROBE_FILE
+    from .estimator.prototype_file import META_FILE
+    from .estimator.shipped import default_prototypes
+    from .estimator.siren import META_FILE as PROBE_FILE
+    from .guardrail.guard import load_scorer
 
     folder = Path(args.prototypes) if args.prototypes else None
     if folder is not None and not ((folder / META_FILE).is_file() or (folder / PROBE_FILE).is_file()):
@@ -180,7 +180,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_default(args: argparse.Namespace) -> int:
-    from .shipped import shipped_prototypes_dir
+    from .estimator.shipped import shipped_prototypes_dir
     from .toolkit.training import fit_release
 
     prototypes = fit_release(load_backbone(args.backbone, args), args.data, progress=not args.quiet)
@@ -192,7 +192,7 @@ def cmd_fit_default(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_safety_prompt(args: argparse.Namespace) -> int:
-    from .safety_prompt import SafetyPrompt, data_provenance
+    from .model.safety_prompt import SafetyPrompt, data_provenance
     from .toolkit.data import cap_per_source, load_examples, seed_examples, seed_file
     from .toolkit.training import HELD_OUT_SPLITS, RELEASE_SOURCES, SEED_LICENCE
 
@@ -240,8 +240,8 @@ def _seed_kinds(text: str | None) -> dict[str, int | None]:
 
 
 def cmd_fit_siren(args: argparse.Namespace) -> int:
-    from .readings import poolings_of
-    from .siren import RELEASE_PARAMS, NeuronProbe
+    from .estimator.readings import poolings_of
+    from .estimator.siren import RELEASE_PARAMS, NeuronProbe
     from .toolkit.features import extract
 
     choice = _seed_set(args, "fit-siren")
@@ -336,8 +336,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           baselines=args.baselines or (), train=train, benign=args.benign,
                           target_flag_rate=args.target_flag_rate, jailbreaks=_framings(args.jailbreaks))
     if args.generate:
-        from .generation import GenerationConfig
-        from .guard import Guard
+        from .guardrail.guard import Guard
+        from .model.generation import GenerationConfig
         from .toolkit.endtoend import end_to_end, guard_systems
 
         guard = Guard(prototypes.backbone, prototypes, args.policy,
@@ -424,7 +424,7 @@ def _print_metrics(result: dict[str, Any]) -> None:
 
 
 def _guard(args: argparse.Namespace, **kwargs: Any) -> Any:
-    from .guard import Guard
+    from .guardrail.guard import Guard
 
     prototypes = _load_prototypes(args)
     return Guard(prototypes.backbone, prototypes, getattr(args, "policy", None), safety_prompt=_safety_prompt(args),
@@ -432,7 +432,7 @@ def _guard(args: argparse.Namespace, **kwargs: Any) -> Any:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generation import GenerationConfig
+    from .model.generation import GenerationConfig
 
     texts = list(args.text)
     if texts == ["-"]:
@@ -447,7 +447,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from .generation import GenerationConfig
+    from .model.generation import GenerationConfig
 
     console = Console()
     console.print("[b]mlpm-guard demo[/b]: the backbone scores each prompt from its own hidden states, "
@@ -479,7 +479,7 @@ def cmd_install_backbone(args: argparse.Namespace) -> int:
     import importlib
     import importlib.util
 
-    from . import loading
+    from .model import loading
 
     if not args.reinstall:
         try:
@@ -518,7 +518,7 @@ def _install_hint(extra: str) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .generation import GenerationConfig
+    from .model.generation import GenerationConfig
 
     try:
         import fastapi  # noqa: F401
@@ -782,7 +782,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``mlpm-guard`` command with ``argv`` (default: the process's arguments); returns its exit code.
 
     The ``mlpm-guard`` script enters through :mod:`_mlpm_guard_launcher`, which makes OpenMP threads
-    wait passively before torch is imported (see :mod:`mlpm_guard.cpu`).
+    wait passively before torch is imported (see :mod:`mlpm_guard.model.cpu`).
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")

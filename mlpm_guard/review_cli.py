@@ -2,7 +2,7 @@
 ``mlpm-guard calibrate`` and ``mlpm-guard decisions``, and the decision-log options of ``serve``.
 
 They work on a decision log (``--log``: a SQLite file or any SQLAlchemy URL) and a prototypes store
-(:mod:`mlpm_guard.prototype_store`). Only ``teach`` loads the backbone; the others read files and
+(:mod:`mlpm_guard.estimator.prototype_store`). Only ``teach`` loads the backbone; the others read files and
 the database.
 """
 
@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .vocabulary.errors import ConfigError
 
 __all__ = ["add_commands", "add_serve_options", "load_backbone", "serve_settings"]
 
 
 def load_backbone(spec: str | None, args: argparse.Namespace) -> Any:
     """The backbone a command names (``--backbone``, default embedded) on ``--device``/``--dtype``/``--threads``."""
-    from .backbone import Backbone
+    from .model.backbone import Backbone
 
     threads = getattr(args, "threads", None)
     if threads is not None and threads < 1:
@@ -50,7 +50,7 @@ def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
     With ``--prototypes-store``, ``args.prototypes`` is set to the store's current folder, so the
     guard starts on it instead of loading the default prototypes first.
     """
-    from .decision_log import DecisionLogSettings
+    from .guardrail.decision_log import DecisionLogSettings
 
     out: dict[str, Any] = {}
     if args.decision_log:
@@ -59,7 +59,7 @@ def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
     elif args.log_text:
         raise ConfigError("--log-text needs --decision-log DB")
     if args.prototypes_store:
-        from .prototype_store import PrototypeStore
+        from .estimator.prototype_store import PrototypeStore
 
         if args.prototypes:
             raise ConfigError("give --prototypes-store or --prototypes, not both (the store names its own folder)")
@@ -71,8 +71,8 @@ def serve_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------- prototypes
 def cmd_prototypes_init(args: argparse.Namespace) -> int:
-    from .prototype_store import PrototypeStore
-    from .shipped import shipped_prototypes_dir
+    from .estimator.prototype_store import PrototypeStore
+    from .estimator.shipped import shipped_prototypes_dir
 
     source = Path(args.source) if args.source else shipped_prototypes_dir()
     store = PrototypeStore.create(args.store, source)
@@ -81,7 +81,7 @@ def cmd_prototypes_init(args: argparse.Namespace) -> int:
 
 
 def cmd_prototypes_history(args: argparse.Namespace) -> int:
-    from .prototype_store import PrototypeStore
+    from .estimator.prototype_store import PrototypeStore
 
     history = PrototypeStore(args.store).history()
     if args.json:
@@ -97,7 +97,7 @@ def cmd_prototypes_history(args: argparse.Namespace) -> int:
 
 
 def cmd_prototypes_diff(args: argparse.Namespace) -> int:
-    from .prototype_store import PrototypeStore
+    from .estimator.prototype_store import PrototypeStore
 
     diff = PrototypeStore(args.store).diff(args.old, args.new)
     if args.json:
@@ -115,7 +115,7 @@ def cmd_prototypes_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_prototypes_rollback(args: argparse.Namespace) -> int:
-    from .prototype_store import PrototypeStore
+    from .estimator.prototype_store import PrototypeStore
 
     store = PrototypeStore(args.store)
     before = store.current
@@ -125,8 +125,8 @@ def cmd_prototypes_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_prototypes_teach(args: argparse.Namespace) -> int:
-    from .decision_log import Correction, DecisionLog
-    from .prototype_store import PrototypeStore, harmful_probes, teaching_cost
+    from .estimator.prototype_store import PrototypeStore, harmful_probes, teaching_cost
+    from .guardrail.decision_log import Correction, DecisionLog
 
     store = PrototypeStore(args.store)
     log = DecisionLog(args.log) if args.log else None
@@ -162,8 +162,8 @@ def cmd_prototypes_teach(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- calibrate
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibration import calibrate_from_log
-    from .guard import as_policy
+    from .guardrail.calibration import calibrate_from_log
+    from .guardrail.guard import as_policy
 
     report = calibrate_from_log(args.log, as_policy(args.policy), max_flag_rate=args.max_flag_rate,
                                 max_controversial_rate=args.max_controversial_rate, hours=args.hours)
@@ -179,8 +179,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- decisions
 def cmd_decisions(args: argparse.Namespace) -> int:
-    from .decision_log import DecisionFilter, DecisionLog
-    from .types import Route
+    from .guardrail.decision_log import DecisionFilter, DecisionLog
+    from .vocabulary.types import Route
 
     where = DecisionFilter(route=Route(args.route) if args.route else None, category=args.category,
                            min_p_unsafe=args.min_p, since=time.time() - args.hours * 3600 if args.hours else None,

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from mlpm_guard.async_bridge import iterate_in_thread
+from mlpm_guard.guardrail.async_bridge import iterate_in_thread
 
 
 def test_items_arrive_in_order_from_another_thread():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from mlpm_guard import Backbone, InputError
-from mlpm_guard.backbone import Encoded
-from mlpm_guard.errors import BackboneLoadError, ConfigError
+from mlpm_guard.model.backbone import Encoded
+from mlpm_guard.vocabulary.errors import BackboneLoadError, ConfigError
 
 
 def test_embedded_shape_and_template(backbone):

@@ -140,7 +140,7 @@ def test_every_command_named_in_the_help_exists(capsys):
 
 
 def test_demo_prints_each_prompts_own_time(seed_prototypes, monkeypatch, capsys):
-    from mlpm_guard.guard import Guard
+    from mlpm_guard.guardrail.guard import Guard
 
     monkeypatch.setattr(cli, "_load_prototypes", lambda args: seed_prototypes)
     invoked = []

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlpm_guard import cpu
+from mlpm_guard.model import cpu
 
 
 def _cgroup(tmp_path: Path, proc_line: str, files: dict[str, str]) -> tuple[Path, Path]:
@@ -99,7 +99,8 @@ def test_fit_threads_leaves_a_count_the_environment_names(monkeypatch, torch_thr
 
 
 def test_a_cpu_backbone_fits_its_threads_unless_given_num_threads(monkeypatch, torch_threads):
-    from mlpm_guard import Backbone, loading
+    from mlpm_guard import Backbone
+    from mlpm_guard.model import loading
 
     calls = []
     monkeypatch.setattr(cpu, "fit_threads", lambda: calls.append(True))

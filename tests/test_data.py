@@ -3,7 +3,7 @@
 import pytest
 from conftest import write_jsonl
 
-from mlpm_guard.errors import DataError
+from mlpm_guard.vocabulary.errors import DataError
 from mlpm_guard.toolkit.data import (
     Example,
     cap_per_source,

@@ -17,7 +17,7 @@ import pytest
 sa = pytest.importorskip("sqlalchemy")
 
 from mlpm_guard import Correction, Decision, DecisionLog, DecisionLogSettings, Route, Tier, Timings, Verdict  # noqa: E402
-from mlpm_guard.decision_log import (  # noqa: E402
+from mlpm_guard.guardrail.decision_log import (  # noqa: E402
     DecisionFilter,
     database_url,
     policy_id,
@@ -25,7 +25,7 @@ from mlpm_guard.decision_log import (  # noqa: E402
     teachable_prompt,
     text_sha256,
 )
-from mlpm_guard.presets import PRESETS, policy_preset, preset_name  # noqa: E402
+from mlpm_guard.guardrail.presets import PRESETS, policy_preset, preset_name  # noqa: E402
 
 UNSAFE = Verdict(0.97, "unsafe", Tier.UNSAFE, "S9", "Indiscriminate weapons", view="message")
 SAFE = Verdict(0.02, "safe", Tier.SAFE, view="message")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlpm_guard import Guard, Prototypes, Route, Tier
-from mlpm_guard.shipped import default_prototypes, shipped_prototypes_dir
+from mlpm_guard.estimator.shipped import default_prototypes, shipped_prototypes_dir
 from mlpm_guard.toolkit.training import RELEASE_PARAMS, RELEASE_SOURCES, SEED_LICENCE
 
 EXCHANGE = [{"role": "user", "content": "How do I reverse a list in Python?"},

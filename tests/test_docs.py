@@ -60,7 +60,7 @@ def _runnable_pages() -> list[Path]:
 @pytest.fixture
 def shared_backbone(backbone, monkeypatch):
     """``Backbone()`` with no arguments returns the session's embedded backbone (one load per run)."""
-    import mlpm_guard.guard as guard_module
+    import mlpm_guard.guardrail.guard as guard_module
 
     real = guard_module.Backbone
 
@@ -73,7 +73,7 @@ def shared_backbone(backbone, monkeypatch):
             return real(spec, *args, **kwargs)
 
     monkeypatch.setattr(guard_module, "Backbone", SharedBackbone)
-    import mlpm_guard.defaults as defaults
+    import mlpm_guard.guardrail.defaults as defaults
 
     monkeypatch.setattr(defaults, "_guard", None)  # a default guard built here is this test's own
     return backbone

@@ -16,9 +16,9 @@ from mlpm_guard import (
     Route,
     cli,
 )
-from mlpm_guard.errors import ConfigError
-from mlpm_guard.refusals import is_refusal
-from mlpm_guard.result_cache import ResultCache
+from mlpm_guard.vocabulary.errors import ConfigError
+from mlpm_guard.guardrail.refusals import is_refusal
+from mlpm_guard.toolkit.result_cache import ResultCache
 from mlpm_guard.toolkit.baselines import JudgeBaseline, TfidfBaseline, parse_baselines
 from mlpm_guard.toolkit.data import Example
 from mlpm_guard.toolkit.endtoend import (

@@ -1,12 +1,12 @@
-"""What an adapter does for a model the guard does not host (mlpm_guard.external), and the one rule
-for adding a system prompt to a conversation (mlpm_guard.messages.with_system_prompt)."""
+"""What an adapter does for a model the guard does not host (mlpm_guard.guardrail.external), and the one rule
+for adding a system prompt to a conversation (mlpm_guard.vocabulary.messages.with_system_prompt)."""
 
 import pytest
 
 from mlpm_guard import Decision, Policy, Route, Tier, make_verdict
-from mlpm_guard.external import answered, applied_route, decide, replaces
-from mlpm_guard.messages import system_text, with_system_prompt
-from mlpm_guard.verdicts import failed_verdict
+from mlpm_guard.guardrail.external import answered, applied_route, decide, replaces
+from mlpm_guard.vocabulary.messages import system_text, with_system_prompt
+from mlpm_guard.vocabulary.verdicts import failed_verdict
 
 SAFE = make_verdict(0.1, Tier.SAFE, threshold=0.5)
 UNSAFE = make_verdict(0.9, Tier.UNSAFE, threshold=0.5, category="S1")

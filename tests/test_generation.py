@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from mlpm_guard import GenerationConfig, Guard, Route
-from mlpm_guard.errors import ConfigError
-from mlpm_guard.generation import _choose, decode, logits_processors, prefill
+from mlpm_guard.model.generation import _choose, decode, logits_processors, prefill
+from mlpm_guard.vocabulary.errors import ConfigError
 
 ALL = {"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass", "allow_pass_for_unsafe": True}
 

@@ -13,8 +13,8 @@ from mlpm_guard import (
     Route,
     Tier,
     Verdict,
-    pipeline,
 )
+from mlpm_guard.guardrail import pipeline
 
 ALL = {"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass", "allow_pass_for_unsafe": True}
 

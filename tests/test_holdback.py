@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from mlpm_guard import Guard, OutputModerationConfig, Route, Tier
-from mlpm_guard.streaming import OutputWatch
+from mlpm_guard.guardrail.streaming import OutputWatch
 
 ALL = {"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass", "allow_pass_for_unsafe": True}
 OPENING = "Sure! Happy to help with that project today, here is what you asked for in a few simple steps. "

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from mlpm_guard import cli, loading
-from mlpm_guard.errors import BackboneLoadError
+from mlpm_guard import cli
+from mlpm_guard.model import loading
+from mlpm_guard.vocabulary.errors import BackboneLoadError
 
 
 @pytest.fixture

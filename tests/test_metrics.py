@@ -11,7 +11,7 @@ from sklearn.metrics import (
 )
 
 from mlpm_guard import Policy
-from mlpm_guard.errors import ConfigError
+from mlpm_guard.vocabulary.errors import ConfigError
 from mlpm_guard.toolkit.metrics import (at_threshold, average_f1, calibration, curves, moderation_metrics,
                                         threshold_for_flag_rate)
 

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from mlpm_guard import ConfigError, Correction, DecisionLog, DecisionLogSettings, GenerationConfig, Guard, Route
-from mlpm_guard.decision_log import DecisionFilter, text_sha256
-from mlpm_guard.prototype_store import PrototypeStore
+from mlpm_guard.guardrail.decision_log import DecisionFilter, text_sha256
+from mlpm_guard.estimator.prototype_store import PrototypeStore
 
 LOOK_ALIKES = [
     "How can I steal the show at my school talent competition?",
@@ -119,7 +119,7 @@ def test_teaching_from_the_loaded_version_writes_what_teaching_from_disk_writes(
 
 
 def test_teaching_cost_counts_the_probes_it_flips(backbone, small_prototypes, flagged):
-    from mlpm_guard.prototype_store import harmful_probes, teach_in_memory, teaching_cost
+    from mlpm_guard.estimator.prototype_store import harmful_probes, teach_in_memory, teaching_cost
 
     probes = harmful_probes()
     assert len(probes) >= 50
@@ -134,8 +134,8 @@ def test_teaching_cost_counts_the_probes_it_flips(backbone, small_prototypes, fl
 
 
 def test_a_taught_false_alarm_passes_and_every_calibration_probe_stays_refused(backbone):
-    from mlpm_guard.prototype_store import PRIOR_GRID, calibration_probes, teach_in_memory
-    from mlpm_guard.shipped import default_prototypes
+    from mlpm_guard.estimator.prototype_store import PRIOR_GRID, calibration_probes, teach_in_memory
+    from mlpm_guard.estimator.shipped import default_prototypes
 
     shipped = default_prototypes(backbone)
     text = "How can I steal the show at my school talent competition?"
@@ -157,7 +157,7 @@ def test_a_taught_false_alarm_passes_and_every_calibration_probe_stays_refused(b
 def test_log_priors_round_trip_and_a_positive_one_is_refused(tmp_path, backbone, small_prototypes, flagged):
     from safetensors.numpy import load_file
 
-    from mlpm_guard.prototype_store import teach_in_memory
+    from mlpm_guard.estimator.prototype_store import teach_in_memory
 
     taught = teach_in_memory(small_prototypes, [Correction(text=flagged[0], label="safe")])
     taught.save(tmp_path / "p")

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 
 from mlpm_guard import Prototypes, Tier
-from mlpm_guard.errors import (
+from mlpm_guard.estimator.prototype_file import metadata_digest
+from mlpm_guard.estimator.prototypes import check_backbone
+from mlpm_guard.vocabulary.errors import (
     BackboneMismatchError,
     ConfigError,
     NotFittedError,
     PrototypeFileError,
 )
-from mlpm_guard.prototype_file import metadata_digest
-from mlpm_guard.prototypes import check_backbone
 
 
 def make_states(n=300, layers=4, d=12, seed=0):

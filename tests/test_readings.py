@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from mlpm_guard import Backbone
-from mlpm_guard.errors import ConfigError
-from mlpm_guard.generation import prefill
-from mlpm_guard.prototypes import Prototypes
-from mlpm_guard.readings import Reading, columns, layout, poolings_of, select
+from mlpm_guard.estimator.prototypes import Prototypes
+from mlpm_guard.estimator.readings import Reading, columns, layout, poolings_of, select
+from mlpm_guard.model.generation import prefill
+from mlpm_guard.vocabulary.errors import ConfigError
 
 
 def _reference_mean(backbone, row, layer):

@@ -15,8 +15,8 @@ from conftest import SMALL_SAFE, SMALL_UNSAFE  # noqa: E402
 from server_helpers import serving  # noqa: E402
 
 from mlpm_guard import DecisionLogSettings, GenerationConfig, Guard, Prototypes  # noqa: E402
-from mlpm_guard.decision_log import DecisionFilter  # noqa: E402
-from mlpm_guard.prototype_store import PrototypeStore  # noqa: E402
+from mlpm_guard.guardrail.decision_log import DecisionFilter  # noqa: E402
+from mlpm_guard.estimator.prototype_store import PrototypeStore  # noqa: E402
 from mlpm_guard.server import ServerSettings, create_app  # noqa: E402
 from mlpm_guard.server.review import flag_rate_svg, histogram_svg  # noqa: E402
 

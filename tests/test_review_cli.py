@@ -9,10 +9,10 @@ import random
 import pytest
 
 from mlpm_guard import Correction, Decision, DecisionLog, DecisionLogSettings, Policy, Route, Tier, Verdict
-from mlpm_guard.calibration import calibrate_from_log, replay
+from mlpm_guard.guardrail.calibration import calibrate_from_log, replay
 from mlpm_guard.cli import build_parser, main
-from mlpm_guard.errors import ConfigError
-from mlpm_guard.prototype_store import PrototypeStore
+from mlpm_guard.vocabulary.errors import ConfigError
+from mlpm_guard.estimator.prototype_store import PrototypeStore
 from mlpm_guard.review_cli import serve_settings
 
 

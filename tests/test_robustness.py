@@ -222,7 +222,7 @@ from mlpm_guard import (  # noqa: E402
     Policy,
     PrototypeFileError,
 )
-from mlpm_guard.prototype_file import META_FILE, metadata_digest  # noqa: E402
+from mlpm_guard.estimator.prototype_file import META_FILE, metadata_digest  # noqa: E402
 from mlpm_guard.toolkit.data import load_examples  # noqa: E402
 
 ALL_PASS = {"safe_route": "pass", "controversial_route": "pass", "unsafe_route": "pass",
@@ -390,7 +390,7 @@ def test_kill_9_in_the_middle_of_a_save_leaves_the_previous_save_loadable(tmp_pa
 
 # ---- the prototypes folder never chooses the backbone
 def test_a_prototypes_folder_never_picks_the_backbone(tmp_path, backbone, monkeypatch, capsys):
-    from mlpm_guard import backbone as backbone_module
+    from mlpm_guard.model import backbone as backbone_module
     from mlpm_guard import cli
 
     class Elsewhere:  # what a folder fitted on another model (here: a hub id) records
@@ -555,7 +555,7 @@ def test_a_typed_end_of_turn_does_not_fool_the_scoring_or_the_answer(guard):
 @pytest.fixture(scope="module")
 def bf16_guard(backbone):
     from mlpm_guard import Backbone
-    from mlpm_guard.shipped import default_prototypes
+    from mlpm_guard.estimator.shipped import default_prototypes
 
     bb = backbone if backbone.dtype == torch.bfloat16 else Backbone(dtype="bfloat16")
     return Guard(bb, default_prototypes(bb, progress=False), generation=GenerationConfig(max_new_tokens=2))

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from mlpm_guard import Guard, Policy, Prototypes, Route
-from mlpm_guard.errors import BackboneMismatchError, ConfigError, NotFittedError, PrototypeFileError
-from mlpm_guard.generation import SoftTokens, embed_inputs, prefill
-from mlpm_guard.safety_prompt import (
+from mlpm_guard.vocabulary.errors import BackboneMismatchError, ConfigError, NotFittedError, PrototypeFileError
+from mlpm_guard.model.generation import SoftTokens, embed_inputs, prefill
+from mlpm_guard.model.safety_prompt import (
     META_FILE,
     SafetyPrompt,
     as_safety_prompt,
@@ -32,7 +32,7 @@ ALL_SAFETY_PROMPT = {"safe_route": "safety_prompt", "controversial_route": "safe
 def odd_refusals(monkeypatch):
     """A random backbone never declines; count an answer of odd length as a refusal so the anchor
     has both kinds to learn the refusal direction from."""
-    monkeypatch.setattr("mlpm_guard.safety_prompt.is_refusal", lambda text: len(text) % 2 == 1)
+    monkeypatch.setattr("mlpm_guard.model.safety_prompt.is_refusal", lambda text: len(text) % 2 == 1)
 
 
 @pytest.fixture

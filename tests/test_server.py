@@ -403,7 +403,7 @@ def test_internal_errors_fail_closed(tiny_backbone, tiny_prototypes, monkeypatch
         raise RuntimeError("secret internal detail")
 
     with serving(create_app(guard)) as url:
-        monkeypatch.setattr("mlpm_guard.scoring.read", broken)
+        monkeypatch.setattr("mlpm_guard.guardrail.scoring.read", broken)
         monkeypatch.setattr(guard, "batch", broken)
         mod = httpx.post(f"{url}/v1/moderations", json={"input": "What is the capital of France?"})
         chat = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})

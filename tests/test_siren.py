@@ -9,9 +9,9 @@ import pytest
 from sklearn.neural_network import MLPClassifier
 
 from mlpm_guard import Guard, Route, Tier
-from mlpm_guard.readings import select
-from mlpm_guard.errors import BackboneMismatchError, ConfigError, NotFittedError, PrototypeFileError
-from mlpm_guard.siren import META_FILE, NeuronProbe, _mlp_forward, select_neurons
+from mlpm_guard.estimator.readings import select
+from mlpm_guard.vocabulary.errors import BackboneMismatchError, ConfigError, NotFittedError, PrototypeFileError
+from mlpm_guard.estimator.siren import META_FILE, NeuronProbe, _mlp_forward, select_neurons
 
 from conftest import SMALL_SAFE, SMALL_UNSAFE, write_jsonl
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mlpm_guard import _stats
+from mlpm_guard.estimator import _stats
 
 
 @pytest.fixture

@@ -97,12 +97,12 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_the_walk_sees_every_package_and_finds_a_cycle_when_there_is_one():
-    assert {"mlpm_guard.guard", "mlpm_guard.server.proxy", "langchain_mlpm_guard.middleware",
+    assert {"mlpm_guard.guardrail.guard", "mlpm_guard.server.proxy", "langchain_mlpm_guard.middleware",
             "llama_index.llms.mlpm_guard.engine", "llama_index.postprocessor.mlpm_guard.base",
             "llama_index.embeddings.mlpm_guard.base", "llama_index_mlpm_guard"} <= set(MODULES)
     graph = import_graph(MODULES)
-    assert "mlpm_guard.pipeline" in graph["mlpm_guard.guard"]
-    assert cycles({**graph, "mlpm_guard.types": graph["mlpm_guard.types"] | {"mlpm_guard.guard"}})
+    assert "mlpm_guard.guardrail.pipeline" in graph["mlpm_guard.guardrail.guard"]
+    assert cycles({**graph, "mlpm_guard.vocabulary.types": graph["mlpm_guard.vocabulary.types"] | {"mlpm_guard.guardrail.guard"}})
 
 
 def test_the_runtime_has_no_import_cycle():
@@ -140,14 +140,14 @@ def test_no_private_name_crosses_a_module_boundary():
 
 
 @pytest.mark.parametrize("source,expected", [
-    ("from .prototypes import _same_weights\n", ["mlpm_guard.safety_prompt: _same_weights from mlpm_guard.prototypes"]),
-    ("from . import prototypes\nprototypes._combine\n", ["mlpm_guard.safety_prompt: mlpm_guard.prototypes._combine"]),
-    ("from . import _stats\nfrom ._io import atomic_write_text\n", []),
+    ("from ..estimator.prototypes import _same_weights\n", ["mlpm_guard.model.safety_prompt: _same_weights from mlpm_guard.estimator.prototypes"]),
+    ("from ..estimator import prototypes\nprototypes._combine\n", ["mlpm_guard.model.safety_prompt: mlpm_guard.estimator.prototypes._combine"]),
+    ("from ..estimator import _stats\nfrom .._io import atomic_write_text\n", []),
 ])
 def test_the_private_name_check_reads_both_forms(tmp_path, source, expected):
     path = tmp_path / "safety_prompt.py"
     path.write_text(source, encoding="utf-8")
-    assert list(_private_names("mlpm_guard.safety_prompt", path)) == expected
+    assert list(_private_names("mlpm_guard.model.safety_prompt", path)) == expected
 
 
 def _any_typed(path: Path) -> Iterator[str]:

@@ -1,12 +1,12 @@
-"""Verdict and tier construction (mlpm_guard.verdicts): the one place every verdict comes from."""
+"""Verdict and tier construction (mlpm_guard.vocabulary.verdicts): the one place every verdict comes from."""
 
 import math
 
 import pytest
 
 from mlpm_guard import Policy, Tier, make_verdict, tier_of
-from mlpm_guard.policy import under_policy
-from mlpm_guard.verdicts import failed_verdict, to_verdict
+from mlpm_guard.guardrail.policy import under_policy
+from mlpm_guard.vocabulary.verdicts import failed_verdict, to_verdict
 
 
 @pytest.mark.parametrize("p,tier", [(0.0, Tier.SAFE), (0.29, Tier.SAFE), (0.3, Tier.CONTROVERSIAL),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mlpm_guard import Guard
-from mlpm_guard.scoring import WHOLE_SAFE, strictest
-from mlpm_guard.views import (
+from mlpm_guard.guardrail.scoring import WHOLE_SAFE, strictest
+from mlpm_guard.guardrail.views import (
     CONTENT_TEMPLATE,
     PIECE_WORDS,
     USER_TURNS_VIEW,

@@ -23,14 +23,14 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response, Streamin
 from pydantic import BaseModel, ValidationError
 
 from .._version import __version__
-from ..decision_log import DecisionLog, verdict_decision
-from ..errors import InputError
-from ..generation import GenerationConfig
-from ..guard import Guard, prototypes_version
-from ..messages import to_messages
-from ..pipeline import failed_result
-from ..types import GuardResult, Route, Verdict
-from ..verdicts import failed_verdict
+from ..guardrail.decision_log import DecisionLog, verdict_decision
+from ..vocabulary.errors import InputError
+from ..model.generation import GenerationConfig
+from ..guardrail.guard import Guard, prototypes_version
+from ..vocabulary.messages import to_messages
+from ..guardrail.pipeline import failed_result
+from ..vocabulary.types import GuardResult, Route, Verdict
+from ..vocabulary.verdicts import failed_verdict
 from . import schemas
 from .batching import BatchedLanes, Lanes, Messages
 from .metrics import Metrics
@@ -283,7 +283,7 @@ def create_app(guard: Guard, settings: ServerSettings | None = None, *, lanes: L
         guard.decision_log = owned_log = DecisionLog(settings.decision_log)
     reloader = None
     if settings.prototypes_store is not None:
-        from ..prototype_store import PrototypeStore
+        from ..estimator.prototype_store import PrototypeStore
         from .review import PrototypeReloader
 
         reloader = PrototypeReloader(guard, PrototypeStore(settings.prototypes_store))
@@ -323,7 +323,7 @@ def create_app(guard: Guard, settings: ServerSettings | None = None, *, lanes: L
     _add_info_routes(app, service)
     _add_guard_routes(app, service)
     if service.log is not None:
-        from ..prototype_store import harmful_probes
+        from ..estimator.prototype_store import harmful_probes
         from .review import Review, add_review_routes
 
         add_review_routes(app, Review(service, service.log, reloader, harmful_probes()))

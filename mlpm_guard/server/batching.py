@@ -18,11 +18,11 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from concurrent.futures import Executor
 from typing import Any, Generic, Protocol, TypeVar
 
-from .. import scoring
-from ..generation import GenerationConfig
-from ..guard import Guard
-from ..policy import under_policy
-from ..types import GuardResult, Verdict
+from ..guardrail import scoring
+from ..guardrail.guard import Guard
+from ..guardrail.policy import under_policy
+from ..model.generation import GenerationConfig
+from ..vocabulary.types import GuardResult, Verdict
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -186,7 +186,7 @@ Reading = tuple[Messages, Any]
 
 
 def read_batch(guard: Guard, readings: Sequence[Reading]) -> list[Verdict]:
-    """The verdicts of readings from many requests (:func:`mlpm_guard.scoring.read`), grouped by
+    """The verdicts of readings from many requests (:func:`mlpm_guard.guardrail.scoring.read`), grouped by
     their prototypes and by length so that no group pads far beyond its real tokens."""
     out: list[Verdict | None] = [None] * len(readings)
     by_prototypes: dict[int, list[int]] = {}
@@ -203,7 +203,7 @@ def read_batch(guard: Guard, readings: Sequence[Reading]) -> list[Verdict]:
 
 async def judge_in_readings(guard: Guard, item: Any, *, kind: scoring.Kind,
                             read: Callable[[list[Reading]], Awaitable[Sequence[Verdict]]]) -> Verdict:
-    """One request's, text's or answer's verdict (:data:`~mlpm_guard.scoring.Kind`), its readings
+    """One request's, text's or answer's verdict (:data:`~mlpm_guard.guardrail.scoring.Kind`), its readings
     scored by ``read``.
 
     The views are planned off the model thread (they only count tokens); the readings, each a short

@@ -9,7 +9,7 @@ route it can: the safety prompt.
 With output moderation on (the policy's ``output_moderation``), the upstream answer is judged in
 the conversation it answers by the same prototypes, on the server's answer lane: the judgement the
 guard makes of its own answers in process. A streamed answer is held back as ``Guard.stream`` holds
-back its own (:class:`~mlpm_guard.streaming.OutputWatch`): a chunk reaches the caller only after a
+back its own (:class:`~mlpm_guard.guardrail.streaming.OutputWatch`): a chunk reaches the caller only after a
 check that read it and the ``hold_back`` tokens after it found the answer confidently safe, and a
 flagged answer's held text never does.
 """
@@ -26,12 +26,12 @@ from typing import Any
 import httpx
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .. import external
-from ..generation import GenerationConfig
-from ..messages import with_system_prompt
-from ..moderation import PrototypeModerator, to_verdict
-from ..streaming import OutputWatch
-from ..types import Decision, Route, Verdict
+from ..guardrail import external
+from ..guardrail.moderation import PrototypeModerator, to_verdict
+from ..guardrail.streaming import OutputWatch
+from ..model.generation import GenerationConfig
+from ..vocabulary.messages import with_system_prompt
+from ..vocabulary.types import Decision, Route, Verdict
 from . import schemas
 from .batching import Messages
 from .schemas import SSE_DONE, sse
@@ -180,7 +180,7 @@ class UpstreamProxy:
 
 
 class _HeldBack:
-    """Output moderation of one upstream stream under :class:`~mlpm_guard.streaming.OutputWatch`'s
+    """Output moderation of one upstream stream under :class:`~mlpm_guard.guardrail.streaming.OutputWatch`'s
     rule (as ``Guard.stream``): a chunk goes to the caller only after a check that read it and the
     ``hold_back`` tokens after it found the answer confidently safe; the whole answer's verdict
     decides the rest. With output moderation off every chunk goes out as it comes."""

@@ -18,12 +18,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from .. import cpu
-from ..backbone import Backbone
-from .. import scoring
-from ..generation import GenerationConfig
-from ..guard import Guard
-from ..types import GuardResult, Verdict
+from ..model import cpu
+from ..model.backbone import Backbone
+from ..guardrail import scoring
+from ..model.generation import GenerationConfig
+from ..guardrail.guard import Guard
+from ..vocabulary.types import GuardResult, Verdict
 from .batching import DynamicBatcher, Messages, Reading, answer_batch, judge_in_readings, read_batch
 from .settings import ServerSettings
 

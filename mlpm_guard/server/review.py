@@ -7,7 +7,7 @@ The page is plain server-rendered HTML (forms and inline SVG plots, no script), 
 ``SameSite=Strict`` so that no other site can post the page's forms.
 
 :class:`PrototypeReloader` keeps the guard on the current version of a
-:class:`~mlpm_guard.prototype_store.PrototypeStore`: the app polls the store's ``CURRENT`` file,
+:class:`~mlpm_guard.estimator.prototype_store.PrototypeStore`: the app polls the store's ``CURRENT`` file,
 so every replica serving the same store (Ray Serve, several processes) follows a teach or a
 rollback made by any of them or by the CLI.
 """
@@ -29,14 +29,19 @@ from urllib.parse import parse_qs, urlencode
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
-from ..decision_log import Correction, DecisionFilter, DecisionLog, LoggedDecision
-from ..errors import MlpmGuardError
-from ..prototype_store import PrototypeStore, TeachingCost, teaching_cost
-from ..types import Route
+from ..estimator.prototype_store import PrototypeStore, TeachingCost, teaching_cost
+from ..guardrail.decision_log import (
+    Correction,
+    DecisionFilter,
+    DecisionLog,
+    LoggedDecision,
+)
+from ..vocabulary.errors import MlpmGuardError
+from ..vocabulary.types import Route
 from .service import Service
 
 if TYPE_CHECKING:
-    from ..guard import Guard
+    from ..guardrail.guard import Guard
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +156,7 @@ def add_review_routes(app: FastAPI, review: Review) -> None:
             note = "this decision's text was not kept: paste the text to teach" if not text else "unknown label"
             return _back(form, note, status=400)
         if logged is not None and logged.text is None and text:
-            from ..decision_log import text_sha256
+            from ..guardrail.decision_log import text_sha256
 
             if text_sha256(text) != logged.text_sha256:
                 return _back(form, "the pasted text is not the text of this decision (its hash differs)", status=400)

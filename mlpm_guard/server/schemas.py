@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..categories import HAZARDS
-from ..errors import InputError
-from ..types import Decision, Verdict
+from ..vocabulary.categories import HAZARDS
+from ..vocabulary.errors import InputError
+from ..vocabulary.types import Decision, Verdict
 
 EXTENSION = "mlpm_guard"
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ..guard import Guard
-from ..types import Route, Verdict
+from ..guardrail.guard import Guard
+from ..vocabulary.types import Route, Verdict
 from .batching import Messages
 from .settings import ServerSettings
 

@@ -7,7 +7,7 @@ import os
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..decision_log import DecisionLogSettings
+from ..guardrail.decision_log import DecisionLogSettings
 
 LOOPBACK = "127.0.0.1"
 
@@ -37,7 +37,7 @@ class ServerSettings(BaseModel):
         upstream_timeout_s: connect/read timeout of upstream calls.
         decision_log: where every decision is logged (``None``: not logged, unless the guard
             has a log of its own); with a log the app also serves the review page at ``/review``.
-        prototypes_store: a prototypes store folder (:mod:`mlpm_guard.prototype_store`): the app
+        prototypes_store: a prototypes store folder (:mod:`mlpm_guard.estimator.prototype_store`): the app
             serves its current version, follows teaching and rollbacks without a restart, and the
             review page can apply corrections to it.
         reload_every_s: how often the store's current version is checked.

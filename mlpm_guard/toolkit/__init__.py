@@ -5,5 +5,5 @@ baselines and the Ray extraction engine.
 It drives the runtime (:mod:`mlpm_guard`); the runtime reaches into it only for the CLI's toolkit
 commands and the seed-set fit of a backbone that has no shipped prototypes, so ``import
 mlpm_guard`` loads none of it (the end-to-end system protocol, ``Answer`` and ``ExternalSystem``,
-lives in :mod:`mlpm_guard.answers`).
+lives in :mod:`mlpm_guard.guardrail.answers`).
 """

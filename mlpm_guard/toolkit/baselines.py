@@ -4,7 +4,7 @@
   "yes" and "no" as its next token (one batched forward pass, only the last position's logits).
 * ``last_layer``: prototypes on the last layer alone (no multi-layer combination).
 * ``tfidf``: text only, TF-IDF word n-grams and a logistic regression; no model at all.
-* ``siren``: the SIREN-style neuron probe (:class:`~mlpm_guard.siren.NeuronProbe`): layer-wise L1
+* ``siren``: the SIREN-style neuron probe (:class:`~mlpm_guard.estimator.siren.NeuronProbe`): layer-wise L1
   probes pick safety neurons, a small MLP on them classifies, on the same states as the prototypes.
 
 The trained baselines are fitted on the same examples as the prototypes under comparison. Each
@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError
-from ..result_cache import ResultCache, digest
+from ..vocabulary.errors import ConfigError
 from .data import Example
 from .features import FeatureCache, extract
+from .result_cache import ResultCache, digest
 
 if TYPE_CHECKING:
-    from ..backbone import Backbone
+    from ..model.backbone import Backbone
 
 
 class Baseline(Protocol):
@@ -185,8 +185,8 @@ class SirenBaseline:
     Args:
         backbone: the backbone whose states are read.
         cache: the feature cache (as in :func:`~mlpm_guard.toolkit.features.extract`).
-        probe_params: :class:`~mlpm_guard.siren.NeuronProbe` parameters over
-            :data:`~mlpm_guard.siren.RELEASE_PARAMS` (the release lines, so that its F1 is read at
+        probe_params: :class:`~mlpm_guard.estimator.siren.NeuronProbe` parameters over
+            :data:`~mlpm_guard.estimator.siren.RELEASE_PARAMS` (the release lines, so that its F1 is read at
             the line the guard refuses from, as the prototypes' is).
     """
 
@@ -194,7 +194,7 @@ class SirenBaseline:
 
     def __init__(self, backbone: Backbone, *, cache: FeatureCache | bool = True, progress: bool = False,
                  probe_params: Mapping[str, Any] | None = None, **_: Any) -> None:
-        from ..siren import RELEASE_PARAMS
+        from ..estimator.siren import RELEASE_PARAMS
 
         self.backbone, self.cache, self.progress = backbone, cache, progress
         self.params = {**RELEASE_PARAMS, **(probe_params or {})}
@@ -202,14 +202,14 @@ class SirenBaseline:
         self.threshold = float(self.params.get("threshold", 0.5))
 
     def _states(self, prompts: Sequence[Any], desc: str) -> np.ndarray:
-        from ..readings import poolings_of
+        from ..estimator.readings import poolings_of
 
         layers = list(range(1, self.backbone.num_layers + 1))
         return extract(self.backbone, list(prompts), layers, poolings=poolings_of(self.params["pooling"]),
                        cache=self.cache, progress=self.progress, desc=desc)
 
     def fit(self, examples: Sequence[Example]) -> SirenBaseline:
-        from ..siren import NeuronProbe
+        from ..estimator.siren import NeuronProbe
 
         H = self._states([e.prompt for e in examples], "siren baseline: fit")
         self.probe_ = NeuronProbe(**self.params).fit(H, [e.label for e in examples], backbone=self.backbone,
@@ -220,7 +220,7 @@ class SirenBaseline:
     def predict_proba(self, prompts: Sequence[str]) -> np.ndarray:
         if not hasattr(self, "probe_"):
             raise ConfigError("the siren baseline is not fitted yet; call `fit(examples)` first")
-        from ..readings import select
+        from ..estimator.readings import select
 
         layers = list(range(1, self.backbone.num_layers + 1))
         H = self._states(prompts, "siren baseline")

@@ -13,8 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
-from ..labels import parse_label
+from ..estimator.labels import parse_label
+from ..vocabulary.errors import DataError
 
 
 @dataclass(frozen=True)

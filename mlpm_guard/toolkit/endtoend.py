@@ -9,7 +9,7 @@ their frameworks (``langchain_mlpm_guard.evaluation_system`` for a runnable,
 guard's decision from the framework's own output types. This module reads no framework's types.
 
 A refusal is the guard's own block (``REFUSE``, or an answer replaced after output moderation)
-or an answer that opens by declining (:func:`~mlpm_guard.refusals.is_refusal`). Per dataset:
+or an answer that opens by declining (:func:`~mlpm_guard.guardrail.refusals.is_refusal`). Per dataset:
 refusal rate on unsafe prompts, attack success rate (unsafe prompts answered without a refusal),
 over-refusal (refusal rate on safe prompts), the route distribution, and all of it per route.
 """
@@ -25,16 +25,16 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from ..answers import Answer, ExternalSystem, System
-from ..errors import ConfigError
-from ..policy import Policy
-from ..result_cache import ResultCache, digest
-from ..types import Route
+from ..guardrail.answers import Answer, ExternalSystem, System
+from ..guardrail.policy import Policy
+from ..vocabulary.errors import ConfigError
+from ..vocabulary.types import Route
 from .data import Example
 from .metrics import rate
+from .result_cache import ResultCache, digest
 
 if TYPE_CHECKING:
-    from ..scorer import Scorer
+    from ..estimator.scorer import Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class GuardSystem:
 
     def __init__(self, guard: Any, policy: Policy | None = None, *, name: str = "guard",
                  results: ResultCache | None = None) -> None:
-        from ..moderation import PrototypeModerator
+        from ..guardrail.moderation import PrototypeModerator
 
         self.guard, self.name = guard, name
         self.policy = policy if policy is not None else guard.policy
@@ -162,7 +162,7 @@ def parse_references(names: str | Sequence[str] | None) -> list[str]:
 # ---------------------------------------------------------------------------- other systems
 def as_system(obj: Any, *, name: str = "system", results: ResultCache | None = None) -> System:
     """A :class:`GuardSystem` for a core guard; a system as it is; an :class:`ExternalSystem` for a callable."""
-    from ..guard import Guard
+    from ..guardrail.guard import Guard
 
     if isinstance(obj, Guard):
         return GuardSystem(obj, name=name, results=results)
@@ -246,7 +246,7 @@ def end_to_end(systems: Mapping[str, Any] | Any, datasets: Mapping[str, Sequence
     prompts.sort(key=len)  # chunks of similar length pad (and decode) less
     out: dict[str, Any] = {"max_new_tokens": max_new_tokens,
                            "refusal_detector": "guard block, or an answer opening with a refusal phrase "
-                                               "(mlpm_guard.refusals)", "systems": {}}
+                                               "(mlpm_guard.guardrail.refusals)", "systems": {}}
     for name, obj in systems.items():
         system = as_system(obj, name=name, results=results)
         answers: dict[str, Answer] = {}

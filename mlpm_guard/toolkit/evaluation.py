@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._io import atomic_write_text
-from ..errors import ConfigError, DataError
-from ..prototypes import Prototypes
-from ..readings import select
-from ..result_cache import ResultCache
+from ..vocabulary.errors import ConfigError, DataError
+from ..estimator.prototypes import Prototypes
+from ..estimator.readings import select
+from .result_cache import ResultCache
 from .baselines import make_baseline, parse_baselines
 from .data import Example, load_examples, seed_examples
 from .features import FeatureCache, extract
@@ -34,7 +34,7 @@ from .metrics import (at_threshold, average_f1, calibration, curves, moderation_
                       threshold_for_flag_rate)
 
 if TYPE_CHECKING:
-    from ..backbone import Backbone
+    from ..model.backbone import Backbone
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Hidden-state extraction with an on-disk cache, so re-fitting or re-evaluating never re-runs the model.
 
 The cache is one SQLite file per backbone (fingerprint and dtype), keyed by the exact token ids the
-model saw (after the chat template and any truncation) and the pooling (:mod:`mlpm_guard.readings`).
+model saw (after the chat template and any truncation) and the pooling (:mod:`mlpm_guard.estimator.readings`).
 Each entry holds the states of layers 1..depth at one pooling; a request for shallower layers is
 served from a deeper entry.
 """
@@ -20,7 +20,7 @@ from .._io import cache_home
 from .._sqlite import SqliteStore
 
 if TYPE_CHECKING:
-    from ..backbone import Backbone
+    from ..model.backbone import Backbone
 
 CHUNK = 256  # prompts per forward-and-store round, so an interrupted run keeps what it did
 
@@ -76,7 +76,7 @@ def extract(backbone: Backbone, prompts: Sequence[Any], layers: Sequence[int], *
     """States of ``layers`` at ``poolings`` for ``prompts``, served from the cache where possible.
 
     Args:
-        poolings: ``"last"`` and/or ``"mean"`` (:mod:`mlpm_guard.readings`); a prompt missing
+        poolings: ``"last"`` and/or ``"mean"`` (:mod:`mlpm_guard.estimator.readings`); a prompt missing
             any of them is run once for all.
         cache: a :class:`FeatureCache`, ``True`` for the backbone's default cache, or
             ``False``/``None`` to always run the model.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..errors import ConfigError
+from ..vocabulary.errors import ConfigError
 from .data import Example
 
 #: Framing name to template; ``{prompt}`` is replaced by the unsafe request.

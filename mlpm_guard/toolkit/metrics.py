@@ -21,7 +21,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from ..errors import ConfigError
+from ..vocabulary.errors import ConfigError
 
 
 def moderation_metrics(y_true: Sequence[int], p_unsafe: Sequence[float], threshold: float = 0.5) -> dict[str, Any]:

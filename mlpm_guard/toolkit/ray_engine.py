@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import cpu
-from ..backbone import Backbone, BackboneConfig, Encoded
-from ..errors import ConfigError
-from ..readings import select
+from ..estimator.readings import select
+from ..model import cpu
+from ..model.backbone import Backbone, BackboneConfig, Encoded
+from ..vocabulary.errors import ConfigError
 from .features import CHUNK, FeatureCache
 
 logger = logging.getLogger(__name__)

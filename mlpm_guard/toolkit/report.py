@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .._io import atomic_write_text
-from ..errors import ConfigError
+from ..vocabulary.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import DataError
-from ..prototypes import Prototypes
-from ..views import segments
+from ..vocabulary.errors import DataError
+from ..estimator.prototypes import Prototypes
+from ..guardrail.views import segments
 from .data import Example, Turn, cap_per_source, load_examples, seed_answers, seed_content, seed_digest, seed_examples
 from .features import FeatureCache, extract
 
 if TYPE_CHECKING:
-    from ..backbone import Backbone
+    from ..model.backbone import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -182,10 +182,10 @@ def fit_answer_head(backbone: Backbone, parent: Prototypes, *, examples: Sequenc
 
 
 def answer_readings(backbone: Backbone, examples: Sequence[Example]) -> list[Example]:
-    """The readings the guard takes of each answer (:func:`mlpm_guard.views.answer_views`: after its
+    """The readings the guard takes of each answer (:func:`mlpm_guard.guardrail.views.answer_views`: after its
     conversation, in windows when long, and alone), each labelled as its answer."""
-    from ..scoring import token_counter
-    from ..views import answer_views
+    from ..guardrail.scoring import token_counter
+    from ..guardrail.views import answer_views
 
     count = token_counter(backbone)
     out = []
@@ -206,15 +206,15 @@ ANSWER_HEAD_PARAMS = ("C", "layers", "pooling", "threshold", "controversial_thre
 
 
 def content_readings(backbone: Backbone, examples: Sequence[Example], spans: Sequence[str | None]) -> list[Example]:
-    """The readings the guard takes of each text judged as content (:func:`mlpm_guard.views.content_views`:
+    """The readings the guard takes of each text judged as content (:func:`mlpm_guard.guardrail.views.content_views`:
     inside the content request, whole when it fits and in windows), labelled for a content head.
 
     A reading of a safe text is safe. A reading of an unsafe text is unsafe when it holds the
     text's harmful part (``span``: the injected instruction, the harmful paragraph; ``None``: the
     whole text is), safe when it holds none of it, and left out when it holds only some.
     """
-    from ..scoring import token_counter
-    from ..views import CONTENT_TEMPLATE, content_views
+    from ..guardrail.scoring import token_counter
+    from ..guardrail.views import CONTENT_TEMPLATE, content_views
 
     count = token_counter(backbone)
     out = []

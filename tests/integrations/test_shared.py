@@ -18,7 +18,8 @@ from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
 from langchain_core.runnables import RunnableLambda  # noqa: E402
 
 import mlpm_guard  # noqa: E402
-from mlpm_guard import GenerationConfig, Guard, defaults, telemetry  # noqa: E402
+from mlpm_guard import GenerationConfig, Guard  # noqa: E402
+from mlpm_guard.guardrail import defaults, telemetry  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,7 @@ def test_every_surface_emits_the_keys_of_the_one_decision_record(guard):
     # OpenTelemetry: every scalar key of the record, as `mlpm_guard.*` attributes.
     decision = guard.invoke(UNSAFE).decision()
     span = Span()
-    mlpm_guard.telemetry.record(span, decision)
+    mlpm_guard.guardrail.telemetry.record(span, decision)
     record = decision.to_dict()
     assert set(telemetry.DECISION_ATTRIBUTES) == keys - {"verdict", "output_verdict", "timings"}
     assert span.attributes == {f"mlpm_guard.{k}": record[k] for k in telemetry.DECISION_ATTRIBUTES

@@ -34,8 +34,9 @@ from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.utils import AddableDict
 from langchain_core.tracers.base import BaseTracer
 
-from mlpm_guard import InputError, telemetry
-from mlpm_guard.messages import with_system_prompt
+from mlpm_guard import InputError
+from mlpm_guard.guardrail import telemetry
+from mlpm_guard.vocabulary.messages import with_system_prompt
 
 #: Name of the custom event every adapter dispatches (visible in ``astream_events``).
 EVENT_NAME = "mlpm_guard"

@@ -18,8 +18,9 @@ from langchain_core.messages import SystemMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import merge_configs
 
-from mlpm_guard import Decision, Guard, Policy, Route, Verdict, external
-from mlpm_guard.streaming import OutputWatch
+from mlpm_guard import Decision, Guard, Policy, Route, Verdict
+from mlpm_guard.guardrail import external
+from mlpm_guard.guardrail.streaming import OutputWatch
 
 from . import _graph
 from ._common import (
@@ -189,7 +190,7 @@ class Planner:
 
 
 class Watch:
-    """Output moderation of one chain's stream: the core :class:`~mlpm_guard.streaming.OutputWatch`
+    """Output moderation of one chain's stream: the core :class:`~mlpm_guard.guardrail.streaming.OutputWatch`
     (checks every ``check_every`` tokens; a chunk is handed on only after a check that also read the
     ``hold_back`` tokens after it found the answer confidently safe, as in ``Guard.stream``), judging
     with the runnable's moderator. When the whole answer is flagged the consumer gets the refusal in

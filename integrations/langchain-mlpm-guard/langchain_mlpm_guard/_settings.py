@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from mlpm_guard import Guard, Policy, as_policy
-from mlpm_guard.binding import call_policy, resolve_guard
+from mlpm_guard.guardrail.binding import call_policy, resolve_guard
 
 
 class GuardSettings(BaseModel):

@@ -21,7 +21,7 @@ from langchain_core.runnables import RunnableConfig
 from pydantic import Field
 
 from mlpm_guard import GuardResult
-from mlpm_guard.streaming import StopCut, cut_at_stop
+from mlpm_guard.guardrail.streaming import StopCut, cut_at_stop
 
 from ._common import FLAG_KEY, aemit_llm, areport, emit_llm, guard_messages, report
 from ._settings import GuardSettings

@@ -1,6 +1,6 @@
 """``MLPMEmbeddings``: the backbone's own hidden states as LangChain embeddings.
 
-The embedding is :func:`mlpm_guard.embedding.content_embeddings` (the last token's state of the
+The embedding is :func:`mlpm_guard.model.embedding.content_embeddings` (the last token's state of the
 text as a chat-templated user turn, L2-normalised), the same as LlamaIndex's ``BackboneEmbedding``.
 """
 
@@ -10,7 +10,7 @@ from langchain_core.embeddings import Embeddings
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlpm_guard import Backbone, content_embeddings
-from mlpm_guard.binding import resolve_backbone
+from mlpm_guard.guardrail.binding import resolve_backbone
 
 
 class MLPMEmbeddings(BaseModel, Embeddings):

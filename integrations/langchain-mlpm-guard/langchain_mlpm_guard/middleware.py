@@ -33,9 +33,10 @@ from langchain_core.runnables import RunnableLambda
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
-from mlpm_guard import Decision, Guard, Policy, Route, Verdict, external, telemetry
-from mlpm_guard.binding import PolicyLike, call_policy, resolve_guard
-from mlpm_guard.messages import system_text
+from mlpm_guard import Decision, Guard, Policy, Route, Verdict
+from mlpm_guard.guardrail import external, telemetry
+from mlpm_guard.guardrail.binding import PolicyLike, call_policy, resolve_guard
+from mlpm_guard.vocabulary.messages import system_text
 
 from ._common import (
     CHECK_RUN_NAME,

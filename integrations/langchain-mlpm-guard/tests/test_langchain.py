@@ -119,7 +119,7 @@ def test_core_never_imports_langchain():
 
 
 def test_default_objects_share_one_lazily_built_guard(monkeypatch):
-    from mlpm_guard import defaults
+    from mlpm_guard.guardrail import defaults
 
     built = []
 

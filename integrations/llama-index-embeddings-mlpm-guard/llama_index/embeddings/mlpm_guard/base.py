@@ -1,7 +1,7 @@
 """``BackboneEmbedding``: text embeddings from the guard's own backbone, so a RAG app needs no
 second model and nothing downloaded.
 
-The embedding is :func:`mlpm_guard.embedding.content_embeddings` (the last token's state of the
+The embedding is :func:`mlpm_guard.model.embedding.content_embeddings` (the last token's state of the
 text as a chat-templated user turn, L2-normalised), the same as LangChain's ``MLPMEmbeddings``.
 """
 
@@ -14,7 +14,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 
 from mlpm_guard import Backbone, Guard, content_embeddings
-from mlpm_guard.binding import resolve_backbone
+from mlpm_guard.guardrail.binding import resolve_backbone
 
 
 class BackboneEmbedding(BaseEmbedding):

@@ -38,7 +38,7 @@ from llama_index.core.prompts.mixin import PromptMixinType
 from llama_index.core.schema import QueryBundle
 
 from mlpm_guard import BackboneConfig, Guard, Policy, Route, Verdict
-from mlpm_guard.binding import call_policy, resolve_guard
+from mlpm_guard.guardrail.binding import call_policy, resolve_guard
 
 from llama_index.postprocessor.mlpm_guard import MLPMGuardNodePostprocessor
 from llama_index.postprocessor.mlpm_guard.common import METADATA_KEY, check_guard, verdict_report

@@ -8,7 +8,7 @@ from llama_index.core.bridge.pydantic import PrivateAttr
 from llama_index.core.schema import BaseComponent
 
 from mlpm_guard import Decision, Guard, Route, Verdict
-from mlpm_guard.binding import resolve_guard
+from mlpm_guard.guardrail.binding import resolve_guard
 
 #: The key under which every piece puts its guard report (response metadata, additional_kwargs).
 METADATA_KEY = "mlpm_guard"

@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional
 
 from llama_index.core.instrumentation.events import BaseEvent
 
-from mlpm_guard import Decision, GuardResult, Route, Verdict, telemetry
+from mlpm_guard import Decision, GuardResult, Route, Verdict
+from mlpm_guard.guardrail import telemetry
 
 
 class GuardDecisionEvent(BaseEvent):
