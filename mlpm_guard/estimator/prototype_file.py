@@ -255,6 +255,79 @@ def read_folder(folder: Path) -> tuple[PrototypeMeta, bytes]:
     return meta, blob
 
 
+@dataclass(frozen=True)
+class CheckedFolder:
+    """A strict folder format of one kind of fitted artefact (a neuron probe, a safety prompt): a
+    JSON metadata file with a schema and its own digest, beside a safetensors file named by its
+    digest. The tensors are written first and the metadata last, each in one rename, so a save
+    killed at any point leaves the previous one loadable."""
+
+    format: str
+    version: int
+    meta_file: str
+    stem: str  # the tensors file is ``<stem>.<digest>.safetensors``
+    what: str  # "neuron probe", "safety prompt": named in errors
+    schema: type[BaseModel]
+    missing_hint: str = ""
+
+    def tensors_file_name(self, digest: str) -> str:
+        return f"{self.stem}.{digest[:16]}.safetensors"
+
+    def write(self, folder: Path, meta: dict[str, Any], blob: bytes) -> Path:
+        """Write ``meta`` (without its digests, which are added here) and the tensors ``blob``."""
+        meta["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
+        meta["metadata_sha256"] = metadata_digest(meta)
+        try:
+            self.schema.model_validate(meta)  # never write a file that would not load
+        except ValidationError as exc:
+            raise ConfigError(f"this {self.what} holds values that cannot be saved:\n{exc}") from None
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(folder)
+        name = self.tensors_file_name(meta["tensors_sha256"])
+        atomic_write_bytes(folder / name, blob)
+        atomic_write_text(folder / self.meta_file, json.dumps(meta, indent=2, allow_nan=False))
+        for old in folder.glob(f"{self.stem}.*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        return folder
+
+    def read(self, folder: Path) -> tuple[Any, dict[str, np.ndarray]]:
+        """The checked metadata (schema, both digests) and the finite tensors of a folder."""
+        meta_path = folder / self.meta_file
+        if not meta_path.is_file():
+            raise PrototypeFileError(f"{folder} is not a {self.what} folder: it has no {self.meta_file}{self.missing_hint}")
+        try:
+            raw = json.loads(meta_path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise PrototypeFileError(f"{meta_path} is corrupted (not valid JSON: {exc})") from None
+        if not isinstance(raw, dict) or raw.get("format") != self.format:
+            raise PrototypeFileError(f"{meta_path} is not an mlpm-guard {self.what} file")
+        if type(raw.get("format_version")) is int and raw["format_version"] > self.version:
+            raise PrototypeFileError(f"{meta_path} has format version {raw['format_version']}, newer than this "
+                                     f"mlpm-guard understands ({self.version}); upgrade mlpm-guard")
+        try:
+            meta = self.schema.model_validate(raw)
+        except ValidationError as exc:
+            raise PrototypeFileError(f"{meta_path} has invalid fields (refusing to load a {self.what} from it):\n"
+                                     f"{exc}") from None
+        if metadata_digest(raw) != raw["metadata_sha256"]:
+            raise PrototypeFileError(f"{meta_path} was changed after it was saved (its metadata_sha256 does not "
+                                     f"match); fit the {self.what} again")
+        tensor_path = folder / self.tensors_file_name(raw["tensors_sha256"])
+        if not tensor_path.is_file():
+            raise PrototypeFileError(f"{folder}: the tensors file {tensor_path.name} named by {self.meta_file} is missing")
+        blob = tensor_path.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != raw["tensors_sha256"]:
+            raise PrototypeFileError(f"{tensor_path} does not match {self.meta_file} (corrupted, or from another save)")
+        try:
+            tensors = load_bytes(blob)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise PrototypeFileError(f"{folder}: the tensors file is truncated or corrupted: {exc}") from None
+        if not all(np.isfinite(v).all() for v in tensors.values() if v.dtype.kind == "f"):
+            raise PrototypeFileError(f"{folder}: the tensors hold NaN or infinite values")
+        return meta, tensors
+
+
 def _reject_constant(name: str) -> Any:
     # Python's json reads NaN/Infinity, which are not JSON; a prototypes file never holds them.
     raise ValueError(f"{name} is not a number JSON allows")

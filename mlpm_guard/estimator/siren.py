@@ -25,7 +25,6 @@ schema and digests, and the probe, scaler and MLP weights in a digest-named safe
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -34,20 +33,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors import SafetensorError
-from safetensors.numpy import load as load_bytes, save as save_bytes
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.numpy import save as save_bytes
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
-from .._io import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from .._version import __version__
 from ..vocabulary.errors import ConfigError, NotFittedError, PrototypeFileError
 from .labels import parse_label
-from .prototype_file import BackboneRecord, metadata_digest
+from .prototype_file import BackboneRecord, CheckedFolder
 from .prototypes import as_states, candidate_layers, check_backbone, check_line, fit_labels
 from .readings import Reading, columns, layout, poolings_of
 from ..vocabulary.types import Verdict
@@ -449,8 +446,7 @@ class ProbeMeta(BaseModel):
     metadata_sha256: str = Field(pattern=_SHA256)
 
 
-def tensors_file_name(digest: str) -> str:
-    return f"neuron_probe.{digest[:16]}.safetensors"
+FOLDER = CheckedFolder(FORMAT, FORMAT_VERSION, META_FILE, "neuron_probe", "neuron probe", ProbeMeta)
 
 
 def _tensors(p: NeuronProbe) -> dict[str, np.ndarray]:
@@ -484,63 +480,13 @@ def _save(p: NeuronProbe, folder: Path) -> Path:
         "steering_layers": [int(x) for x in p.steering_layers_], "n_samples": int(p.n_samples_),
         "training_summary": {str(k): int(v) for k, v in p.training_summary_.items()},
         "fit_seconds": float(p.fit_seconds_), "provenance": p.provenance_,
-        "tensors_sha256": hashlib.sha256(blob).hexdigest(),
     }
-    meta["metadata_sha256"] = metadata_digest(meta)
-    try:
-        ProbeMeta.model_validate(meta)  # never write a file that would not load
-    except ValidationError as exc:
-        raise ConfigError(f"this neuron probe holds values that cannot be saved:\n{exc}") from None
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(folder)
-    name = tensors_file_name(meta["tensors_sha256"])
-    atomic_write_bytes(folder / name, blob)
-    atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2, allow_nan=False))
-    for old in folder.glob("neuron_probe.*.safetensors"):
-        if old.name != name:
-            old.unlink(missing_ok=True)
-    return folder
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
+    return FOLDER.write(folder, meta, blob)
 
 
 def _read(folder: Path) -> tuple[ProbeMeta, dict[str, np.ndarray]]:
     """The checked metadata and tensors of a neuron-probe folder (schema, both digests)."""
-    meta_path = folder / META_FILE
-    if not meta_path.is_file():
-        raise PrototypeFileError(f"{folder} is not a neuron-probe folder: it has no {META_FILE}")
-    try:
-        raw = json.loads(meta_path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise PrototypeFileError(f"{meta_path} is corrupted (not valid JSON: {exc})") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise PrototypeFileError(f"{meta_path} is not an mlpm-guard neuron-probe file")
-    if type(raw.get("format_version")) is int and raw["format_version"] > FORMAT_VERSION:
-        raise PrototypeFileError(f"{meta_path} has format version {raw['format_version']}, newer than this "
-                                 f"mlpm-guard understands ({FORMAT_VERSION}); upgrade mlpm-guard")
-    try:
-        meta = ProbeMeta.model_validate(raw)
-    except ValidationError as exc:
-        raise PrototypeFileError(f"{meta_path} has invalid fields (refusing to load a scorer that decides "
-                                 f"verdicts from it):\n{exc}") from None
-    if metadata_digest(raw) != meta.metadata_sha256:
-        raise PrototypeFileError(f"{meta_path} was changed after it was saved (its metadata_sha256 does not match); "
-                                 "fit the neuron probe again")
-    tensor_path = folder / tensors_file_name(meta.tensors_sha256)
-    if not tensor_path.is_file():
-        raise PrototypeFileError(f"{folder}: the tensors file {tensor_path.name} named by {META_FILE} is missing")
-    blob = tensor_path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != meta.tensors_sha256:
-        raise PrototypeFileError(f"{tensor_path} does not match {META_FILE} (corrupted, or from another save)")
-    try:
-        t = load_bytes(blob)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise PrototypeFileError(f"{folder}: the tensors file is truncated or corrupted: {exc}") from None
-    if not all(np.isfinite(v).all() for v in t.values() if v.dtype.kind == "f"):
-        raise PrototypeFileError(f"{folder}: the tensors hold NaN or infinite values")
-    return meta, t
+    return FOLDER.read(folder)
 
 
 def _load(folder: Path, cls: type[NeuronProbe]) -> NeuronProbe:

@@ -31,7 +31,6 @@ that text stays the fallback and is what traces show.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 import time
@@ -46,14 +45,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors import SafetensorError
-from safetensors.numpy import load as load_bytes, save as save_bytes
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.numpy import save as save_bytes
 from sklearn.base import BaseEstimator
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 
-from .._io import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from .._version import __version__
 from .encoding import Encoded
 from ..vocabulary.errors import BackboneMismatchError, ConfigError, NotFittedError, PrototypeFileError
@@ -62,7 +59,7 @@ from .generation import GenerationConfig, SoftTokens, decode, embed_inputs, pref
 from ..estimator.labels import parse_label
 from ..vocabulary.messages import PromptInput
 from ..guardrail.policy import DEFAULT_SAFETY_PROMPT
-from ..estimator.prototype_file import BackboneRecord, metadata_digest
+from ..estimator.prototype_file import BackboneRecord, CheckedFolder
 from ..guardrail.refusals import is_refusal
 
 if TYPE_CHECKING:
@@ -615,9 +612,8 @@ class SafetyPromptMeta(BaseModel):
     metadata_sha256: str = Field(pattern=_SHA256)
 
 
-def tensors_file_name(digest: str) -> str:
-    """The tensors file of a save, named by its digest (a new save never overwrites the old one)."""
-    return f"safety_prompt.{digest[:16]}.safetensors"
+FOLDER = CheckedFolder(FORMAT, FORMAT_VERSION, META_FILE, "safety_prompt", "safety prompt", SafetyPromptMeta,
+                       missing_hint=" (write one with `mlpm-guard fit-safety-prompt DATA... --out DIR`)")
 
 
 def _save(prompt: SafetyPrompt, folder: Path) -> Path:
@@ -642,67 +638,18 @@ def _save(prompt: SafetyPrompt, folder: Path) -> Path:
         "history": [{k: float(v) for k, v in h.items()} for h in prompt.history_],
         "n_samples": int(prompt.n_samples_), "training_summary": dict(prompt.training_summary_),
         "fit_seconds": float(prompt.fit_seconds_), "provenance": prompt.provenance_,
-        "tensors_sha256": hashlib.sha256(blob).hexdigest(),
     }
-    meta["metadata_sha256"] = metadata_digest(meta)
-    try:
-        SafetyPromptMeta.model_validate(meta)  # never write a file that would not load
-    except ValidationError as exc:
-        raise ConfigError(f"this safety prompt holds values that cannot be saved:\n{exc}") from None
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(folder)
-    name = tensors_file_name(meta["tensors_sha256"])
-    atomic_write_bytes(folder / name, blob)
-    atomic_write_text(folder / META_FILE, json.dumps(meta, indent=2, allow_nan=False))
-    for old in folder.glob("safety_prompt.*.safetensors"):
-        if old.name != name:
-            old.unlink(missing_ok=True)
-    return folder
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
+    return FOLDER.write(folder, meta, blob)
 
 
 def _read(folder: Path) -> tuple[SafetyPromptMeta, dict[str, np.ndarray]]:
     """The checked metadata and tensors of a safety-prompt folder (schema, both digests, shapes)."""
-    meta_path = folder / META_FILE
-    if not meta_path.is_file():
-        raise PrototypeFileError(f"{folder} is not a safety-prompt folder: it has no {META_FILE} "
-                                 "(write one with `mlpm-guard fit-safety-prompt DATA... --out DIR`)")
-    try:
-        raw = json.loads(meta_path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise PrototypeFileError(f"{meta_path} is corrupted (not valid JSON: {exc})") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise PrototypeFileError(f"{meta_path} is not an mlpm-guard safety-prompt file")
-    if type(raw.get("format_version")) is int and raw["format_version"] > FORMAT_VERSION:
-        raise PrototypeFileError(f"{meta_path} has format version {raw['format_version']}, newer than this "
-                                 f"mlpm-guard understands ({FORMAT_VERSION}); upgrade mlpm-guard")
-    try:
-        meta = SafetyPromptMeta.model_validate(raw)
-    except ValidationError as exc:
-        raise PrototypeFileError(f"{meta_path} has invalid fields:\n{exc}") from None
-    if metadata_digest(raw) != meta.metadata_sha256:
-        raise PrototypeFileError(f"{meta_path} was changed after it was saved (its metadata_sha256 does not match); "
-                                 "fit the safety prompt again")
-    tensor_path = folder / tensors_file_name(meta.tensors_sha256)
-    if not tensor_path.is_file():
-        raise PrototypeFileError(f"{folder}: the tensors file {tensor_path.name} named by {META_FILE} is missing")
-    blob = tensor_path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != meta.tensors_sha256:
-        raise PrototypeFileError(f"{tensor_path} does not match {META_FILE} (corrupted, or from another save)")
-    try:
-        t = load_bytes(blob)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise PrototypeFileError(f"{folder}: the tensors file is truncated or corrupted: {exc}") from None
+    meta, t = FOLDER.read(folder)
     d, k = meta.hidden_size, meta.n_components
     shapes = {"embeddings": (meta.n_tokens, d), "anchor.mean": (d,), "anchor.basis": (d, k), "anchor.refusal": (k,),
               "anchor.harmfulness": (k,)}
     if set(t) != set(shapes) or any(t[key].shape != shape for key, shape in shapes.items()):
         raise PrototypeFileError(f"{folder}: the tensors do not match {META_FILE} (expected {shapes})")
-    if not all(np.isfinite(v).all() for v in t.values()):
-        raise PrototypeFileError(f"{folder}: the tensors hold NaN or infinite values")
     if meta.backbone.hidden_size != d:
         raise PrototypeFileError(f"{folder}: hidden_size {d} differs from the backbone's {meta.backbone.hidden_size}")
     return meta, t
