@@ -38,6 +38,13 @@ def _key(messages: Sequence[dict[str, str]]) -> tuple:
     return tuple((m["role"], m["content"]) for m in messages)
 
 
+def _prepared_result(messages: Sequence[dict[str, str]]) -> GuardResult | None:
+    """The answer a batch already computed for this conversation (one prefill for many), if any."""
+    prepared = _PREPARED.get()
+    queue = prepared.get(_key(messages)) if prepared else None
+    return queue.popleft() if queue else None
+
+
 class ChatMLPMGuard(GuardSettings, BaseChatModel):
     """A chat model served by the guarded hosted backbone.
 
@@ -112,11 +119,8 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         guard = self.resolved_guard()
         prompt = guard_messages(messages)
-        prepared = _PREPARED.get()
-        queue = prepared.get(_key(prompt)) if prepared else None
-        if queue:
-            result = queue.popleft()
-        else:
+        result = _prepared_result(prompt)
+        if result is None:
             result = guard.invoke(prompt, policy=self.call_policy(guard), **self._generation(kwargs))
         emit_llm(result.decision().to_dict(), run_manager)
         report(run_manager, {"messages": prompt}, result.decision().to_dict(), model=guard.backbone.name)
@@ -131,11 +135,8 @@ class ChatMLPMGuard(GuardSettings, BaseChatModel):
                          run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
         guard = self.resolved_guard()
         prompt = guard_messages(messages)
-        prepared = _PREPARED.get()
-        queue = prepared.get(_key(prompt)) if prepared else None
-        if queue:
-            result = queue.popleft()
-        else:
+        result = _prepared_result(prompt)
+        if result is None:
             result = await guard.ainvoke(prompt, policy=self.call_policy(guard), **self._generation(kwargs))
         await aemit_llm(result.decision().to_dict(), run_manager)
         await areport(run_manager, {"messages": prompt}, result.decision().to_dict(), model=guard.backbone.name)
