@@ -84,3 +84,26 @@ def small_prototypes(backbone):
     labels = [0] * len(SMALL_SAFE) + [1] * len(SMALL_UNSAFE)
     categories = [None] * len(SMALL_SAFE) + ["S9", "S2"] * (len(SMALL_UNSAFE) // 2)
     return Prototypes(C=1.0).fit(prompts, labels, backbone=backbone, categories=categories)
+
+
+@pytest.fixture
+def recorder():
+    """Every LlamaIndex instrumentation event dispatched while the test runs (``.events``)."""
+    from llama_index.core.instrumentation import get_dispatcher
+    from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+
+    class Recorder(BaseEventHandler):
+        events: list = []
+
+        @classmethod
+        def class_name(cls):
+            return "Recorder"
+
+        def handle(self, event, **kwargs):
+            self.events.append(event)
+
+    root = get_dispatcher()
+    handler = Recorder(events=[])
+    root.add_event_handler(handler)
+    yield handler
+    root.event_handlers.remove(handler)

@@ -13,8 +13,6 @@ from llama_index.postprocessor.mlpm_guard import GuardDecisionEvent, MLPMGuardNo
 from llama_index.core.base.response.schema import Response, StreamingResponse  # noqa: E402
 from llama_index.core.chat_engine import ContextChatEngine  # noqa: E402
 from llama_index.core.chat_engine.types import AgentChatResponse  # noqa: E402
-from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
 from llama_index.core.llms import ChatMessage  # noqa: E402
 from llama_index.core.llms.mock import MockLLM  # noqa: E402
 from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402
@@ -59,26 +57,6 @@ class SpyRetriever(BaseRetriever):
     def _retrieve(self, query_bundle):
         self.calls += 1
         return list(self.nodes)
-
-
-class Recorder(BaseEventHandler):
-    events: list = []
-
-    @classmethod
-    def class_name(cls):
-        return "Recorder"
-
-    def handle(self, event, **kwargs):
-        self.events.append(event)
-
-
-@pytest.fixture
-def recorder():
-    root = get_dispatcher()
-    handler = Recorder(events=[])
-    root.add_event_handler(handler)
-    yield handler
-    root.event_handlers.remove(handler)
 
 
 def test_default_objects_build_one_shared_guard_lazily(guard, monkeypatch):

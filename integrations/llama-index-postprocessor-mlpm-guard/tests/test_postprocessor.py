@@ -7,8 +7,6 @@ import pytest
 
 pytest.importorskip("llama_index.core")
 
-from llama_index.core.instrumentation import get_dispatcher  # noqa: E402
-from llama_index.core.instrumentation.event_handlers import BaseEventHandler  # noqa: E402
 from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode  # noqa: E402
 from llama_index.postprocessor.mlpm_guard import GuardNodesEvent, MLPMGuardNodePostprocessor  # noqa: E402
 
@@ -24,26 +22,6 @@ PASSAGES = ["The city library is open from 9 am to 6 pm on weekdays and from 10 
 @pytest.fixture(scope="module")
 def guard(backbone, small_prototypes):
     return Guard(backbone, small_prototypes, generation=GenerationConfig(max_new_tokens=8))
-
-
-class Recorder(BaseEventHandler):
-    events: list = []
-
-    @classmethod
-    def class_name(cls):
-        return "Recorder"
-
-    def handle(self, event, **kwargs):
-        self.events.append(event)
-
-
-@pytest.fixture
-def recorder():
-    root = get_dispatcher()
-    handler = Recorder(events=[])
-    root.add_event_handler(handler)
-    yield handler
-    root.event_handlers.remove(handler)
 
 
 def test_node_postprocessor_drops_or_flags(guard, recorder):
