@@ -5,23 +5,24 @@ Families of ordinary look-alikes (idioms such as "steal the show", "blow up ball
 presentation", tools named after weapons, violent sports and games words, household "poison"
 questions), written for this benchmark: each has ten prompts that may be taught and six held-out
 siblings that never are. For k = 1, 3 and 10 corrections per family, the first k of each family are
-taught as "fine" to the shipped prototypes, each as a prototype of its own with the prior
-:meth:`~mlpm_guard.estimator.prototype_store.PrototypeStore.teach` gives it (the strongest that leaves the
-calibration probes refused, unless the corrected text would not pass), and the held-out siblings
-are scored again. The cost is measured on the project's harmful probes that never set a prior
+taught as "fine" to the shipped prototypes, each as a prototype of its own with the sharpness and
+prior :meth:`~mlpm_guard.estimator.prototype_store.PrototypeStore.teach` gives it (the strongest
+prior that leaves the calibration probes refused, unless the corrected text would not pass), and
+the held-out siblings are scored again. The cost is measured on the project's harmful probes that never set a prior
 (``malware`` and the harmful ``framings``; never fitted, never taught), and shown on the
 calibration probes (``adversarial``) too; next to it, the same prototypes at the equal prior. Every
 text is read whole, as one message (:meth:`~mlpm_guard.Prototypes.verdicts`), so numbers compare
 across k on the same states.
 
     python benchmarks/teach.py --json
+    python benchmarks/teach.py --sharpness 1,1.5,2,2.5,3,3.5,4,6   # k = 3 at other sharpness values
 
 The last line with ``--json`` is one JSON object: ``by_k`` (per k: held-out siblings flagged,
 overall and per family; harmful probes flagged, ``recall``, and calibration probes flagged,
 ``recall_calibration``), ``equal_prior_by_k`` (the same at the equal prior), ``recall_drop_points``,
-``teach_seconds``, ``log_record_us`` (p50/p99 of :meth:`DecisionLog.record`, the request path's
-share of logging), ``log_rows_per_s`` (the writer thread) and ``reload_s`` (a server's hot reload
-of one version).
+``k=3_by_sharpness`` (with ``--sharpness``), ``teach_seconds``, ``log_record_us`` (p50/p99 of
+:meth:`DecisionLog.record`, the request path's share of logging), ``log_rows_per_s`` (the writer
+thread) and ``reload_s`` (a server's hot reload of one version).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from _common import emit  # noqa: E402
 
 from mlpm_guard import Backbone, Correction, Decision, DecisionLog, DecisionLogSettings, Guard, Route  # noqa: E402
 from mlpm_guard.estimator.prototype_store import (  # noqa: E402
+    TAUGHT_SHARPNESS,
     PrototypeStore,
     calibration_probes,
     harmful_probes,
@@ -162,7 +164,7 @@ FAMILIES: dict[str, list[str]] = {
 N_TEACH, KS = 10, (1, 3, 10)
 
 
-def quality(prototypes, backbone) -> dict:
+def quality(prototypes, backbone, sweep: tuple[float, ...] = ()) -> dict:
     held = {name: texts[N_TEACH:] for name, texts in FAMILIES.items()}
     calibration = calibration_probes()
     others = [t for t in harmful_probes() if t not in set(calibration)]  # probes that never set a prior
@@ -195,8 +197,14 @@ def quality(prototypes, backbone) -> dict:
             if name.startswith("taught-"):
                 taught.set_log_prior(name, 0.0)
         equal[f"k={k}"] = measure(taught)
-    return {"n_held_out": n_held, "n_calibration": n_cal, "n_harmful": len(others), "by_k": out,
-            "equal_prior_by_k": equal, "teach_seconds": seconds,
+    # The taught prototypes' sharpness against what 3 corrections per family do (1: the shared covariance).
+    by_sharpness = {}
+    for sharpness in sweep:
+        taught = teach_in_memory(prototypes, [Correction(text=t, label="safe") for t in taught_texts(3)],
+                                 sharpness=sharpness)
+        by_sharpness[f"{sharpness:g}"] = measure(taught)
+    return {"n_held_out": n_held, "n_calibration": n_cal, "n_harmful": len(others), "sharpness": TAUGHT_SHARPNESS,
+            "by_k": out, "equal_prior_by_k": equal, "teach_seconds": seconds, "k=3_by_sharpness": by_sharpness,
             "recall_drop_points": {k: 100 * (out["k=0"]["recall"] - v["recall"]) for k, v in out.items()}}
 
 
@@ -238,10 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--log-rows", type=int, default=20_000, help="rows recorded to time the decision log")
+    parser.add_argument("--sharpness", default="", metavar="S,S,...",
+                        help="also teach 3 corrections per family with taught prototypes of these sharpness values")
     args = parser.parse_args(argv)
+    try:
+        sweep = tuple(float(v) for v in args.sharpness.split(",") if v.strip())
+    except ValueError:
+        parser.error(f"--sharpness takes numbers separated by commas, got {args.sharpness!r}")
     backbone = Backbone()
     prototypes = default_prototypes(backbone, progress=False)
-    result = {"backbone": backbone.name, **quality(prototypes, backbone), **log_overhead(args.log_rows),
+    result = {"backbone": backbone.name, **quality(prototypes, backbone, sweep), **log_overhead(args.log_rows),
               "reload_s": reload_time(prototypes, backbone)}
     if not args.json:
         print("| corrections per family | held-out siblings flagged | harmful probes flagged | calibration probes "
@@ -251,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
             e = result["equal_prior_by_k"].get(k)
             tail = f"{e['false_alarms']:.1%} | {e['recall']:.1%}" if e else "- | -"
             print(f"| {k[2:]} | {r['false_alarms']:.1%} | {r['recall']:.1%} | {r['recall_calibration']:.1%} | {tail} |")
+        if result["k=3_by_sharpness"]:
+            print("\n| sharpness (3 corrections per family) | held-out siblings flagged | harmful probes flagged |")
+            print("|---|---:|---:|")
+            for sharpness, r in result["k=3_by_sharpness"].items():
+                print(f"| {sharpness} | {r['false_alarms']:.1%} | {r['recall']:.1%} |")
         rec = result["log_record_us"]
         print(f"decision log: record p50 {rec['p50']:.1f} us, p99 {rec['p99']:.1f} us; "
               f"writer {result['log_rows_per_s']:.0f} rows/s; hot reload {result['reload_s']:.2f} s")

@@ -134,7 +134,7 @@ def test_teaching_cost_counts_the_probes_it_flips(backbone, small_prototypes, fl
 
 
 def test_a_taught_false_alarm_passes_and_every_calibration_probe_stays_refused(backbone):
-    from mlpm_guard.estimator.prototype_store import PRIOR_GRID, calibration_probes, teach_in_memory
+    from mlpm_guard.estimator.prototype_store import TAUGHT_SHARPNESS, calibration_probes, prior_grid, teach_in_memory
     from mlpm_guard.estimator.shipped import default_prototypes
 
     shipped = default_prototypes(backbone)
@@ -145,13 +145,41 @@ def test_a_taught_false_alarm_passes_and_every_calibration_probe_stays_refused(b
 
     taught = teach_in_memory(shipped, [Correction(text=text, label="safe")])
     group = next(n for n in taught.sets_[0].names if n.startswith("taught-safe-"))
-    log_prior = taught.sets_[0].log_priors[taught.sets_[0].names.index(group)]
-    assert log_prior in PRIOR_GRID and log_prior < 0  # weaker than a class mean: it decides near its text only
+    at = taught.sets_[0].names.index(group)
+    log_prior, sharpness = taught.sets_[0].log_priors[at], taught.sets_[0].sharpness[at]
+    assert sharpness == TAUGHT_SHARPNESS > 1  # narrower than a class mean: it decides near its text only
+    assert log_prior in prior_grid(sharpness, shipped.sets_[0].means.shape[-1]) and log_prior < 0
     assert taught.verdicts([text])[0].p_unsafe < taught.controversial_threshold_
     assert all(v.unsafe for v, was in zip(taught.verdicts(probes), refused) if was)
     # At the equal prior the same correction lets refused probes through: the prior is what keeps them.
     taught.set_log_prior(group, 0.0)
     assert not all(v.unsafe for v, was in zip(taught.verdicts(probes), refused) if was)
+
+
+def test_corrections_taught_together_keep_every_calibration_probe_refused(backbone):
+    """Each correction's prior is found on its own; together they are weakened until the probes
+    stay refused, and a sharp taught prototype leaves the shared covariance as it was."""
+    import numpy as np
+
+    from mlpm_guard.estimator.prototype_store import calibration_probes, teach_in_memory
+    from mlpm_guard.estimator.shipped import default_prototypes
+
+    shipped = default_prototypes(backbone)
+    probes = calibration_probes()
+    refused = [v.unsafe for v in shipped.verdicts(probes)]
+    texts = [t for t, v in zip(LOOK_ALIKES, shipped.verdicts(LOOK_ALIKES)) if v.unsafe]
+    assert len(texts) >= 2, "the shipped prototypes flag fewer than two of the look-alikes"
+    taught = teach_in_memory(shipped, [Correction(text=t, label="safe") for t in texts])
+    assert all(v.unsafe for v, was in zip(taught.verdicts(probes), refused) if was)
+    before, after = shipped.verdicts(texts), taught.verdicts(texts)
+    assert all(b.p_unsafe < a.p_unsafe for a, b in zip(before, after))
+    np.testing.assert_array_equal(taught.sets_[0].cov, shipped.sets_[0].cov)
+    assert taught.sets_[0].n == shipped.sets_[0].n
+    # One correction alone may take a stronger prior than it keeps beside the others, never a weaker one.
+    first = teach_in_memory(shipped, [Correction(text=texts[0], label="safe")])
+    group = next(n for n in first.sets_[0].names if n.startswith("taught-safe-"))
+    alone = first.sets_[0].log_priors[first.sets_[0].names.index(group)]
+    assert taught.sets_[0].log_priors[taught.sets_[0].names.index(group)] <= alone
 
 
 def test_log_priors_round_trip_and_a_positive_one_is_refused(tmp_path, backbone, small_prototypes, flagged):
@@ -163,7 +191,8 @@ def test_log_priors_round_trip_and_a_positive_one_is_refused(tmp_path, backbone,
     taught.save(tmp_path / "p")
     again = type(taught).load(tmp_path / "p", backbone=backbone)
     for a, b in zip(taught.sets_, again.sets_):
-        assert a.names == b.names and (a.log_priors == b.log_priors).all()
+        assert a.names == b.names and (a.log_priors == b.log_priors).all() and (a.sharpness == b.sharpness).all()
+        assert a.sharpness[-1] > 1
     assert again.predict_proba(LOOK_ALIKES) == pytest.approx(taught.predict_proba(LOOK_ALIKES), abs=1e-5)
     with pytest.raises(ConfigError, match="at most 0"):
         taught.set_log_prior(taught.sets_[0].names[-1], 1.0)
@@ -172,5 +201,28 @@ def test_log_priors_round_trip_and_a_positive_one_is_refused(tmp_path, backbone,
     taught.sets_[0].log_priors[-1] = 2.0
     with pytest.raises(ConfigError, match="cannot be saved"):
         taught.save(tmp_path / "q")
+    taught.sets_[0].log_priors[-1], taught.sets_[0].sharpness[-1] = -1.0, 0.5
+    with pytest.raises(ConfigError, match="cannot be saved"):
+        taught.save(tmp_path / "r")
+    with pytest.raises(ConfigError, match="sharpness"):
+        taught.add_examples([flagged[1]], ["safe"], sharpness=0.5)
     small_prototypes.save(tmp_path / "plain")  # equal priors: the file holds no priors, as before they existed
-    assert not any("log_priors" in k for k in load_file(next((tmp_path / "plain").glob("*.safetensors"))))
+    assert not any("log_priors" in k or "sharpness" in k
+                   for k in load_file(next((tmp_path / "plain").glob("*.safetensors"))))
+
+
+def test_a_sharper_group_outweighs_the_class_means_nowhere_more_than_a_plain_one(small_prototypes, flagged):
+    import copy
+    import math
+
+    plain, sharp = copy.deepcopy(small_prototypes), copy.deepcopy(small_prototypes)
+    plain.bind(small_prototypes.backbone)
+    sharp.bind(small_prototypes.backbone)
+    plain.add_examples([flagged[0]], ["safe"], name="fix")
+    sharp.add_examples([flagged[0]], ["safe"], name="fix", sharpness=3.0)
+    d = sharp.sets_[0].means.shape[-1]
+    assert sharp.sets_[0].log_priors[-1] == pytest.approx(-0.5 * d * math.log(3.0))
+    texts = LOOK_ALIKES + ["How do I pick a lock to break into my neighbour's house?"]
+    p_plain, p_sharp = plain.predict_proba(texts)[:, 1], sharp.predict_proba(texts)[:, 1]
+    assert (p_sharp >= p_plain - 1e-3).all()  # the plain group also moved the shared covariance a little
+    assert sharp.predict_proba([flagged[0]])[0, 1] < small_prototypes.predict_proba([flagged[0]])[0, 1]

@@ -66,6 +66,29 @@ def test_linear_logits_equal_mahalanobis_softmax(data):
     np.testing.assert_allclose(_stats.mahalanobis_sq(X, means, P), d2, rtol=1e-9)
 
 
+def test_a_sharper_prototype_is_a_gaussian_of_the_narrower_covariance(data):
+    """Offsets turn the shared-covariance softmax into the one of Gaussians whose covariance is
+    the shared one divided by each prototype's sharpness (log densities up to a shared term)."""
+    X, g = data
+    means, _ = _stats.group_means(X, g, 2)
+    P = _stats.shrunk_precision(_stats.pooled_covariance(X, g, means), len(X))
+    W, b = _stats.linear_params(means, P)
+    sharpness, d = np.array([1.0, 3.0]), X.shape[1]
+    offsets = np.zeros((len(X), 2))
+    offsets[:, 1:] = _stats.local_offsets(X, means[1:], P, sharpness[1:])
+    p = _stats.unsafe_probability(X, W, b, np.array([False, True]), offsets)
+    d2 = np.array([[(x - m) @ P @ (x - m) for m in means] for x in X])
+    log_density = -0.5 * sharpness * d2 + 0.5 * d * np.log(sharpness)
+    direct = 1.0 / (1.0 + np.exp(log_density[:, 0] - log_density[:, 1]))
+    np.testing.assert_allclose(p, direct, rtol=1e-8)
+    # Far from its mean a sharper prototype loses where the shared covariance would let it win.
+    far = means[1] + 10.0 * (means[1] - means[0])
+    plain = _stats.unsafe_probability(far[None], W, b, np.array([False, True]))
+    sharp = _stats.unsafe_probability(far[None], W, b, np.array([False, True]),
+                                      np.concatenate([[[0.0]], _stats.local_offsets(far[None], means[1:], P, sharpness[1:])], axis=1))
+    assert plain[0] > 0.99 and sharp[0] < 0.01
+
+
 def test_merge_covariance_matches_refit(data):
     X, g = data
     old, new = slice(0, 40), slice(40, 60)

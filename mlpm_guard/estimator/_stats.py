@@ -90,16 +90,20 @@ def linear_params(means: np.ndarray, precision: np.ndarray) -> tuple[np.ndarray,
     return W, b
 
 
-def unsafe_probability(X: np.ndarray, W: np.ndarray, b: np.ndarray, unsafe: np.ndarray) -> np.ndarray:
+def unsafe_probability(X: np.ndarray, W: np.ndarray, b: np.ndarray, unsafe: np.ndarray,
+                       offsets: np.ndarray | None = None) -> np.ndarray:
     """Softmax mass of the unsafe prototypes for each row of ``X``.
 
     Args:
         X: (n_samples, d). W: (n_protos, d). b: (n_protos,). unsafe: bool (n_protos,).
+        offsets: (n_samples, n_protos) added to the linear logits (:func:`local_offsets`).
 
     Returns:
         array of shape (n_samples,) in [0, 1].
     """
     logits = X @ W.T + b
+    if offsets is not None:
+        logits += offsets
     logits -= logits.max(axis=1, keepdims=True)
     e = np.exp(logits)
     return e[:, unsafe].sum(axis=1) / e.sum(axis=1)
@@ -110,3 +114,16 @@ def mahalanobis_sq(X: np.ndarray, means: np.ndarray, precision: np.ndarray) -> n
     XP = X @ precision
     return (np.einsum("nd,nd->n", XP, X)[:, None] - 2 * XP @ means.T
             + np.einsum("kd,de,ke->k", means, precision, means)[None, :])
+
+
+def local_offsets(X: np.ndarray, means: np.ndarray, precision: np.ndarray, sharpness: np.ndarray) -> np.ndarray:
+    """What moves the linear logits of prototypes whose covariance is the shared one divided by
+    ``sharpness`` to theirs: (n_samples, n_means).
+
+    Under the shared precision ``P`` a prototype's logit is ``-q / 2`` up to a term all share,
+    ``q`` the squared Mahalanobis distance; with the covariance divided by ``s`` its log density
+    is ``-s q / 2 + (d / 2) log s``. Above ``s = 1`` the prototype wins only inside an ellipsoid
+    around its mean, where the shared covariance would give it a half-space.
+    """
+    q = np.maximum(mahalanobis_sq(X, means, precision), 0.0)
+    return 0.5 * X.shape[1] * np.log(sharpness)[None, :] - 0.5 * (sharpness - 1.0)[None, :] * q

@@ -344,6 +344,8 @@ def check_tensors(t: dict[str, np.ndarray], where: Path) -> None:
             raise PrototypeFileError(f"{where}: tensor {key!r} must hold positive counts")
         if key.endswith(".log_priors") and not (value <= 0).all():
             raise PrototypeFileError(f"{where}: tensor {key!r} must hold log priors of at most 0")
+        if key.endswith(".sharpness") and not (value >= 1).all():
+            raise PrototypeFileError(f"{where}: tensor {key!r} must hold sharpness values of at least 1")
 
 
 # ---------------------------------------------------------------------- a record <-> a folder
@@ -429,6 +431,8 @@ def _tensors(r: PrototypeRecord) -> dict[str, np.ndarray]:
         tensors[f"sets.{i}.counts"] = s.counts.astype(np.int64)
         if s.log_priors.any():  # equal priors are the default: files without taught priors stay as they were
             tensors[f"sets.{i}.log_priors"] = s.log_priors.astype(np.float64)
+        if (s.sharpness != 1).any():  # likewise: only taught prototypes are sharper than the class means
+            tensors[f"sets.{i}.sharpness"] = s.sharpness.astype(np.float64)
         tensors[f"sets.{i}.means"] = s.means.astype(np.float32)
         # A covariance is symmetric: its upper triangle is all there is to keep (half the file).
         rows, cols = np.triu_indices(s.cov.shape[-1])
@@ -515,8 +519,8 @@ def _restore(meta: PrototypeMeta, t: dict[str, np.ndarray], folder: Path) -> Pro
     if layer_ids != meta.layer_ids:
         raise PrototypeFileError(f"{folder}: the layer ids in {META_FILE} and the tensors file disagree")
     sets = [_restore_set(i, info, t, k, d, folder) for i, info in enumerate(meta.sets)]
-    priors = sum(f"sets.{i}.log_priors" in t for i in range(len(meta.sets)))
-    if len(t) != 3 + 4 * len(meta.sets) + priors + ("category_means" in t):
+    optional = sum(f"sets.{i}.{name}" in t for i in range(len(meta.sets)) for name in ("log_priors", "sharpness"))
+    if len(t) != 3 + 4 * len(meta.sets) + optional + ("category_means" in t):
         raise PrototypeFileError(f"{folder}: the tensors file holds tensors {META_FILE} does not describe")
     coef = t["coef"].astype(np.float64)
     if coef.shape != (len(sets) * k,):
@@ -544,10 +548,11 @@ def _restore_set(i: int, info: SetRecord, t: dict[str, np.ndarray], k: int, d: i
     cov = t[f"sets.{i}.cov"].astype(np.float64) if f"sets.{i}.cov" in t else _symmetric(t[f"sets.{i}.cov_triu"], d, folder)
     n_protos = len(info.prototypes)
     log_priors = t.get(f"sets.{i}.log_priors", np.zeros(n_protos)).astype(np.float64)
+    sharpness = t.get(f"sets.{i}.sharpness", np.ones(n_protos)).astype(np.float64)
     if (means.shape != (k, n_protos, d) or cov.shape != (k, d, d) or labels.shape != (n_protos,)
-            or counts.shape != (n_protos,) or log_priors.shape != (n_protos,)):
+            or counts.shape != (n_protos,) or log_priors.shape != (n_protos,) or sharpness.shape != (n_protos,)):
         raise PrototypeFileError(f"{folder}: set {i} has tensor shapes that do not match {META_FILE}")
-    return PrototypeSet(info.name, labels, list(info.prototypes), counts, means, cov, info.n, log_priors)
+    return PrototypeSet(info.name, labels, list(info.prototypes), counts, means, cov, info.n, log_priors, sharpness)
 
 
 def _symmetric(triu: np.ndarray, d: int, folder: Path) -> np.ndarray:

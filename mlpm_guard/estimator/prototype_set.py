@@ -31,6 +31,9 @@ class PrototypeSet:
         n: samples behind ``cov``.
         log_priors: (K,) log prior weight of each prototype, 0 (equal priors) unless a taught
             prototype was given a smaller one (:meth:`set_log_prior`).
+        sharpness: (K,) how many times narrower than the shared covariance each prototype's
+            spread is: 1 for the class means; above 1 for a taught prototype that should decide
+            only near its examples (:func:`._stats.local_offsets`).
     """
 
     name: str
@@ -41,10 +44,13 @@ class PrototypeSet:
     cov: np.ndarray
     n: int
     log_priors: np.ndarray | None = None
+    sharpness: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.log_priors is None:
             self.log_priors = np.zeros(len(self.labels))
+        if self.sharpness is None:
+            self.sharpness = np.ones(len(self.labels))
         self.refresh()
 
     def refresh(self) -> None:
@@ -68,8 +74,16 @@ class PrototypeSet:
     def proba(self, H: np.ndarray) -> np.ndarray:
         """Per-layer P(unsafe): (n_samples, n_layers) for states H of shape (n_samples, n_layers, d)."""
         unsafe = self.labels.astype(bool)
-        return np.stack([_stats.unsafe_probability(H[:, j], self.W[j], self.b[j], unsafe)
-                         for j in range(H.shape[1])], axis=1)
+        local = np.flatnonzero(self.sharpness > 1.0)
+        out = []
+        for j in range(H.shape[1]):
+            offsets = None
+            if local.size:
+                offsets = np.zeros((len(H), len(self.labels)))
+                offsets[:, local] = _stats.local_offsets(H[:, j], self.means[j, local], self.precision[j],
+                                                         self.sharpness[local])
+            out.append(_stats.unsafe_probability(H[:, j], self.W[j], self.b[j], unsafe, offsets))
+        return np.stack(out, axis=1)
 
     @classmethod
     def fit(cls, name: str, H: np.ndarray, y: np.ndarray, *, sources: np.ndarray | None = None,
@@ -96,8 +110,14 @@ class PrototypeSet:
         self.means, self.cov = self.means[keep], self.cov[keep]
         self.refresh()
 
-    def add_group(self, H: np.ndarray, label: int, name: str) -> None:
-        """Add samples as the prototype ``(label, name)``, creating it or moving its mean."""
+    def add_group(self, H: np.ndarray, label: int, name: str, sharpness: float = 1.0) -> None:
+        """Add samples as the prototype ``(label, name)``, creating it or moving its mean; a new
+        prototype gets ``sharpness``.
+
+        The samples' scatter joins the shared covariance, unless the prototype is sharper than the
+        class means: it has a spread of its own, and the shared one (with every other prototype's
+        logits) stays exactly as it was, so priors set on earlier taught prototypes still hold.
+        """
         hits = [k for k, (lab, nm) in enumerate(zip(self.labels, self.names)) if lab == label and nm == name]
         m = len(H)
         new_mean = H.mean(axis=0)  # (n_layers, d)
@@ -116,8 +136,14 @@ class PrototypeSet:
             self.labels = np.append(self.labels, label)
             self.names.append(name)
             self.counts = np.append(self.counts, m)
-            self.log_priors = np.append(self.log_priors, 0.0)
+            # A sharper prototype starts at the prior that cancels its density's normalisation: then
+            # it outweighs the class means nowhere more than the same group with the shared covariance.
+            self.log_priors = np.append(self.log_priors, -0.5 * self.means.shape[-1] * np.log(sharpness))
+            self.sharpness = np.append(self.sharpness, float(sharpness))
             self.means = np.concatenate([self.means, new_mean[:, None, :]], axis=1)
+        if self.sharpness[k] > 1.0:
+            self.refresh()
+            return
         groups = np.zeros(m, dtype=np.int64)
         covs, n = [], self.n
         for j in range(self.means.shape[0]):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from .._io import atomic_write_text
@@ -60,6 +62,7 @@ class TaughtCorrection(BaseModel):
     correction_id: int | None = None
     group: str
     log_prior: float = 0.0
+    sharpness: float = 1.0
 
     @property
     def text_sha256(self) -> str:
@@ -268,13 +271,31 @@ class TeachingCost(BaseModel):
         return self.flagged_after / self.n_probes if self.n_probes else 1.0
 
 
-def teach_in_memory(prototypes: Prototypes, corrections: Sequence[Correction]) -> Prototypes:
-    """A copy of ``prototypes`` taught ``corrections`` (the original is left as it is)."""
+#: How many times narrower than the shared covariance a taught "fine" prototype's spread is. With
+#: the shared covariance a prototype made from one text wins a half-space: every request lying
+#: beyond the text as seen from the class means, harmful ones included. Narrower, it wins an
+#: ellipsoid around the text, and one correction moves texts like it and little else (see
+#: docs/review.md for the sharpness against held-out siblings and harmful probes).
+TAUGHT_SHARPNESS = 3.0
+
+
+def prior_grid(sharpness: float, d: int) -> tuple[float, ...]:
+    """The log priors tried for a taught "fine" prototype of ``sharpness`` on states of size ``d``,
+    strongest first, in steps of 0.5: from 0 (a class mean's) to 16 below the prior that cancels
+    its density's normalisation, ``(d / 2) log sharpness`` (0 at sharpness 1)."""
+    lowest = 0.5 * d * math.log(sharpness) + 16.0
+    return tuple(-0.5 * i for i in range(int(2 * lowest) + 1))
+
+
+def teach_in_memory(prototypes: Prototypes, corrections: Sequence[Correction], *,
+                    sharpness: float = TAUGHT_SHARPNESS) -> Prototypes:
+    """A copy of ``prototypes`` taught ``corrections`` (the original is left as it is); ``sharpness``
+    of the "fine" prototypes as :data:`TAUGHT_SHARPNESS` describes (1: the shared covariance)."""
     backbone = prototypes.backbone
     taught = copy.deepcopy(prototypes)  # the estimator's pickled state leaves the backbone out
     if backbone is not None:
         taught.bind(backbone)
-    _teach(taught, corrections)
+    _teach(taught, corrections, sharpness)
     return taught
 
 
@@ -314,21 +335,23 @@ def harmful_probes() -> list[str]:
             + _probes("framings", lambda r: r.get("label") == "unsafe"))
 
 
-#: The log priors tried for a taught "fine" prototype, strongest first.
-PRIOR_GRID = tuple(-0.5 * i for i in range(33))
-
-
-def _teach(prototypes: Prototypes, corrections: Sequence[Correction]) -> list[TaughtCorrection]:
+def _teach(prototypes: Prototypes, corrections: Sequence[Correction],
+           sharpness: float = TAUGHT_SHARPNESS) -> list[TaughtCorrection]:
     """Add each correction as a prototype of its own (see :meth:`PrototypeStore.teach`).
 
     A "fine" prototype made from one short text lies nearer to most short requests, harmful ones
     included, than the safe and unsafe means averaged over thousands of texts do: at the equal
     prior, three corrections per look-alike family left most harmful requests unflagged. So each
-    one gets a prior of :data:`PRIOR_GRID`: the strongest at which every calibration probe
-    (:func:`calibration_probes`) refused before teaching is still refused, unless the corrected
-    text itself would then still not pass; then the weakest at which it passes (the operator's
-    word on that text wins, and the cost preview shows what it costs). Unbound prototypes (no
-    backbone to read texts with) keep equal priors.
+    one is made ``sharpness`` times narrower than the shared covariance and gets a prior of
+    :func:`prior_grid`, judged on its own (the batch's other corrections switched off): the
+    strongest at which every calibration probe (:func:`calibration_probes`) refused before
+    teaching is still refused, unless the corrected text itself would then still not pass; then
+    the weakest at which it passes (the operator's word on that text wins, and the cost preview
+    shows what it costs). Together, corrections can let through a probe that each alone leaves
+    refused: then all of them are weakened a step of the grid at a time until none is. Judged one
+    after another instead, the first correction used up the margin of the probe nearest the
+    threshold and left the rest almost no room. Unbound prototypes (no backbone to read texts
+    with) keep equal priors and the shared covariance, as do harmful corrections.
     """
     texts = [teachable_prompt(c.text) for c in corrections]
     safe = [i for i, c in enumerate(corrections) if c.label == "safe"]
@@ -339,31 +362,74 @@ def _teach(prototypes: Prototypes, corrections: Sequence[Correction]) -> list[Ta
                                                    poolings=prototypes.poolings_)
         probes, own = states[: len(probes)], dict(zip(safe, states[len(probes):]))
         probes = probes[_p_unsafe(prototypes, probes) >= prototypes.threshold_]
-    taught = []
-    for i, (c, text) in enumerate(zip(corrections, texts)):
-        group = f"taught-{c.label}-{c.text_sha256[:12]}"
-        prototypes.add_examples([text], [c.label], category=c.category if c.label == "unsafe" else None, name=group)
-        log_prior = 0.0
-        if own is not None and i in own:
-            log_prior = _prior(prototypes, group, probes, own[i][None])
-        taught.append(TaughtCorrection(text=c.text, label=c.label, category=c.category, correction_id=c.id,
-                                       group=group, log_prior=log_prior))
-    return taught
+    groups = [f"taught-{c.label}-{c.text_sha256[:12]}" for c in corrections]
+    local: dict[str, Any] = {}  # group -> the corrected text's states, for the groups given a prior here
+    for i, (c, text, group) in enumerate(zip(corrections, texts, groups)):
+        is_local = own is not None and i in own
+        prototypes.add_examples([text], [c.label], category=c.category if c.label == "unsafe" else None, name=group,
+                                sharpness=sharpness if is_local else 1.0)
+        if is_local:
+            local[group] = own[i][None]
+            prototypes.set_log_prior(group, _OFF)
+    priors = {}
+    for group, states in local.items():
+        priors[group] = _prior(prototypes, group, probes, states, _grid_of(prototypes, group))
+        prototypes.set_log_prior(group, _OFF)
+    priors = _together(prototypes, priors, probes)
+    first = prototypes.sets_[0]
+    return [TaughtCorrection(text=c.text, label=c.label, category=c.category, correction_id=c.id, group=group,
+                             log_prior=priors.get(group, 0.0),
+                             sharpness=float(first.sharpness[first.names.index(group)]))
+            for c, group in zip(corrections, groups)]
+
+
+#: A log prior at which a taught prototype moves no verdict (its weight underflows to 0): how one
+#: correction is judged with the others of its batch switched off.
+_OFF = -1e9
+
+
+def _grid_of(prototypes: Prototypes, group: str) -> tuple[float, ...]:
+    first = prototypes.sets_[0]
+    return prior_grid(float(first.sharpness[first.names.index(group)]), first.means.shape[-1])
+
+
+def _together(prototypes: Prototypes, priors: dict[str, float], refused: Any) -> dict[str, float]:
+    """Set each group's prior, weakened together by steps of 0.5 until the probes that every group
+    alone leaves refused are refused with all of them (see :func:`_teach`); the priors set."""
+    if not priors or not len(refused):
+        for group, log_prior in priors.items():
+            prototypes.set_log_prior(group, log_prior)
+        return priors
+    keep = np.ones(len(refused), dtype=bool)
+    for group, log_prior in priors.items():
+        prototypes.set_log_prior(group, log_prior)
+        keep &= _p_unsafe(prototypes, refused) >= prototypes.threshold_
+        prototypes.set_log_prior(group, _OFF)
+    floors = {group: _grid_of(prototypes, group)[-1] for group in priors}
+    step = 0.0
+    while True:
+        now = {group: max(p - step, floors[group]) for group, p in priors.items()}
+        for group, log_prior in now.items():
+            prototypes.set_log_prior(group, log_prior)
+        if (_p_unsafe(prototypes, refused[keep]) >= prototypes.threshold_).all() or all(
+                now[g] == floors[g] for g in now):
+            return now
+        step += 0.5
 
 
 def _p_unsafe(prototypes: Prototypes, states: Any) -> Any:
     return prototypes.predict_proba(states)[:, 1]
 
 
-def _prior(prototypes: Prototypes, group: str, refused: Any, own: Any) -> float:
+def _prior(prototypes: Prototypes, group: str, refused: Any, own: Any, grid: Sequence[float]) -> float:
     """The prior of taught prototype ``group`` (see :func:`_teach`): ``refused`` are the states that
     must stay refused, ``own`` the corrected text's. A stronger prior only lowers P(unsafe), so
     each condition holds on one side of a point of the grid, found by bisection."""
     def first(holds: Callable[[], bool]) -> int:
-        lo, hi = 0, len(PRIOR_GRID)  # the first index where `holds` is true, or len(PRIOR_GRID)
+        lo, hi = 0, len(grid)  # the first index where `holds` is true, or len(grid)
         while lo < hi:
             mid = (lo + hi) // 2
-            prototypes.set_log_prior(group, PRIOR_GRID[mid])
+            prototypes.set_log_prior(group, grid[mid])
             lo, hi = (lo, mid) if holds() else (mid + 1, hi)
         return lo
 
@@ -371,9 +437,9 @@ def _prior(prototypes: Prototypes, group: str, refused: Any, own: Any) -> float:
     # The weakest prior at which the corrected text passes: one before the first at which it does not.
     passes = first(lambda: bool(_p_unsafe(prototypes, own)[0] >= prototypes.controversial_threshold_)) - 1
     at = min(keeps, passes) if passes >= 0 else keeps
-    at = min(at, len(PRIOR_GRID) - 1)
-    prototypes.set_log_prior(group, PRIOR_GRID[at])
-    return PRIOR_GRID[at]
+    at = min(at, len(grid) - 1)
+    prototypes.set_log_prior(group, grid[at])
+    return grid[at]
 
 
 def _with_record(prototypes: Prototypes, record: dict[str, Any]) -> Prototypes:

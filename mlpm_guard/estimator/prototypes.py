@@ -447,7 +447,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ customise
     def add_examples(self, X: Any, labels: Sequence[Any], *, category: str | None = None,
-                     name: str | None = None) -> Prototypes:
+                     name: str | None = None, sharpness: float = 1.0) -> Prototypes:
         """Teach the fitted prototypes a handful of examples without a refit.
 
         The examples of each label become (or move) a named prototype in every set; the layer
@@ -461,11 +461,19 @@ class Prototypes(ClassifierMixin, BaseEstimator):
             labels: one label per example.
             category: hazard code or category name of the unsafe examples.
             name: group name (defaults to ``category`` or ``"custom-safe"``/``"custom-unsafe"``).
+            sharpness: for a new group, how many times narrower than the shared covariance its
+                spread is. At 1 it decides a half-space, as the class means do; above 1 only an
+                ellipsoid around its examples (what a correction of one text wants). A sharper
+                group starts at the log prior ``-(d / 2) log(sharpness)``, at which it outweighs
+                the class means nowhere more than the same group at 1 would; raise it with
+                :meth:`set_log_prior` to widen its reach.
 
         Returns:
             self
         """
         self._check_fitted()
+        if not (math.isfinite(sharpness) and sharpness >= 1):
+            raise ConfigError(f"sharpness must be a finite number of at least 1, got {sharpness!r}")
         H = self._states(X)
         y = np.array([parse_label(v) for v in labels], dtype=np.int64)
         if len(y) != len(H) or len(y) == 0:
@@ -477,7 +485,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
             group = name or (category_label(category) if label == 1 and category else None) \
                 or f"custom-{'unsafe' if label else 'safe'}"
             for s in self.sets_:
-                s.add_group(H[rows].astype(np.float64), label, group)
+                s.add_group(H[rows].astype(np.float64), label, group, sharpness)
         cat = category_label(category)
         if cat is not None and (y == 1).any():
             j = self._category_column()
