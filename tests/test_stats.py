@@ -75,7 +75,7 @@ def test_a_sharper_prototype_is_a_gaussian_of_the_narrower_covariance(data):
     W, b = _stats.linear_params(means, P)
     sharpness, d = np.array([1.0, 3.0]), X.shape[1]
     offsets = np.zeros((len(X), 2))
-    offsets[:, 1:] = _stats.local_offsets(X, means[1:], P, sharpness[1:])
+    offsets[:, 1:] = _stats.local_offsets(X, X @ W[1:].T + b[1:], P, sharpness[1:])
     p = _stats.unsafe_probability(X, W, b, np.array([False, True]), offsets)
     d2 = np.array([[(x - m) @ P @ (x - m) for m in means] for x in X])
     log_density = -0.5 * sharpness * d2 + 0.5 * d * np.log(sharpness)
@@ -84,8 +84,9 @@ def test_a_sharper_prototype_is_a_gaussian_of_the_narrower_covariance(data):
     # Far from its mean a sharper prototype loses where the shared covariance would let it win.
     far = means[1] + 10.0 * (means[1] - means[0])
     plain = _stats.unsafe_probability(far[None], W, b, np.array([False, True]))
+    far_offsets = _stats.local_offsets(far[None], far[None] @ W[1:].T + b[1:], P, sharpness[1:])
     sharp = _stats.unsafe_probability(far[None], W, b, np.array([False, True]),
-                                      np.concatenate([[[0.0]], _stats.local_offsets(far[None], means[1:], P, sharpness[1:])], axis=1))
+                                      np.concatenate([[[0.0]], far_offsets], axis=1))
     assert plain[0] > 0.99 and sharp[0] < 0.01
 
 

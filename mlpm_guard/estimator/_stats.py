@@ -116,7 +116,7 @@ def mahalanobis_sq(X: np.ndarray, means: np.ndarray, precision: np.ndarray) -> n
             + np.einsum("kd,de,ke->k", means, precision, means)[None, :])
 
 
-def local_offsets(X: np.ndarray, means: np.ndarray, precision: np.ndarray, sharpness: np.ndarray) -> np.ndarray:
+def local_offsets(X: np.ndarray, linear: np.ndarray, precision: np.ndarray, sharpness: np.ndarray) -> np.ndarray:
     """What moves the linear logits of prototypes whose covariance is the shared one divided by
     ``sharpness`` to theirs: (n_samples, n_means).
 
@@ -124,6 +124,12 @@ def local_offsets(X: np.ndarray, means: np.ndarray, precision: np.ndarray, sharp
     ``q`` the squared Mahalanobis distance; with the covariance divided by ``s`` its log density
     is ``-s q / 2 + (d / 2) log s``. Above ``s = 1`` the prototype wins only inside an ellipsoid
     around its mean, where the shared covariance would give it a half-space.
+
+    Args:
+        X: (n_samples, d). linear: (n_samples, n_means), the prototypes' linear logits without
+            priors (``X @ W.T + b`` of :func:`linear_params`), so that ``q = x^T P x - 2 linear``
+            costs one product with ``P`` per sample, however many prototypes there are.
+        precision: (d, d). sharpness: (n_means,).
     """
-    q = np.maximum(mahalanobis_sq(X, means, precision), 0.0)
+    q = np.maximum(np.einsum("nd,nd->n", X @ precision, X)[:, None] - 2.0 * linear, 0.0)
     return 0.5 * X.shape[1] * np.log(sharpness)[None, :] - 0.5 * (sharpness - 1.0)[None, :] * q

@@ -80,8 +80,8 @@ class PrototypeSet:
             offsets = None
             if local.size:
                 offsets = np.zeros((len(H), len(self.labels)))
-                offsets[:, local] = _stats.local_offsets(H[:, j], self.means[j, local], self.precision[j],
-                                                         self.sharpness[local])
+                linear = H[:, j] @ self.W[j, local].T + self._b[j, local]
+                offsets[:, local] = _stats.local_offsets(H[:, j], linear, self.precision[j], self.sharpness[local])
             out.append(_stats.unsafe_probability(H[:, j], self.W[j], self.b[j], unsafe, offsets))
         return np.stack(out, axis=1)
 
@@ -125,10 +125,11 @@ class PrototypeSet:
             k = hits[0]
             total = self.counts[k] + m
             merged = (self.means[:, k] * self.counts[k] + new_mean * m) / total
-            # Chan et al.: moving an old mean adds n_old * (old - merged)^2 to the scatter.
-            shift = self.means[:, k] - merged
-            extra = np.einsum("ld,le->lde", shift, shift) * self.counts[k]
-            self.cov = (self.cov * max(self.n - 1, 1) + extra) / max(self.n - 1, 1)
+            if self.sharpness[k] <= 1.0:
+                # Chan et al.: moving an old mean adds n_old * (old - merged)^2 to the scatter.
+                shift = self.means[:, k] - merged
+                extra = np.einsum("ld,le->lde", shift, shift) * self.counts[k]
+                self.cov = (self.cov * max(self.n - 1, 1) + extra) / max(self.n - 1, 1)
             self.means[:, k] = merged
             self.counts[k] = total
         else:

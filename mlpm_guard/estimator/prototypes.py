@@ -247,15 +247,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
             raise ConfigError(f"`C` must be a positive number, got {self.C!r}")
         if not (isinstance(self.source_invariance, (int, float)) and self.source_invariance >= 0):
             raise ConfigError(f"`source_invariance` must be a number >= 0, got {self.source_invariance!r}")
-        if not 0 < self.threshold < 1:
-            raise ConfigError(f"`threshold` must be in (0, 1), got {self.threshold!r}")
-        if not 0 < self.controversial_threshold <= self.threshold:
-            msg = (f"`controversial_threshold` must be in (0, threshold={self.threshold}], "
-                   f"got {self.controversial_threshold!r}")
-            raise ConfigError(msg)
-        check_line("other_language_threshold", self.other_language_threshold, self.controversial_threshold,
-                   self.threshold)
-        check_line("content_threshold", self.content_threshold, self.controversial_threshold, self.threshold)
+        check_lines(self)
         poolings_of(self.pooling)
         if self.cv is not None and (not isinstance(self.cv, int) or self.cv < 2):
             raise ConfigError(f"`cv` must be None or an int >= 2, got {self.cv!r}")
@@ -451,7 +443,7 @@ class Prototypes(ClassifierMixin, BaseEstimator):
         """Teach the fitted prototypes a handful of examples without a refit.
 
         The examples of each label become (or move) a named prototype in every set; the layer
-        combination is kept. Because every prototype counts with equal prior, a new safe group
+        combination is kept. Because a new group only adds weight to its own label, a new safe group
         can only lower P(unsafe) and a new unsafe group can only raise it, and mostly for prompts
         close to the examples. Unsafe examples with a ``category`` also move (or create) that
         category's mean, so new categories can be named.
@@ -497,7 +489,8 @@ class Prototypes(ClassifierMixin, BaseEstimator):
     def set_log_prior(self, name: str, log_prior: float) -> Prototypes:
         """Give the prototype group ``name`` (added by :meth:`add_examples`) the prior weight
         ``exp(log_prior)`` against the others' 1, in every set: it then decides only for texts
-        nearer to its examples than that. ``0`` is the equal prior every prototype starts with.
+        nearer to its examples than that. ``0`` is the class means' prior, which a group of
+        sharpness 1 starts with (a sharper one starts lower: see :meth:`add_examples`).
 
         Returns:
             self
@@ -620,6 +613,18 @@ def add_category(labels: list[str], means: np.ndarray | None, cat: str,
         means[k] = 0.5 * (means[k] + mean)
         return list(labels), means
     return [*labels, cat], np.vstack([means, mean])
+
+
+def check_lines(estimator: Any) -> None:
+    """A scorer's lines: ``threshold`` in (0, 1), ``controversial_threshold`` in (0, threshold],
+    and its lines for some texts (:func:`check_line`)."""
+    threshold, controversial = estimator.threshold, estimator.controversial_threshold
+    if not 0 < threshold < 1:
+        raise ConfigError(f"`threshold` must be in (0, 1), got {threshold!r}")
+    if not 0 < controversial <= threshold:
+        raise ConfigError(f"`controversial_threshold` must be in (0, threshold={threshold}], got {controversial!r}")
+    check_line("other_language_threshold", estimator.other_language_threshold, controversial, threshold)
+    check_line("content_threshold", estimator.content_threshold, controversial, threshold)
 
 
 def check_line(name: str, line: float | None, controversial: float, threshold: float) -> None:

@@ -45,7 +45,7 @@ from .._version import __version__
 from ..vocabulary.errors import ConfigError, NotFittedError, PrototypeFileError
 from .labels import parse_label
 from .prototype_file import BackboneRecord, CheckedFolder
-from .prototypes import as_states, candidate_layers, check_backbone, check_line, fit_labels
+from .prototypes import as_states, candidate_layers, check_backbone, check_lines, fit_labels
 from .readings import Reading, columns, layout, poolings_of
 from ..vocabulary.types import Verdict
 from ..vocabulary.verdicts import failed_verdict, make_verdict, tier_of
@@ -165,14 +165,7 @@ class NeuronProbe(ClassifierMixin, BaseEstimator):
             raise ConfigError(f"`max_iter` must be an int >= 1, got {self.max_iter!r}")
         if not (isinstance(self.validation_fraction, (int, float)) and 0 < self.validation_fraction < 0.5):
             raise ConfigError(f"`validation_fraction` must be in (0, 0.5), got {self.validation_fraction!r}")
-        if not 0 < self.threshold < 1:
-            raise ConfigError(f"`threshold` must be in (0, 1), got {self.threshold!r}")
-        if not 0 < self.controversial_threshold <= self.threshold:
-            raise ConfigError(f"`controversial_threshold` must be in (0, threshold={self.threshold}], "
-                              f"got {self.controversial_threshold!r}")
-        check_line("content_threshold", self.content_threshold, self.controversial_threshold, self.threshold)
-        check_line("other_language_threshold", self.other_language_threshold, self.controversial_threshold,
-                   self.threshold)
+        check_lines(self)
         poolings_of(self.pooling)
 
     def _check_fitted(self) -> None:

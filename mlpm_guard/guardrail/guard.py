@@ -143,10 +143,7 @@ class Guard:
     def check_batch(self, prompts: Sequence[PromptInput], *, policy: PolicyInput = None) -> list[Verdict]:
         """:meth:`check` for many prompts: every view of every prompt in length-sorted batches."""
         check_prompts(prompts)
-        policy = self._policy(policy)
-        verdicts = pipeline.check_many(self._stages(), prompts, policy, kind="request")
-        self._log_verdicts(prompts, verdicts, policy, "request")
-        return verdicts
+        return self._check_many(prompts, policy, "request")
 
     def check_content(self, text: str, *, policy: PolicyInput = None) -> Verdict:
         """Judge a text as *content* (a retrieved passage, a tool result, a model answer).
@@ -162,9 +159,12 @@ class Guard:
     def check_content_batch(self, texts: Sequence[str], *, policy: PolicyInput = None) -> list[Verdict]:
         """:meth:`check_content` for many texts in shared batches."""
         check_texts(texts)
+        return self._check_many(texts, policy, "content")
+
+    def _check_many(self, items: Sequence[Any], policy: PolicyInput, kind: str) -> list[Verdict]:
         policy = self._policy(policy)
-        verdicts = pipeline.check_many(self._stages(), texts, policy, kind="content")
-        self._log_verdicts(texts, verdicts, policy, "content")
+        verdicts = pipeline.check_many(self._stages(), items, policy, kind=kind)
+        self._log_verdicts(items, verdicts, policy, kind)
         return verdicts
 
     def check_answer(self, messages: PromptInput | None, answer: str, *, policy: PolicyInput = None,
