@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import shlex
 import subprocess
 import sys
@@ -27,6 +28,9 @@ from .vocabulary.errors import BackboneLoadError, ConfigError, MlpmGuardError
 if TYPE_CHECKING:
     from .estimator.prototypes import Prototypes
     from .model.backbone import Backbone
+    from .toolkit.data import Example
+
+logger = logging.getLogger(__name__)
 
 EXAMPLES = """examples:
   mlpm-guard demo                                  judge, route and answer example prompts
@@ -192,7 +196,7 @@ def cmd_fit_default(args: argparse.Namespace) -> int:
 
 
 def cmd_fit_safety_prompt(args: argparse.Namespace) -> int:
-    from .model.safety_prompt import SafetyPrompt, data_provenance
+    from .model.safety_prompt import SafetyPrompt, choose_strength, data_provenance
     from .toolkit.data import cap_per_source, load_examples, seed_examples, seed_file
     from .toolkit.training import HELD_OUT_SPLITS, RELEASE_SOURCES, SEED_LICENCE
 
@@ -219,11 +223,53 @@ def cmd_fit_safety_prompt(args: argparse.Namespace) -> int:
         prompt.provenance_["seed_kinds"] = {kind: n for kind, n in kinds.items()}
     prompt.fit([e.prompt for e in examples], [e.label for e in examples], backbone=backbone,
                sources=[e.source for e in examples], progress=not args.quiet)
+    if args.strength == "auto":
+        harmless, harmful = _held_aside(rows, examples, args.seed)
+        if harmless:
+            choice = choose_strength(prompt, backbone, harmless, harmful=harmful)
+            prompt.set_params(strength=choice.strength)
+            prompt.provenance_["strength"] = {**choice.to_dict(), "held_aside": {"harmless": len(harmless),
+                                                                                "harmful": len(harmful)}}
+        else:
+            logger.warning("fit-safety-prompt: every harmless request went into the fit, none is left to choose "
+                           "the strength on: it stays 1 (cap the fit with --max-per-source, or pass --strength)")
+    else:
+        prompt.set_params(strength=args.strength)
     prompt.save(args.out)
     print(json.dumps({"out": str(args.out), "n_tokens": len(prompt.embeddings_), "n_samples": prompt.n_samples_,
                       "training": prompt.training_summary_, "elicitation": prompt.elicitation_,
-                      "anchor": prompt.anchor_.scores, "fit_seconds": round(prompt.fit_seconds_, 1)}))
+                      "anchor": prompt.anchor_.scores, "strength": prompt.strength,
+                      "strength_choice": prompt.provenance_.get("strength"),
+                      "fit_seconds": round(prompt.fit_seconds_, 1)}))
     return 0
+
+
+#: Requests of each label held aside from a safety prompt's fit to choose its strength on.
+HELD_ASIDE = 100
+
+
+def _held_aside(rows: Sequence[Example], fitted: Sequence[Example], seed: int) -> tuple[list[str], list[str]]:
+    """A seeded sample of the harmless and harmful requests of ``rows`` that the fit did not draw."""
+    drawn = {id(e) for e in fitted}
+    rng = random.Random(seed)
+    out: tuple[list[str], list[str]] = ([], [])
+    for label, bucket in enumerate(out):
+        left = [e.prompt for e in rows if id(e) not in drawn and e.label == label]
+        bucket.extend(rng.sample(left, min(HELD_ASIDE, len(left))))
+    return out
+
+
+def _strength(text: str) -> float | str:
+    """``--strength``: ``auto`` or a number in [0, 1]."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected `auto` or a number in [0, 1], got {text!r}")
+    return value
 
 
 def _seed_kinds(text: str | None) -> dict[str, int | None]:
@@ -627,6 +673,10 @@ def _add_fit(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--epochs", type=int, help="passes over the requests (default 4)")
     p.add_argument("--learning-rate", type=float, help="AdamW step size (default 0.001)")
     p.add_argument("--batch-size", type=int, help="requests per step (default 16)")
+    p.add_argument("--strength", type=_strength, default="auto", metavar="auto|S",
+                   help="share of the fitted change applied at use, in [0, 1]; auto (default): the largest of "
+                        "1, 0.9, ..., 0 at which the prompt refuses at most 2 points more of the harmless requests "
+                        f"left out of the fit ({HELD_ASIDE} at most) than the written prompt does")
     p.add_argument("--seed", type=int, default=0, help="seed of the --max-per-source draw and the optimisation")
     p.set_defaults(func=cmd_fit_safety_prompt)
 

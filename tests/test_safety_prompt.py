@@ -234,3 +234,90 @@ def test_the_shipped_prompt_is_the_embedded_backbones_and_holds_only_permissive_
     assert set(licences) == set(shipped.provenance_["files"]) and set(licences.values()) <= {"MIT", "Apache-2.0"}
     assert Guard(backbone, safety_prompt=None).safety_prompt is not None
     assert Guard(backbone, safety_prompt=False).safety_prompt is None
+
+
+def test_strength_moves_the_soft_tokens_back_toward_where_the_fit_started(fitted, tiny_backbone, tmp_path):
+    start = fitted._initial_embeddings(tiny_backbone, len(fitted.embeddings_)).numpy()
+    half = SafetyPrompt(**{**fitted.get_params(), "strength": 0.5})
+    for name, value in vars(fitted).items():
+        if name.endswith("_"):
+            setattr(half, name, value)
+    assert np.allclose(fitted.applied_embeddings(tiny_backbone).numpy(), fitted.embeddings_)
+    assert np.allclose(half.applied_embeddings(tiny_backbone).numpy(), (start + fitted.embeddings_) / 2, atol=1e-6)
+    half.strength = 0.0
+    assert np.allclose(half.applied_embeddings(tiny_backbone).numpy(), start)
+    half.strength = 0.5
+    assert half.digest() != fitted.digest() and "strength=0.5" in repr(half)
+    assert half.generate(tiny_backbone, PROMPTS[:3], max_new_tokens=6) != fitted.generate(
+        tiny_backbone, PROMPTS[:3], max_new_tokens=6) or not np.allclose(start, fitted.embeddings_)
+    loaded = SafetyPrompt.load(half.save(tmp_path / "half"), backbone=tiny_backbone)
+    assert loaded.strength == 0.5 and loaded.digest() == half.digest()
+    # A file written before the parameter existed holds the fitted prompt at full strength.
+    folder = fitted.save(tmp_path / "full")
+    meta = json.loads((folder / META_FILE).read_text())
+    assert meta["params"].pop("strength") == 1.0
+    from mlpm_guard.model.safety_prompt import FOLDER
+    FOLDER.write(folder, {k: v for k, v in meta.items() if k not in ("tensors_sha256", "metadata_sha256")},
+                 next(folder.glob("safety_prompt.*.safetensors")).read_bytes())
+    assert SafetyPrompt.load(folder).strength == 1.0
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ConfigError, match="strength"):
+            SafetyPrompt(strength=bad).fit(PROMPTS, LABELS, backbone=tiny_backbone)
+
+
+def test_choose_strength_takes_the_strongest_that_keeps_harmless_refusals_near_the_written_prompts(
+        fitted, tiny_backbone, monkeypatch):
+    from mlpm_guard.model import safety_prompt as sp
+
+    start = fitted._initial_embeddings(tiny_backbone, len(fitted.embeddings_))
+    full = torch.as_tensor(fitted.embeddings_) - start
+
+    def fake_answers(backbone, rows, *, max_new_tokens, batch_size=16, soft=None):
+        # Refusals grow with how far the soft tokens moved from the start: one in ten per 0.1 of
+        # strength; the written prompt refuses two in ten.
+        if soft is None:
+            k = 2
+        else:
+            moved = float(((soft.embeddings.float() - start) * full).sum() / (full * full).sum())
+            k = round(moved * 10)
+        return ["I'm sorry, but I can't help with that." if i < k else "Sure." for i in range(len(rows))]
+
+    monkeypatch.setattr(sp, "answers", fake_answers)
+    monkeypatch.setattr(sp, "is_refusal", lambda text: text.startswith("I'm sorry"))
+    harmless = [f"harmless request {i}" for i in range(10)]
+    choice = sp.choose_strength(fitted, tiny_backbone, harmless, harmful=["a harmful one"], max_increase=0.1)
+    assert choice.written == 0.2 and choice.strength == 0.3
+    assert [t["strength"] for t in choice.tried] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+    assert [round(t["harmless"], 1) for t in choice.tried] == [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
+    assert all("harmful" in t for t in choice.tried) and fitted.strength == 1.0  # the prompt is not changed
+    assert sp.choose_strength(fitted, tiny_backbone, harmless, max_increase=0.0, strengths=[1.0, 0.5]).strength == 0.5
+    with pytest.raises(ConfigError, match="harmless"):
+        sp.choose_strength(fitted, tiny_backbone, [])
+    with pytest.raises(ConfigError, match="strengths"):
+        sp.choose_strength(fitted, tiny_backbone, harmless, strengths=[2.0])
+
+
+def test_the_cli_chooses_the_strength_on_requests_left_out_of_the_fit(tiny_backbone, odd_refusals, tmp_path,
+                                                                     monkeypatch, capsys):
+    from conftest import write_jsonl
+
+    from mlpm_guard import cli
+
+    data = write_jsonl(tmp_path / "advbench.jsonl", [{"prompt": p, "label": "unsafe" if y else "safe"}
+                                                     for p, y in zip(SMALL_SAFE + SMALL_UNSAFE, [0] * 20 + [1] * 20)])
+    monkeypatch.setattr(cli, "load_backbone", lambda spec, args: tiny_backbone)
+    assert cli.main(["fit-safety-prompt", str(data), "--out", str(tmp_path / "sp"), "--epochs", "1",
+                     "--n-tokens", "4", "--max-per-source", "16", "-q"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    loaded = SafetyPrompt.load(tmp_path / "sp", backbone=tiny_backbone)
+    record = loaded.provenance_["strength"]
+    assert record["held_aside"] == {"harmless": 12, "harmful": 12}  # 20 of each, 8 of each drawn
+    assert loaded.strength == record["strength"] == summary["strength"]
+    assert record["tried"][-1]["strength"] == loaded.strength
+    assert cli.main(["fit-safety-prompt", str(data), "--out", str(tmp_path / "fixed"), "--epochs", "1",
+                     "--n-tokens", "4", "--strength", "0.25", "-q"]) == 0
+    assert SafetyPrompt.load(tmp_path / "fixed").strength == 0.25
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(["fit-safety-prompt", str(data), "--out", str(tmp_path / "x"), "--strength", "2"])
+    assert "number in [0, 1]" in capsys.readouterr().err

@@ -30,6 +30,7 @@ that text stays the fallback and is what traces show.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import random
@@ -263,6 +264,11 @@ class SafetyPrompt(BaseEstimator):
         max_new_tokens: answer length read by the refusal detector when eliciting.
         max_tokens: longer requests (encoded without a system prompt) stay out of the fit.
         random_state: seed of the shuffling and the PCA.
+        strength: the share of the fitted change that is applied at use, in [0, 1]: the soft
+            tokens used are ``start + strength * (fitted - start)``, ``start`` being
+            ``init_text``'s embeddings the fit began from. 1 is the fitted prompt; less moves
+            every request less toward refusal, harmful ones and look-alikes alike
+            (:func:`choose_strength` picks it on held-aside requests). Not used by :meth:`fit`.
 
     Fitted attributes end in ``_``: ``embeddings_`` (n_tokens, d) float32, ``anchor_``
     (:class:`RefusalAnchor`), ``elicitation_`` (per elicitation prompt, harmful and harmless
@@ -276,7 +282,7 @@ class SafetyPrompt(BaseEstimator):
                  batch_size: int = 16, learning_rate: float = 1e-3, harmfulness_weight: float = 1e-2,
                  norm_weight: float = 1e-3, answer_weight: float = 1.0, refusal_text: str = REFUSAL_TEXT,
                  refusal_weight: float = 1.0, max_new_tokens: int = 24,
-                 max_tokens: int = 96, random_state: int = 0) -> None:
+                 max_tokens: int = 96, random_state: int = 0, strength: float = 1.0) -> None:
         self.n_tokens = n_tokens
         self.init_text = init_text
         self.text = text
@@ -293,6 +299,7 @@ class SafetyPrompt(BaseEstimator):
         self.max_new_tokens = max_new_tokens
         self.max_tokens = max_tokens
         self.random_state = random_state
+        self.strength = strength
 
     # ------------------------------------------------------------------ checks
     def _check_params(self) -> None:
@@ -303,6 +310,8 @@ class SafetyPrompt(BaseEstimator):
                 raise ConfigError(f"`{name}` must be an int >= 1, got {value!r}")
         if self.n_tokens is not None and not (isinstance(self.n_tokens, int) and 1 <= self.n_tokens <= 256):
             raise ConfigError(f"`n_tokens` must be None or an int in 1..256, got {self.n_tokens!r}")
+        if isinstance(self.strength, bool) or not (isinstance(self.strength, (int, float)) and 0 <= self.strength <= 1):
+            raise ConfigError(f"`strength` must be a number in [0, 1], got {self.strength!r}")
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
             raise ConfigError(f"`learning_rate` must be a positive number, got {self.learning_rate!r}")
         for name in ("harmfulness_weight", "norm_weight", "answer_weight", "refusal_weight"):
@@ -418,9 +427,9 @@ class SafetyPrompt(BaseEstimator):
         return torch.cat([final_states(backbone, [rows[i] for i in idx], suffix=suffix)[2]
                           for idx in _batched(len(rows), self.batch_size)])
 
-    def _initial_embeddings(self, backbone: Backbone) -> torch.Tensor:
+    def _initial_embeddings(self, backbone: Backbone, n: int | None = None) -> torch.Tensor:
         ids = backbone.tokenizer(self.init_text, add_special_tokens=False)["input_ids"]
-        n = self.n_tokens or len(ids)
+        n = n or self.n_tokens or len(ids)
         ids = (ids * (n // len(ids) + 1))[:n]
         weight = backbone.model.get_input_embeddings().weight
         return weight[torch.tensor(ids, device=weight.device)].detach().float().clone()
@@ -491,14 +500,26 @@ class SafetyPrompt(BaseEstimator):
         system text goes, and the soft tokens that fill them."""
         self._check_fitted()
         rows, starts = soft_layout(backbone, prompts, len(self.embeddings_))
-        embeddings = torch.as_tensor(self.embeddings_, device=backbone.device, dtype=backbone.dtype)
-        return rows, SoftTokens(embeddings, starts)
+        return rows, SoftTokens(self.applied_embeddings(backbone), starts)
+
+    def applied_embeddings(self, backbone: Backbone) -> torch.Tensor:
+        """The soft tokens used on ``backbone``: the fitted ones moved back toward where the fit
+        started by ``1 - strength``."""
+        self._check_fitted()
+        fitted = torch.as_tensor(self.embeddings_, device=backbone.device, dtype=torch.float32)
+        if self.strength != 1:
+            start = self._initial_embeddings(backbone, len(fitted)).to(fitted.device)
+            fitted = start + float(self.strength) * (fitted - start)
+        return fitted.to(backbone.dtype)
 
     def digest(self) -> str:
-        """A digest of what the prompt does: its embeddings and the text it replaces (answer caches key on it)."""
+        """A digest of what the prompt does: its embeddings, strength and init text and the text it
+        replaces (answer caches key on it)."""
         self._check_fitted()
         h = hashlib.sha256(np.ascontiguousarray(self.embeddings_, dtype=np.float32).tobytes())
         h.update(self.text.encode())
+        if self.strength != 1:
+            h.update(f"\0{float(self.strength)!r}\0{self.init_text}".encode())
         return h.hexdigest()[:24]
 
     def replaces(self, text: str) -> bool:
@@ -533,7 +554,80 @@ class SafetyPrompt(BaseEstimator):
     def __repr__(self) -> str:
         if not hasattr(self, "embeddings_"):
             return super().__repr__()
-        return f"SafetyPrompt(n_tokens={len(self.embeddings_)}, n={self.n_samples_}, replaces={_short(self.text)!r})"
+        strength = "" if self.strength == 1 else f", strength={self.strength:g}"
+        return (f"SafetyPrompt(n_tokens={len(self.embeddings_)}, n={self.n_samples_}{strength}, "
+                f"replaces={_short(self.text)!r})")
+
+
+#: The strengths :func:`choose_strength` tries, strongest first.
+STRENGTHS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
+
+
+@dataclass(frozen=True)
+class StrengthChoice:
+    """What :func:`choose_strength` found.
+
+    Attributes:
+        strength: the strength chosen.
+        written: the share of the harmless requests refused under the written prompt.
+        tried: per strength tried (strongest first): ``strength``, ``harmless`` refused and, when
+            harmful requests were given, ``harmful`` refused.
+    """
+
+    strength: float
+    written: float
+    tried: tuple[dict[str, float], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"strength": self.strength, "written": self.written, "tried": [dict(t) for t in self.tried]}
+
+
+def choose_strength(prompt: SafetyPrompt, backbone: Backbone, harmless: Sequence[PromptInput], *,
+                    harmful: Sequence[PromptInput] = (), max_increase: float = 0.02,
+                    strengths: Sequence[float] = STRENGTHS, max_new_tokens: int | None = None) -> StrengthChoice:
+    """The largest of ``strengths`` at which ``prompt`` refuses at most ``max_increase`` more of
+    ``harmless`` than the written prompt it replaces (:attr:`SafetyPrompt.text`) does.
+
+    ``harmless`` should be held aside from the fit: a trained prompt pushes every request toward
+    refusal, and on a small backbone the push that makes harmful requests refused also reaches
+    harmless ones near them; this keeps the part of the push that harmless requests do not feel
+    beyond the written prompt's. ``harmful`` requests, when given, are answered too, for the record
+    of what each strength buys. Greedy answers of ``max_new_tokens`` (the prompt's own
+    ``max_new_tokens`` by default), read by :func:`~mlpm_guard.guardrail.refusals.is_refusal`.
+    The prompt itself is not changed.
+
+    Raises:
+        ConfigError: no harmless requests, a strength outside [0, 1] or ``max_increase`` outside [0, 1].
+    """
+    prompt._check_fitted()
+    if not harmless:
+        raise ConfigError("choose_strength needs harmless requests held aside from the fit")
+    if not strengths or any(not 0 <= s <= 1 for s in strengths):
+        raise ConfigError(f"`strengths` must be numbers in [0, 1], got {list(strengths)!r}")
+    if not 0 <= max_increase <= 1:
+        raise ConfigError(f"`max_increase` must be in [0, 1], got {max_increase!r}")
+    n = max_new_tokens or prompt.max_new_tokens
+
+    def refused(rows: list[Encoded], soft: SoftTokens | None) -> float:
+        texts = answers(backbone, rows, max_new_tokens=n, batch_size=prompt.batch_size, soft=soft)
+        return sum(map(is_refusal, texts)) / len(texts)
+
+    written = refused(backbone.encode(list(harmless), system=prompt.text), None)
+    tried: list[dict[str, float]] = []
+    chosen = min(strengths)
+    for strength in sorted(set(strengths), reverse=True):
+        trial = copy.copy(prompt)  # the fitted arrays shared, only read
+        trial.strength = strength
+        row = {"strength": float(strength), "harmless": refused(*trial.inputs(backbone, harmless))}
+        if harmful:
+            row["harmful"] = refused(*trial.inputs(backbone, harmful))
+        tried.append(row)
+        logger.info("safety prompt: strength %.2f refuses %s (written prompt: %.3f of harmless)", strength,
+                    {k: round(v, 3) for k, v in row.items() if k != "strength"}, written)
+        if row["harmless"] <= written + max_increase + 1e-9:
+            chosen = strength
+            break
+    return StrengthChoice(float(chosen), written, tuple(tried))
 
 
 def _short(text: str, n: int = 40) -> str:
@@ -583,6 +677,7 @@ class SafetyPromptParams(BaseModel):
     max_new_tokens: int = Field(ge=1)
     max_tokens: int = Field(ge=1)
     random_state: int
+    strength: float = Field(default=1.0, ge=0, le=1)
 
 
 class SafetyPromptMeta(BaseModel):
