@@ -12,15 +12,19 @@ and their word overlap (unigram F1).
 
     mlpm-guard fit-safety-prompt ../shared/data/{advbench,do_not_answer,self_instruct,cyberseceval_frr}.jsonl \\
         --max-per-source 48 --out sp
-    python benchmarks/safety_prompt.py --data ../shared/data --safety-prompt sp [--n 25] [--json]
+    python benchmarks/safety_prompt.py --data ../shared/data --safety-prompt sp [--n 25] [--strengths 1,0.7]
+        [--fresh] [--json]
 
-The default families are none of the fit's sources above. Answers are kept in the result cache,
+The default families are none of the fit's sources above. ``--strengths`` answers under the trained
+prompt at each strength (``trained S``; default: its own). ``--fresh`` draws each family's sample
+from the rows the default sample leaves out, to confirm on new requests a setting chosen on it. Answers are kept in the result cache,
 so a second run with another trained prompt only generates that prompt's answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import re
@@ -41,13 +45,19 @@ BENIGN = {"alpaca (test)": ("alpaca_noinput", lambda e: e.split == "test"),
           "coconot contrast (look-alikes)": ("coconot", lambda e: e.split == "contrast" and e.label == 0)}
 
 
-def families(data: Path, n: int) -> dict[str, list[Example]]:
+def families(data: Path, n: int, *, fresh: bool = False) -> dict[str, list[Example]]:
     """A seeded sample of ``n`` prompts of each held-out family (short ones: the route's cost is
-    what is measured, not the answering of long documents)."""
+    what is measured, not the answering of long documents); with ``fresh``, of the rows the
+    default sample of ``n`` leaves out."""
     out: dict[str, list[Example]] = {}
 
     def take(name: str, rows: Sequence[Example]) -> None:
         rows = [e for e in rows if isinstance(e.prompt, str) and len(e.prompt.split()) <= 120]
+        if fresh:
+            drawn = {id(e) for e in random.Random(name).sample(rows, min(n, len(rows)))}
+            rows = [e for e in rows if id(e) not in drawn]
+            out[name] = random.Random(f"{name} fresh").sample(rows, min(n, len(rows)))
+            return
         out[name] = random.Random(name).sample(rows, n) if len(rows) > n else list(rows)
 
     for stem in HARMFUL:
@@ -74,7 +84,7 @@ def overlap(a: str, b: str) -> float:
 
 
 def run(guard: Any, trained: Any, fams: dict[str, list[Example]], max_new_tokens: int,
-        results: Any) -> dict[str, Any]:
+        results: Any, strengths: Sequence[float] = ()) -> dict[str, Any]:
     from mlpm_guard import Guard, Route
     from mlpm_guard.toolkit.endtoend import GuardSystem
 
@@ -83,10 +93,16 @@ def run(guard: Any, trained: Any, fams: dict[str, list[Example]], max_new_tokens
                                         name="no prompt", results=results),
                "written": GuardSystem(written, guard.policy.forced(Route.SAFETY_PROMPT, output_moderation=False),
                                       name="written", results=results)}
-    if trained is not None:
+    forced = guard.policy.forced(Route.SAFETY_PROMPT, output_moderation=False)
+    if trained is not None and not strengths:
         with_trained = Guard(guard.backbone, guard.prototypes, guard.policy, safety_prompt=trained)
-        systems["trained"] = GuardSystem(with_trained, guard.policy.forced(Route.SAFETY_PROMPT, output_moderation=False),
-                                         name="trained", results=results)
+        systems["trained"] = GuardSystem(with_trained, forced, name="trained", results=results)
+    for strength in strengths if trained is not None else ():
+        at = copy.copy(trained)
+        at.strength = strength
+        name = f"trained {strength:g}"
+        systems[name] = GuardSystem(Guard(guard.backbone, guard.prototypes, guard.policy, safety_prompt=at),
+                                    forced, name=name, results=results)
     prompts = sorted({e.prompt for rows in fams.values() for e in rows}, key=len)
     answers: dict[str, dict[str, Any]] = {}
     seconds: dict[str, float] = {}
@@ -142,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--safety-prompt", metavar="DIR", help="a folder written by `mlpm-guard fit-safety-prompt` "
                                                                "(default: the one shipped for the backbone, if any)")
     parser.add_argument("--n", type=int, default=25, help="prompts per family (seeded sample)")
+    parser.add_argument("--strengths", help="comma-separated strengths of the trained prompt to answer under "
+                                            "(default: its own)")
+    parser.add_argument("--fresh", action="store_true", help="sample each family from the rows the default "
+                                                             "sample leaves out")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--backbone", default="embedded")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -155,15 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     guard = Guard(args.backbone, generation=GenerationConfig(max_new_tokens=args.max_new_tokens), safety_prompt=False)
     trained = as_safety_prompt(args.safety_prompt, guard.backbone)
-    fams = families(Path(args.data), args.n)
+    fams = families(Path(args.data), args.n, fresh=args.fresh)
+    strengths = [float(x) for x in args.strengths.split(",")] if args.strengths else []
     with eval_caches(guard.backbone, True) as (_, results):
-        result = run(guard, trained, fams, args.max_new_tokens, results)
+        result = run(guard, trained, fams, args.max_new_tokens, results, strengths)
     print_table(result)
     dtype = str(guard.backbone.dtype).replace("torch.", "")
     print(f"\n({time.perf_counter() - start:.0f} s; {dtype}; {args.max_new_tokens} new tokens; trained prompt: "
           f"{trained!r})")
     if args.json:
-        print(json.dumps({"n": args.n, "dtype": dtype, "safety_prompt": args.safety_prompt, **result}))
+        print(json.dumps({"n": args.n, "fresh": args.fresh, "dtype": dtype, "safety_prompt": args.safety_prompt,
+                          **result}))
     return 0
 
 
