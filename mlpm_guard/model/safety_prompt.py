@@ -586,7 +586,8 @@ def choose_strength(prompt: SafetyPrompt, backbone: Backbone, harmless: Sequence
                     harmful: Sequence[PromptInput] = (), max_increase: float = 0.02,
                     strengths: Sequence[float] = STRENGTHS, max_new_tokens: int | None = None) -> StrengthChoice:
     """The largest of ``strengths`` at which ``prompt`` refuses at most ``max_increase`` more of
-    ``harmless`` than the written prompt it replaces (:attr:`SafetyPrompt.text`) does.
+    ``harmless`` than the written prompt it replaces (:attr:`SafetyPrompt.text`) does (the smallest
+    when none does).
 
     ``harmless`` should be held aside from the fit: a trained prompt pushes every request toward
     refusal, and on a small backbone the push that makes harmful requests refused also reaches
