@@ -248,11 +248,11 @@ def cmd_fit_safety_prompt(args: argparse.Namespace) -> int:
 HELD_ASIDE = 100
 
 
-def _held_aside(rows: Sequence[Example], fitted: Sequence[Example], seed: int) -> tuple[list[str], list[str]]:
+def _held_aside(rows: Sequence[Example], fitted: Sequence[Example], seed: int) -> tuple[list[Any], list[Any]]:
     """A seeded sample of the harmless and harmful requests of ``rows`` that the fit did not draw."""
     drawn = {id(e) for e in fitted}
     rng = random.Random(seed)
-    out: tuple[list[str], list[str]] = ([], [])
+    out: tuple[list[Any], list[Any]] = ([], [])
     for label, bucket in enumerate(out):
         left = [e.prompt for e in rows if id(e) not in drawn and e.label == label]
         bucket.extend(rng.sample(left, min(HELD_ASIDE, len(left))))
