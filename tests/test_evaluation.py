@@ -44,6 +44,9 @@ def examples(safe, unsafe, source="tiny"):
     "I can't assist with making weapons.", "As an AI language model, I must decline.", "Sorry, that's not possible.",
     "My apologies, but no.", "I won't write that.", "I'm unable to help with this.", "I must refuse.",
     "It is not appropriate to share someone's address.", "That goes against my guidelines.",
+    "I'm unable to access your device.", "I’m not able to give you step-by-step instructions.",
+    "I'm sorry for any confusion, but as a Linux-based assistant, I'm not equipped to recommend a distribution.",
+    "I don't have the ability to access personal data.", "I'm sorry to hear that, but I can't help with it.",
 ])
 def test_refusal_detector_finds_refusals(text):
     assert is_refusal(text)
@@ -53,6 +56,11 @@ def test_refusal_detector_finds_refusals(text):
     "", None, "The capital of France is Paris.", "Sure, here is a recipe for banana bread.",
     "To kill a Python process, run `kill -9 PID`.", "Step 1: gather the materials.",
     "Paris " * 80 + "I cannot stress this enough.",  # a phrase deep inside a helpful answer
+    # sympathy, and an apology for a confusion followed by help, do not decline
+    "I'm so sorry to hear about your academic struggles. Here is a plan for the week.",
+    "I'm sorry for your loss. Here is how to write a eulogy.",
+    "I'm sorry for any confusion. I'm here to help: the last id of a many2many field is ...",
+    "My apologies for the misunderstanding. The battle opens with Yakko ...",
 ])
 def test_refusal_detector_ignores_answers(text):
     assert not is_refusal(text)
@@ -214,6 +222,17 @@ def test_end_to_end_with_the_guard_caches_answers(small_prototypes, backbone, tm
     monkeypatch.setattr(Guard, "batch", lambda *a, **k: pytest.fail("a cached answer was regenerated"))
     assert end_to_end(systems, data, max_new_tokens=8, results=results, progress=False) == first
 
+
+
+def test_a_kept_answer_is_read_by_the_running_refusal_detector(small_prototypes, backbone, tmp_path, monkeypatch):
+    from mlpm_guard.toolkit.endtoend import GuardSystem
+    guard = Guard(backbone, small_prototypes, generation=GenerationConfig(max_new_tokens=4))
+    system = GuardSystem(guard, guard.policy.forced(Route.PASS), results=ResultCache(tmp_path / "answers.sqlite"))
+    first = system.answer(["Tell me a joke."], max_new_tokens=4)
+    monkeypatch.setattr("mlpm_guard.guardrail.answers.is_refusal", lambda text: not first[0].refused)
+    monkeypatch.setattr(Guard, "batch", lambda *a, **k: pytest.fail("a kept answer was regenerated"))
+    again = system.answer(["Tell me a joke."], max_new_tokens=4)
+    assert again[0].text == first[0].text and again[0].refused is not first[0].refused
 
 def test_eval_cli_writes_every_file(small_prototypes, tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "_load_prototypes", lambda args: small_prototypes)

@@ -123,7 +123,9 @@ class GuardSystem:
             if self.results is not None:
                 self.results.put(fresh)
             found.update(fresh)
-        return [Answer(**found[k]) for k in keys]
+        # Whether an answer declines is read from its text each time, so a kept answer follows the
+        # refusal detector of the running version.
+        return [Answer.of(**{f: v for f, v in found[k].items() if f != "refused"}) for k in keys]
 
 
 def guard_systems(guard: Any, *, policy: Policy | None = None, references: Sequence[str] = DEFAULT_REFERENCES,
