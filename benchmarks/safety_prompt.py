@@ -13,11 +13,12 @@ and their word overlap (unigram F1).
     mlpm-guard fit-safety-prompt ../shared/data/{advbench,do_not_answer,self_instruct,cyberseceval_frr}.jsonl \\
         --max-per-source 48 --out sp
     python benchmarks/safety_prompt.py --data ../shared/data --safety-prompt sp [--n 25] [--strengths 1,0.7]
-        [--fresh] [--json]
+        [--sample K] [--json]
 
 The default families are none of the fit's sources above. ``--strengths`` answers under the trained
-prompt at each strength (``trained S``; default: its own). ``--fresh`` draws each family's sample
-from the rows the default sample leaves out, to confirm on new requests a setting chosen on it. Answers are kept in the result cache,
+prompt at each strength (``trained S``; default: its own). ``--sample K`` draws each family's sample
+from the rows that samples 0 to K-1 leave out, to confirm on new requests a setting chosen on the
+default sample (0). Answers are kept in the result cache,
 so a second run with another trained prompt only generates that prompt's answers.
 """
 
@@ -45,20 +46,26 @@ BENIGN = {"alpaca (test)": ("alpaca_noinput", lambda e: e.split == "test"),
           "coconot contrast (look-alikes)": ("coconot", lambda e: e.split == "contrast" and e.label == 0)}
 
 
-def families(data: Path, n: int, *, fresh: bool = False) -> dict[str, list[Example]]:
+def _seed(name: str, k: int) -> str:
+    return name if k == 0 else f"{name} fresh" if k == 1 else f"{name} sample {k}"
+
+
+def families(data: Path, n: int, *, sample: int = 0) -> dict[str, list[Example]]:
     """A seeded sample of ``n`` prompts of each held-out family (short ones: the route's cost is
-    what is measured, not the answering of long documents); with ``fresh``, of the rows the
-    default sample of ``n`` leaves out."""
+    what is measured, not the answering of long documents); ``sample`` K > 0 draws from the rows
+    that samples 0 to K-1 leave out, so the samples are disjoint."""
     out: dict[str, list[Example]] = {}
 
     def take(name: str, rows: Sequence[Example]) -> None:
         rows = [e for e in rows if isinstance(e.prompt, str) and len(e.prompt.split()) <= 120]
-        if fresh:
-            drawn = {id(e) for e in random.Random(name).sample(rows, min(n, len(rows)))}
-            rows = [e for e in rows if id(e) not in drawn]
-            out[name] = random.Random(f"{name} fresh").sample(rows, min(n, len(rows)))
-            return
-        out[name] = random.Random(name).sample(rows, n) if len(rows) > n else list(rows)
+        for k in range(sample + 1):
+            drawn = random.Random(_seed(name, k)).sample(rows, min(n, len(rows)))
+            if k < sample:
+                taken = {id(e) for e in drawn}
+                rows = [e for e in rows if id(e) not in taken]
+        if len(drawn) < n:
+            print(f"{name}: {len(drawn)} rows left for sample {sample} (asked for {n})", file=sys.stderr)
+        out[name] = drawn
 
     for stem in HARMFUL:
         take(stem, [e for e in load_examples(data / f"{stem}.jsonl") if e.label == 1])
@@ -160,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=25, help="prompts per family (seeded sample)")
     parser.add_argument("--strengths", help="comma-separated strengths of the trained prompt to answer under "
                                             "(default: its own)")
-    parser.add_argument("--fresh", action="store_true", help="sample each family from the rows the default "
-                                                             "sample leaves out")
+    parser.add_argument("--sample", type=int, default=0, metavar="K",
+                        help="which seeded sample of each family: 0 (default), or K > 0, drawn from the rows "
+                             "samples 0 to K-1 leave out")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--backbone", default="embedded")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -175,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     guard = Guard(args.backbone, generation=GenerationConfig(max_new_tokens=args.max_new_tokens), safety_prompt=False)
     trained = as_safety_prompt(args.safety_prompt, guard.backbone)
-    fams = families(Path(args.data), args.n, fresh=args.fresh)
+    fams = families(Path(args.data), args.n, sample=args.sample)
     strengths = [float(x) for x in args.strengths.split(",")] if args.strengths else []
     with eval_caches(guard.backbone, True) as (_, results):
         result = run(guard, trained, fams, args.max_new_tokens, results, strengths)
@@ -184,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n({time.perf_counter() - start:.0f} s; {dtype}; {args.max_new_tokens} new tokens; trained prompt: "
           f"{trained!r})")
     if args.json:
-        print(json.dumps({"n": args.n, "fresh": args.fresh, "dtype": dtype, "safety_prompt": args.safety_prompt,
+        print(json.dumps({"n": args.n, "sample": args.sample, "dtype": dtype, "safety_prompt": args.safety_prompt,
                           **result}))
     return 0
 
