@@ -209,8 +209,8 @@ def cmd_fit_safety_prompt(args: argparse.Namespace) -> int:
         rows += cap_per_source(seed_examples([kind]), n, args.seed)
     examples = cap_per_source(rows, args.max_per_source, args.seed)
     backbone = load_backbone(args.backbone, args)
-    params = {k: getattr(args, k) for k in ("n_tokens", "epochs", "learning_rate", "batch_size", "init_text")
-              if getattr(args, k)}
+    params = {k: getattr(args, k) for k in ("n_tokens", "epochs", "learning_rate", "batch_size", "init_text",
+                                            "answer_weight") if getattr(args, k) is not None}
     prompt = SafetyPrompt(**params, random_state=args.seed)
     files = [*args.data, seed_file()] if kinds else list(args.data)
     prompt.provenance_ = data_provenance(files, examples)
@@ -673,6 +673,9 @@ def _add_fit(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--epochs", type=int, help="passes over the requests (default 4)")
     p.add_argument("--learning-rate", type=float, help="AdamW step size (default 0.001)")
     p.add_argument("--batch-size", type=int, help="requests per step (default 16)")
+    p.add_argument("--answer-weight", type=float,
+                   help="weight of the term that keeps a harmless request's next-token distribution where it was "
+                        "without a prompt (default 1; 0 turns it off)")
     p.add_argument("--strength", type=_strength, default="auto", metavar="auto|S",
                    help="share of the fitted change applied at use, in [0, 1]; auto (default): the largest of "
                         "1, 0.9, ..., 0 at which the prompt refuses at most 2 points more of the harmless requests "

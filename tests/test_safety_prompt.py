@@ -198,13 +198,18 @@ def test_the_cli_trains_a_folder_the_guard_loads(tiny_backbone, odd_refusals, tm
                        + [{"prompt": "held out", "label": "safe", "split": "test"}])
     monkeypatch.setattr(cli, "load_backbone", lambda spec, args: tiny_backbone)
     assert cli.main(["fit-safety-prompt", str(data), "--out", str(tmp_path / "sp"), "--epochs", "1",
-                     "--n-tokens", "4", "-q"]) == 0
+                     "--n-tokens", "4", "--answer-weight", "0.5", "-q"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["n_tokens"] == 4 and summary["n_samples"] == 16  # the test split stays out
     loaded = SafetyPrompt.load(tmp_path / "sp", backbone=tiny_backbone)
+    assert loaded.answer_weight == 0.5
     assert loaded.provenance_["rows_per_source"] == {"advbench/safe": 8, "advbench/unsafe": 8}
     assert "advbench.jsonl" in loaded.provenance_["files"]
     assert loaded.provenance_["licences"] == {"advbench.jsonl": "MIT"}  # a shared set the project knows
+    for bad in (["--answer-weight", "-1"], ["--n-tokens", "0"]):  # refused, not silently replaced by the default
+        assert cli.main(["fit-safety-prompt", str(data), "--out", str(tmp_path / "bad"), "--epochs", "1", *bad,
+                         "-q"]) != 0
+        assert not (tmp_path / "bad").exists()
 
 
 def test_seed_kinds_join_the_fit_as_a_source_with_their_licence(tiny_backbone, odd_refusals, tmp_path, monkeypatch,
