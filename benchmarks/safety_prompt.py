@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="embedded")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args(argv)
+    if args.sample < 0:
+        parser.error(f"--sample must be 0 or more, got {args.sample}")
 
     from mlpm_guard import Guard
     from mlpm_guard.model.generation import GenerationConfig
