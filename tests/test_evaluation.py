@@ -223,7 +223,6 @@ def test_end_to_end_with_the_guard_caches_answers(small_prototypes, backbone, tm
     assert end_to_end(systems, data, max_new_tokens=8, results=results, progress=False) == first
 
 
-
 def test_a_kept_answer_is_read_by_the_running_refusal_detector(small_prototypes, backbone, tmp_path, monkeypatch):
     from mlpm_guard.toolkit.endtoend import GuardSystem
     guard = Guard(backbone, small_prototypes, generation=GenerationConfig(max_new_tokens=4))
@@ -233,6 +232,7 @@ def test_a_kept_answer_is_read_by_the_running_refusal_detector(small_prototypes,
     monkeypatch.setattr(Guard, "batch", lambda *a, **k: pytest.fail("a kept answer was regenerated"))
     again = system.answer(["Tell me a joke."], max_new_tokens=4)
     assert again[0].text == first[0].text and again[0].refused is not first[0].refused
+
 
 def test_eval_cli_writes_every_file(small_prototypes, tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "_load_prototypes", lambda args: small_prototypes)
