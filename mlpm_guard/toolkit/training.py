@@ -217,11 +217,13 @@ def content_readings(backbone: Backbone, examples: Sequence[Example], spans: Seq
     from ..guardrail.views import CONTENT_TEMPLATE, content_views
 
     count = token_counter(backbone)
+    before, _, after = CONTENT_TEMPLATE.partition("{text}")
     out = []
     for e, span in zip(examples, spans):
         text = e.text
         for view in content_views(text, count):
-            body = view.messages[0][1][len(CONTENT_TEMPLATE.replace("{text}", "")):]
+            reading = view.messages[0][1]
+            body = reading[len(before):len(reading) - len(after)]
             if e.label == 0:
                 label = 0
             elif span is None or span in body:
