@@ -211,7 +211,7 @@ def cmd_fit_safety_prompt(args: argparse.Namespace) -> int:
     backbone = load_backbone(args.backbone, args)
     params = {k: getattr(args, k) for k in ("n_tokens", "epochs", "learning_rate", "batch_size", "init_text",
                                             "answer_weight") if getattr(args, k) is not None}
-    prompt = SafetyPrompt(**params, random_state=args.seed)
+    prompt = SafetyPrompt(**params, before_text=args.before_text, random_state=args.seed)
     files = [*args.data, seed_file()] if kinds else list(args.data)
     prompt.provenance_ = data_provenance(files, examples)
     # The licences the project recorded for the shared sets it knows and its own seed set (a shipped
@@ -676,6 +676,9 @@ def _add_fit(sub: Any, parents: dict[str, argparse.ArgumentParser]) -> None:
     p.add_argument("--answer-weight", type=float,
                    help="weight of the term that keeps a harmless request's next-token distribution where it was "
                         "without a prompt (default 1; 0 turns it off)")
+    p.add_argument("--before-text", action="store_true",
+                   help="put the soft tokens before the written safety prompt instead of in its place (the backbone "
+                        "reads both, in the fit and at use)")
     p.add_argument("--strength", type=_strength, default="auto", metavar="auto|S",
                    help="share of the fitted change applied at use, in [0, 1]; auto (default): the largest of "
                         "1, 0.9, ..., 0 at which the prompt refuses at most 2 points more of the harmless requests "

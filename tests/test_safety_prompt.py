@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -59,6 +60,31 @@ def test_soft_tokens_equal_to_a_texts_embeddings_give_the_prefill_of_that_text(t
     h_plain, _, _ = final_states(tiny_backbone, plain)
     h_soft, _, _ = final_states(tiny_backbone, rows, soft)
     assert torch.allclose(h_plain, h_soft, atol=1e-5)
+
+
+def test_soft_tokens_before_a_text_take_the_place_of_a_mark_the_text_follows(tiny_backbone):
+    text = "Be safe and kind."
+    prompts = ["What is 2 + 2?", [{"role": "system", "content": "You answer in French."},
+                                  {"role": "user", "content": "Hi"}]]
+    rows, starts = soft_layout(tiny_backbone, prompts, 4, text=text)
+    marked = tiny_backbone.encode(prompts, system=f"A\n\n{text}")
+    for r, m, s in zip(rows, marked, starts):
+        assert r.ids[:s] == m.ids[:s] and r.ids[s + 4:] == m.ids[s + 1:]
+        assert set(r.ids[s:s + 4]) == {tiny_backbone.tokenizer.pad_token_id}
+        assert tiny_backbone.tokenizer.decode(r.ids[s + 4:]).lstrip().startswith(text)
+    assert "You answer in French." in tiny_backbone.tokenizer.decode(rows[1].ids)  # the caller's own system text stays
+
+
+def test_a_prompt_read_before_its_text_is_another_prompt(fitted, tiny_backbone):
+    before = copy.copy(fitted)
+    before.before_text = True
+    assert before.digest() != fitted.digest()  # answers cached under one are not the other's
+    (plain,), _ = fitted.inputs(tiny_backbone, ["Hi"])
+    (row,), soft = before.inputs(tiny_backbone, ["Hi"])
+    assert fitted.text not in tiny_backbone.tokenizer.decode(plain.ids) and fitted.text in tiny_backbone.tokenizer.decode(row.ids)
+    assert torch.equal(soft.embeddings, fitted.inputs(tiny_backbone, ["Hi"])[1].embeddings)
+    with pytest.raises(ConfigError, match="before_text"):
+        SafetyPrompt(before_text="yes")._check_params()
 
 
 def test_the_refusal_opening_is_read_after_the_prompt_without_changing_its_state(tiny_backbone):
@@ -198,11 +224,13 @@ def test_the_cli_trains_a_folder_the_guard_loads(tiny_backbone, odd_refusals, tm
                        + [{"prompt": "held out", "label": "safe", "split": "test"}])
     monkeypatch.setattr(cli, "load_backbone", lambda spec, args: tiny_backbone)
     assert cli.main(["fit-safety-prompt", str(data), "--out", str(tmp_path / "sp"), "--epochs", "1",
-                     "--n-tokens", "4", "--answer-weight", "0.5", "-q"]) == 0
+                     "--n-tokens", "4", "--answer-weight", "0.5", "--before-text", "-q"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["n_tokens"] == 4 and summary["n_samples"] == 16  # the test split stays out
     loaded = SafetyPrompt.load(tmp_path / "sp", backbone=tiny_backbone)
-    assert loaded.answer_weight == 0.5
+    assert loaded.answer_weight == 0.5 and loaded.before_text is True
+    (row,), _ = loaded.inputs(tiny_backbone, ["Hi"])
+    assert loaded.text in tiny_backbone.tokenizer.decode(row.ids)  # the written prompt is read after the soft tokens
     assert loaded.provenance_["rows_per_source"] == {"advbench/safe": 8, "advbench/unsafe": 8}
     assert "advbench.jsonl" in loaded.provenance_["files"]
     assert loaded.provenance_["licences"] == {"advbench.jsonl": "MIT"}  # a shared set the project knows

@@ -20,8 +20,8 @@ harmful ones far enough for the model to refuse. DRO learns the prompt instead, 
    outside the anchor space (DRO's), and the next-token distribution (added here, so that the
    answers to harmless requests start as the unprompted ones do).
 
-The soft tokens take the place of the system turn's text (:func:`soft_layout`); a caller's own
-system message follows them. A fitted prompt is saved in a folder (``safety_prompt.json`` and a
+The soft tokens take the place of the system turn's text (:func:`soft_layout`), or come before
+the written prompt's text (``before_text``); a caller's own system message follows them. A fitted prompt is saved in a folder (``safety_prompt.json`` and a
 digest-named safetensors file) that records the backbone it was trained on and is refused on any
 other (:meth:`SafetyPrompt.load`). The guard uses it for the ``SAFETY_PROMPT`` route when the
 policy's safety prompt is the written text it was trained to replace (:attr:`SafetyPrompt.text`);
@@ -93,9 +93,10 @@ _MARKS = ("A", "B")
 
 
 # ---------------------------------------------------------------------- layout and forward passes
-def soft_layout(backbone: Backbone, prompts: Sequence[PromptInput],
-                n_tokens: int) -> tuple[list[Encoded], tuple[int, ...]]:
-    """Each prompt encoded with a system turn of ``n_tokens`` placeholder tokens, and where they start.
+def soft_layout(backbone: Backbone, prompts: Sequence[PromptInput], n_tokens: int, *,
+                text: str | None = None) -> tuple[list[Encoded], tuple[int, ...]]:
+    """Each prompt encoded with a system turn of ``n_tokens`` placeholder tokens, and where they start;
+    with ``text``, the placeholders come first in the system turn and ``text`` follows them.
 
     The system turn is found by encoding each prompt under two one-token system texts: the ids
     they share before and after are the template around it, so any chat template (and a caller's
@@ -106,8 +107,9 @@ def soft_layout(backbone: Backbone, prompts: Sequence[PromptInput],
             for the soft tokens.
     """
     pad = backbone.tokenizer.pad_token_id
+    marks = _MARKS if text is None else tuple(f"{mark}\n\n{text}" for mark in _MARKS)
     rows, starts = [], []
-    for a, b in zip(backbone.encode(prompts, system=_MARKS[0]), backbone.encode(prompts, system=_MARKS[1])):
+    for a, b in zip(backbone.encode(prompts, system=marks[0]), backbone.encode(prompts, system=marks[1])):
         head = common_length(a.ids, b.ids)
         tail = min(common_length(a.ids[::-1], b.ids[::-1]), len(a) - head - 1)
         if head >= len(a) or tail < 0 or len(a) != len(b):
@@ -264,6 +266,10 @@ class SafetyPrompt(BaseEstimator):
         max_new_tokens: answer length read by the refusal detector when eliciting.
         max_tokens: longer requests (encoded without a system prompt) stay out of the fit.
         random_state: seed of the shuffling and the PCA.
+        before_text: the soft tokens come before the written ``text`` in the system turn instead of
+            taking its place, in the fit and at use: the backbone still reads the written prompt,
+            which on its own keeps harmless requests answered, and the soft tokens learn what it
+            leaves undone (``benchmarks/safety_prompt.py`` measures both layouts).
         strength: the share of the fitted change that is applied at use, in [0, 1]: the soft
             tokens used are ``start + strength * (fitted - start)``, ``start`` being
             ``init_text``'s embeddings the fit began from. 1 is the fitted prompt; less moves
@@ -282,7 +288,7 @@ class SafetyPrompt(BaseEstimator):
                  batch_size: int = 16, learning_rate: float = 1e-3, harmfulness_weight: float = 1e-2,
                  norm_weight: float = 1e-3, answer_weight: float = 1.0, refusal_text: str = REFUSAL_TEXT,
                  refusal_weight: float = 1.0, max_new_tokens: int = 24,
-                 max_tokens: int = 96, random_state: int = 0, strength: float = 1.0) -> None:
+                 max_tokens: int = 96, random_state: int = 0, before_text: bool = False, strength: float = 1.0) -> None:
         self.n_tokens = n_tokens
         self.init_text = init_text
         self.text = text
@@ -299,6 +305,7 @@ class SafetyPrompt(BaseEstimator):
         self.max_new_tokens = max_new_tokens
         self.max_tokens = max_tokens
         self.random_state = random_state
+        self.before_text = before_text
         self.strength = strength
 
     # ------------------------------------------------------------------ checks
@@ -310,6 +317,8 @@ class SafetyPrompt(BaseEstimator):
                 raise ConfigError(f"`{name}` must be an int >= 1, got {value!r}")
         if self.n_tokens is not None and not (isinstance(self.n_tokens, int) and 1 <= self.n_tokens <= 256):
             raise ConfigError(f"`n_tokens` must be None or an int in 1..256, got {self.n_tokens!r}")
+        if not isinstance(self.before_text, bool):
+            raise ConfigError(f"`before_text` must be True or False, got {self.before_text!r}")
         if isinstance(self.strength, bool) or not (isinstance(self.strength, (int, float)) and 0 <= self.strength <= 1):
             raise ConfigError(f"`strength` must be a number in [0, 1], got {self.strength!r}")
         if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
@@ -441,7 +450,7 @@ class SafetyPrompt(BaseEstimator):
         torch.manual_seed(self.random_state)
         soft = torch.nn.Parameter(self._initial_embeddings(backbone))
         optimiser = torch.optim.AdamW([soft], lr=self.learning_rate)
-        rows, starts = soft_layout(backbone, prompts, len(soft))
+        rows, starts = self._layout(backbone, prompts, len(soft))
         suffix = self._refusal_ids(backbone)
         anchor = self.anchor_
         with torch.no_grad():
@@ -499,8 +508,11 @@ class SafetyPrompt(BaseEstimator):
         """What a prefill under this prompt takes: each prompt encoded with placeholders where the
         system text goes, and the soft tokens that fill them."""
         self._check_fitted()
-        rows, starts = soft_layout(backbone, prompts, len(self.embeddings_))
+        rows, starts = self._layout(backbone, prompts, len(self.embeddings_))
         return rows, SoftTokens(self.applied_embeddings(backbone), starts)
+
+    def _layout(self, backbone: Backbone, prompts: Sequence[PromptInput], n: int) -> tuple[list[Encoded], tuple[int, ...]]:
+        return soft_layout(backbone, prompts, n, text=self.text if self.before_text else None)
 
     def applied_embeddings(self, backbone: Backbone) -> torch.Tensor:
         """The soft tokens used on ``backbone``: the fitted ones moved back toward where the fit
@@ -518,6 +530,8 @@ class SafetyPrompt(BaseEstimator):
         self._check_fitted()
         h = hashlib.sha256(np.ascontiguousarray(self.embeddings_, dtype=np.float32).tobytes())
         h.update(self.text.encode())
+        if self.before_text:
+            h.update(b"\0before text")
         if self.strength != 1:
             h.update(f"\0{float(self.strength)!r}\0{self.init_text}".encode())
         return h.hexdigest()[:24]
@@ -555,7 +569,8 @@ class SafetyPrompt(BaseEstimator):
         if not hasattr(self, "embeddings_"):
             return super().__repr__()
         strength = "" if self.strength == 1 else f", strength={self.strength:g}"
-        return (f"SafetyPrompt(n_tokens={len(self.embeddings_)}, n={self.n_samples_}{strength}, "
+        before = ", before_text=True" if self.before_text else ""
+        return (f"SafetyPrompt(n_tokens={len(self.embeddings_)}, n={self.n_samples_}{strength}{before}, "
                 f"replaces={_short(self.text)!r})")
 
 
@@ -678,6 +693,7 @@ class SafetyPromptParams(BaseModel):
     max_new_tokens: int = Field(ge=1)
     max_tokens: int = Field(ge=1)
     random_state: int
+    before_text: bool = False
     strength: float = Field(default=1.0, ge=0, le=1)
 
 
