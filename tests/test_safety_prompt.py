@@ -81,7 +81,8 @@ def test_a_prompt_read_before_its_text_is_another_prompt(fitted, tiny_backbone):
     assert before.digest() != fitted.digest()  # answers cached under one are not the other's
     (plain,), _ = fitted.inputs(tiny_backbone, ["Hi"])
     (row,), soft = before.inputs(tiny_backbone, ["Hi"])
-    assert fitted.text not in tiny_backbone.tokenizer.decode(plain.ids) and fitted.text in tiny_backbone.tokenizer.decode(row.ids)
+    decode = tiny_backbone.tokenizer.decode
+    assert fitted.text not in decode(plain.ids) and fitted.text in decode(row.ids)
     assert torch.equal(soft.embeddings, fitted.inputs(tiny_backbone, ["Hi"])[1].embeddings)
     with pytest.raises(ConfigError, match="before_text"):
         SafetyPrompt(before_text="yes")._check_params()

@@ -167,9 +167,10 @@ class Stages:
         """Where a group of one backbone route starts decoding, and the steering it decodes with.
 
         ``PASS`` continues from the scoring prefill (``passing``, when it was kept);
-        ``SAFETY_PROMPT`` prefills again with the safety prompt first: the trained one in place of
-        the written text it was trained to replace, else the policy's written text; ``STEER``
-        prefills with the steering vectors, which act on every token, the prompt's included.
+        ``SAFETY_PROMPT`` prefills again with the safety prompt first: the trained one for the
+        written text it was trained with (in its place, or before it), else the policy's written
+        text; ``STEER`` prefills with the steering vectors, which act on every token, the prompt's
+        included.
         """
         rows = [r.row for r in requests]
         if route is Route.PASS:

@@ -21,11 +21,12 @@ harmful ones far enough for the model to refuse. DRO learns the prompt instead, 
    answers to harmless requests start as the unprompted ones do).
 
 The soft tokens take the place of the system turn's text (:func:`soft_layout`), or come before
-the written prompt's text (``before_text``); a caller's own system message follows them. A fitted prompt is saved in a folder (``safety_prompt.json`` and a
-digest-named safetensors file) that records the backbone it was trained on and is refused on any
-other (:meth:`SafetyPrompt.load`). The guard uses it for the ``SAFETY_PROMPT`` route when the
-policy's safety prompt is the written text it was trained to replace (:attr:`SafetyPrompt.text`);
-that text stays the fallback and is what traces show.
+the written prompt's text (``before_text``); a caller's own system message follows them. A
+fitted prompt is saved in a folder (``safety_prompt.json`` and a digest-named safetensors file)
+that records the backbone it was trained on and is refused on any other
+(:meth:`SafetyPrompt.load`). The guard uses it for the ``SAFETY_PROMPT`` route when the policy's
+safety prompt is the written text it was trained with (:attr:`SafetyPrompt.text`); that text
+stays the fallback and is what traces show.
 """
 
 from __future__ import annotations
@@ -511,7 +512,8 @@ class SafetyPrompt(BaseEstimator):
         rows, starts = self._layout(backbone, prompts, len(self.embeddings_))
         return rows, SoftTokens(self.applied_embeddings(backbone), starts)
 
-    def _layout(self, backbone: Backbone, prompts: Sequence[PromptInput], n: int) -> tuple[list[Encoded], tuple[int, ...]]:
+    def _layout(self, backbone: Backbone, prompts: Sequence[PromptInput],
+                n: int) -> tuple[list[Encoded], tuple[int, ...]]:
         return soft_layout(backbone, prompts, n, text=self.text if self.before_text else None)
 
     def applied_embeddings(self, backbone: Backbone) -> torch.Tensor:
