@@ -289,7 +289,8 @@ class SafetyPrompt(BaseEstimator):
                  batch_size: int = 16, learning_rate: float = 1e-3, harmfulness_weight: float = 1e-2,
                  norm_weight: float = 1e-3, answer_weight: float = 1.0, refusal_text: str = REFUSAL_TEXT,
                  refusal_weight: float = 1.0, max_new_tokens: int = 24,
-                 max_tokens: int = 96, random_state: int = 0, before_text: bool = False, strength: float = 1.0) -> None:
+                 max_tokens: int = 96, random_state: int = 0, before_text: bool = False,
+                 strength: float = 1.0) -> None:
         self.n_tokens = n_tokens
         self.init_text = init_text
         self.text = text
