@@ -268,9 +268,8 @@ class SafetyPrompt(BaseEstimator):
         max_tokens: longer requests (encoded without a system prompt) stay out of the fit.
         random_state: seed of the shuffling and the PCA.
         before_text: the soft tokens come before the written ``text`` in the system turn instead of
-            taking its place, in the fit and at use: the backbone still reads the written prompt,
-            which on its own keeps harmless requests answered, and the soft tokens learn what it
-            leaves undone (``benchmarks/safety_prompt.py`` measures both layouts).
+            taking its place, in the fit and at use, so the backbone reads both
+            (``benchmarks/safety_prompt.py`` measures either layout).
         strength: the share of the fitted change that is applied at use, in [0, 1]: the soft
             tokens used are ``start + strength * (fitted - start)``, ``start`` being
             ``init_text``'s embeddings the fit began from. 1 is the fitted prompt; less moves
